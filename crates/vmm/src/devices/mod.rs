@@ -1,0 +1,93 @@
+//! Port-I/O devices: the 16550 serial console (COM1) and the i8042 controller (guest reset).
+//! Ports nobody implements read as all-ones, like an empty ISA bus.
+
+pub mod serial;
+
+use serial::{SerialDevice, SerialState};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use vm_superio::{I8042Device, Trigger};
+
+/// COM1 base port.
+pub const COM1: u16 = 0x3f8;
+/// i8042 data port.
+pub const I8042_DATA: u16 = 0x60;
+/// i8042 command/status port.
+pub const I8042_CMD: u16 = 0x64;
+
+/// What a port access asks of the VM besides its result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PioAction {
+    None,
+    /// The guest asked for a reset through the i8042 (command 0xFE).
+    Reset,
+}
+
+/// A trigger that only records that it fired.
+#[derive(Clone, Default, Debug)]
+pub struct FlagTrigger(Arc<AtomicBool>);
+
+impl FlagTrigger {
+    /// Returns whether it fired since the last call, and clears it.
+    pub fn take(&self) -> bool {
+        self.0.swap(false, Ordering::SeqCst)
+    }
+}
+
+impl Trigger for FlagTrigger {
+    type E = std::convert::Infallible;
+    fn trigger(&self) -> Result<(), Self::E> {
+        self.0.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// All port-I/O devices of a VM.
+pub struct Devices {
+    pub serial: SerialDevice,
+    i8042: I8042Device<FlagTrigger>,
+    reset: FlagTrigger,
+}
+
+/// State of all devices.
+#[derive(serde::Serialize, serde::Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct DevicesState {
+    pub serial: SerialState,
+}
+
+impl Devices {
+    /// Builds the device set around a serial console.
+    pub fn new(serial: SerialDevice) -> Devices {
+        let reset = FlagTrigger::default();
+        Devices { serial, i8042: I8042Device::new(reset.clone()), reset }
+    }
+
+    /// Saves all device state.
+    pub fn state(&self) -> DevicesState {
+        DevicesState { serial: self.serial.state() }
+    }
+
+    /// Handles an `in` from the guest.
+    pub fn pio_read(&mut self, port: u16, data: &mut [u8]) {
+        match port {
+            COM1..=0x3ff if data.len() == 1 => data[0] = self.serial.read((port - COM1) as u8),
+            I8042_DATA | I8042_CMD if data.len() == 1 => data[0] = self.i8042.read((port - I8042_DATA) as u8),
+            _ => data.fill(0xff),
+        }
+    }
+
+    /// Handles an `out` from the guest.
+    pub fn pio_write(&mut self, port: u16, data: &[u8]) -> PioAction {
+        match port {
+            COM1..=0x3ff if data.len() == 1 => self.serial.write((port - COM1) as u8, data[0]),
+            I8042_DATA | I8042_CMD if data.len() == 1 => {
+                let _ = self.i8042.write((port - I8042_DATA) as u8, data[0]);
+                if self.reset.take() {
+                    return PioAction::Reset;
+                }
+            }
+            _ => {}
+        }
+        PioAction::None
+    }
+}

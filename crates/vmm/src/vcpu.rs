@@ -1,0 +1,313 @@
+//! One virtual CPU: creation, boot setup and its complete typed state.
+
+use crate::cpuid::CpuidTable;
+use crate::persist::{kvm_bytes, Persist};
+use kvm_bindings::{
+    kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
+    kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
+};
+use kvm_ioctls::{Cap, VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
+
+/// vCPU errors; each names the KVM call that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("vCPU {id}: {op} failed: {err}")]
+    Kvm { id: u8, op: &'static str, err: kvm_ioctls::Error },
+    #[error("vCPU {id}: KVM accepted only {done} of {total} MSRs (first refused: {first:#x})")]
+    Msrs { id: u8, done: usize, total: usize, first: u32 },
+    #[error("vCPU {id}: invalid state: {msg}")]
+    BadState { id: u8, msg: String },
+    #[error("vCPU {id}: {0}", id = .1)]
+    Cpuid(crate::cpuid::CpuidError, u8),
+}
+
+/// Everything KVM holds for one vCPU.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct VcpuState {
+    pub id: u8,
+    pub cpuid: CpuidTable,
+    #[serde(with = "kvm_bytes")]
+    pub mp_state: kvm_mp_state,
+    #[serde(with = "kvm_bytes")]
+    pub regs: kvm_regs,
+    #[serde(with = "kvm_bytes")]
+    pub sregs: kvm_sregs,
+    pub fpu: FpuState,
+    /// The XSAVE area as KVM returns it (4096 bytes, or more with KVM_CAP_XSAVE2), as u32 words.
+    pub xsave: Vec<u32>,
+    #[serde(with = "kvm_bytes")]
+    pub xcrs: kvm_xcrs,
+    #[serde(with = "kvm_bytes")]
+    pub debugregs: kvm_debugregs,
+    #[serde(with = "kvm_bytes")]
+    pub lapic: kvm_lapic_state,
+    /// Every MSR of KVM_GET_MSR_INDEX_LIST that KVM lets us read: (index, value).
+    pub msrs: Vec<(u32, u64)>,
+    #[serde(with = "kvm_bytes")]
+    pub events: kvm_vcpu_events,
+    /// TSC frequency the vCPU ran with.
+    pub tsc_khz: Option<u32>,
+}
+
+/// Legacy FPU/SSE state (KVM_GET_FPU); the XSAVE area supersedes it where KVM has XSAVE.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FpuState {
+    pub fpr: [[u8; 16]; 8],
+    pub fcw: u16,
+    pub fsw: u16,
+    pub ftwx: u8,
+    pub last_opcode: u16,
+    pub last_ip: u64,
+    pub last_dp: u64,
+    pub xmm: [[u8; 16]; 16],
+    pub mxcsr: u32,
+}
+
+impl From<&kvm_fpu> for FpuState {
+    fn from(f: &kvm_fpu) -> Self {
+        FpuState {
+            fpr: f.fpr,
+            fcw: f.fcw,
+            fsw: f.fsw,
+            ftwx: f.ftwx,
+            last_opcode: f.last_opcode,
+            last_ip: f.last_ip,
+            last_dp: f.last_dp,
+            xmm: f.xmm,
+            mxcsr: f.mxcsr,
+        }
+    }
+}
+
+impl From<&FpuState> for kvm_fpu {
+    fn from(f: &FpuState) -> Self {
+        kvm_fpu {
+            fpr: f.fpr,
+            fcw: f.fcw,
+            fsw: f.fsw,
+            ftwx: f.ftwx,
+            last_opcode: f.last_opcode,
+            last_ip: f.last_ip,
+            last_dp: f.last_dp,
+            xmm: f.xmm,
+            mxcsr: f.mxcsr,
+            ..Default::default()
+        }
+    }
+}
+
+/// A vCPU file descriptor and what Ferry knows about it.
+pub struct Vcpu {
+    pub id: u8,
+    pub fd: VcpuFd,
+    msr_list: Vec<u32>,
+    xsave_size: usize,
+    cpuid: CpuidTable,
+}
+
+/// What [`Vcpu::restore`] needs.
+pub struct VcpuArgs {
+    pub vm: std::sync::Arc<VmFd>,
+    pub msr_list: Vec<u32>,
+}
+
+fn kvm_err(id: u8, op: &'static str) -> impl Fn(kvm_ioctls::Error) -> VcpuError {
+    move |err| VcpuError::Kvm { id, op, err }
+}
+
+impl Vcpu {
+    /// Creates vCPU `id` in `vm` and gives it `cpuid` (already patched for this vCPU).
+    pub fn create(vm: &VmFd, id: u8, cpuid: &CpuidTable, msr_list: Vec<u32>) -> Result<Vcpu, VcpuError> {
+        let fd = vm.create_vcpu(id as u64).map_err(kvm_err(id, "KVM_CREATE_VCPU"))?;
+        let kvm_cpuid = cpuid.to_kvm().map_err(|e| VcpuError::Cpuid(e, id))?;
+        fd.set_cpuid2(&kvm_cpuid).map_err(kvm_err(id, "KVM_SET_CPUID2"))?;
+        let xsave_size = (vm.check_extension_int(Cap::Xsave2).max(0) as usize).max(std::mem::size_of::<kvm_xsave>());
+        Ok(Vcpu { id, fd, msr_list, xsave_size, cpuid: cpuid.clone() })
+    }
+
+    /// The MSRs of `candidates` this vCPU can read (call once on a fresh vCPU).
+    pub fn readable_msrs(&self, candidates: &[u32]) -> Vec<u32> {
+        candidates
+            .iter()
+            .copied()
+            .filter(|&i| {
+                let Ok(mut m) = Msrs::from_entries(&[kvm_msr_entry { index: i, ..Default::default() }]) else {
+                    return false;
+                };
+                matches!(self.fd.get_msrs(&mut m), Ok(1))
+            })
+            .collect()
+    }
+
+    /// Sets the list of MSRs saved with the state.
+    pub fn set_msr_list(&mut self, list: Vec<u32>) {
+        self.msr_list = list;
+    }
+
+    /// Puts the boot vCPU at the kernel entry, and gives every vCPU the LAPIC LINT0/LINT1
+    /// wiring a PC BIOS sets up (LINT0 = ExtINT, LINT1 = NMI).
+    pub fn setup_boot(&self, entry: Option<&crate::boot::BootEntry>) -> Result<(), VcpuError> {
+        let id = self.id;
+        let mut lapic = self.fd.get_lapic().map_err(kvm_err(id, "KVM_GET_LAPIC"))?;
+        let lint0 = (get_lapic_reg(&lapic, 0x350) & !0x700) | 0x700; // ExtINT
+        let lint1 = (get_lapic_reg(&lapic, 0x360) & !0x700) | 0x400; // NMI
+        set_lapic_reg(&mut lapic, 0x350, lint0);
+        set_lapic_reg(&mut lapic, 0x360, lint1);
+        self.fd.set_lapic(&lapic).map_err(kvm_err(id, "KVM_SET_LAPIC"))?;
+        if let Some(entry) = entry {
+            let mut sregs = self.fd.get_sregs().map_err(kvm_err(id, "KVM_GET_SREGS"))?;
+            crate::boot::patch_sregs(&mut sregs, entry.sregs_patch);
+            self.fd.set_sregs(&sregs).map_err(kvm_err(id, "KVM_SET_SREGS"))?;
+            self.fd.set_regs(&entry.regs).map_err(kvm_err(id, "KVM_SET_REGS"))?;
+            let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+            self.fd.set_fpu(&fpu).map_err(kvm_err(id, "KVM_SET_FPU"))?;
+        }
+        Ok(())
+    }
+
+    fn get_xsave(&self) -> Result<Vec<u32>, VcpuError> {
+        if self.xsave_size > std::mem::size_of::<kvm_xsave>() {
+            let extra = (self.xsave_size - std::mem::size_of::<kvm_xsave>()).div_ceil(4);
+            let mut x = kvm_bindings::Xsave::new(extra).map_err(|e| VcpuError::BadState { id: self.id, msg: format!("{e:?}") })?;
+            // SAFETY: `x` was allocated with room for KVM_CAP_XSAVE2 bytes, as the ioctl requires.
+            unsafe { self.fd.get_xsave2(&mut x) }.map_err(kvm_err(self.id, "KVM_GET_XSAVE2"))?;
+            let mut v = x.as_fam_struct_ref().xsave.region.to_vec();
+            v.extend_from_slice(x.as_slice());
+            Ok(v)
+        } else {
+            let x = self.fd.get_xsave().map_err(kvm_err(self.id, "KVM_GET_XSAVE"))?;
+            Ok(x.region.to_vec())
+        }
+    }
+
+    fn set_xsave(&self, words: &[u32]) -> Result<(), VcpuError> {
+        let base = std::mem::size_of::<kvm_xsave>() / 4;
+        if words.len() < base {
+            return Err(VcpuError::BadState { id: self.id, msg: format!("XSAVE area has {} words, need {base}", words.len()) });
+        }
+        if words.len() > base {
+            if words.len() * 4 > self.xsave_size {
+                return Err(VcpuError::BadState {
+                    id: self.id,
+                    msg: format!("XSAVE area of {} bytes does not fit this host's {} bytes", words.len() * 4, self.xsave_size),
+                });
+            }
+            let mut x = kvm_bindings::Xsave::new(words.len() - base)
+                .map_err(|e| VcpuError::BadState { id: self.id, msg: format!("{e:?}") })?;
+            // SAFETY: the FAM struct holds `words.len() - base` extra words, exactly what we copy.
+            unsafe {
+                x.as_mut_fam_struct().xsave.region.copy_from_slice(&words[..base]);
+                x.as_mut_slice().copy_from_slice(&words[base..]);
+                self.fd.set_xsave2(&x)
+            }
+            .map_err(kvm_err(self.id, "KVM_SET_XSAVE2"))
+        } else {
+            let mut x = kvm_xsave::default();
+            x.region.copy_from_slice(words);
+            // SAFETY: a plain kvm_xsave (4096 bytes) is what KVM_SET_XSAVE reads.
+            unsafe { self.fd.set_xsave(&x) }.map_err(kvm_err(self.id, "KVM_SET_XSAVE"))
+        }
+    }
+}
+
+/// Reads a 32-bit LAPIC register from KVM's LAPIC page.
+pub fn get_lapic_reg(l: &kvm_lapic_state, off: usize) -> u32 {
+    let b: Vec<u8> = l.regs[off..off + 4].iter().map(|&c| c as u8).collect();
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
+fn set_lapic_reg(l: &mut kvm_lapic_state, off: usize, v: u32) {
+    for (i, b) in v.to_le_bytes().iter().enumerate() {
+        l.regs[off + i] = *b as _;
+    }
+}
+
+impl Persist for Vcpu {
+    type State = VcpuState;
+    type ConstructorArgs = VcpuArgs;
+    type Error = VcpuError;
+
+    fn save(&self) -> Result<VcpuState, VcpuError> {
+        let id = self.id;
+        // Order matters: KVM_GET_MP_STATE may process pending LAPIC events, so it goes first;
+        // MSRs after the LAPIC (the TSC deadline depends on the LAPIC timer mode).
+        let mp_state = self.fd.get_mp_state().map_err(kvm_err(id, "KVM_GET_MP_STATE"))?;
+        let regs = self.fd.get_regs().map_err(kvm_err(id, "KVM_GET_REGS"))?;
+        let sregs = self.fd.get_sregs().map_err(kvm_err(id, "KVM_GET_SREGS"))?;
+        let fpu = FpuState::from(&self.fd.get_fpu().map_err(kvm_err(id, "KVM_GET_FPU"))?);
+        let xsave = self.get_xsave()?;
+        let xcrs = self.fd.get_xcrs().map_err(kvm_err(id, "KVM_GET_XCRS"))?;
+        let debugregs = self.fd.get_debug_regs().map_err(kvm_err(id, "KVM_GET_DEBUGREGS"))?;
+        let lapic = self.fd.get_lapic().map_err(kvm_err(id, "KVM_GET_LAPIC"))?;
+        let entries: Vec<kvm_msr_entry> = self
+            .msr_list
+            .iter()
+            .map(|&index| kvm_msr_entry { index, ..Default::default() })
+            .collect();
+        let mut m = Msrs::from_entries(&entries).map_err(|e| VcpuError::BadState { id, msg: format!("{e:?}") })?;
+        let n = self.fd.get_msrs(&mut m).map_err(kvm_err(id, "KVM_GET_MSRS"))?;
+        if n != entries.len() {
+            return Err(VcpuError::Msrs { id, done: n, total: entries.len(), first: entries[n].index });
+        }
+        let msrs = m.as_slice().iter().map(|e| (e.index, e.data)).collect();
+        let events = self.fd.get_vcpu_events().map_err(kvm_err(id, "KVM_GET_VCPU_EVENTS"))?;
+        let tsc_khz = self.fd.get_tsc_khz().ok();
+        Ok(VcpuState {
+            id,
+            cpuid: self.cpuid.clone(),
+            mp_state,
+            regs,
+            sregs,
+            fpu,
+            xsave,
+            xcrs,
+            debugregs,
+            lapic,
+            msrs,
+            events,
+            tsc_khz,
+        })
+    }
+
+    fn restore(args: VcpuArgs, state: &VcpuState) -> Result<Vcpu, VcpuError> {
+        let v = Vcpu::create(&args.vm, state.id, &state.cpuid, args.msr_list)?;
+        v.apply(state)?;
+        Ok(v)
+    }
+}
+
+impl Vcpu {
+    /// Loads `state` into this (fresh, never run) vCPU.
+    pub fn apply(&self, state: &VcpuState) -> Result<(), VcpuError> {
+        let id = self.id;
+        if state.id != id {
+            return Err(VcpuError::BadState { id, msg: format!("state belongs to vCPU {}", state.id) });
+        }
+        if let Some(khz) = state.tsc_khz {
+            if self.fd.get_tsc_khz().ok() != Some(khz) {
+                self.fd.set_tsc_khz(khz).map_err(kvm_err(id, "KVM_SET_TSC_KHZ"))?;
+            }
+        }
+        self.fd.set_mp_state(state.mp_state).map_err(kvm_err(id, "KVM_SET_MP_STATE"))?;
+        self.fd.set_regs(&state.regs).map_err(kvm_err(id, "KVM_SET_REGS"))?;
+        self.fd.set_sregs(&state.sregs).map_err(kvm_err(id, "KVM_SET_SREGS"))?;
+        self.fd.set_fpu(&kvm_fpu::from(&state.fpu)).map_err(kvm_err(id, "KVM_SET_FPU"))?;
+        self.set_xsave(&state.xsave)?;
+        self.fd.set_xcrs(&state.xcrs).map_err(kvm_err(id, "KVM_SET_XCRS"))?;
+        self.fd.set_debug_regs(&state.debugregs).map_err(kvm_err(id, "KVM_SET_DEBUGREGS"))?;
+        self.fd.set_lapic(&state.lapic).map_err(kvm_err(id, "KVM_SET_LAPIC"))?;
+        let entries: Vec<kvm_msr_entry> = state
+            .msrs
+            .iter()
+            .map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() })
+            .collect();
+        let m = Msrs::from_entries(&entries).map_err(|e| VcpuError::BadState { id, msg: format!("{e:?}") })?;
+        let n = self.fd.set_msrs(&m).map_err(kvm_err(id, "KVM_SET_MSRS"))?;
+        if n != entries.len() {
+            return Err(VcpuError::Msrs { id, done: n, total: entries.len(), first: entries[n].index });
+        }
+        self.fd.set_vcpu_events(&state.events).map_err(kvm_err(id, "KVM_SET_VCPU_EVENTS"))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,82 @@
+//! Control API: one JSON object per line in each direction over a unix stream socket.
+//!
+//! Request: `{"cmd":"status"}`, `{"cmd":"pause"}`, `{"cmd":"resume"}`, `{"cmd":"shutdown"}`,
+//! `{"cmd":"snapshot","path":"/x.snap"}`. Response: `{"ok":true, ...fields}` or
+//! `{"ok":false,"error":"..."}`.
+
+use serde::{Deserialize, Serialize};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// A control request.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    Status,
+    Pause,
+    Resume,
+    Shutdown,
+    Snapshot { path: PathBuf },
+}
+
+/// A control response: `ok`, an error message, or command-specific fields.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub error: Option<String>,
+    #[serde(flatten)]
+    pub data: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Response {
+    /// A success with fields.
+    pub fn ok(data: serde_json::Value) -> Response {
+        let data = match data {
+            serde_json::Value::Object(m) => m,
+            serde_json::Value::Null => serde_json::Map::new(),
+            other => {
+                let mut m = serde_json::Map::new();
+                m.insert("result".into(), other);
+                m
+            }
+        };
+        Response { ok: true, error: None, data }
+    }
+
+    /// A failure.
+    pub fn err(msg: impl Into<String>) -> Response {
+        Response { ok: false, error: Some(msg.into()), data: serde_json::Map::new() }
+    }
+}
+
+/// Client-side errors.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to the worker's API socket {path}: {err}")]
+    Connect { path: String, err: std::io::Error },
+    #[error("API socket I/O failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the worker closed the connection without answering")]
+    NoAnswer,
+    #[error("the worker sent an unreadable answer: {0}")]
+    BadAnswer(String),
+}
+
+/// Sends one request and waits for its response.
+pub fn call(socket: &Path, req: &Request, timeout: Option<Duration>) -> Result<Response, ClientError> {
+    let mut s = UnixStream::connect(socket)
+        .map_err(|err| ClientError::Connect { path: socket.display().to_string(), err })?;
+    s.set_read_timeout(timeout)?;
+    let mut line = serde_json::to_string(req).expect("requests always serialize");
+    line.push('\n');
+    s.write_all(line.as_bytes())?;
+    let mut r = BufReader::new(s);
+    let mut answer = String::new();
+    if r.read_line(&mut answer)? == 0 {
+        return Err(ClientError::NoAnswer);
+    }
+    serde_json::from_str(&answer).map_err(|e| ClientError::BadAnswer(e.to_string()))
+}
