@@ -12,6 +12,7 @@ pub mod boot;
 pub mod config;
 pub mod cpuid;
 pub mod devices;
+pub mod dirty;
 pub mod memory;
 pub mod persist;
 pub mod snapshot;

@@ -24,10 +24,13 @@ use kvm_ioctls::{Kvm, VcpuExit, VmFd};
 use serde::{Deserialize, Serialize};
 use std::cell::Cell;
 use std::fs::File;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::EventFd;
+
+/// Length of one auto-converge throttle period.
+const THROTTLE_PERIOD_US: u64 = 10_000;
 
 /// The serial port's interrupt line.
 pub const SERIAL_IRQ: u32 = 4;
@@ -272,6 +275,8 @@ struct CtlState {
 
 struct Control {
     run: AtomicBool,
+    /// Auto-converge: percentage of each throttle period the vCPUs are kept out of the guest.
+    throttle: AtomicU8,
     state: Mutex<CtlState>,
     cv: Condvar,
     threads: Mutex<Vec<libc::pthread_t>>,
@@ -385,7 +390,15 @@ fn vcpu_loop(vcpu: Arc<Mutex<Vcpu>>, ctl: Arc<Control>, devices: Arc<Mutex<Devic
                     event = Some(VmEvent::Crashed { vcpu: id, reason: format!("unexpected exit {other:?}") });
                     break;
                 }
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    // A kick: re-arm KVM_RUN (the loop head sees a pause request), and serve
+                    // auto-converge throttling by sleeping off this vCPU's share.
+                    v.fd.set_kvm_immediate_exit(0);
+                    let pct = ctl.throttle.load(Ordering::Relaxed) as u64;
+                    if pct > 0 && ctl.run.load(Ordering::Acquire) {
+                        std::thread::sleep(Duration::from_micros(THROTTLE_PERIOD_US * pct / 100));
+                    }
+                }
                 Err(e) => {
                     event = Some(VmEvent::Crashed { vcpu: id, reason: format!("KVM_RUN failed: {e}") });
                     break;
@@ -430,13 +443,13 @@ struct Base {
     serial_irq: EventFd,
 }
 
-fn create_base(kvm: &Kvm, layout: MemoryLayout, platform: Option<&PlatformState>) -> Result<Base, VmError> {
+fn create_base(kvm: &Kvm, ram: Arc<GuestRam>, platform: Option<&PlatformState>) -> Result<Base, VmError> {
     let vm_fd = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
     let platform = match platform {
         None => Platform::create(vm_fd.clone())?,
         Some(s) => Platform::restore(vm_fd.clone(), s)?,
     };
-    let ram = Arc::new(GuestRam::new(layout)?);
+    crate::dirty::enable_manual_protect(&vm_fd).map_err(|e| VmError::Incompatible(e.to_string()))?;
     ram.register(&vm_fd, 0)?;
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
     vm_fd.register_irqfd(&serial_irq, SERIAL_IRQ).map_err(kvm_err("KVM_IRQFD"))?;
@@ -478,7 +491,7 @@ impl Vm {
         let supported = cpuid::supported(kvm)?;
         let cpuid = cpuid::build(&supported, &config.cpu_profile)?;
         let layout = MemoryLayout::for_size(config.memory_bytes());
-        let mut base = create_base(kvm, layout.clone(), None)?;
+        let mut base = create_base(kvm, Arc::new(GuestRam::new(layout.clone())?), None)?;
         let entry = boot::load(base.ram.memory(), &layout, &kernel, &config.cmdline, initrd.as_deref())?;
         // Boot data was written through vm-memory; that is not a "device write" to track.
         base.ram.reset_vmm_dirty();
@@ -502,6 +515,17 @@ impl Vm {
     /// through [`Vm::ram`] before calling [`Vm::start`].
     pub fn restore(kvm: &Kvm, state: &MachineState, serial_out: File) -> Result<Vm, VmError> {
         state.validate(host_memory_limit())?;
+        let ram = Arc::new(GuestRam::new(state.layout.clone())?);
+        Vm::restore_with_ram(kvm, state, ram, serial_out)
+    }
+
+    /// Re-creates a VM from saved state around RAM that already holds the guest's memory
+    /// (a migration destination fills it before the state arrives).
+    pub fn restore_with_ram(kvm: &Kvm, state: &MachineState, ram: Arc<GuestRam>, serial_out: File) -> Result<Vm, VmError> {
+        state.validate(host_memory_limit())?;
+        if ram.layout() != &state.layout {
+            return Err(VmError::Incompatible("guest RAM layout differs from the state's".into()));
+        }
         let supported = cpuid::supported(kvm)?;
         let missing = cpuid::missing_features(&state.cpuid, &supported);
         if !missing.is_empty() {
@@ -517,7 +541,7 @@ impl Vm {
                 supported.vendor()
             )));
         }
-        let mut base = create_base(kvm, state.layout.clone(), Some(&state.platform))?;
+        let mut base = create_base(kvm, ram, Some(&state.platform))?;
         let mut vcpus = Vec::new();
         for vs in &state.vcpus {
             let v = Vcpu::restore(VcpuArgs { vm: base.vm_fd.clone(), msr_list: state.msr_list.clone() }, vs)?;
@@ -556,6 +580,7 @@ impl Vm {
             devices: Arc::new(Mutex::new(devices)),
             ctl: Arc::new(Control {
                 run: AtomicBool::new(false),
+                throttle: AtomicU8::new(0),
                 state: Mutex::new(CtlState { target: Target::Pause, parked: 0, exited: 0, started: false, event: None }),
                 cv: Condvar::new(),
                 threads: Mutex::new(Vec::new()),
@@ -755,6 +780,29 @@ impl Vm {
             vcpus,
             devices: dev.state(),
         })
+    }
+
+    /// Auto-converge: keeps every vCPU out of the guest for `pct` % of each 10 ms period
+    /// (0 turns throttling off, at most 99). A helper thread kicks the vCPUs once per period;
+    /// each kicked vCPU sleeps off its share before re-entering the guest.
+    pub fn set_throttle(&self, pct: u8) {
+        let pct = pct.min(99);
+        let old = self.ctl.throttle.swap(pct, Ordering::SeqCst);
+        if old == 0 && pct > 0 {
+            let ctl = self.ctl.clone();
+            let _ = std::thread::Builder::new().name("throttle".into()).spawn(move || loop {
+                std::thread::sleep(Duration::from_micros(THROTTLE_PERIOD_US));
+                if ctl.throttle.load(Ordering::SeqCst) == 0 || ctl.lock().target == Target::Exit {
+                    return;
+                }
+                ctl.kick_all();
+            });
+        }
+    }
+
+    /// Current auto-converge throttle percentage.
+    pub fn throttle(&self) -> u8 {
+        self.ctl.throttle.load(Ordering::SeqCst)
     }
 
     /// Number of vCPUs.

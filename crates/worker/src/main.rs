@@ -11,6 +11,8 @@ use vmm::{KernelSource, Vm, VmConfig};
 use worker::api::{self, Request};
 use worker::server;
 
+mod bench;
+
 
 #[derive(Parser, Debug)]
 #[command(name = "ferry-vmm", version, about = "Ferry VM worker: runs one KVM virtual machine")]
@@ -78,6 +80,8 @@ enum Cmd {
     },
     /// Print what this host's KVM offers: CPU vendor/model and the features of each profile.
     HostInfo,
+    /// Run the benchmarks and print the results as Markdown.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -140,28 +144,20 @@ fn real_main(cli: Cli) -> Result<i32> {
                 }
             }
             let kvm = vmm::open_kvm()?;
+            server::check_free(&api_socket)?;
+            let serial = SerialLog::create(&serial_log)?;
+            let vm = Vm::create(&kvm, config, serial.file()?)?;
+            serial.commit()?;
             let listener = server::bind(&api_socket)?;
-            let serial = open_serial(&serial_log)?;
-            let vm = match Vm::create(&kvm, config, serial) {
-                Ok(vm) => vm,
-                Err(e) => {
-                    let _ = std::fs::remove_file(&api_socket);
-                    return Err(e.into());
-                }
-            };
             serve_until_stopped(Arc::new(vm), listener, api_socket, true)
         }
         Cmd::Restore { snapshot, serial_log, api_socket, paused } => {
             let kvm = vmm::open_kvm()?;
+            server::check_free(&api_socket)?;
+            let serial = SerialLog::create(&serial_log)?;
+            let (vm, stats) = vmm::snapshot::restore(&kvm, &snapshot, serial.file()?)?;
+            serial.commit()?;
             let listener = server::bind(&api_socket)?;
-            let serial = open_serial(&serial_log)?;
-            let (vm, stats) = match vmm::snapshot::restore(&kvm, &snapshot, serial) {
-                Ok(v) => v,
-                Err(e) => {
-                    let _ = std::fs::remove_file(&api_socket);
-                    return Err(e.into());
-                }
-            };
             println!(
                 "restored {}: {} of {} pages, {:.1} MiB file, {:.1} ms",
                 snapshot.display(),
@@ -208,6 +204,7 @@ fn real_main(cli: Cli) -> Result<i32> {
             }
             Ok(0)
         }
+        Cmd::Bench(args) => bench::run(args),
     }
 }
 
@@ -215,8 +212,40 @@ fn absolute(p: &Path) -> Result<PathBuf> {
     Ok(if p.is_absolute() { p.to_path_buf() } else { std::env::current_dir()?.join(p) })
 }
 
-fn open_serial(path: &Path) -> Result<File> {
-    File::create(path).with_context(|| format!("cannot create serial log {}", path.display()))
+/// The serial log is written to `<path>.partial` until the VM exists, then renamed to `path`:
+/// a worker that fails to start leaves no log behind and does not clobber an existing one.
+struct SerialLog {
+    path: PathBuf,
+    partial: PathBuf,
+    file: File,
+    committed: std::cell::Cell<bool>,
+}
+
+impl SerialLog {
+    fn create(path: &Path) -> Result<SerialLog> {
+        let partial = PathBuf::from(format!("{}.partial", path.display()));
+        let file = File::create(&partial).with_context(|| format!("cannot create serial log {}", path.display()))?;
+        Ok(SerialLog { path: path.to_path_buf(), partial, file, committed: false.into() })
+    }
+
+    fn file(&self) -> Result<File> {
+        Ok(self.file.try_clone()?)
+    }
+
+    fn commit(&self) -> Result<()> {
+        std::fs::rename(&self.partial, &self.path)
+            .with_context(|| format!("cannot create serial log {}", self.path.display()))?;
+        self.committed.set(true);
+        Ok(())
+    }
+}
+
+impl Drop for SerialLog {
+    fn drop(&mut self) {
+        if !self.committed.get() {
+            let _ = std::fs::remove_file(&self.partial);
+        }
+    }
 }
 
 static TERMINATE: AtomicBool = AtomicBool::new(false);

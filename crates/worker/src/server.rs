@@ -12,12 +12,23 @@ use vmm::Vm;
 /// Maximum request line length; longer lines are refused.
 const MAX_REQUEST: usize = 64 * 1024;
 
+/// Fails if a live process serves `path` already.
+pub fn check_free(path: &Path) -> anyhow::Result<()> {
+    if path.exists() && UnixStream::connect(path).is_ok() {
+        anyhow::bail!("API socket {} is in use by another process", path.display());
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.is_dir() {
+            anyhow::bail!("cannot create API socket {}: directory {} does not exist", path.display(), dir.display());
+        }
+    }
+    Ok(())
+}
+
 /// Binds `path`, refusing if another live worker owns it, replacing a stale socket file.
 pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    check_free(path)?;
     if path.exists() {
-        if UnixStream::connect(path).is_ok() {
-            anyhow::bail!("API socket {} is in use by another process", path.display());
-        }
         std::fs::remove_file(path)
             .map_err(|e| anyhow::anyhow!("cannot remove stale API socket {}: {e}", path.display()))?;
     }

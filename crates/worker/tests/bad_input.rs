@@ -1,0 +1,176 @@
+//! Bad input: nonsense flags and configs, missing files, and truncated, bit-flipped,
+//! wrong-version or foreign snapshot files. Each gives a one-line error that says what is wrong,
+//! a non-zero exit, no panic, and touches nothing (no serial log, no socket left behind).
+
+mod common;
+use common::*;
+use std::path::Path;
+use std::time::Duration;
+
+fn run_args<'a>(dir: &'a Path, extra: &[&'a str]) -> Vec<String> {
+    let mut v: Vec<String> = vec!["run".into()];
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v.push("--serial-log".into());
+    v.push(dir.join("s.log").display().to_string());
+    v.push("--api-socket".into());
+    v.push(dir.join("api.sock").display().to_string());
+    v
+}
+
+fn assert_untouched(dir: &Path) {
+    for f in ["s.log", "s.log.partial", "api.sock"] {
+        assert!(!dir.join(f).exists(), "{f} was left behind");
+    }
+}
+
+#[test]
+fn nonsense_flags_and_configs() {
+    let dir = tempdir();
+    let d = dir.path();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--kernel", "test-guest", "--bogus"], "unexpected argument"),
+        (vec!["--kernel", "test-guest", "--vcpus", "0"], "vcpus must be between 1 and 8"),
+        (vec!["--kernel", "test-guest", "--vcpus", "9"], "vcpus must be between 1 and 8"),
+        (vec!["--kernel", "test-guest", "--vcpus", "many"], "invalid value"),
+        (vec!["--kernel", "test-guest", "--memory-mib", "1"], "memory must be between"),
+        (vec!["--kernel", "test-guest", "--memory-mib", "99999999"], "memory must be between"),
+        (vec!["--kernel", "test-guest", "--cpu-profile", "skylake"], "unknown CPU profile \"skylake\""),
+        (vec!["--kernel", "/nonexistent/kernel"], "does not exist"),
+        (vec!["--kernel", "/etc/hostname"], "neither a PVH ELF nor a bzImage"),
+        (vec!["--kernel", "test-guest", "--initrd", "/etc/hostname"], "initrd can only be used with a bzImage"),
+    ];
+    for (extra, expect) in cases {
+        let args = run_args(d, &extra);
+        let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        let (code, err) = run_fail(&a);
+        assert_ne!(code, 0);
+        assert!(err.contains(expect), "{extra:?}: expected {expect:?} in {err:?}");
+        assert_untouched(d);
+    }
+    let (_, err) = run_fail(&["frobnicate"]);
+    assert!(err.contains("unrecognized subcommand"), "{err}");
+    let (_, err) = run_fail(&["ctl", "--api-socket", d.join("nope.sock").to_str().unwrap(), "status"]);
+    assert!(err.contains("cannot connect"), "{err}");
+}
+
+#[test]
+fn socket_in_use_is_refused() {
+    let dir = tempdir();
+    let w = Worker::run_guest(dir.path(), "a", 1, 64, "ferry.workload=idle");
+    let sock = w.socket.to_str().unwrap().to_string();
+    let log2 = dir.path().join("b.serial");
+    let (_, err) = run_fail(&["run", "--kernel", "test-guest", "--serial-log", log2.to_str().unwrap(), "--api-socket", &sock]);
+    assert!(err.contains("in use"), "{err}");
+    assert!(!log2.exists());
+    // The first worker is unaffected.
+    assert_eq!(w.ctl(&["status"])["state"], "running");
+    w.shutdown();
+}
+
+/// Takes a real snapshot of a small verify guest.
+fn real_snapshot(dir: &Path) -> std::path::PathBuf {
+    let w = Worker::run_guest(dir, "src", 1, 64, "ferry.workload=verify ferry.wss_mib=8");
+    w.wait_log(Duration::from_secs(30), "a verify sweep", |l| !l.verify_ok.is_empty());
+    let snap = dir.join("good.snap");
+    w.ctl(&["snapshot", snap.to_str().unwrap()]);
+    w.shutdown();
+    snap
+}
+
+fn restore_fails(dir: &Path, snap: &Path, expect: &str) {
+    let log = dir.join("r.log");
+    let sock = dir.join("r.sock");
+    let (code, err) = run_fail(&[
+        "restore",
+        "--snapshot",
+        snap.to_str().unwrap(),
+        "--serial-log",
+        log.to_str().unwrap(),
+        "--api-socket",
+        sock.to_str().unwrap(),
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains(expect), "expected {expect:?} in {err:?}");
+    assert!(!log.exists() && !sock.exists(), "a failed restore left files behind");
+    assert!(!dir.join("r.log.partial").exists());
+}
+
+#[test]
+fn broken_snapshots_are_refused() {
+    let dir = tempdir();
+    let d = dir.path();
+    let snap = real_snapshot(d);
+    let good = std::fs::read(&snap).unwrap();
+    let len = good.len();
+    let bad = d.join("bad.snap");
+
+    // Truncated at many points: in the header, the state, a memory chunk, before the end marker.
+    for cut in [0usize, 5, 20, 40, 200, len / 3, len / 2, len - 30, len - 1] {
+        std::fs::write(&bad, &good[..cut]).unwrap();
+        let expect = if cut < 8 { "not a Ferry snapshot" } else { "truncated snapshot" };
+        restore_fails(d, &bad, expect);
+    }
+    // One flipped bit anywhere: header, state, memory, end marker.
+    for pos in [10usize, 30, 100, len / 2, len - 5] {
+        let mut b = good.clone();
+        b[pos] ^= 0x10;
+        std::fs::write(&bad, &b).unwrap();
+        restore_fails(d, &bad, "snapshot");
+    }
+    let mut b = good.clone();
+    b[len / 2] ^= 1;
+    std::fs::write(&bad, &b).unwrap();
+    restore_fails(d, &bad, "checksum mismatch");
+    // Wrong version (header checksum recomputed, so only the version is wrong).
+    let mut b = good.clone();
+    b[8..12].copy_from_slice(&7u32.to_le_bytes());
+    let crc = crc32c_of(&b[..24]);
+    b[24..28].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(&bad, &b).unwrap();
+    restore_fails(d, &bad, "version 7 is not supported");
+    // Foreign files.
+    std::fs::write(&bad, b"hello world, definitely not a snapshot").unwrap();
+    restore_fails(d, &bad, "not a Ferry snapshot");
+    restore_fails(d, &d.join("missing.snap"), "cannot open snapshot");
+    // Trailing garbage.
+    let mut b = good.clone();
+    b.extend_from_slice(b"junk");
+    std::fs::write(&bad, &b).unwrap();
+    restore_fails(d, &bad, "trailing bytes");
+    // The good file still restores.
+    let w = Worker::restore(d, "ok", &snap);
+    w.wait_log(Duration::from_secs(30), "a verify sweep after restore", |l| !l.verify_ok.is_empty())
+        .assert_no_corruption();
+    w.shutdown();
+}
+
+fn crc32c_of(b: &[u8]) -> u32 {
+    // Same polynomial as the snapshot format (CRC-32C, Castagnoli), bitwise.
+    let mut crc = !0u32;
+    for &x in b {
+        crc ^= x as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 { (crc >> 1) ^ 0x82f6_3b78 } else { crc >> 1 };
+        }
+    }
+    !crc
+}
+
+#[test]
+fn missing_kvm_is_a_one_line_error() {
+    // Hide /dev/kvm in a private mount namespace (CI runs as root).
+    let dir = tempdir();
+    let d = dir.path();
+    let script = format!(
+        "mount -t tmpfs none /dev && exec {} run --kernel test-guest --serial-log {}/s.log --api-socket {}/api.sock",
+        bin().display(),
+        d.display(),
+        d.display()
+    );
+    let out = std::process::Command::new("unshare").args(["-m", "sh", "-c", &script]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("/dev/kvm does not exist"), "{err}");
+    assert_untouched(d);
+}

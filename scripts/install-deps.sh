@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs what Ferry's tests and benchmarks need on a fresh Debian machine of this project's
+# kind (run as root). Idempotent: packages already present are not reinstalled, and apt-get
+# update runs only when something is missing.
+set -euo pipefail
+
+# Debian packages: QEMU is the side-by-side baseline (boot test and benchmarks).
+PACKAGES=(qemu-system-x86)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "install-deps: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+command -v cargo >/dev/null || { echo "install-deps: cargo is missing (Rust toolchain required)" >&2; exit 1; }
+echo "install-deps: ok"

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting, lints, then every test (real KVM, real processes).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -e /dev/kvm ]; then
+  echo "test: /dev/kvm is missing: Ferry's tests run real KVM guests and need it" >&2
+  exit 1
+fi
+scripts/install-deps.sh
+cargo fmt --all -- --check
+cargo clippy --release --workspace --all-targets -- -D warnings
+# Two test binaries at a time: the machines have 2 cores and most tests run guests.
+cargo test --release --workspace -- --test-threads=2
