@@ -62,6 +62,13 @@ impl PageBitmap {
         self.words[(page / 64) as usize] & (1 << (page % 64)) != 0
     }
 
+    /// Adds every page of `other`.
+    pub fn union_with(&mut self, other: &PageBitmap) {
+        for (a, b) in self.words.iter_mut().zip(&other.words) {
+            *a |= *b;
+        }
+    }
+
     /// Number of set bits.
     pub fn count(&self) -> u64 {
         self.words.iter().map(|w| w.count_ones() as u64).sum()

@@ -87,6 +87,8 @@ pub enum VmEvent {
     Crashed { vcpu: u8, reason: String },
     /// The VMM was asked to stop the VM.
     Stopped,
+    /// The VM now runs elsewhere (live migration committed).
+    Migrated { to: String },
 }
 
 impl std::fmt::Display for VmEvent {
@@ -97,6 +99,7 @@ impl std::fmt::Display for VmEvent {
             VmEvent::TripleFault { vcpu } => write!(f, "vCPU {vcpu} triple-faulted (guest reset)"),
             VmEvent::Crashed { vcpu, reason } => write!(f, "vCPU {vcpu} crashed: {reason}"),
             VmEvent::Stopped => write!(f, "stopped by request"),
+            VmEvent::Migrated { to } => write!(f, "migrated to {to}"),
         }
     }
 }
@@ -741,6 +744,11 @@ impl Vm {
     /// Asks the VM to stop for good without waiting (see [`Vm::stop`]).
     pub fn request_stop(&self) {
         self.ctl.guest_event(VmEvent::Stopped);
+    }
+
+    /// Like [`Vm::request_stop`], recording why.
+    pub fn request_stop_with(&self, ev: VmEvent) {
+        self.ctl.guest_event(ev);
     }
 
     /// Stops the VM for good and joins the vCPU threads.

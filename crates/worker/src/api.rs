@@ -19,6 +19,41 @@ pub enum Request {
     Resume,
     Shutdown,
     Snapshot { path: PathBuf },
+    /// Live-migrate the VM; the connection receives progress lines until a final line.
+    Migrate(MigrateArgs),
+    /// Cancel the running outgoing migration.
+    Cancel,
+}
+
+/// Arguments of a live migration.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateArgs {
+    /// Destination `host:port` (a `ferry-vmm receive` worker).
+    pub to: String,
+    #[serde(default = "default_downtime")]
+    pub max_downtime_ms: u64,
+    #[serde(default = "default_streams")]
+    pub streams: u16,
+    /// none, lz4 or zstd.
+    #[serde(default = "default_compress")]
+    pub compress: String,
+    #[serde(default)]
+    pub max_bandwidth_mibs: Option<u64>,
+    #[serde(default)]
+    pub timeout_s: Option<f64>,
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+fn default_downtime() -> u64 {
+    50
+}
+fn default_streams() -> u16 {
+    1
+}
+fn default_compress() -> String {
+    "none".into()
 }
 
 /// A control response: `ok`, an error message, or command-specific fields.
@@ -63,6 +98,31 @@ pub enum ClientError {
     NoAnswer,
     #[error("the worker sent an unreadable answer: {0}")]
     BadAnswer(String),
+}
+
+/// Sends one request and hands every response line to `on_line` until one has `final` set
+/// (or, for requests that answer once, the first line).
+pub fn call_stream(
+    socket: &Path,
+    req: &Request,
+    mut on_line: impl FnMut(&Response) -> bool,
+) -> Result<Response, ClientError> {
+    let mut s = UnixStream::connect(socket)
+        .map_err(|err| ClientError::Connect { path: socket.display().to_string(), err })?;
+    let mut line = serde_json::to_string(req).expect("requests always serialize");
+    line.push('\n');
+    s.write_all(line.as_bytes())?;
+    let mut r = BufReader::new(s);
+    loop {
+        let mut answer = String::new();
+        if r.read_line(&mut answer)? == 0 {
+            return Err(ClientError::NoAnswer);
+        }
+        let resp: Response = serde_json::from_str(&answer).map_err(|e| ClientError::BadAnswer(e.to_string()))?;
+        if !on_line(&resp) {
+            return Ok(resp);
+        }
+    }
 }
 
 /// Sends one request and waits for its response.

@@ -6,7 +6,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use vmm::{KernelSource, Vm, VmConfig};
 use worker::api::{self, Request};
 use worker::server;
@@ -65,6 +65,28 @@ enum Cmd {
         #[arg(long)]
         paused: bool,
     },
+    /// Wait for one VM to arrive by live migration, then run it (serving the control API).
+    Receive {
+        /// TCP address to listen on for the source, e.g. 127.0.0.1:7000 (port 0: any free port;
+        /// the address is printed on stdout).
+        #[arg(long)]
+        listen: String,
+        /// File the guest's serial console is written to.
+        #[arg(long)]
+        serial_log: PathBuf,
+        /// Unix socket for the control API.
+        #[arg(long)]
+        api_socket: PathBuf,
+        /// Claim only the CPU features of this profile (model a host with fewer features).
+        #[arg(long)]
+        host_profile: Option<String>,
+        /// RAM this destination may give a VM, in MiB (default: the host's available memory).
+        #[arg(long)]
+        max_memory_mib: Option<u64>,
+        /// vCPUs this destination may run (default: online CPUs).
+        #[arg(long)]
+        max_vcpus: Option<u32>,
+    },
     /// Send a command to a running worker.
     Ctl {
         /// The worker's control socket.
@@ -99,6 +121,35 @@ enum CtlCmd {
         /// Output file.
         path: PathBuf,
     },
+    /// Live-migrate the VM to a `ferry-vmm receive` worker, printing progress.
+    Migrate {
+        /// Destination address host:port.
+        #[arg(long)]
+        to: String,
+        /// Switch over once the expected downtime is below this.
+        #[arg(long, default_value_t = 50)]
+        max_downtime_ms: u64,
+        /// Parallel TCP connections for memory.
+        #[arg(long, default_value_t = 1)]
+        streams: u16,
+        /// Page compression: none, lz4 or zstd.
+        #[arg(long, default_value = "none")]
+        compress: String,
+        /// Bandwidth cap in MiB/s.
+        #[arg(long)]
+        max_bandwidth_mibs: Option<u64>,
+        /// Give up after this many seconds (the VM stays here).
+        #[arg(long)]
+        timeout_s: Option<f64>,
+        /// Only run the preflight checks and print the report.
+        #[arg(long)]
+        dry_run: bool,
+        /// Output: text (progress lines and a summary) or json (JSON lines).
+        #[arg(long, default_value = "text")]
+        output: String,
+    },
+    /// Cancel a running outgoing migration (the VM stays here).
+    Cancel,
 }
 
 fn main() {
@@ -149,7 +200,10 @@ fn real_main(cli: Cli) -> Result<i32> {
             let vm = Vm::create(&kvm, config, serial.file()?)?;
             serial.commit()?;
             let listener = server::bind(&api_socket)?;
-            serve_until_stopped(Arc::new(vm), listener, api_socket, true)
+            let vm = Arc::new(vm);
+            let ctx = Arc::new(server::Ctx::new(Some(vm.clone()), api_socket.clone(), None));
+            server::serve(listener, ctx);
+            serve_until_stopped(vm, api_socket, true)
         }
         Cmd::Restore { snapshot, serial_log, api_socket, paused } => {
             let kvm = vmm::open_kvm()?;
@@ -166,7 +220,74 @@ fn real_main(cli: Cli) -> Result<i32> {
                 stats.file_bytes as f64 / (1 << 20) as f64,
                 stats.seconds * 1e3
             );
-            serve_until_stopped(Arc::new(vm), listener, api_socket, !paused)
+            let vm = Arc::new(vm);
+            let ctx = Arc::new(server::Ctx::new(Some(vm.clone()), api_socket.clone(), None));
+            server::serve(listener, ctx);
+            serve_until_stopped(vm, api_socket, !paused)
+        }
+        Cmd::Receive { listen, serial_log, api_socket, host_profile, max_memory_mib, max_vcpus } => {
+            if let Some(p) = &host_profile {
+                if !vmm::cpuid::PROFILE_NAMES.contains(&p.as_str()) {
+                    bail!("unknown CPU profile {p:?} (known: {})", vmm::cpuid::PROFILE_NAMES.join(", "));
+                }
+            }
+            let kvm = vmm::open_kvm()?;
+            server::check_free(&api_socket)?;
+            let tcp = std::net::TcpListener::bind(&listen).with_context(|| format!("cannot listen on {listen}"))?;
+            let serial = SerialLog::create(&serial_log)?;
+            let listener = server::bind(&api_socket)?;
+            let incoming = Arc::new(migration::recv::ReceiveControl::default());
+            let ctx = Arc::new(server::Ctx::new(None, api_socket.clone(), Some(incoming.clone())));
+            server::serve(listener, ctx.clone());
+            println!("receiving on {}", tcp.local_addr()?);
+            use std::io::Write as _;
+            let _ = std::io::stdout().flush();
+            let opts = migration::recv::ReceiveOptions {
+                limits: migration::preflight::DestinationLimits { cpu_profile: host_profile, max_memory_mib, max_vcpus },
+            };
+            let on_early = |m: &str| eprintln!("ferry-vmm: {m}; still waiting");
+            match migration::recv::receive(&kvm, &tcp, &opts, serial.file()?, &incoming, &on_early) {
+                Ok(vm) => {
+                    serial.commit()?;
+                    drop(tcp);
+                    let vm = Arc::new(vm);
+                    *ctx.vm.lock().unwrap_or_else(|e| e.into_inner()) = Some(vm.clone());
+                    eprintln!("ferry-vmm: VM received and running");
+                    serve_until_stopped(vm, api_socket, false)
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_file(&api_socket);
+                    Err(anyhow::anyhow!("{e}"))
+                }
+            }
+        }
+        Cmd::Ctl { api_socket, cmd: CtlCmd::Migrate { to, max_downtime_ms, streams, compress, max_bandwidth_mibs, timeout_s, dry_run, output } } => {
+            let json = match output.as_str() {
+                "json" => true,
+                "text" => false,
+                o => bail!("unknown output format {o:?} (text, json)"),
+            };
+            let req = Request::Migrate(api::MigrateArgs { to, max_downtime_ms, streams, compress, max_bandwidth_mibs, timeout_s, dry_run });
+            let last = api::call_stream(&api_socket, &req, |r| {
+                let event = r.data.get("event").and_then(|e| e.as_str()).unwrap_or("");
+                if json {
+                    println!("{}", serde_json::to_string(r).unwrap_or_default());
+                } else if event == "progress" {
+                    if let Some(p) = r.data.get("progress") {
+                        println!("{}", progress_line(p));
+                    }
+                }
+                event == "progress"
+            })?;
+            if !last.ok {
+                bail!("{}", last.error.unwrap_or_else(|| "migration failed".into()));
+            }
+            if !json {
+                if let Some(s) = last.data.get("summary") {
+                    println!("{}", summary_text(s));
+                }
+            }
+            Ok(0)
         }
         Cmd::Ctl { api_socket, cmd } => {
             let req = match cmd {
@@ -175,6 +296,8 @@ fn real_main(cli: Cli) -> Result<i32> {
                 CtlCmd::Resume => Request::Resume,
                 CtlCmd::Shutdown => Request::Shutdown,
                 CtlCmd::Snapshot { path } => Request::Snapshot { path: absolute(&path)? },
+                CtlCmd::Cancel => Request::Cancel,
+                CtlCmd::Migrate { .. } => unreachable!("handled above"),
             };
             let resp = api::call(&api_socket, &req, Some(Duration::from_secs(600)))?;
             if !resp.ok {
@@ -254,14 +377,63 @@ extern "C" fn on_terminate(_: libc::c_int) {
     TERMINATE.store(true, Ordering::SeqCst);
 }
 
-fn serve_until_stopped(vm: Arc<Vm>, listener: std::os::unix::net::UnixListener, socket: PathBuf, start: bool) -> Result<i32> {
+fn f(v: &serde_json::Value, k: &str) -> f64 {
+    v.get(k).and_then(|x| x.as_f64()).unwrap_or(0.0)
+}
+
+fn progress_line(p: &serde_json::Value) -> String {
+    let mib = |b: f64| b / (1 << 20) as f64;
+    format!(
+        "{:<24} pass {:>3}  sent {:>9.1} MiB  remaining {:>8.1} MiB  dirty {:>7.1} MiB/s  bandwidth {:>7.1} MiB/s  expected downtime {:>7.1} ms  throttle {:>2}%",
+        p.get("phase").and_then(|x| x.as_str()).unwrap_or(""),
+        f(p, "pass"),
+        mib(f(p, "bytes_sent")),
+        mib(f(p, "remaining_bytes")),
+        f(p, "dirty_rate_mibs"),
+        f(p, "bandwidth_mibs"),
+        f(p, "expected_downtime_ms"),
+        f(p, "throttle_pct"),
+    )
+}
+
+fn summary_text(s: &serde_json::Value) -> String {
+    let pre = s.get("preflight").cloned().unwrap_or_default();
+    if s.get("dry_run").and_then(|x| x.as_bool()).unwrap_or(false) {
+        let d = pre.get("destination").cloned().unwrap_or_default();
+        return format!(
+            "preflight OK (dry run, nothing moved): destination {} {}, {} CPUs, {} MiB free; measured restore cost {:.2} ms",
+            d.get("vendor").and_then(|x| x.as_str()).unwrap_or("?"),
+            d.get("model").and_then(|x| x.as_str()).unwrap_or("?"),
+            f(&d, "cpus"),
+            f(&d, "free_memory_mib"),
+            f(&pre, "restore_cost_us") / 1e3
+        );
+    }
+    let d = s.get("downtime").cloned().unwrap_or_default();
+    format!(
+        "migrated in {:.1} ms; downtime {:.2} ms (final memory {:.2}, state {:.2}, commit {:.2} incl. resume {:.2}); {} passes; {:.1} MiB on the wire ({} data pages, {} zero pages, state {} bytes); pass 0 at {:.0} MiB/s; max throttle {}%",
+        f(s, "total_ms"),
+        f(s, "downtime_ms"),
+        f(&d, "final_memory_ms"),
+        f(&d, "state_ms"),
+        f(&d, "commit_ms"),
+        f(&d, "resume_ms"),
+        f(s, "passes"),
+        f(s, "bytes_sent") / (1 << 20) as f64,
+        f(s, "data_pages"),
+        f(s, "zero_pages"),
+        f(s, "state_bytes"),
+        f(s, "pass0_mibs"),
+        f(s, "max_throttle_pct"),
+    )
+}
+
+fn serve_until_stopped(vm: Arc<Vm>, socket: PathBuf, start: bool) -> Result<i32> {
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
         libc::signal(libc::SIGTERM, on_terminate as *const () as libc::sighandler_t);
         libc::signal(libc::SIGINT, on_terminate as *const () as libc::sighandler_t);
     }
-    let ctx = Arc::new(server::Ctx { vm: vm.clone(), started: Instant::now(), socket: socket.clone() });
-    server::serve(listener, ctx);
     if start {
         vm.start()?;
     }

@@ -1,0 +1,190 @@
+//! Preflight: before any memory moves, the destination checks it can take the VM.
+//!
+//! Checks: same protocol and state versions, same CPU vendor, every CPU feature the VM's CPUID
+//! exposes is supported by the destination (the refusal names the missing ones), enough free RAM
+//! and cores, a configuration it accepts. The destination also measures what its part of the
+//! switchover costs (restoring and resuming a scratch VM of the same shape), so the source's
+//! downtime estimate is measured, not assumed.
+
+use serde::{Deserialize, Serialize};
+use std::time::Instant;
+use vmm::cpuid::{self, CpuidTable};
+use vmm::memory::MemoryLayout;
+use vmm::{KernelSource, Vm, VmConfig};
+
+/// What the source tells the destination about the VM.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct PreflightRequest {
+    pub state_version: u32,
+    pub config: VmConfig,
+    pub layout: MemoryLayout,
+    /// The VM's CPUID (VM-wide template).
+    pub cpuid: CpuidTable,
+    /// Source host description, for the report.
+    pub source: HostSummary,
+}
+
+/// A host, as preflight reports show it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+pub struct HostSummary {
+    pub vendor: String,
+    pub model: String,
+    pub cpus: u32,
+    pub free_memory_mib: u64,
+    /// Name of the CPU profile the host's offer is restricted to, if any.
+    pub cpu_limit_profile: Option<String>,
+}
+
+/// The destination's answer.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+pub struct PreflightReport {
+    pub ok: bool,
+    /// Every reason the VM cannot come here (empty when ok).
+    pub problems: Vec<String>,
+    /// CPU features the VM uses that the destination lacks.
+    pub missing_features: Vec<String>,
+    pub destination: HostSummary,
+    /// Measured on a scratch VM of the same vCPU count: restore of state + resume.
+    pub restore_cost_us: u64,
+}
+
+/// Limits and the CPU offer of a destination.
+#[derive(Debug, Clone, Default)]
+pub struct DestinationLimits {
+    /// Restrict what this host claims to support to a CPU profile (e.g. `baseline`), to model a
+    /// host with fewer CPU features.
+    pub cpu_profile: Option<String>,
+    /// RAM this destination may give to the VM (default: MemAvailable).
+    pub max_memory_mib: Option<u64>,
+    /// vCPUs this destination may run (default: online CPUs).
+    pub max_vcpus: Option<u32>,
+}
+
+/// Free memory (MemAvailable) in MiB.
+pub fn free_memory_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb / 1024)
+        .unwrap_or(0)
+}
+
+/// Online CPUs.
+pub fn online_cpus() -> u32 {
+    std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1)
+}
+
+/// What this host's KVM offers, restricted to `limits.cpu_profile` if set.
+pub fn host_offer(kvm: &kvm_ioctls::Kvm, limits: &DestinationLimits) -> Result<CpuidTable, String> {
+    let supported = cpuid::supported(kvm).map_err(|e| e.to_string())?;
+    match &limits.cpu_profile {
+        Some(p) => cpuid::build(&supported, p).map_err(|e| e.to_string()),
+        None => Ok(supported),
+    }
+}
+
+/// This host's summary.
+pub fn host_summary(kvm: &kvm_ioctls::Kvm, limits: &DestinationLimits) -> HostSummary {
+    let (vendor, model) = cpuid::host_cpu_model();
+    let vendor = cpuid::supported(kvm).map(|t| t.vendor()).unwrap_or(vendor);
+    HostSummary {
+        vendor,
+        model,
+        cpus: limits.max_vcpus.unwrap_or_else(online_cpus),
+        free_memory_mib: limits.max_memory_mib.unwrap_or_else(free_memory_mib),
+        cpu_limit_profile: limits.cpu_profile.clone(),
+    }
+}
+
+/// Runs every destination check. Never fails: problems go into the report.
+pub fn check(kvm: &kvm_ioctls::Kvm, req: &PreflightRequest, limits: &DestinationLimits) -> PreflightReport {
+    let mut problems = Vec::new();
+    let mut missing_features = Vec::new();
+    let dest = host_summary(kvm, limits);
+    if req.state_version != crate::wire::STATE_VERSION {
+        problems.push(format!(
+            "VM state version {} is not supported here (this destination uses {})",
+            req.state_version,
+            crate::wire::STATE_VERSION
+        ));
+    }
+    if let Err(e) = req.config.validate() {
+        problems.push(format!("VM configuration refused: {e}"));
+    }
+    if let Err(e) = req.layout.validate(req.config.memory_bytes().max(1)) {
+        problems.push(format!("VM memory layout refused: {e}"));
+    } else if req.layout.total_bytes() != req.config.memory_bytes() {
+        problems.push("VM memory layout does not match its configured size".into());
+    }
+    match host_offer(kvm, limits) {
+        Ok(offer) => {
+            if req.cpuid.vendor() != offer.vendor() {
+                problems.push(format!(
+                    "CPU vendor differs: the VM runs on {}, this destination is {}",
+                    req.cpuid.vendor(),
+                    offer.vendor()
+                ));
+            }
+            missing_features = cpuid::missing_features(&req.cpuid, &offer);
+            if !missing_features.is_empty() {
+                problems.push(format!(
+                    "destination CPU lacks features the VM uses: {}",
+                    missing_features.join(", ")
+                ));
+            }
+        }
+        Err(e) => problems.push(format!("cannot read this host's CPU features: {e}")),
+    }
+    if req.config.memory_mib > dest.free_memory_mib {
+        problems.push(format!(
+            "not enough memory: the VM needs {} MiB, the destination has {} MiB free",
+            req.config.memory_mib, dest.free_memory_mib
+        ));
+    }
+    if req.config.vcpus as u32 > dest.cpus {
+        problems.push(format!(
+            "not enough cores: the VM has {} vCPUs, the destination offers {}",
+            req.config.vcpus, dest.cpus
+        ));
+    }
+    let restore_cost_us = if problems.is_empty() {
+        match measure_restore_cost(kvm, req.config.vcpus) {
+            Ok(us) => us,
+            Err(e) => {
+                problems.push(format!("cannot create a VM here: {e}"));
+                0
+            }
+        }
+    } else {
+        0
+    };
+    PreflightReport { ok: problems.is_empty(), problems, missing_features, destination: dest, restore_cost_us }
+}
+
+/// Builds a scratch VM with `vcpus` vCPUs, saves its state and times restoring that state into
+/// a second VM and starting it: this host's fixed share of a switchover.
+pub fn measure_restore_cost(kvm: &kvm_ioctls::Kvm, vcpus: u8) -> Result<u64, String> {
+    let cfg = VmConfig {
+        vcpus,
+        memory_mib: vmm::config::MIN_MEMORY_MIB,
+        kernel: KernelSource::TestGuest,
+        initrd: None,
+        cmdline: "ferry.workload=idle".into(),
+        cpu_profile: "host".into(),
+    };
+    let devnull = || std::fs::OpenOptions::new().write(true).open("/dev/null").map_err(|e| e.to_string());
+    let a = Vm::create(kvm, cfg, devnull()?).map_err(|e| e.to_string())?;
+    let state = a.save_state().map_err(|e| e.to_string())?;
+    drop(a);
+    let t0 = Instant::now();
+    let b = Vm::restore(kvm, &state, devnull()?).map_err(|e| e.to_string())?;
+    b.start().map_err(|e| e.to_string())?;
+    let us = t0.elapsed().as_micros() as u64;
+    b.stop();
+    Ok(us)
+}

@@ -1,0 +1,669 @@
+//! The source side of a live migration.
+//!
+//! State machine (one thread drives it; N stream threads carry pages):
+//! `Connect → Handshake → Preflight → Setup → Precopy(pass n)… → FinalMemory → State → Commit →
+//! Done`, and from any state before `Commit`: `Aborted` (VM resumed on the source).
+
+use crate::preflight::{self, PreflightReport, PreflightRequest};
+use crate::wire::{self, Compression, Msg, Role, WireError, MAX_BATCH_PAGES, ZERO_PAGE};
+use crate::{DowntimeBreakdown, MigrationError, Phase, Progress, Summary};
+use std::io::{BufWriter, Write};
+
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use vmm::dirty::{DirtyLog, PageBitmap};
+use vmm::memory::{GuestRam, PAGE_SIZE};
+use vmm::Vm;
+
+/// How to migrate.
+#[derive(Debug, Clone)]
+pub struct MigrateOptions {
+    /// Destination `host:port`.
+    pub to: String,
+    /// Switch over once the expected downtime is below this.
+    pub max_downtime: Duration,
+    /// Parallel data connections.
+    pub streams: u16,
+    pub compression: Compression,
+    /// Bandwidth cap for page data, bytes per second.
+    pub max_bandwidth: Option<u64>,
+    /// Give up (VM stays on the source) after this long.
+    pub timeout: Option<Duration>,
+    /// Only run the preflight.
+    pub dry_run: bool,
+}
+
+impl Default for MigrateOptions {
+    fn default() -> Self {
+        MigrateOptions {
+            to: String::new(),
+            max_downtime: Duration::from_millis(50),
+            streams: 1,
+            compression: Compression::None,
+            max_bandwidth: None,
+            timeout: None,
+            dry_run: false,
+        }
+    }
+}
+
+/// Shared between the engine and whoever watches it (the worker's API).
+#[derive(Default)]
+pub struct MigrationControl {
+    pub progress: Mutex<Progress>,
+    pub cancel: AtomicBool,
+}
+
+impl MigrationControl {
+    fn update(&self, f: impl FnOnce(&mut Progress)) {
+        let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut p);
+    }
+}
+
+/// Largest number of pre-copy passes before the migration gives up (auto-converge normally
+/// finishes long before).
+const MAX_PASSES: u32 = 200;
+/// Auto-converge: first throttle step and increment, in percent.
+const THROTTLE_INITIAL: u8 = 20;
+const THROTTLE_STEP: u8 = 10;
+const THROTTLE_MAX: u8 = 99;
+/// Connection timeouts.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+
+struct Failure {
+    phase: Phase,
+    reason: String,
+}
+
+fn fail(phase: Phase, reason: impl Into<String>) -> Failure {
+    Failure { phase, reason: reason.into() }
+}
+
+fn wire_fail(phase: Phase) -> impl Fn(WireError) -> Failure {
+    move |e| {
+        let reason = match e {
+            WireError::Eof => "the destination closed the connection".to_string(),
+            WireError::Io(ref io) if matches!(io.kind(), std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset) => {
+                format!("lost the connection to the destination ({io})")
+            }
+            other => other.to_string(),
+        };
+        Failure { phase, reason }
+    }
+}
+
+/// Token bucket shared by the streams.
+struct RateLimiter {
+    rate: f64,
+    state: Mutex<(f64, Instant)>,
+}
+
+impl RateLimiter {
+    fn new(rate: u64) -> RateLimiter {
+        RateLimiter { rate: rate as f64, state: Mutex::new((0.0, Instant::now())) }
+    }
+
+    fn take(&self, bytes: usize) {
+        let wait = {
+            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            let burst = self.rate * 0.02;
+            s.0 = (s.0 + self.rate * now.duration_since(s.1).as_secs_f64()).min(burst);
+            s.1 = now;
+            s.0 -= bytes as f64;
+            if s.0 < 0.0 {
+                -s.0 / self.rate
+            } else {
+                0.0
+            }
+        };
+        if wait > 0.0 {
+            std::thread::sleep(Duration::from_secs_f64(wait));
+        }
+    }
+}
+
+/// Counters shared with the stream threads.
+#[derive(Default)]
+struct Counters {
+    bytes: AtomicU64,
+    pages: AtomicU64,
+    zero: AtomicU64,
+}
+
+enum Work {
+    Batch { pass: u32, pages: Vec<u64> },
+    Flush(SyncSender<Result<u64, String>>),
+}
+
+struct Stream {
+    tx: SyncSender<Work>,
+    join: Option<std::thread::JoinHandle<()>>,
+}
+
+fn stream_thread(
+    sock: TcpStream,
+    rx: Receiver<Work>,
+    ram: Arc<GuestRam>,
+    compression: Compression,
+    limiter: Option<Arc<RateLimiter>>,
+    counters: Arc<Counters>,
+) {
+    let mut w = BufWriter::with_capacity(512 << 10, sock);
+    let mut frames = 0u64;
+    let mut error: Option<String> = None;
+    let mut raw: Vec<u8> = Vec::with_capacity(MAX_BATCH_PAGES * PAGE_SIZE as usize);
+    let mut comp: Vec<u8> = Vec::new();
+    let mut hdr: Vec<u8> = Vec::new();
+    let mut entries: Vec<u64> = Vec::with_capacity(MAX_BATCH_PAGES);
+    let mut zctx = match compression {
+        Compression::Zstd => zstd::bulk::Compressor::new(1).ok(),
+        _ => None,
+    };
+    for work in rx {
+        match work {
+            Work::Batch { pass, pages } => {
+                if error.is_some() {
+                    continue; // keep draining so the distributor never blocks on us
+                }
+                raw.clear();
+                entries.clear();
+                let mut zeros = 0u64;
+                for &p in &pages {
+                    let Some(src) = ram.ptr_at_offset(p * PAGE_SIZE) else {
+                        error = Some(format!("page {p} is outside guest RAM"));
+                        break;
+                    };
+                    let start = raw.len();
+                    raw.resize(start + PAGE_SIZE as usize, 0);
+                    // SAFETY: `src` points at a whole 4 KiB guest page inside a mapped region.
+                    // The guest may be writing it concurrently; the copy may then be torn, but
+                    // dirty logging re-sends any page written after its bit was cleared, and the
+                    // final pass runs with the VM paused.
+                    unsafe { std::ptr::copy_nonoverlapping(src, raw.as_mut_ptr().add(start), PAGE_SIZE as usize) };
+                    if vmm::memory::is_zero(&raw[start..]) {
+                        raw.truncate(start);
+                        entries.push(p | ZERO_PAGE);
+                        zeros += 1;
+                    } else {
+                        entries.push(p);
+                    }
+                }
+                if error.is_some() {
+                    continue;
+                }
+                let (codec, body): (Compression, &[u8]) = match compression {
+                    Compression::None => (Compression::None, &raw),
+                    _ if raw.is_empty() => (Compression::None, &raw),
+                    Compression::Lz4 => {
+                        comp.resize(lz4_flex::block::get_maximum_output_size(raw.len()), 0);
+                        match lz4_flex::block::compress_into(&raw, &mut comp) {
+                            Ok(n) if n < raw.len() => (Compression::Lz4, &comp[..n]),
+                            _ => (Compression::None, &raw),
+                        }
+                    }
+                    Compression::Zstd => {
+                        comp.resize(zstd::zstd_safe::compress_bound(raw.len()), 0);
+                        match zctx.as_mut().map(|z| z.compress_to_buffer(&raw, &mut comp)) {
+                            Some(Ok(n)) if n < raw.len() => (Compression::Zstd, &comp[..n]),
+                            _ => (Compression::None, &raw),
+                        }
+                    }
+                };
+                wire::PageBatch::header(&mut hdr, pass, &entries, codec, raw.len());
+                if let Some(l) = &limiter {
+                    l.take(hdr.len() + body.len() + wire::HEADER_LEN);
+                }
+                match wire::write_frame(&mut w, wire::KIND_PAGES, 0, &[&hdr, body]) {
+                    Ok(n) => {
+                        frames += 1;
+                        counters.bytes.fetch_add(n, Ordering::Relaxed);
+                        counters.pages.fetch_add(pages.len() as u64, Ordering::Relaxed);
+                        counters.zero.fetch_add(zeros, Ordering::Relaxed);
+                    }
+                    Err(e) => error = Some(e.to_string()),
+                }
+            }
+            Work::Flush(reply) => {
+                if error.is_none() {
+                    if let Err(e) = w.flush() {
+                        error = Some(e.to_string());
+                    }
+                }
+                let _ = reply.send(match &error {
+                    None => Ok(frames),
+                    Some(e) => Err(e.clone()),
+                });
+            }
+        }
+    }
+}
+
+/// The source end of one migration.
+struct Sender<'a> {
+    vm: &'a Vm,
+    opts: &'a MigrateOptions,
+    ctl: &'a MigrationControl,
+    control: TcpStream,
+    streams: Vec<Stream>,
+    counters: Arc<Counters>,
+    t0: Instant,
+    /// Total time spent sending passes and the bytes they carried (bandwidth estimate).
+    send_time: Duration,
+    send_bytes: u64,
+}
+
+/// Migrates `vm` to `opts.to`. On success the VM has moved: it is left paused here and the
+/// caller must stop it. On failure the VM runs on the source (unless `vm_on_source` is false:
+/// the commit was sent but not confirmed, and the VM is left paused so that it never runs twice).
+pub fn migrate(vm: &Vm, opts: &MigrateOptions, ctl: &MigrationControl) -> Result<Summary, MigrationError> {
+    let t0 = Instant::now();
+    ctl.update(|p| *p = Progress { phase: Phase::Connect.to_string(), ..Default::default() });
+    let control = connect(&opts.to).map_err(|f| to_error(f, true))?;
+    let mut s = Sender {
+        vm,
+        opts,
+        ctl,
+        control,
+        streams: Vec::new(),
+        counters: Arc::new(Counters::default()),
+        t0,
+        send_time: Duration::ZERO,
+        send_bytes: 0,
+    };
+    let session: u64 = rand_u64();
+    let result = s.run(session);
+    // Stop the stream threads (dropping the senders ends their loops).
+    for st in s.streams.drain(..) {
+        drop(st.tx);
+        if let Some(j) = st.join {
+            let _ = j.join();
+        }
+    }
+    match result {
+        Ok(summary) => {
+            ctl.update(|p| p.phase = Phase::Done.to_string());
+            Ok(summary)
+        }
+        Err((f, committed)) => {
+            if !committed {
+                let _ = wire::send_msg(&mut s.control, &Msg::Abort { phase: f.phase.to_string(), reason: f.reason.clone() });
+                vm.set_throttle(0);
+                let _ = vm.resume();
+            }
+            ctl.update(|p| {
+                p.phase = format!("failed in {}", f.phase);
+                p.throttle_pct = 0;
+            });
+            Err(to_error(f, !committed))
+        }
+    }
+}
+
+fn to_error(f: Failure, on_source: bool) -> MigrationError {
+    MigrationError { phase: f.phase, reason: f.reason, vm_on_source: on_source }
+}
+
+fn rand_u64() -> u64 {
+    let mut b = [0u8; 8];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut b);
+    }
+    u64::from_le_bytes(b) ^ (std::process::id() as u64) << 32
+}
+
+fn connect(to: &str) -> Result<TcpStream, Failure> {
+    let addrs: Vec<_> = to
+        .to_socket_addrs()
+        .map_err(|e| fail(Phase::Connect, format!("bad destination address {to:?}: {e}")))?
+        .collect();
+    let mut last = String::from("no address");
+    for a in addrs {
+        match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
+            Ok(s) => {
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Err(e) => last = e.to_string(),
+        }
+    }
+    Err(fail(Phase::Connect, format!("cannot connect to {to}: {last}")))
+}
+
+/// Opens a connection's session; returns the round-trip time of the exchange.
+fn handshake(sock: &mut TcpStream, session: u64, role: Role, phase: Phase) -> Result<Duration, Failure> {
+    sock.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(|e| fail(phase, e.to_string()))?;
+    let t = Instant::now();
+    wire::send_msg(sock, &Msg::Hello { protocol: wire::PROTOCOL_VERSION, session, role }).map_err(wire_fail(phase))?;
+    match wire::recv_msg(sock).map_err(wire_fail(phase))? {
+        Msg::HelloAck { protocol } if protocol == wire::PROTOCOL_VERSION => Ok(t.elapsed()),
+        Msg::HelloAck { protocol } => Err(fail(phase, format!("destination answered with protocol version {protocol}"))),
+        Msg::Refuse { reason } => Err(fail(phase, format!("destination refused: {reason}"))),
+        m => Err(fail(phase, format!("protocol violation: expected HelloAck, got {}", m.name()))),
+    }
+}
+
+type Res<T> = Result<T, (Failure, bool)>;
+
+fn pre(f: Failure) -> (Failure, bool) {
+    (f, false)
+}
+
+impl Sender<'_> {
+    fn check_abort(&self, phase: Phase) -> Result<(), Failure> {
+        if self.ctl.cancel.load(Ordering::SeqCst) {
+            return Err(fail(phase, "cancelled by request"));
+        }
+        if let Some(t) = self.opts.timeout {
+            if self.t0.elapsed() > t {
+                return Err(fail(phase, format!("timed out after {:.1} s", t.as_secs_f64())));
+            }
+        }
+        Ok(())
+    }
+
+    fn run(&mut self, session: u64) -> Res<Summary> {
+        let vm = self.vm;
+        let rtt = handshake(&mut self.control, session, Role::Control, Phase::Handshake).map_err(pre)?;
+
+        // Preflight.
+        self.ctl.update(|p| p.phase = Phase::Preflight.to_string());
+        let kvm = vmm::open_kvm().map_err(|e| pre(fail(Phase::Preflight, e.to_string())))?;
+        let req = PreflightRequest {
+            state_version: wire::STATE_VERSION,
+            config: vm.config().clone(),
+            layout: vm.ram().layout().clone(),
+            cpuid: vm.cpuid().clone(),
+            source: preflight::host_summary(&kvm, &Default::default()),
+        };
+        wire::send_msg(&mut self.control, &Msg::Preflight(req)).map_err(|e| pre(wire_fail(Phase::Preflight)(e)))?;
+        let report: PreflightReport = match wire::recv_msg(&mut self.control).map_err(|e| pre(wire_fail(Phase::Preflight)(e)))? {
+            Msg::PreflightReport(r) => r,
+            Msg::Abort { reason, .. } => return Err(pre(fail(Phase::Preflight, format!("destination aborted: {reason}")))),
+            m => return Err(pre(fail(Phase::Preflight, format!("protocol violation: expected PreflightReport, got {}", m.name())))),
+        };
+        if !report.ok {
+            return Err(pre(fail(Phase::Preflight, format!("destination refused: {}", report.problems.join("; ")))));
+        }
+        if self.opts.dry_run {
+            let _ = wire::send_msg(&mut self.control, &Msg::Abort { phase: "preflight".into(), reason: "dry run".into() });
+            return Ok(Summary {
+                dry_run: true,
+                preflight: report,
+                total_ms: ms(self.t0.elapsed()),
+                streams: self.opts.streams,
+                compression: self.opts.compression,
+                ..Default::default()
+            });
+        }
+        let save_cost = measure_save_cost(&kvm, vm.config().vcpus);
+        // Fixed switchover cost: pause + save + encode here, restore + resume there (both
+        // measured on scratch VMs of this shape), and the Ready/Commit/Resumed round trips.
+        let fixed_cost = save_cost + Duration::from_micros(report.restore_cost_us) + rtt * 3;
+
+        // Setup: data streams.
+        self.ctl.update(|p| p.phase = Phase::Setup.to_string());
+        let n = self.opts.streams.clamp(1, 16);
+        wire::send_msg(&mut self.control, &Msg::Begin { streams: n, compression: self.opts.compression })
+            .map_err(|e| pre(wire_fail(Phase::Setup)(e)))?;
+        let limiter = self.opts.max_bandwidth.map(|b| Arc::new(RateLimiter::new(b.max(1))));
+        for i in 0..n {
+            let mut sock = connect(&self.opts.to).map_err(pre)?;
+            handshake(&mut sock, session, Role::Data { index: i }, Phase::Setup).map_err(pre)?;
+            let (tx, rx) = sync_channel(4);
+            let (ram, comp, lim, ctr) = (vm.ram().clone(), self.opts.compression, limiter.clone(), self.counters.clone());
+            let join = std::thread::Builder::new()
+                .name(format!("mig-tx{i}"))
+                .spawn(move || stream_thread(sock, rx, ram, comp, lim, ctr))
+                .map_err(|e| pre(fail(Phase::Setup, e.to_string())))?;
+            self.streams.push(Stream { tx, join: Some(join) });
+        }
+        match wire::recv_msg(&mut self.control).map_err(|e| pre(wire_fail(Phase::Setup)(e)))? {
+            Msg::BeginAck => {}
+            Msg::Abort { reason, .. } => return Err(pre(fail(Phase::Setup, format!("destination aborted: {reason}")))),
+            m => return Err(pre(fail(Phase::Setup, format!("protocol violation: expected BeginAck, got {}", m.name())))),
+        }
+
+        // Pre-copy.
+        let log = DirtyLog::start(vm.vm_fd(), vm.ram()).map_err(|e| pre(fail(Phase::Setup, e.to_string())))?;
+        let result = self.precopy_and_switchover(&log, fixed_cost, report);
+        let _ = log.stop();
+        result
+    }
+
+    fn progress_bw(&self) -> f64 {
+        if self.send_time.is_zero() {
+            0.0
+        } else {
+            self.send_bytes as f64 / self.send_time.as_secs_f64()
+        }
+    }
+
+    fn precopy_and_switchover(&mut self, log: &DirtyLog, fixed_cost: Duration, report: PreflightReport) -> Res<Summary> {
+        let vm = self.vm;
+        let mut pass = 0u32;
+        let mut max_throttle = 0u8;
+        let mut dirty = log.collect().map_err(|e| pre(fail(Phase::Precopy, e.to_string())))?;
+        let mut pass0_mibs = 0.0;
+        let mut prev_dirty = u64::MAX;
+        loop {
+            self.check_abort(Phase::Precopy).map_err(pre)?;
+            self.ctl.update(|p| {
+                p.phase = Phase::Precopy.to_string();
+                p.pass = pass;
+                p.remaining_pages = dirty.count();
+                p.remaining_bytes = dirty.count() * PAGE_SIZE;
+            });
+            let t = Instant::now();
+            let bytes = self.send_pass(pass, &dirty, Phase::Precopy)?;
+            let took = t.elapsed();
+            self.send_time += took;
+            self.send_bytes += bytes;
+            if pass == 0 {
+                pass0_mibs = bytes as f64 / took.as_secs_f64().max(1e-9) / (1 << 20) as f64;
+            }
+            dirty = log.collect().map_err(|e| pre(fail(Phase::Precopy, e.to_string())))?;
+            let dirty_pages = dirty.count();
+            let bw = self.progress_bw().max(1.0);
+            let remaining = dirty_pages * PAGE_SIZE;
+            let expected = Duration::from_secs_f64(remaining as f64 / bw) + fixed_cost;
+            let dirty_rate = (dirty_pages * PAGE_SIZE) as f64 / took.as_secs_f64().max(1e-6);
+            // Auto-converge: throttle harder while the dirty set does not shrink fast enough.
+            if expected > self.opts.max_downtime && pass >= 1 && dirty_pages * 2 > prev_dirty.min(u64::MAX / 2) {
+                let t = vm.throttle();
+                let next = if t == 0 { THROTTLE_INITIAL } else { t.saturating_add(THROTTLE_STEP).min(THROTTLE_MAX) };
+                vm.set_throttle(next);
+                max_throttle = max_throttle.max(next);
+            }
+            prev_dirty = dirty_pages;
+            let c = &self.counters;
+            let (bs, ps, zs) = (c.bytes.load(Ordering::Relaxed), c.pages.load(Ordering::Relaxed), c.zero.load(Ordering::Relaxed));
+            let thr = vm.throttle();
+            let elapsed = self.t0.elapsed().as_secs_f64();
+            self.ctl.update(|p| {
+                p.bytes_sent = bs;
+                p.pages_sent = ps;
+                p.zero_pages = zs;
+                p.remaining_pages = dirty_pages;
+                p.remaining_bytes = remaining;
+                p.dirty_rate_mibs = dirty_rate / (1 << 20) as f64;
+                p.bandwidth_mibs = bw / (1 << 20) as f64;
+                p.expected_downtime_ms = ms(expected);
+                p.throttle_pct = thr;
+                p.elapsed_s = elapsed;
+            });
+            pass += 1;
+            if expected <= self.opts.max_downtime {
+                break;
+            }
+            if pass >= MAX_PASSES {
+                return Err(pre(fail(Phase::Precopy, format!("did not converge in {MAX_PASSES} passes"))));
+            }
+        }
+
+        // Switchover: the downtime clock starts at the pause.
+        self.check_abort(Phase::FinalMemory).map_err(pre)?;
+        self.ctl.update(|p| p.phase = Phase::FinalMemory.to_string());
+        let t_pause = Instant::now();
+        vm.pause().map_err(|e| pre(fail(Phase::FinalMemory, e.to_string())))?;
+        let _ = wire::send_msg(&mut self.control, &Msg::Paused);
+        // The final pass: what the last pre-copy round found dirty (collected, not yet sent)
+        // plus whatever the guest dirtied until the pause.
+        let mut last = log.collect().map_err(|e| pre(fail(Phase::FinalMemory, e.to_string())))?;
+        last.union_with(&dirty);
+        let bytes = self.send_pass(pass, &last, Phase::FinalMemory)?;
+        self.send_bytes += bytes;
+        let t_mem = Instant::now();
+
+        self.ctl.update(|p| p.phase = Phase::State.to_string());
+        let state = vm.save_state().map_err(|e| pre(fail(Phase::State, e.to_string())))?;
+        let encoded = vmm::snapshot::encode_state(&state).map_err(|e| pre(fail(Phase::State, e.to_string())))?;
+        wire::write_frame(&mut self.control, wire::KIND_STATE, 0, &[&encoded]).map_err(|e| pre(wire_fail(Phase::State)(e)))?;
+        match wire::recv_msg(&mut self.control).map_err(|e| pre(wire_fail(Phase::State)(e)))? {
+            Msg::Ready { .. } => {}
+            Msg::Abort { reason, .. } => return Err(pre(fail(Phase::State, format!("destination aborted: {reason}")))),
+            m => return Err(pre(fail(Phase::State, format!("protocol violation: expected Ready, got {}", m.name())))),
+        }
+        let t_ready = Instant::now();
+        // Last chance to cancel: after this write the destination owns the VM.
+        self.check_abort(Phase::State).map_err(pre)?;
+        self.ctl.update(|p| p.phase = Phase::Commit.to_string());
+        wire::send_msg(&mut self.control, &Msg::Commit).map_err(|e| pre(wire_fail(Phase::Commit)(e)))?;
+        let resumed = wire::recv_msg(&mut self.control);
+        let t_done = Instant::now();
+        let resume_us = match resumed {
+            Ok(Msg::Resumed { resume_us }) => resume_us,
+            Ok(m) => {
+                return Err((fail(Phase::Commit, format!("commit sent but the destination answered {} instead of Resumed; the VM is left paused here", m.name())), true))
+            }
+            Err(e) => {
+                return Err((fail(Phase::Commit, format!("commit sent but the destination did not confirm ({e}); the VM is left paused here so it never runs twice")), true))
+            }
+        };
+        let c = &self.counters;
+        let pages_sent = c.pages.load(Ordering::Relaxed);
+        let zero_pages = c.zero.load(Ordering::Relaxed);
+        self.ctl.update(|p| {
+            p.phase = Phase::Done.to_string();
+            p.pass = pass;
+            p.remaining_pages = 0;
+            p.remaining_bytes = 0;
+            p.bytes_sent = c.bytes.load(Ordering::Relaxed);
+            p.pages_sent = pages_sent;
+            p.zero_pages = zero_pages;
+            p.expected_downtime_ms = 0.0;
+        });
+        Ok(Summary {
+            dry_run: false,
+            preflight: report,
+            total_ms: ms(self.t0.elapsed()),
+            downtime_ms: ms(t_done - t_pause),
+            downtime: DowntimeBreakdown {
+                final_memory_ms: ms(t_mem - t_pause),
+                state_ms: ms(t_ready - t_mem),
+                commit_ms: ms(t_done - t_ready),
+                resume_ms: resume_us as f64 / 1e3,
+            },
+            passes: pass + 1,
+            bytes_sent: c.bytes.load(Ordering::Relaxed) + encoded.len() as u64,
+            pages_sent,
+            zero_pages,
+            data_pages: pages_sent - zero_pages,
+            state_bytes: encoded.len() as u64,
+            max_throttle_pct: max_throttle,
+            streams: self.opts.streams,
+            compression: self.opts.compression,
+            pass0_mibs,
+            fixed_cost_ms: ms(fixed_cost),
+        })
+    }
+
+    /// Sends every page of `pages` over the streams, then waits until the destination applied
+    /// them all (the per-pass barrier). Returns the bytes the pass put on the wire.
+    fn send_pass(&mut self, pass: u32, pages: &PageBitmap, phase: Phase) -> Res<u64> {
+        let before = self.counters.bytes.load(Ordering::Relaxed);
+        let n = self.streams.len();
+        let mut batch = Vec::with_capacity(MAX_BATCH_PAGES);
+        let mut next = 0usize;
+        let mut sent = 0u64;
+        for (first, count) in pages.runs() {
+            for p in first..first + count {
+                batch.push(p);
+                if batch.len() == MAX_BATCH_PAGES {
+                    if sent % 64 == 0 && phase == Phase::Precopy {
+                        self.check_abort(phase).map_err(pre)?;
+                    }
+                    let b = std::mem::replace(&mut batch, Vec::with_capacity(MAX_BATCH_PAGES));
+                    self.dispatch(next, Work::Batch { pass, pages: b }, phase)?;
+                    next = (next + 1) % n;
+                    sent += 1;
+                }
+            }
+        }
+        if !batch.is_empty() {
+            self.dispatch(next, Work::Batch { pass, pages: batch }, phase)?;
+        }
+        let mut frames = Vec::with_capacity(n);
+        for i in 0..n {
+            let (rtx, rrx) = sync_channel(1);
+            self.dispatch(i, Work::Flush(rtx), phase)?;
+            match rrx.recv() {
+                Ok(Ok(f)) => frames.push(f),
+                Ok(Err(e)) => return Err(pre(fail(phase, format!("data stream {i}: {e}")))),
+                Err(_) => return Err(pre(fail(phase, format!("data stream {i} stopped")))),
+            }
+        }
+        wire::send_msg(&mut self.control, &Msg::PassDone { pass, frames, pages: pages.count() })
+            .map_err(|e| pre(wire_fail(phase)(e)))?;
+        match wire::recv_msg(&mut self.control).map_err(|e| pre(wire_fail(phase)(e)))? {
+            Msg::PassAck { pass: p } if p == pass => {}
+            Msg::Abort { reason, .. } => return Err(pre(fail(phase, format!("destination aborted: {reason}")))),
+            m => return Err(pre(fail(phase, format!("protocol violation: expected PassAck({pass}), got {}", m.name())))),
+        }
+        Ok(self.counters.bytes.load(Ordering::Relaxed) - before)
+    }
+
+    fn dispatch(&self, i: usize, w: Work, phase: Phase) -> Res<()> {
+        self.streams[i].tx.send(w).map_err(|_| pre(fail(phase, format!("data stream {i} stopped"))))
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Time to pause a VM of this shape and capture + encode its state, measured on a scratch VM.
+fn measure_save_cost(kvm: &kvm_ioctls::Kvm, vcpus: u8) -> Duration {
+    let cfg = vmm::VmConfig {
+        vcpus,
+        memory_mib: vmm::config::MIN_MEMORY_MIB,
+        kernel: vmm::KernelSource::TestGuest,
+        initrd: None,
+        cmdline: "ferry.workload=idle".into(),
+        cpu_profile: "host".into(),
+    };
+    let Ok(devnull) = std::fs::OpenOptions::new().write(true).open("/dev/null") else {
+        return Duration::from_millis(1);
+    };
+    let Ok(vm) = Vm::create(kvm, cfg, devnull) else {
+        return Duration::from_millis(1);
+    };
+    if vm.start().is_err() {
+        return Duration::from_millis(1);
+    }
+    std::thread::sleep(Duration::from_millis(2));
+    let t = Instant::now();
+    let ok = vm.pause().is_ok() && vm.save_state().ok().and_then(|s| vmm::snapshot::encode_state(&s).ok()).is_some();
+    let d = t.elapsed();
+    vm.stop();
+    if ok {
+        d
+    } else {
+        Duration::from_millis(1)
+    }
+}
