@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn main() {
-    let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR not set"));
+    let manifest_dir =
+        PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR not set"));
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR not set"));
     let rustc = env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
     let kernel_dir = manifest_dir.join("kernel");
@@ -32,6 +33,7 @@ fn main() {
         .args(["-C", "relocation-model=static"])
         .args(["-C", "opt-level=2"])
         .args(["-C", "debuginfo=0"])
+        .args(["-C", "strip=debuginfo"])
         .args(["-C", "debug-assertions=off"])
         .args(["-C", "overflow-checks=off"])
         .args(["-C", "codegen-units=1"])
@@ -74,7 +76,8 @@ fn kernel_files(dir: &Path) -> Vec<PathBuf> {
     let mut files = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let entries = std::fs::read_dir(&d).unwrap_or_else(|e| panic!("cannot read {}: {e}", d.display()));
+        let entries =
+            std::fs::read_dir(&d).unwrap_or_else(|e| panic!("cannot read {}: {e}", d.display()));
         for entry in entries {
             let path = entry.expect("read_dir entry").path();
             if path.is_dir() {

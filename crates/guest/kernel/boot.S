@@ -31,7 +31,7 @@
 .equ SEL_TSS0,      0x30
 .equ TSS_STRIDE,    128
 .equ TSS_AREA_SIZE, {MAX_CPUS} * TSS_STRIDE
-.equ PIT_LATCH,     59659            # 50 ms at 1193182 Hz
+.equ PIT_MIN_TICKS, 50000            # measure over >= 41.9 ms of PIT time
 .equ PIT_HZ,        1193182
 .equ CHECKIN_CLOSED, 0x80000000
 
@@ -452,7 +452,7 @@ delay:
     jb 1b
     ret
 
-# TSC frequency: kvmclock (pvclock mul/shift) if advertised, else PIT channel 2.
+# TSC frequency: kvmclock (pvclock mul/shift) if advertised, else PIT channel 0.
 # Stores BOOT_INFO.tsc_hz / tsc_source and r0_ticks_per_ms. Clobbers RAX, RCX, RDX, RSI, RDI, R8-R11.
 tsc_calibrate:
     push %rbx
@@ -504,40 +504,30 @@ tsc_calibrate:
     jmp .Lhz
 
 .Lpit:
-    in $0x61, %al
-    and $0xfd, %al                    # speaker off
-    or $0x01, %al                     # gate on
-    out %al, $0x61
-    mov $0xb0, %al                    # channel 2, lobyte/hibyte, mode 0, binary
+    # PIT channel 0 (its gate is always on; port 0x61 / channel 2 may not exist, e.g. QEMU
+    # microvm has no speaker port), mode 0 from 0xffff, sampled with latch commands. IRQ0 goes
+    # nowhere: both PICs and LINT0 are masked and the IOAPIC pins are masked at reset.
+    mov $0x30, %al                    # channel 0, lobyte/hibyte, mode 0, binary
     out %al, $0x43
-    mov $(PIT_LATCH & 0xff), %al
-    out %al, $0x42
-    mov $(PIT_LATCH >> 8), %al
-    out %al, $0x42
-    rdtsc
-    shl $32, %rdx
-    or %rdx, %rax
-    mov %rax, %rsi                    # start
-    in $0x61, %al                     # OUT2 must be low right after loading the count
-    test $0x20, %al
-    jnz .Lnohz
-6:  in $0x61, %al
-    test $0x20, %al
-    jnz 7f
-    rdtsc
-    shl $32, %rdx
-    or %rdx, %rax
-    sub %rsi, %rax
-    cmp $500000000, %rax              # give up after 5e8 ticks (>= 50 ms below 10 GHz)
+    mov $0xff, %al
+    out %al, $0x40
+    out %al, $0x40
+    call pit_sample
+    mov %ecx, %edi                    # first count
+    mov %rax, %rsi                    # TSC right after it was read
+6:  call pit_sample
+    mov %rax, %r8
+    sub %rsi, %r8                     # TSC ticks since the first sample
+    cmp $500000000, %r8               # give up after 5e8 ticks (>= 50 ms below 10 GHz)
     ja .Lnohz
-    jmp 6b
-7:  rdtsc
-    shl $32, %rdx
-    or %rdx, %rax
-    sub %rsi, %rax
+    mov %edi, %edx
+    sub %ecx, %edx                    # PIT ticks since the first sample
+    cmp $PIT_MIN_TICKS, %edx
+    jb 6b
+    mov %r8, %rax
     imul $PIT_HZ, %rax, %rax
+    mov %edx, %ecx
     xor %edx, %edx
-    mov $PIT_LATCH, %ecx
     div %rcx
     mov $100000000, %rcx              # plausible: 100 MHz .. 20 GHz
     cmp %rcx, %rax
@@ -560,6 +550,20 @@ tsc_calibrate:
     div %rcx
     mov %rax, r0_ticks_per_ms(%rip)
 8:  pop %rbx
+    ret
+
+# Latch and read PIT channel 0: ECX = count, RAX = TSC just after. Clobbers RDX.
+pit_sample:
+    xor %eax, %eax                    # latch channel 0
+    out %al, $0x43
+    in $0x40, %al
+    mov %al, %cl
+    in $0x40, %al
+    mov %al, %ch
+    movzwl %cx, %ecx
+    rdtsc
+    shl $32, %rdx
+    or %rdx, %rax
     ret
 
 kvmclock_off:
@@ -656,20 +660,24 @@ syscall_entry:
     iretq
 1:  push %rcx
     push %rdx
+    rdtsc
+    shl $32, %rdx
+    or %rdx, %rax
+    cmp %rdi, %rax
+    jae 3f                            # already due: do not arm the timer
     mov $MSR_TSC_DEADLINE, %ecx
     mov %edi, %eax
     mov %rdi, %rdx
     shr $32, %rdx
     wrmsr
-2:  rdtsc
+2:  sti
+    hlt                               # woken by the deadline timer (or any interrupt)
+    cli
+    rdtsc
     shl $32, %rdx
     or %rdx, %rax
     cmp %rdi, %rax
-    jae 3f
-    sti
-    hlt
-    cli
-    jmp 2b
+    jb 2b
 3:  pop %rdx
     pop %rcx
     xor %eax, %eax

@@ -42,8 +42,13 @@ pub struct Config {
 }
 
 impl Config {
-    pub const DEFAULT: Config =
-        Config { workload: Workload::Idle, wss_mib: 64, rate_mibs: 0, hb_ms: 100, tsc_khz: None };
+    pub const DEFAULT: Config = Config {
+        workload: Workload::Idle,
+        wss_mib: 64,
+        rate_mibs: 0,
+        hb_ms: 100,
+        tsc_khz: None,
+    };
 }
 
 /// A command line item that could not be accepted.
@@ -64,7 +69,10 @@ fn parse_u64(v: &[u8], min: u64, max: u64) -> Result<u64, &'static str> {
         if !c.is_ascii_digit() {
             return Err("not a decimal number");
         }
-        n = match n.checked_mul(10).and_then(|n| n.checked_add(u64::from(c - b'0'))) {
+        n = match n
+            .checked_mul(10)
+            .and_then(|n| n.checked_add(u64::from(c - b'0')))
+        {
             Some(n) => n,
             None => return Err("out of range"),
         };
@@ -78,7 +86,10 @@ fn parse_u64(v: &[u8], min: u64, max: u64) -> Result<u64, &'static str> {
 /// Parses the command line (see the module doc).
 pub fn parse(cmdline: &[u8]) -> Result<Config, BadItem<'_>> {
     let mut cfg = Config::DEFAULT;
-    for item in cmdline.split(|c| c.is_ascii_whitespace()).filter(|i| !i.is_empty()) {
+    for item in cmdline
+        .split(|c| c.is_ascii_whitespace())
+        .filter(|i| !i.is_empty())
+    {
         let (key, value) = match item.iter().position(|&c| c == b'=') {
             Some(eq) => (&item[..eq], &item[eq + 1..]),
             None => (item, &item[item.len()..]),
@@ -96,7 +107,9 @@ pub fn parse(cmdline: &[u8]) -> Result<Config, BadItem<'_>> {
             b"ferry.wss_mib" => cfg.wss_mib = parse_u64(value, 1, 1 << 20).map_err(bad)?,
             b"ferry.rate_mibs" => cfg.rate_mibs = parse_u64(value, 0, 1 << 20).map_err(bad)?,
             b"ferry.hb_ms" => cfg.hb_ms = parse_u64(value, 1, 86_400_000).map_err(bad)?,
-            b"ferry.tsc_khz" => cfg.tsc_khz = Some(parse_u64(value, 1000, 100_000_000).map_err(bad)?),
+            b"ferry.tsc_khz" => {
+                cfg.tsc_khz = Some(parse_u64(value, 1000, 100_000_000).map_err(bad)?)
+            }
             _ => {}
         }
     }
@@ -110,27 +123,61 @@ mod tests {
     #[test]
     fn defaults_and_values() {
         assert_eq!(parse(b""), Ok(Config::DEFAULT));
-        assert_eq!(parse(b"  console=ttyS0 foo ferry.unknown=3 "), Ok(Config::DEFAULT));
+        assert_eq!(
+            parse(b"  console=ttyS0 foo ferry.unknown=3 "),
+            Ok(Config::DEFAULT)
+        );
         let c = parse(b"ferry.workload=verify ferry.wss_mib=32\tferry.rate_mibs=10 ferry.hb_ms=250 ferry.tsc_khz=2600000\n")
             .unwrap();
         assert_eq!(
             c,
-            Config { workload: Workload::Verify, wss_mib: 32, rate_mibs: 10, hb_ms: 250, tsc_khz: Some(2_600_000) }
+            Config {
+                workload: Workload::Verify,
+                wss_mib: 32,
+                rate_mibs: 10,
+                hb_ms: 250,
+                tsc_khz: Some(2_600_000)
+            }
         );
-        assert_eq!(parse(b"ferry.workload=dirty ferry.workload=idle").unwrap().workload, Workload::Idle);
+        assert_eq!(
+            parse(b"ferry.workload=dirty ferry.workload=idle")
+                .unwrap()
+                .workload,
+            Workload::Idle
+        );
         assert_eq!(parse(b"ferry.rate_mibs=0").unwrap().rate_mibs, 0);
     }
 
     #[test]
     fn bad_values() {
         let e = parse(b"a=b ferry.wss_mib=12x ferry.hb_ms=5").unwrap_err();
-        assert_eq!(e, BadItem { item: b"ferry.wss_mib=12x", reason: "not a decimal number" });
-        assert_eq!(parse(b"ferry.workload=busy").unwrap_err().item, b"ferry.workload=busy");
+        assert_eq!(
+            e,
+            BadItem {
+                item: b"ferry.wss_mib=12x",
+                reason: "not a decimal number"
+            }
+        );
+        assert_eq!(
+            parse(b"ferry.workload=busy").unwrap_err().item,
+            b"ferry.workload=busy"
+        );
         assert_eq!(parse(b"ferry.hb_ms=0").unwrap_err().reason, "out of range");
         assert_eq!(parse(b"ferry.hb_ms=").unwrap_err().reason, "empty value");
         assert_eq!(parse(b"ferry.wss_mib").unwrap_err().reason, "empty value");
-        assert_eq!(parse(b"ferry.wss_mib=-1").unwrap_err().reason, "not a decimal number");
-        assert_eq!(parse(b"ferry.rate_mibs=99999999999999999999999").unwrap_err().reason, "out of range");
-        assert_eq!(parse(b"ferry.tsc_khz=0").unwrap_err().reason, "out of range");
+        assert_eq!(
+            parse(b"ferry.wss_mib=-1").unwrap_err().reason,
+            "not a decimal number"
+        );
+        assert_eq!(
+            parse(b"ferry.rate_mibs=99999999999999999999999")
+                .unwrap_err()
+                .reason,
+            "out of range"
+        );
+        assert_eq!(
+            parse(b"ferry.tsc_khz=0").unwrap_err().reason,
+            "out of range"
+        );
     }
 }

@@ -12,7 +12,10 @@ pub struct Line {
 
 impl Line {
     pub fn new() -> Self {
-        Line { buf: [0; LINE_MAX + 1], len: 0 }
+        Line {
+            buf: [0; LINE_MAX + 1],
+            len: 0,
+        }
     }
 
     /// Appends bytes; anything but printable ASCII becomes `?`.
@@ -21,7 +24,11 @@ impl Line {
             if self.len == LINE_MAX {
                 break;
             }
-            self.buf[self.len] = if c.is_ascii_graphic() || c == b' ' { c } else { b'?' };
+            self.buf[self.len] = if c.is_ascii_graphic() || c == b' ' {
+                c
+            } else {
+                b'?'
+            };
             self.len += 1;
         }
         self

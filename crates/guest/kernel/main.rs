@@ -46,27 +46,36 @@
 //!
 //! ## TSC frequency
 //! If CPUID 0x40000000 says "KVMKVMKVM" and 0x40000001 EAX has KVM_FEATURE_CLOCKSOURCE2 (bit 3),
-//! ring 0 enables kvmclock (MSR 0x4b564d01 = pvclock struct | 1), waits for KVM to fill it in,
-//! reads `tsc_to_system_mul`/`tsc_shift`, disables kvmclock again (write 0) and computes
-//! `hz = 1e9 * 2^32 / mul`, shifted right by `tsc_shift` (left if negative). Otherwise it
-//! counts TSC ticks over 50 ms of PIT channel 2 (ports 0x61/0x43/0x42; bounded wait). A
-//! `ferry.tsc_khz=<K>` on the command line wins over both (applied in ring 3). No frequency at
-//! all -> `PANIC unknown TSC frequency ...`.
+//! ring 0 enables kvmclock (MSR 0x4b564d01 = pvclock struct | 1), waits (bounded) for KVM to
+//! fill it in, reads `tsc_to_system_mul`/`tsc_shift`, disables kvmclock again (writes 0) and
+//! computes `hz = 1e9 * 2^32 / mul`, shifted right by `tsc_shift` (left if negative). Otherwise
+//! it compares the TSC with >= 42 ms of PIT channel 0 (mode 0 from 0xffff, read back with latch
+//! commands on ports 0x43/0x40; channel 0 because its gate is always on, while port 0x61, the
+//! channel-2 gate, does not exist on e.g. QEMU microvm; its IRQ0 reaches nothing since the PICs,
+//! LINT0 and the IOAPIC pins are masked; bounded wait). `ferry.tsc_khz=<K>` on the command line
+//! wins over both (applied in ring 3). No frequency at all -> `PANIC unknown TSC frequency ...`.
+//! A VMM should therefore expose the KVM CPUID leaves with kvmclock, or an in-kernel PIT, or pass
+//! `ferry.tsc_khz`.
 //!
 //! ## Memory layout (guest-physical = virtual)
 //! | what | where |
 //! |---|---|
-//! | AP real-mode trampoline (< 64 bytes) | 0x8000 (written after start_info was copied) |
-//! | kernel text/rodata/data | from 0x100000 (1 MiB) |
-//! | kernel bss: `BOOT_INFO`, GDT/IDT/TSSs + one shared 8 KiB I/O bitmap, page tables (PML4, PDPT, 64 PDs), 16 x 8 KiB ring-0 stacks, 16 x 128 KiB ring-3 stacks, per-CPU workload state, serial lock | right after, ends below 16 MiB (link-time assert; ~2.5 MiB today) |
-//! | working set (dirty/verify) | ONE contiguous range of `wss_mib` MiB: the first 2 MiB-aligned address >= 16 MiB inside a RAM entry of the memory map where it fits |
+//! | AP real-mode trampoline (39 bytes) | 0x8000 (written after start_info was copied) |
+//! | PVH note, text, rodata | from 0x100000 (1 MiB) |
+//! | data: GDT, 16 TSSs (128-byte slots) followed by ONE shared 8 KiB I/O bitmap (only 0x3f8-0x3ff allowed) | after the text |
+//! | bss: `BOOT_INFO`, IDT, page tables (PML4, PDPT, up to 64 PDs), 16 x 8 KiB ring-0 stacks, 16 x 128 KiB ring-3 stacks, kvmclock struct, serial lock, shared config, per-CPU workload state (`PERCPU`: heartbeat counters, writer state, ...) | after the data; everything ends below 16 MiB (link-time assert; ~3.5 MiB today) |
+//! | working set (dirty/verify) | ONE contiguous range of `wss_mib` MiB: the first 2 MiB-aligned address >= 16 MiB inside a RAM range of the memory map (adjacent RAM entries merged) where it fits; so 0x1000000 whenever it fits below the first hole |
 //!
 //! ## System calls (`int3` from ring 3, vector 3 is a DPL-3 interrupt gate)
 //! RAX = function, argument in RDI; returns RAX (0 ok, -1 unknown function); all other registers
 //! and RFLAGS are preserved.
-//! - 1 = sleep until TSC >= RDI: arms IA32_TSC_DEADLINE (0x6e0) = RDI, then `sti; hlt` until
-//!   rdtsc >= RDI (re-checked after every wakeup). Only call it if TSC-deadline mode exists
-//!   (otherwise ring 3 spins instead, and an idle guest burns CPU).
+//! - 1 = sleep until TSC >= RDI: returns at once if already due, else arms IA32_TSC_DEADLINE
+//!   (0x6e0) = RDI and does `sti; hlt` until rdtsc >= RDI (re-checked with interrupts off after
+//!   every wakeup); returns with iretq, which restores the caller's RFLAGS (IF=1).
+//!   Only used if TSC-deadline mode exists; otherwise ring 3 spins instead (then an idle guest
+//!   burns CPU).
+//!
+//! Ring 3 calls it as `asm!("int3", inout("rax") 1u64 => _, in("rdi") deadline)`.
 //! - 2 = halt this CPU forever (`cli; hlt`), used after fatal errors.
 //!
 //! Other vectors: 0..31 -> panic (below); 0x20 LAPIC timer -> EOI, iretq; 0xff spurious ->
@@ -92,16 +101,19 @@
 //! 4. idle: the CPU sleeps (syscall 1) until its next heartbeat.
 //! 5. dirty: CPU k of N owns WSS pages `[k*P/N, (k+1)*P/N)` and writes one u64 (= round number,
 //!    1, 2, ...) at offset 0 of every page, in order, over and over; rate limited to R/N MiB/s
-//!    (4 KiB counted per page write; sleeps via syscall 1 when ahead by >= 300 us, spins
-//!    otherwise; a backlog older than 50 ms is forgiven). At most once per second:
+//!    (4 KiB counted per page write; pages are written in bursts of ~10 ms worth, at most 256;
+//!    when ahead of schedule it sleeps via syscall 1 if the wait is >= 300 us, else spins; a
+//!    backlog older than 50 ms is forgiven, so there is no catch-up burst after a pause). At most once per second:
 //!    `dirty cpu=<k> rounds=<completed rounds> mib=<pages written / 256>`.
 //! 6. verify: page layout in `verify_logic.rs` (word0 = global WSS page index, word1 =
 //!    generation >= 1, word2 = checksum of the rest of the page, words 3..511 = pattern of
-//!    (index, gen)). CPU k owns the same partition as for dirty, fills it with generation 1,
-//!    then loops: the writer state (gen g, pos p) lives in per-CPU kernel memory (not in the
+//!    (index, gen)). CPU k owns the same partition as for dirty, fills it with generation 1
+//!    (unthrottled, heartbeats continue), then loops: the writer state (gen g, pos p) lives in per-CPU kernel memory (not in the
 //!    WSS); each step checks page p (must hold g-1), rewrites it with g, advances p (wrap: g+1),
 //!    then the checker checks one page c (started half a partition ahead) against
-//!    `c < p ? g : g-1` and advances. Writes are rate limited like dirty (R/N MiB/s; initial
+//!    `c < p ? g : g-1` and advances. So every page is looked at twice per writer cycle and a
+//!    stale page (an older self-consistent version, e.g. a dirty page a migration missed) is
+//!    found within half a cycle, before the writer could overwrite it. Writes are rate limited like dirty (R/N MiB/s; initial
 //!    fill unlimited). On a mismatch:
 //!    `verify CORRUPT page=<i> cpu=<k> expected_gen=<e> found_gen=<f> found_index=<x> checksum=<ok|bad>`
 //!    (at most 16 such lines per sweep and CPU; all are counted), then the page is rewritten with
@@ -136,7 +148,7 @@ use core::sync::atomic::{AtomicU32, Ordering};
 
 use cmdline::Workload;
 use line::Line;
-use verify_logic::{Found, Pages, Verifier, PAGE_WORDS};
+use verify_logic::{Found, Pages, Verifier, Writer, PAGE_WORDS};
 
 /// CPUs supported (APIC IDs 0..MAX_CPUS-1).
 pub const MAX_CPUS: usize = 16;
@@ -219,7 +231,12 @@ pub static mut BOOT_INFO: BootInfo = BootInfo {
     memmap_entries: 0,
     memmap_total: 0,
     cmdline_len: 0,
-    memmap: [MemmapEntry { addr: 0, size: 0, typ: 0, reserved: 0 }; MAX_MEMMAP],
+    memmap: [MemmapEntry {
+        addr: 0,
+        size: 0,
+        typ: 0,
+        reserved: 0,
+    }; MAX_MEMMAP],
     cmdline: [0; CMDLINE_MAX],
 };
 
@@ -274,7 +291,9 @@ fn rdtsc() -> u64 {
 #[inline(always)]
 fn outb(port: u16, value: u8) {
     // SAFETY: port I/O to COM1, allowed by the TSS I/O bitmap; no memory effects.
-    unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
+    }
 }
 
 /// CPU index of the caller, from its stack pointer (each CPU has its own ring-3 stack).
@@ -293,7 +312,9 @@ pub fn serial_write(bytes: &[u8]) {
     if !nested {
         loop {
             if SERIAL_LOCK.load(Ordering::Relaxed) == 0
-                && SERIAL_LOCK.compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed).is_ok()
+                && SERIAL_LOCK
+                    .compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed)
+                    .is_ok()
             {
                 break;
             }
@@ -393,6 +414,7 @@ struct PerCpu {
     verify_last_ok: u64,
 }
 
+// All zero: PERCPU lives in .bss.
 const PERCPU_INIT: PerCpu = PerCpu {
     hb_counter: 0,
     next_hb: 0,
@@ -403,7 +425,13 @@ const PERCPU_INIT: PerCpu = PerCpu {
     dirty_pos: 0,
     dirty_round: 0,
     verify_init_pos: 0,
-    verify: Verifier::after_init(0, 1),
+    verify: Verifier {
+        start: 0,
+        end: 0,
+        writer: Writer { gen: 0, pos: 0 },
+        check: 0,
+        checked: 0,
+    },
     verify_sweeps: 0,
     verify_sweep_errors: 0,
     verify_sweep_printed: 0,
@@ -414,7 +442,8 @@ static mut PERCPU: [PerCpu; MAX_CPUS] = [PERCPU_INIT; MAX_CPUS];
 
 fn shared() -> &'static Shared {
     // SAFETY: written only by the BSP before GO is released (Release/Acquire), read-only after.
-    unsafe { &*(&raw const SHARED) }
+    let shared = &raw const SHARED;
+    unsafe { &*shared }
 }
 
 fn percpu(cpu: usize) -> &'static mut PerCpu {
@@ -427,8 +456,11 @@ fn percpu(cpu: usize) -> &'static mut PerCpu {
 // Entry and boot checks
 
 /// Ring-3 entry of every CPU (see the boot path above). `cpu` = APIC ID.
+///
+/// # Safety
+/// Only `boot.S` calls it, once per CPU, with `info` = `&BOOT_INFO` fully written.
 #[no_mangle]
-pub extern "C" fn user_main(cpu: u64, info: *const BootInfo) -> ! {
+pub unsafe extern "C" fn user_main(cpu: u64, info: *const BootInfo) -> ! {
     let mxcsr: u32 = 0x1f80;
     // SAFETY: loads the default SSE control word (all exceptions masked).
     unsafe { asm!("ldmxcsr [{}]", in(reg) &mxcsr, options(nostack, readonly)) };
@@ -474,13 +506,21 @@ fn bsp_setup(cpu: usize, info: &BootInfo) -> Result<(), ()> {
     let cfg = match cmdline::parse(cmd) {
         Ok(c) => c,
         Err(bad) => {
-            panic_line().str("bad cmdline: ").bytes(bad.item).str(" (").str(bad.reason).str(")").send();
+            panic_line()
+                .str("bad cmdline: ")
+                .bytes(bad.item)
+                .str(" (")
+                .str(bad.reason)
+                .str(")")
+                .send();
             return Err(());
         }
     };
     let tsc_khz = cfg.tsc_khz.unwrap_or((info.tsc_hz + 500) / 1000);
     if tsc_khz == 0 {
-        panic_line().str("unknown TSC frequency (no kvmclock, PIT failed): pass ferry.tsc_khz=<kHz>").send();
+        panic_line()
+            .str("unknown TSC frequency (no kvmclock, PIT failed): pass ferry.tsc_khz=<kHz>")
+            .send();
         return Err(());
     }
     let mask = info.cpu_mask & 0xffff;
@@ -496,7 +536,11 @@ fn bsp_setup(cpu: usize, info: &BootInfo) -> Result<(), ()> {
     }
     let entries = &info.memmap[..(info.memmap_entries as usize).min(MAX_MEMMAP)];
     if entries.is_empty() {
-        panic_line().str("no memory map in hvm_start_info (version ").dec(u64::from(info.start_info_version)).str(")").send();
+        panic_line()
+            .str("no memory map in hvm_start_info (version ")
+            .dec(u64::from(info.start_info_version))
+            .str(")")
+            .send();
         return Err(());
     }
     let ram: u64 = entries.iter().filter(|e| e.typ == 1).map(|e| e.size).sum();
@@ -538,12 +582,18 @@ fn bsp_setup(cpu: usize, info: &BootInfo) -> Result<(), ()> {
         .dec(cfg.hb_ms)
         .send();
     if cfg.workload != Workload::Idle {
-        Line::new().str("wss gpa=0x").hex(wss_base).str(" pages=").dec(wss_pages).send();
+        Line::new()
+            .str("wss gpa=0x")
+            .hex(wss_base)
+            .str(" pages=")
+            .dec(wss_pages)
+            .send();
     }
 
     // SAFETY: the APs do not read SHARED before GO is released.
+    let shared = &raw mut SHARED;
     unsafe {
-        *(&raw mut SHARED) = Shared {
+        *shared = Shared {
             workload: cfg.workload,
             ncpus: u64::from(ncpus),
             tsc_khz,
@@ -617,15 +667,28 @@ fn run(cpu: usize) -> ! {
 /// Pages `[k*P/N, (k+1)*P/N)` of the working set belong to CPU k.
 fn partition(sh: &Shared, cpu: usize) -> (u64, u64) {
     let k = cpu as u64;
-    (k * sh.wss_pages / sh.ncpus, (k + 1) * sh.wss_pages / sh.ncpus)
+    (
+        k * sh.wss_pages / sh.ncpus,
+        (k + 1) * sh.wss_pages / sh.ncpus,
+    )
 }
 
 fn heartbeat_if_due(cpu: usize, st: &mut PerCpu, sh: &Shared, now: u64) {
+    if st.next_hb > now.saturating_add(2 * sh.hb_ticks) {
+        st.next_hb = now; // the TSC went backwards (e.g. restored on another host)
+    }
     if now < st.next_hb {
         return;
     }
     let tsc = rdtsc();
-    Line::new().str("hb ").dec(cpu as u64).str(" ").dec(st.hb_counter).str(" ").dec(tsc).send();
+    Line::new()
+        .str("hb ")
+        .dec(cpu as u64)
+        .str(" ")
+        .dec(st.hb_counter)
+        .str(" ")
+        .dec(tsc)
+        .send();
     st.hb_counter += 1;
     st.next_hb += sh.hb_ticks;
     if st.next_hb <= tsc {
@@ -650,8 +713,9 @@ fn pace_due(st: &mut PerCpu, sh: &Shared, now: u64) -> Option<u64> {
     let den = u128::from(sh.rate_mibs) * 256;
     let n = u128::from(st.pace_count - st.pace_base_count);
     let due = st.pace_base_tsc + (n * num / den) as u64;
-    if now > due && now - due > sh.sec_ticks / 20 {
-        // more than 50 ms behind (stall, pause, migration): do not burst to catch up
+    if (now > due && now - due > sh.sec_ticks / 20) || due > now.saturating_add(sh.sec_ticks) {
+        // more than 50 ms behind (stall, pause, migration): do not burst to catch up; or the
+        // TSC went backwards
         st.pace_base_tsc = now;
         st.pace_base_count = st.pace_count;
         return Some(now);
@@ -659,12 +723,14 @@ fn pace_due(st: &mut PerCpu, sh: &Shared, now: u64) -> Option<u64> {
     Some(due)
 }
 
-/// Pages per batch between time checks: ~1 ms worth of pages when rate limited, else 64.
+/// Pages per batch between time checks: 64 when unlimited; ~10 ms worth (1..=256) when rate
+/// limited, so a paced CPU sleeps ~100 times per second (each sleep costs an int3 round trip and
+/// a timer interrupt, i.e. emulated ring-0 work) instead of after every page.
 fn batch_pages(sh: &Shared) -> u64 {
     if sh.rate_mibs == 0 {
         64
     } else {
-        (sh.rate_mibs * 256 / sh.ncpus / 1000).clamp(1, 64)
+        (sh.rate_mibs * 256 / sh.ncpus / 100).clamp(1, 256)
     }
 }
 
@@ -679,7 +745,7 @@ fn dirty(cpu: usize, st: &mut PerCpu, sh: &Shared, start: u64, end: u64) -> ! {
     loop {
         let now = rdtsc();
         heartbeat_if_due(cpu, st, sh, now);
-        if now >= st.next_report {
+        if now >= st.next_report || st.next_report > now.saturating_add(sh.sec_ticks) {
             Line::new()
                 .str("dirty cpu=")
                 .dec(cpu as u64)
@@ -698,7 +764,11 @@ fn dirty(cpu: usize, st: &mut PerCpu, sh: &Shared, start: u64, end: u64) -> ! {
         }
         for _ in 0..batch {
             // SAFETY: the page is inside this CPU's partition of the working set (RAM).
-            unsafe { page_ptr(sh, st.dirty_pos).cast::<u64>().write_volatile(st.dirty_round) };
+            unsafe {
+                page_ptr(sh, st.dirty_pos)
+                    .cast::<u64>()
+                    .write_volatile(st.dirty_round)
+            };
             st.pace_count += 1;
             st.dirty_pos += 1;
             if st.dirty_pos == end {
@@ -780,7 +850,8 @@ fn verify(cpu: usize, st: &mut PerCpu, sh: &Shared, start: u64, end: u64) -> ! {
                         .send();
                 } else {
                     let now = rdtsc();
-                    if st.verify_last_ok == 0 || now - st.verify_last_ok >= sh.hb_ticks {
+                    if st.verify_last_ok == 0 || now.wrapping_sub(st.verify_last_ok) >= sh.hb_ticks
+                    {
                         st.verify_last_ok = now;
                         Line::new()
                             .str("verify ok gen=")
@@ -826,9 +897,14 @@ fn report_corrupt(cpu: usize, page: u64, expected: u64, found: Found) {
 fn panic(info: &core::panic::PanicInfo) -> ! {
     use core::fmt::Write;
     let mut l = Line::new();
-    l.str("PANIC cpu=").dec(current_cpu() as u64).str(" rust panic");
+    l.str("PANIC cpu=")
+        .dec(current_cpu() as u64)
+        .str(" rust panic");
     if let Some(loc) = info.location() {
-        l.str(" at ").str(loc.file()).str(":").dec(u64::from(loc.line()));
+        l.str(" at ")
+            .str(loc.file())
+            .str(":")
+            .dec(u64::from(loc.line()));
     }
     let _ = write!(l, ": {}", info.message());
     l.send();

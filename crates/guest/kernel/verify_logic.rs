@@ -75,7 +75,8 @@ pub fn checksum(page: &[u64; PAGE_WORDS]) -> u64 {
 #[inline]
 pub fn pattern_params(index: u64, gen: u64) -> (u64, u64) {
     let base = fmix64(index ^ gen.rotate_left(32) ^ 0x5851_f42d_4c95_7f2d);
-    let step = fmix64(index.wrapping_add(0x1405_7b7e_f767_814f) ^ gen.wrapping_mul(LANE_MUL[0])) | 1;
+    let step =
+        fmix64(index.wrapping_add(0x1405_7b7e_f767_814f) ^ gen.wrapping_mul(LANE_MUL[0])) | 1;
     (base, step)
 }
 
@@ -208,7 +209,11 @@ impl Verifier {
     /// content afterwards (so each fault is reported once). Returns true when this step
     /// completed a sweep.
     #[inline]
-    pub fn step<P: Pages, F: FnMut(u64, u64, Found)>(&mut self, pages: &mut P, mut corrupt: F) -> bool {
+    pub fn step<P: Pages, F: FnMut(u64, u64, Found)>(
+        &mut self,
+        pages: &mut P,
+        mut corrupt: F,
+    ) -> bool {
         let p = self.writer.pos;
         let expected = self.writer.expected_gen(p);
         let page = pages.page(p);
@@ -255,11 +260,17 @@ mod tests {
 
     #[test]
     fn fresh_page_is_valid() {
-        for (i, g) in [(0, 1), (1, 1), (12345, 2), (u64::MAX, u64::MAX), (7, 1 << 40)] {
+        for (i, g) in [
+            (0, 1),
+            (1, 1),
+            (12345, 2),
+            (u64::MAX, u64::MAX),
+            (7, 1 << 40),
+        ] {
             let p = page(i, g);
             assert!(inspect(&p).is(i, g));
-            assert!(!inspect(&p).is(i, g + 1));
-            assert!(!inspect(&p).is(i + 1, g));
+            assert!(!inspect(&p).is(i, g.wrapping_add(1)));
+            assert!(!inspect(&p).is(i.wrapping_add(1), g));
         }
     }
 
@@ -325,7 +336,10 @@ mod tests {
     }
 
     fn setup(s: u64, e: u64) -> (Mem, Verifier) {
-        let mut m = Mem { start: s, pages: vec![[0u64; PAGE_WORDS]; (e - s) as usize] };
+        let mut m = Mem {
+            start: s,
+            pages: vec![[0u64; PAGE_WORDS]; (e - s) as usize],
+        };
         for i in s..e {
             Verifier::init_page(&mut m, i);
         }
@@ -366,8 +380,14 @@ mod tests {
                 let old = m.pages[victim as usize];
                 let (r, _) = run(&mut m, &mut v, n as usize + 3);
                 assert!(r.is_empty());
-                assert!(inspect(&old).checksum_ok, "the stale copy is self-consistent");
-                assert_ne!(old, m.pages[victim as usize], "the page was rewritten meanwhile");
+                assert!(
+                    inspect(&old).checksum_ok,
+                    "the stale copy is self-consistent"
+                );
+                assert_ne!(
+                    old, m.pages[victim as usize],
+                    "the page was rewritten meanwhile"
+                );
                 m.pages[victim as usize] = old;
                 let (r, _) = run(&mut m, &mut v, (3 * n) as usize);
                 assert_eq!(r.len(), 1, "victim {victim} delay {delay}: {r:?}");
@@ -393,7 +413,10 @@ mod tests {
             while !hit {
                 steps += 1;
                 v.step(&mut m, |_, _, _| hit = true);
-                assert!(steps <= n / 2 + 1, "victim {victim} took more than half a cycle");
+                assert!(
+                    steps <= n / 2 + 1,
+                    "victim {victim} took more than half a cycle"
+                );
             }
         }
     }

@@ -167,6 +167,12 @@ fn session(
     if !report.ok {
         return Err(Early::Retry(format!("preflight refused: {}", report.problems.join("; "))));
     }
+    // Measure this host's switchover share while the source gets ready.
+    let vcpus = req.config.vcpus;
+    let measure = std::thread::spawn(move || {
+        let kvm = vmm::open_kvm().map_err(|e| e.to_string())?;
+        preflight::measure_restore_cost(&kvm, vcpus)
+    });
     state = State::AwaitBegin;
     let (streams, _compression) = match wire::recv_msg(&mut control).map_err(wire_err(state.phase())).map_err(retry)? {
         Msg::Begin { streams, compression } if (1..=16).contains(&streams) => (streams, compression),
@@ -180,6 +186,13 @@ fn session(
     let fatal = Early::Fatal;
     set_phase(ctl, "setup");
     let ram = Arc::new(GuestRam::new(req.layout.clone()).map_err(|e| fatal(err(Phase::Setup, e.to_string())))?);
+    let prepared = Vm::prepare(kvm, &req.config, &req.cpuid, ram.clone())
+        .map_err(|e| fatal(err(Phase::Setup, format!("cannot create the VM here: {e}"))))?;
+    let restore_us = match measure.join() {
+        Ok(Ok(us)) => us,
+        Ok(Err(e)) => return Err(fatal(err(Phase::Setup, format!("cannot create a VM here: {e}")))),
+        Err(_) => return Err(fatal(err(Phase::Setup, "the switchover cost measurement crashed"))),
+    };
     let total_pages = req.layout.total_pages();
     let shared = Arc::new(StreamShared {
         applied: (0..streams).map(|_| AtomicU64::new(0)).collect(),
@@ -232,11 +245,12 @@ fn session(
     })();
     let _ = listener.set_nonblocking(false);
     accept_result.map_err(fatal)?;
-    wire::send_msg(&mut control, &Msg::BeginAck).map_err(wire_err(Phase::Setup)).map_err(fatal)?;
+    wire::send_msg(&mut control, &Msg::BeginAck { restore_us }).map_err(wire_err(Phase::Setup)).map_err(fatal)?;
 
     // Control loop.
     let mut control_r = BufReader::with_capacity(1 << 20, control.try_clone().map_err(|e| fatal(err(Phase::Setup, e.to_string())))?);
     let mut vm: Option<Vm> = None;
+    let mut prepared = Some(prepared);
     let mut serial = Some(serial);
     let mut buf = Vec::new();
     let result = loop {
@@ -257,7 +271,10 @@ fn session(
             if st.config != req.config || st.layout != req.layout {
                 break Err(err(Phase::State, "the VM state does not match the preflighted configuration"));
             }
-            match Vm::restore_with_ram(kvm, &st, ram.clone(), serial.take().expect("serial used once")) {
+            let Some(p) = prepared.take() else {
+                break Err(err(Phase::State, "protocol violation: VM state sent twice"));
+            };
+            match p.finish(&st, serial.take().expect("serial used once")) {
                 Ok(v) => vm = Some(v),
                 Err(e) => break Err(err(Phase::State, format!("cannot restore the VM here: {e}"))),
             }

@@ -137,7 +137,9 @@ struct Counters {
 }
 
 enum Work {
-    Batch { pass: u32, pages: Vec<u64> },
+    /// Pages to send; `holes` marks pages known to be zero without reading them (pass 0:
+    /// never-written parts of the memfd, which reading would allocate).
+    Batch { pass: u32, pages: Vec<u64>, holes: Option<Arc<PageBitmap>> },
     Flush(SyncSender<Result<u64, String>>),
 }
 
@@ -167,7 +169,7 @@ fn stream_thread(
     };
     for work in rx {
         match work {
-            Work::Batch { pass, pages } => {
+            Work::Batch { pass, pages, holes } => {
                 if error.is_some() {
                     continue; // keep draining so the distributor never blocks on us
                 }
@@ -175,6 +177,11 @@ fn stream_thread(
                 entries.clear();
                 let mut zeros = 0u64;
                 for &p in &pages {
+                    if holes.as_ref().is_some_and(|h| h.get(p)) {
+                        entries.push(p | ZERO_PAGE);
+                        zeros += 1;
+                        continue;
+                    }
                     let Some(src) = ram.ptr_at_offset(p * PAGE_SIZE) else {
                         error = Some(format!("page {p} is outside guest RAM"));
                         break;
@@ -402,9 +409,6 @@ impl Sender<'_> {
             });
         }
         let save_cost = measure_save_cost(&kvm, vm.config().vcpus);
-        // Fixed switchover cost: pause + save + encode here, restore + resume there (both
-        // measured on scratch VMs of this shape), and the Ready/Commit/Resumed round trips.
-        let fixed_cost = save_cost + Duration::from_micros(report.restore_cost_us) + rtt * 3;
 
         // Setup: data streams.
         self.ctl.update(|p| p.phase = Phase::Setup.to_string());
@@ -423,14 +427,19 @@ impl Sender<'_> {
                 .map_err(|e| pre(fail(Phase::Setup, e.to_string())))?;
             self.streams.push(Stream { tx, join: Some(join) });
         }
-        match wire::recv_msg(&mut self.control).map_err(|e| pre(wire_fail(Phase::Setup)(e)))? {
-            Msg::BeginAck => {}
+        let restore_us = match wire::recv_msg(&mut self.control).map_err(|e| pre(wire_fail(Phase::Setup)(e)))? {
+            Msg::BeginAck { restore_us } => restore_us,
             Msg::Abort { reason, .. } => return Err(pre(fail(Phase::Setup, format!("destination aborted: {reason}")))),
             m => return Err(pre(fail(Phase::Setup, format!("protocol violation: expected BeginAck, got {}", m.name())))),
-        }
+        };
+        // Fixed switchover cost: pause + save + encode here, load + resume there (both
+        // measured on scratch VMs of this shape), and the Ready/Commit/Resumed round trips.
+        let fixed_cost = save_cost + Duration::from_micros(restore_us) + rtt * 3;
 
         // Pre-copy.
         let log = DirtyLog::start(vm.vm_fd(), vm.ram()).map_err(|e| pre(fail(Phase::Setup, e.to_string())))?;
+        let mut report = report;
+        report.restore_cost_us = restore_us;
         let result = self.precopy_and_switchover(&log, fixed_cost, report);
         let _ = log.stop();
         result
@@ -587,6 +596,9 @@ impl Sender<'_> {
     /// them all (the per-pass barrier). Returns the bytes the pass put on the wire.
     fn send_pass(&mut self, pass: u32, pages: &PageBitmap, phase: Phase) -> Res<u64> {
         let before = self.counters.bytes.load(Ordering::Relaxed);
+        // Pass 0 covers all RAM: pages in memfd holes were never written and are zero. Dirty
+        // logging is already on, so a write after this scan is caught by the next pass.
+        let holes = (pass == 0).then(|| Arc::new(hole_bitmap(self.vm.ram())));
         let n = self.streams.len();
         let mut batch = Vec::with_capacity(MAX_BATCH_PAGES);
         let mut next = 0usize;
@@ -599,14 +611,14 @@ impl Sender<'_> {
                         self.check_abort(phase).map_err(pre)?;
                     }
                     let b = std::mem::replace(&mut batch, Vec::with_capacity(MAX_BATCH_PAGES));
-                    self.dispatch(next, Work::Batch { pass, pages: b }, phase)?;
+                    self.dispatch(next, Work::Batch { pass, pages: b, holes: holes.clone() }, phase)?;
                     next = (next + 1) % n;
                     sent += 1;
                 }
             }
         }
         if !batch.is_empty() {
-            self.dispatch(next, Work::Batch { pass, pages: batch }, phase)?;
+            self.dispatch(next, Work::Batch { pass, pages: batch, holes: holes.clone() }, phase)?;
         }
         let mut frames = Vec::with_capacity(n);
         for i in 0..n {
@@ -633,6 +645,18 @@ impl Sender<'_> {
     }
 }
 
+/// Pages of `ram` that lie in memfd holes (never written, read as zero).
+fn hole_bitmap(ram: &GuestRam) -> PageBitmap {
+    let total = ram.layout().total_pages();
+    let mut holes = PageBitmap::full(total);
+    for (start, end) in ram.data_extents() {
+        for p in start / PAGE_SIZE..end.div_ceil(PAGE_SIZE).min(total) {
+            holes.clear(p);
+        }
+    }
+    holes
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -656,7 +680,12 @@ fn measure_save_cost(kvm: &kvm_ioctls::Kvm, vcpus: u8) -> Duration {
     if vm.start().is_err() {
         return Duration::from_millis(1);
     }
-    std::thread::sleep(Duration::from_millis(2));
+    // Measure a VM whose vCPUs are really running, as the migrating one's are.
+    let deadline = Instant::now() + Duration::from_millis(200);
+    while vm.running_vcpus() < vcpus as usize && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    std::thread::sleep(Duration::from_millis(1));
     let t = Instant::now();
     let ok = vm.pause().is_ok() && vm.save_state().ok().and_then(|s| vmm::snapshot::encode_state(&s).ok()).is_some();
     let d = t.elapsed();

@@ -200,8 +200,9 @@ pub enum Msg {
     PreflightReport(crate::preflight::PreflightReport),
     /// Source starts the transfer: data streams follow.
     Begin { streams: u16, compression: Compression },
-    /// Destination has accepted all data streams and allocated RAM.
-    BeginAck,
+    /// Destination has accepted all data streams, allocated RAM and prepared the VM; it reports
+    /// its measured share of the switchover (load state + resume on a scratch VM).
+    BeginAck { restore_us: u64 },
     /// Source finished sending pass `pass`; `frames[i]` = cumulative page frames sent on
     /// stream i so far. The destination answers `PassAck` once it applied all of them.
     PassDone { pass: u32, frames: Vec<u64>, pages: u64 },
@@ -231,7 +232,7 @@ impl Msg {
             Msg::Preflight(_) => "Preflight",
             Msg::PreflightReport(_) => "PreflightReport",
             Msg::Begin { .. } => "Begin",
-            Msg::BeginAck => "BeginAck",
+            Msg::BeginAck { .. } => "BeginAck",
             Msg::PassDone { .. } => "PassDone",
             Msg::PassAck { .. } => "PassAck",
             Msg::Paused => "Paused",

@@ -47,15 +47,20 @@ impl PageBitmap {
 
     /// All set.
     pub fn full(pages: u64) -> PageBitmap {
-        let mut b = PageBitmap::new(pages);
-        for p in 0..pages {
-            b.set(p);
+        let mut b = PageBitmap { words: vec![!0u64; pages.div_ceil(64) as usize], pages };
+        if pages % 64 != 0 {
+            let last = b.words.len() - 1;
+            b.words[last] = (1u64 << (pages % 64)) - 1;
         }
         b
     }
 
     pub fn set(&mut self, page: u64) {
         self.words[(page / 64) as usize] |= 1 << (page % 64);
+    }
+
+    pub fn clear(&mut self, page: u64) {
+        self.words[(page / 64) as usize] &= !(1 << (page % 64));
     }
 
     pub fn get(&self, page: u64) -> bool {

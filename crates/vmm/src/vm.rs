@@ -15,7 +15,7 @@ use crate::devices::serial::SerialDevice;
 use crate::devices::{Devices, DevicesState, PioAction};
 use crate::memory::{GuestRam, MemoryLayout};
 use crate::persist::{kvm_bytes, Persist};
-use crate::vcpu::{Vcpu, VcpuArgs, VcpuError, VcpuState};
+use crate::vcpu::{Vcpu, VcpuError, VcpuState};
 use kvm_bindings::{
     kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_run, KVM_IRQCHIP_IOAPIC,
     KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
@@ -167,6 +167,14 @@ impl Persist for Platform {
 
     fn restore(vm: Arc<VmFd>, s: &PlatformState) -> Result<Platform, VmError> {
         let p = Platform::create(vm)?;
+        p.apply(s)?;
+        Ok(p)
+    }
+}
+
+impl Platform {
+    /// Loads saved state into freshly created in-kernel devices.
+    pub fn apply(&self, s: &PlatformState) -> Result<(), VmError> {
         for (c, id) in [
             (&s.pic_master, KVM_IRQCHIP_PIC_MASTER),
             (&s.pic_slave, KVM_IRQCHIP_PIC_SLAVE),
@@ -175,13 +183,13 @@ impl Persist for Platform {
             if c.chip_id != id {
                 return Err(VmError::Incompatible(format!("irqchip state has chip id {} where {id} belongs", c.chip_id)));
             }
-            p.vm.set_irqchip(c).map_err(kvm_err("KVM_SET_IRQCHIP"))?;
+            self.vm.set_irqchip(c).map_err(kvm_err("KVM_SET_IRQCHIP"))?;
         }
-        p.vm.set_pit2(&s.pit).map_err(kvm_err("KVM_SET_PIT2"))?;
+        self.vm.set_pit2(&s.pit).map_err(kvm_err("KVM_SET_PIT2"))?;
         // Only the clock value is restored; KVM rejects flags it did not produce here.
         let clock = kvm_clock_data { clock: s.clock.clock, ..Default::default() };
-        p.vm.set_clock(&clock).map_err(kvm_err("KVM_SET_CLOCK"))?;
-        Ok(p)
+        self.vm.set_clock(&clock).map_err(kvm_err("KVM_SET_CLOCK"))?;
+        Ok(())
     }
 }
 
@@ -270,7 +278,8 @@ enum Target {
 
 struct CtlState {
     target: Target,
-    parked: usize,
+    /// vCPU threads inside their run loop (between seeing `Run` and parking again).
+    running: usize,
     exited: usize,
     started: bool,
     event: Option<VmEvent>,
@@ -319,7 +328,10 @@ fn vcpu_loop(vcpu: Arc<Mutex<Vcpu>>, ctl: Arc<Control>, devices: Arc<Mutex<Devic
             let mut st = ctl.lock();
             loop {
                 match st.target {
-                    Target::Run => break,
+                    Target::Run => {
+                        st.running += 1;
+                        break;
+                    }
                     Target::Exit => {
                         st.exited += 1;
                         ctl.cv.notify_all();
@@ -412,10 +424,9 @@ fn vcpu_loop(vcpu: Arc<Mutex<Vcpu>>, ctl: Arc<Control>, devices: Arc<Mutex<Devic
         drop(v);
         if let Some(ev) = event {
             ctl.guest_event(ev);
-            continue; // the wait loop above sees Target::Exit
         }
         let mut st = ctl.lock();
-        st.parked += 1;
+        st.running -= 1;
         ctl.cv.notify_all();
     }
 }
@@ -446,17 +457,55 @@ struct Base {
     serial_irq: EventFd,
 }
 
-fn create_base(kvm: &Kvm, ram: Arc<GuestRam>, platform: Option<&PlatformState>) -> Result<Base, VmError> {
+fn create_base(kvm: &Kvm, ram: Arc<GuestRam>) -> Result<Base, VmError> {
     let vm_fd = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
-    let platform = match platform {
-        None => Platform::create(vm_fd.clone())?,
-        Some(s) => Platform::restore(vm_fd.clone(), s)?,
-    };
+    let platform = Platform::create(vm_fd.clone())?;
     crate::dirty::enable_manual_protect(&vm_fd).map_err(|e| VmError::Incompatible(e.to_string()))?;
     ram.register(&vm_fd, 0)?;
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
     vm_fd.register_irqfd(&serial_irq, SERIAL_IRQ).map_err(kvm_err("KVM_IRQFD"))?;
     Ok(Base { vm_fd, ram, platform: Some(platform), serial_irq })
+}
+
+/// A VM whose KVM objects exist but whose state is not loaded yet (see [`Vm::prepare`]).
+pub struct PreparedVm {
+    config: VmConfig,
+    cpuid: CpuidTable,
+    vcpus: Vec<Vcpu>,
+    base: Base,
+}
+
+impl PreparedVm {
+    /// Loads `state` (which must describe the prepared VM) and returns a paused VM.
+    pub fn finish(mut self, state: &MachineState, serial_out: File) -> Result<Vm, VmError> {
+        if state.config != self.config || state.cpuid != self.cpuid || self.base.ram.layout() != &state.layout {
+            return Err(VmError::Incompatible("the state does not describe the prepared VM".into()));
+        }
+        state.validate(u64::MAX)?;
+        let platform = self.base.platform.as_ref().expect("platform created");
+        platform.apply(&state.platform)?;
+        for (v, vs) in self.vcpus.iter_mut().zip(&state.vcpus) {
+            if vs.cpuid != cpuid::for_vcpu(&self.cpuid, v.id, self.config.vcpus) {
+                return Err(VmError::Incompatible(format!("vCPU {} state carries a different CPUID", v.id)));
+            }
+            v.set_msr_list(state.msr_list.clone());
+            v.apply(vs)?;
+        }
+        let serial = SerialDevice::from_state(
+            &state.devices.serial,
+            self.base.serial_irq.try_clone().map_err(VmError::EventFd)?,
+            serial_out,
+        )
+        .map_err(VmError::Serial)?;
+        Ok(Vm::assemble(
+            self.config,
+            self.cpuid,
+            state.msr_list.clone(),
+            self.vcpus,
+            &mut self.base,
+            Devices::new(serial),
+        ))
+    }
 }
 
 /// Host limits the VM's config is checked against.
@@ -494,7 +543,7 @@ impl Vm {
         let supported = cpuid::supported(kvm)?;
         let cpuid = cpuid::build(&supported, &config.cpu_profile)?;
         let layout = MemoryLayout::for_size(config.memory_bytes());
-        let mut base = create_base(kvm, Arc::new(GuestRam::new(layout.clone())?), None)?;
+        let mut base = create_base(kvm, Arc::new(GuestRam::new(layout.clone())?))?;
         let entry = boot::load(base.ram.memory(), &layout, &kernel, &config.cmdline, initrd.as_deref())?;
         // Boot data was written through vm-memory; that is not a "device write" to track.
         base.ram.reset_vmm_dirty();
@@ -522,48 +571,41 @@ impl Vm {
         Vm::restore_with_ram(kvm, state, ram, serial_out)
     }
 
-    /// Re-creates a VM from saved state around RAM that already holds the guest's memory
-    /// (a migration destination fills it before the state arrives).
+    /// Re-creates a VM from saved state around RAM that already holds the guest's memory.
     pub fn restore_with_ram(kvm: &Kvm, state: &MachineState, ram: Arc<GuestRam>, serial_out: File) -> Result<Vm, VmError> {
         state.validate(host_memory_limit())?;
-        if ram.layout() != &state.layout {
-            return Err(VmError::Incompatible("guest RAM layout differs from the state's".into()));
+        Vm::prepare(kvm, &state.config, &state.cpuid, ram)?.finish(state, serial_out)
+    }
+
+    /// Builds everything of a VM that does not depend on its run-time state — KVM VM,
+    /// irqchip, PIT, memory slots, vCPUs with their CPUID — so that a migration destination can
+    /// do this while memory is still being copied and only load state at switchover.
+    pub fn prepare(kvm: &Kvm, config: &VmConfig, cpuid: &CpuidTable, ram: Arc<GuestRam>) -> Result<PreparedVm, VmError> {
+        config.validate()?;
+        if ram.layout().total_bytes() != config.memory_bytes() {
+            return Err(VmError::Incompatible("guest RAM size differs from the configuration".into()));
         }
         let supported = cpuid::supported(kvm)?;
-        let missing = cpuid::missing_features(&state.cpuid, &supported);
+        let missing = cpuid::missing_features(cpuid, &supported);
         if !missing.is_empty() {
             return Err(VmError::Incompatible(format!(
                 "this host's KVM lacks CPU features the VM uses: {}",
                 missing.join(", ")
             )));
         }
-        if state.cpuid.vendor() != supported.vendor() {
+        if cpuid.vendor() != supported.vendor() {
             return Err(VmError::Incompatible(format!(
                 "VM was created on a {} CPU, this host is {}",
-                state.cpuid.vendor(),
+                cpuid.vendor(),
                 supported.vendor()
             )));
         }
-        let mut base = create_base(kvm, ram, Some(&state.platform))?;
+        let base = create_base(kvm, ram)?;
         let mut vcpus = Vec::new();
-        for vs in &state.vcpus {
-            let v = Vcpu::restore(VcpuArgs { vm: base.vm_fd.clone(), msr_list: state.msr_list.clone() }, vs)?;
-            vcpus.push(v);
+        for id in 0..config.vcpus {
+            vcpus.push(Vcpu::create(&base.vm_fd, id, &cpuid::for_vcpu(cpuid, id, config.vcpus), Vec::new())?);
         }
-        let serial = SerialDevice::from_state(
-            &state.devices.serial,
-            base.serial_irq.try_clone().map_err(VmError::EventFd)?,
-            serial_out,
-        )
-        .map_err(VmError::Serial)?;
-        Ok(Vm::assemble(
-            state.config.clone(),
-            state.cpuid.clone(),
-            state.msr_list.clone(),
-            vcpus,
-            &mut base,
-            Devices::new(serial),
-        ))
+        Ok(PreparedVm { config: config.clone(), cpuid: cpuid.clone(), vcpus, base })
     }
 
     fn assemble(
@@ -584,7 +626,7 @@ impl Vm {
             ctl: Arc::new(Control {
                 run: AtomicBool::new(false),
                 throttle: AtomicU8::new(0),
-                state: Mutex::new(CtlState { target: Target::Pause, parked: 0, exited: 0, started: false, event: None }),
+                state: Mutex::new(CtlState { target: Target::Pause, running: 0, exited: 0, started: false, event: None }),
                 cv: Condvar::new(),
                 threads: Mutex::new(Vec::new()),
             }),
@@ -653,6 +695,11 @@ impl Vm {
         }
     }
 
+    /// vCPU threads currently inside their run loop.
+    pub fn running_vcpus(&self) -> usize {
+        self.ctl.lock().running
+    }
+
     /// Why the VM stopped, if it did.
     pub fn event(&self) -> Option<VmEvent> {
         self.ctl.lock().event.clone()
@@ -681,7 +728,6 @@ impl Vm {
 
     /// Pauses every vCPU (returns once all are out of KVM_RUN and parked). Idempotent.
     pub fn pause(&self) -> Result<(), VmError> {
-        let n = self.vcpus.len();
         let mut st = self.ctl.lock();
         if let Some(e) = &st.event {
             return Err(VmError::Stopped(e.to_string()));
@@ -690,13 +736,14 @@ impl Vm {
             return Ok(());
         }
         st.target = Target::Pause;
-        st.parked = 0;
         self.ctl.run.store(false, Ordering::SeqCst);
         drop(st);
         self.ctl.kick_all();
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut st = self.ctl.lock();
-        while st.parked < n {
+        // A thread that has not entered its run loop yet sees `Pause` and waits; only those
+        // inside it must leave.
+        while st.running > 0 {
             if let Some(e) = &st.event {
                 return Err(VmError::Stopped(e.to_string()));
             }
@@ -734,7 +781,6 @@ impl Vm {
             return Ok(());
         }
         st.target = Target::Run;
-        st.parked = 0;
         self.ctl.run.store(true, Ordering::SeqCst);
         drop(st);
         self.ctl.cv.notify_all();
