@@ -9,6 +9,7 @@
 //! | `ferry.wss_mib` | 1 ..= 1048576 (MiB) | 64 |
 //! | `ferry.rate_mibs` | 0 ..= 1048576 (MiB/s over all CPUs; 0 = unlimited) | 0 |
 //! | `ferry.hb_ms` | 1 ..= 86400000 (ms) | 100 |
+//! | `ferry.rounds` | 0 ..= 2^40 (dirty: stop writing after this many rounds; 0 = never) | 0 |
 //! | `ferry.tsc_khz` | 1000 ..= 100000000 (kHz) | measured |
 
 /// The workload every CPU runs in ring 3.
@@ -37,6 +38,8 @@ pub struct Config {
     pub wss_mib: u64,
     pub rate_mibs: u64,
     pub hb_ms: u64,
+    /// Dirty workload: rounds over the working set before it stops writing (0 = forever).
+    pub rounds: u64,
     /// `ferry.tsc_khz` override, if given.
     pub tsc_khz: Option<u64>,
 }
@@ -47,6 +50,7 @@ impl Config {
         wss_mib: 64,
         rate_mibs: 0,
         hb_ms: 100,
+        rounds: 0,
         tsc_khz: None,
     };
 }
@@ -107,6 +111,7 @@ pub fn parse(cmdline: &[u8]) -> Result<Config, BadItem<'_>> {
             b"ferry.wss_mib" => cfg.wss_mib = parse_u64(value, 1, 1 << 20).map_err(bad)?,
             b"ferry.rate_mibs" => cfg.rate_mibs = parse_u64(value, 0, 1 << 20).map_err(bad)?,
             b"ferry.hb_ms" => cfg.hb_ms = parse_u64(value, 1, 86_400_000).map_err(bad)?,
+            b"ferry.rounds" => cfg.rounds = parse_u64(value, 0, 1 << 40).map_err(bad)?,
             b"ferry.tsc_khz" => {
                 cfg.tsc_khz = Some(parse_u64(value, 1000, 100_000_000).map_err(bad)?)
             }
@@ -136,6 +141,7 @@ mod tests {
                 wss_mib: 32,
                 rate_mibs: 10,
                 hb_ms: 250,
+                rounds: 0,
                 tsc_khz: Some(2_600_000)
             }
         );

@@ -85,6 +85,8 @@
 //! `key=value` items separated by spaces, unknown keys ignored (see `cmdline.rs`):
 //! `ferry.workload=idle|dirty|verify` (idle), `ferry.wss_mib=<W>` (64), `ferry.rate_mibs=<R>`
 //! (0 = unlimited; total over all CPUs, split evenly), `ferry.hb_ms=<ms>` (100),
+//! `ferry.rounds=<N>` (dirty: stop writing after N rounds over the working set, then only
+//! heartbeats; 0 = never stop),
 //! `ferry.tsc_khz=<K>`. A bad value, or a working set that does not fit in RAM, prints
 //! `PANIC bad cmdline: <item> (<reason>)` and halts EVERY CPU (no heartbeats at all).
 //!
@@ -375,6 +377,7 @@ struct Shared {
     wss_base: u64,
     wss_pages: u64,
     rate_mibs: u64,
+    rounds: u64,
     has_deadline: bool,
 }
 
@@ -388,6 +391,7 @@ static mut SHARED: Shared = Shared {
     wss_base: 0,
     wss_pages: 0,
     rate_mibs: 0,
+    rounds: 0,
     has_deadline: false,
 };
 
@@ -603,6 +607,7 @@ fn bsp_setup(cpu: usize, info: &BootInfo) -> Result<(), ()> {
             wss_base,
             wss_pages,
             rate_mibs: cfg.rate_mibs,
+            rounds: cfg.rounds,
             has_deadline: info.has_tsc_deadline != 0,
         };
     }
@@ -756,6 +761,11 @@ fn dirty(cpu: usize, st: &mut PerCpu, sh: &Shared, start: u64, end: u64) -> ! {
                 .send();
             st.next_report = rdtsc() + sh.sec_ticks;
         }
+        if sh.rounds != 0 && st.dirty_round > sh.rounds {
+            // Done writing: behave like idle (sleep until the next heartbeat or report).
+            wait_until(sh, st.next_hb.min(st.next_report));
+            continue;
+        }
         if let Some(due) = pace_due(st, sh, now) {
             if due > now {
                 wait_until(sh, due.min(st.next_hb));
@@ -774,6 +784,9 @@ fn dirty(cpu: usize, st: &mut PerCpu, sh: &Shared, start: u64, end: u64) -> ! {
             if st.dirty_pos == end {
                 st.dirty_pos = start;
                 st.dirty_round += 1;
+                if sh.rounds != 0 && st.dirty_round > sh.rounds {
+                    break;
+                }
             }
         }
     }
