@@ -76,7 +76,9 @@ pub fn free_memory_mib() -> u64 {
 
 /// Online CPUs.
 pub fn online_cpus() -> u32 {
-    std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1)
 }
 
 /// What this host's KVM offers, restricted to `limits.cpu_profile` if set.
@@ -102,7 +104,11 @@ pub fn host_summary(kvm: &kvm_ioctls::Kvm, limits: &DestinationLimits) -> HostSu
 }
 
 /// Runs every destination check. Never fails: problems go into the report.
-pub fn check(kvm: &kvm_ioctls::Kvm, req: &PreflightRequest, limits: &DestinationLimits) -> PreflightReport {
+pub fn check(
+    kvm: &kvm_ioctls::Kvm,
+    req: &PreflightRequest,
+    limits: &DestinationLimits,
+) -> PreflightReport {
     let mut problems = Vec::new();
     let mut missing_features = Vec::new();
     let dest = host_summary(kvm, limits);
@@ -152,7 +158,13 @@ pub fn check(kvm: &kvm_ioctls::Kvm, req: &PreflightRequest, limits: &Destination
             req.config.vcpus, dest.cpus
         ));
     }
-    PreflightReport { ok: problems.is_empty(), problems, missing_features, destination: dest, restore_cost_us: 0 }
+    PreflightReport {
+        ok: problems.is_empty(),
+        problems,
+        missing_features,
+        destination: dest,
+        restore_cost_us: 0,
+    }
 }
 
 /// This host's fixed share of a switchover, measured: a scratch VM with `vcpus` vCPUs is saved,
@@ -167,11 +179,18 @@ pub fn measure_restore_cost(kvm: &kvm_ioctls::Kvm, vcpus: u8) -> Result<u64, Str
         cmdline: "ferry.workload=idle".into(),
         cpu_profile: "host".into(),
     };
-    let devnull = || std::fs::OpenOptions::new().write(true).open("/dev/null").map_err(|e| e.to_string());
+    let devnull = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/null")
+            .map_err(|e| e.to_string())
+    };
     let a = Vm::create(kvm, cfg, devnull()?).map_err(|e| e.to_string())?;
     let state = a.save_state().map_err(|e| e.to_string())?;
     drop(a);
-    let ram = std::sync::Arc::new(vmm::memory::GuestRam::new(state.layout.clone()).map_err(|e| e.to_string())?);
+    let ram = std::sync::Arc::new(
+        vmm::memory::GuestRam::new(state.layout.clone()).map_err(|e| e.to_string())?,
+    );
     let prepared = Vm::prepare(kvm, &state.config, &state.cpuid, ram).map_err(|e| e.to_string())?;
     let out = devnull()?;
     let t0 = Instant::now();

@@ -1,7 +1,7 @@
 //! The destination side of a live migration.
 //!
 //! State machine: `AwaitHello → AwaitPreflight → AwaitBegin → Precopy (PassDone/PassAck
-//! barriers) → AwaitState → Ready (VM restored, not running) → Running`. A handshake refusal,
+//! barriers) → AwaitVmState → Ready (VM restored, not running) → Running`. A handshake refusal,
 //! a refused preflight or a dry run ends the session before any memory moved, and the
 //! destination goes back to waiting for the next source. From `Precopy` on, any failure
 //! (malformed or out-of-order message, lost connection, Abort from the source) discards
@@ -31,23 +31,23 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 const STREAMS_TIMEOUT: Duration = Duration::from_secs(20);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
+enum RecvState {
     AwaitHello,
     AwaitPreflight,
     AwaitBegin,
     Precopy,
-    AwaitState,
+    AwaitVmState,
     Ready,
 }
 
-impl State {
+impl RecvState {
     fn phase(self) -> Phase {
         match self {
-            State::AwaitHello => Phase::Handshake,
-            State::AwaitPreflight | State::AwaitBegin => Phase::Preflight,
-            State::Precopy => Phase::Precopy,
-            State::AwaitState => Phase::State,
-            State::Ready => Phase::Commit,
+            RecvState::AwaitHello => Phase::Handshake,
+            RecvState::AwaitPreflight | RecvState::AwaitBegin => Phase::Preflight,
+            RecvState::Precopy => Phase::Precopy,
+            RecvState::AwaitVmState => Phase::State,
+            RecvState::Ready => Phase::Commit,
         }
     }
 }
@@ -76,7 +76,11 @@ enum Early {
 }
 
 fn err(phase: Phase, reason: impl Into<String>) -> MigrationError {
-    MigrationError { phase, reason: reason.into(), vm_on_source: true }
+    MigrationError {
+        phase,
+        reason: reason.into(),
+        vm_on_source: true,
+    }
 }
 
 fn wire_err(phase: Phase) -> impl Fn(WireError) -> MigrationError {
@@ -101,12 +105,18 @@ pub fn receive(
     on_early: &dyn Fn(&str),
 ) -> Result<Vm, MigrationError> {
     loop {
-        let (sock, peer) = listener.accept().map_err(|e| err(Phase::Connect, format!("accept failed: {e}")))?;
+        let (sock, peer) = listener
+            .accept()
+            .map_err(|e| err(Phase::Connect, format!("accept failed: {e}")))?;
         let _ = sock.set_nodelay(true);
-        let serial = serial.try_clone().map_err(|e| err(Phase::Setup, e.to_string()))?;
+        let serial = serial
+            .try_clone()
+            .map_err(|e| err(Phase::Setup, e.to_string()))?;
         match session(kvm, listener, sock, opts, serial, ctl) {
             Ok(vm) => return Ok(vm),
-            Err(Early::Retry(why)) => on_early(&format!("session from {peer} ended before memory moved: {why}")),
+            Err(Early::Retry(why)) => on_early(&format!(
+                "session from {peer} ended before memory moved: {why}"
+            )),
             Err(Early::Fatal(e)) => return Err(e),
         }
     }
@@ -126,46 +136,84 @@ fn session(
 ) -> Result<Vm, Early> {
     let t0 = Instant::now();
     let retry = |e: MigrationError| Early::Retry(e.reason);
-    let mut state = State::AwaitHello;
-    control.set_read_timeout(Some(IDLE_TIMEOUT)).map_err(|e| Early::Retry(e.to_string()))?;
+    let mut state = RecvState::AwaitHello;
+    control
+        .set_read_timeout(Some(IDLE_TIMEOUT))
+        .map_err(|e| Early::Retry(e.to_string()))?;
     set_phase(ctl, "handshake");
 
     // Handshake.
-    let session = match wire::recv_msg(&mut control).map_err(wire_err(state.phase())).map_err(retry)? {
-        Msg::Hello { protocol, session, role: Role::Control } => {
+    let session = match wire::recv_msg(&mut control)
+        .map_err(wire_err(state.phase()))
+        .map_err(retry)?
+    {
+        Msg::Hello {
+            protocol,
+            session,
+            role: Role::Control,
+        } => {
             if protocol != wire::PROTOCOL_VERSION {
                 let reason = format!(
                     "protocol version {protocol} is not supported (this destination speaks version {})",
                     wire::PROTOCOL_VERSION
                 );
-                let _ = wire::send_msg(&mut control, &Msg::Refuse { reason: reason.clone() });
+                let _ = wire::send_msg(
+                    &mut control,
+                    &Msg::Refuse {
+                        reason: reason.clone(),
+                    },
+                );
                 return Err(Early::Retry(reason));
             }
             session
         }
         m => {
-            let reason = format!("protocol violation: expected a control Hello, got {}", m.name());
-            let _ = wire::send_msg(&mut control, &Msg::Refuse { reason: reason.clone() });
+            let reason = format!(
+                "protocol violation: expected a control Hello, got {}",
+                m.name()
+            );
+            let _ = wire::send_msg(
+                &mut control,
+                &Msg::Refuse {
+                    reason: reason.clone(),
+                },
+            );
             return Err(Early::Retry(reason));
         }
     };
-    wire::send_msg(&mut control, &Msg::HelloAck { protocol: wire::PROTOCOL_VERSION })
-        .map_err(wire_err(state.phase()))
-        .map_err(retry)?;
-    state = State::AwaitPreflight;
+    wire::send_msg(
+        &mut control,
+        &Msg::HelloAck {
+            protocol: wire::PROTOCOL_VERSION,
+        },
+    )
+    .map_err(wire_err(state.phase()))
+    .map_err(retry)?;
+    state = RecvState::AwaitPreflight;
 
     // Preflight.
     set_phase(ctl, "preflight");
-    let req: PreflightRequest = match wire::recv_msg(&mut control).map_err(wire_err(state.phase())).map_err(retry)? {
+    let req: PreflightRequest = match wire::recv_msg(&mut control)
+        .map_err(wire_err(state.phase()))
+        .map_err(retry)?
+    {
         Msg::Preflight(r) => r,
-        m => return Err(Early::Retry(format!("protocol violation: expected Preflight, got {}", m.name()))),
+        m => {
+            return Err(Early::Retry(format!(
+                "protocol violation: expected Preflight, got {}",
+                m.name()
+            )))
+        }
     };
     let report = preflight::check(kvm, &req, &opts.limits);
     wire::send_msg(&mut control, &Msg::PreflightReport(report.clone()))
         .map_err(wire_err(state.phase()))
         .map_err(retry)?;
     if !report.ok {
-        return Err(Early::Retry(format!("preflight refused: {}", report.problems.join("; "))));
+        return Err(Early::Retry(format!(
+            "preflight refused: {}",
+            report.problems.join("; ")
+        )));
     }
     // Measure this host's switchover share while the source gets ready.
     let vcpus = req.config.vcpus;
@@ -173,25 +221,54 @@ fn session(
         let kvm = vmm::open_kvm().map_err(|e| e.to_string())?;
         preflight::measure_restore_cost(&kvm, vcpus)
     });
-    state = State::AwaitBegin;
-    let (streams, _compression) = match wire::recv_msg(&mut control).map_err(wire_err(state.phase())).map_err(retry)? {
-        Msg::Begin { streams, compression } if (1..=16).contains(&streams) => (streams, compression),
-        Msg::Begin { streams, .. } => return Err(Early::Retry(format!("protocol violation: {streams} data streams"))),
-        Msg::Abort { reason, .. } => return Err(Early::Retry(format!("source ended the session: {reason}"))),
-        m => return Err(Early::Retry(format!("protocol violation: expected Begin, got {}", m.name()))),
+    state = RecvState::AwaitBegin;
+    let (streams, _compression) = match wire::recv_msg(&mut control)
+        .map_err(wire_err(state.phase()))
+        .map_err(retry)?
+    {
+        Msg::Begin {
+            streams,
+            compression,
+        } if (1..=16).contains(&streams) => (streams, compression),
+        Msg::Begin { streams, .. } => {
+            return Err(Early::Retry(format!(
+                "protocol violation: {streams} data streams"
+            )))
+        }
+        Msg::Abort { reason, .. } => {
+            return Err(Early::Retry(format!("source ended the session: {reason}")))
+        }
+        m => {
+            return Err(Early::Retry(format!(
+                "protocol violation: expected Begin, got {}",
+                m.name()
+            )))
+        }
     };
 
     // From here on memory moves: every failure is final.
-    state = State::Precopy;
+    state = RecvState::Precopy;
     let fatal = Early::Fatal;
     set_phase(ctl, "setup");
-    let ram = Arc::new(GuestRam::new(req.layout.clone()).map_err(|e| fatal(err(Phase::Setup, e.to_string())))?);
+    let ram = Arc::new(
+        GuestRam::new(req.layout.clone()).map_err(|e| fatal(err(Phase::Setup, e.to_string())))?,
+    );
     let prepared = Vm::prepare(kvm, &req.config, &req.cpuid, ram.clone())
         .map_err(|e| fatal(err(Phase::Setup, format!("cannot create the VM here: {e}"))))?;
     let restore_us = match measure.join() {
         Ok(Ok(us)) => us,
-        Ok(Err(e)) => return Err(fatal(err(Phase::Setup, format!("cannot create a VM here: {e}")))),
-        Err(_) => return Err(fatal(err(Phase::Setup, "the switchover cost measurement crashed"))),
+        Ok(Err(e)) => {
+            return Err(fatal(err(
+                Phase::Setup,
+                format!("cannot create a VM here: {e}"),
+            )))
+        }
+        Err(_) => {
+            return Err(fatal(err(
+                Phase::Setup,
+                "the switchover cost measurement crashed",
+            )))
+        }
     };
     let total_pages = req.layout.total_pages();
     let shared = Arc::new(StreamShared {
@@ -205,36 +282,57 @@ fn session(
     let current_pass = Arc::new(AtomicU64::new(0));
     let mut joins = Vec::new();
     let mut seen = vec![false; streams as usize];
-    listener.set_nonblocking(true).map_err(|e| fatal(err(Phase::Setup, e.to_string())))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| fatal(err(Phase::Setup, e.to_string())))?;
     let deadline = Instant::now() + STREAMS_TIMEOUT;
     let accept_result = (|| -> Result<(), MigrationError> {
         while seen.iter().any(|s| !s) {
             match listener.accept() {
                 Ok((mut s, _)) => {
-                    s.set_nonblocking(false).map_err(|e| err(Phase::Setup, e.to_string()))?;
+                    s.set_nonblocking(false)
+                        .map_err(|e| err(Phase::Setup, e.to_string()))?;
                     let _ = s.set_nodelay(true);
-                    s.set_read_timeout(Some(IDLE_TIMEOUT)).map_err(|e| err(Phase::Setup, e.to_string()))?;
+                    s.set_read_timeout(Some(IDLE_TIMEOUT))
+                        .map_err(|e| err(Phase::Setup, e.to_string()))?;
                     match wire::recv_msg(&mut s).map_err(wire_err(Phase::Setup))? {
-                        Msg::Hello { protocol, session: sid, role: Role::Data { index } }
-                            if protocol == wire::PROTOCOL_VERSION && sid == session && (index as usize) < seen.len() && !seen[index as usize] =>
+                        Msg::Hello {
+                            protocol,
+                            session: sid,
+                            role: Role::Data { index },
+                        } if protocol == wire::PROTOCOL_VERSION
+                            && sid == session
+                            && (index as usize) < seen.len()
+                            && !seen[index as usize] =>
                         {
-                            wire::send_msg(&mut s, &Msg::HelloAck { protocol }).map_err(wire_err(Phase::Setup))?;
+                            wire::send_msg(&mut s, &Msg::HelloAck { protocol })
+                                .map_err(wire_err(Phase::Setup))?;
                             seen[index as usize] = true;
                             let (ram, sh, cp) = (ram.clone(), shared.clone(), current_pass.clone());
                             let j = std::thread::Builder::new()
                                 .name(format!("mig-rx{index}"))
-                                .spawn(move || stream_rx(s, index as usize, ram, total_pages, sh, cp))
+                                .spawn(move || {
+                                    stream_rx(s, index as usize, ram, total_pages, sh, cp)
+                                })
                                 .map_err(|e| err(Phase::Setup, e.to_string()))?;
                             joins.push(j);
                         }
                         _ => {
-                            let _ = wire::send_msg(&mut s, &Msg::Refuse { reason: "busy with another migration".into() });
+                            let _ = wire::send_msg(
+                                &mut s,
+                                &Msg::Refuse {
+                                    reason: "busy with another migration".into(),
+                                },
+                            );
                         }
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     if Instant::now() > deadline {
-                        return Err(err(Phase::Setup, "the source did not open its data streams"));
+                        return Err(err(
+                            Phase::Setup,
+                            "the source did not open its data streams",
+                        ));
                     }
                     std::thread::sleep(Duration::from_millis(2));
                 }
@@ -245,10 +343,17 @@ fn session(
     })();
     let _ = listener.set_nonblocking(false);
     accept_result.map_err(fatal)?;
-    wire::send_msg(&mut control, &Msg::BeginAck { restore_us }).map_err(wire_err(Phase::Setup)).map_err(fatal)?;
+    wire::send_msg(&mut control, &Msg::BeginAck { restore_us })
+        .map_err(wire_err(Phase::Setup))
+        .map_err(fatal)?;
 
     // Control loop.
-    let mut control_r = BufReader::with_capacity(1 << 20, control.try_clone().map_err(|e| fatal(err(Phase::Setup, e.to_string())))?);
+    let mut control_r = BufReader::with_capacity(
+        1 << 20,
+        control
+            .try_clone()
+            .map_err(|e| fatal(err(Phase::Setup, e.to_string())))?,
+    );
     let mut vm: Option<Vm> = None;
     let mut prepared = Some(prepared);
     let mut serial = Some(serial);
@@ -260,8 +365,11 @@ fn session(
             Err(e) => break Err(wire_err(state.phase())(e)),
         };
         if kind == wire::KIND_STATE {
-            if state != State::AwaitState {
-                break Err(err(state.phase(), "protocol violation: VM state out of order"));
+            if state != RecvState::AwaitVmState {
+                break Err(err(
+                    state.phase(),
+                    "protocol violation: VM state out of order",
+                ));
             }
             let t = Instant::now();
             let st = match vmm::snapshot::decode_state(&buf) {
@@ -269,31 +377,53 @@ fn session(
                 Err(e) => break Err(err(Phase::State, e.to_string())),
             };
             if st.config != req.config || st.layout != req.layout {
-                break Err(err(Phase::State, "the VM state does not match the preflighted configuration"));
+                break Err(err(
+                    Phase::State,
+                    "the VM state does not match the preflighted configuration",
+                ));
             }
             let Some(p) = prepared.take() else {
                 break Err(err(Phase::State, "protocol violation: VM state sent twice"));
             };
             match p.finish(&st, serial.take().expect("serial used once")) {
                 Ok(v) => vm = Some(v),
-                Err(e) => break Err(err(Phase::State, format!("cannot restore the VM here: {e}"))),
+                Err(e) => {
+                    break Err(err(
+                        Phase::State,
+                        format!("cannot restore the VM here: {e}"),
+                    ))
+                }
             }
             let restore_us = t.elapsed().as_micros() as u64;
             if let Err(e) = wire::send_msg(&mut control, &Msg::Ready { restore_us }) {
                 break Err(wire_err(Phase::State)(e));
             }
-            state = State::Ready;
+            state = RecvState::Ready;
             continue;
         }
-        let msg = match wire::decode_msg(&wire::Frame { kind, flags: 0, payload: std::mem::take(&mut buf) }) {
+        let msg = match wire::decode_msg(&wire::Frame {
+            kind,
+            flags: 0,
+            payload: std::mem::take(&mut buf),
+        }) {
             Ok(m) => m,
             Err(e) => break Err(err(state.phase(), e.to_string())),
         };
         match (state, msg) {
             (_, Msg::Ping) => {}
-            (State::Precopy | State::AwaitState, Msg::PassDone { pass, frames, pages }) => {
+            (
+                RecvState::Precopy | RecvState::AwaitVmState,
+                Msg::PassDone {
+                    pass,
+                    frames,
+                    pages,
+                },
+            ) => {
                 if frames.len() != streams as usize {
-                    break Err(err(state.phase(), "protocol violation: PassDone for the wrong number of streams"));
+                    break Err(err(
+                        state.phase(),
+                        "protocol violation: PassDone for the wrong number of streams",
+                    ));
                 }
                 current_pass.store(pass as u64, Ordering::SeqCst);
                 if let Err(e) = wait_applied(&shared, &frames) {
@@ -312,8 +442,8 @@ fn session(
                     break Err(wire_err(state.phase())(e));
                 }
             }
-            (State::Precopy, Msg::Paused) => state = State::AwaitState,
-            (State::Ready, Msg::Commit) => {
+            (RecvState::Precopy, Msg::Paused) => state = RecvState::AwaitVmState,
+            (RecvState::Ready, Msg::Commit) => {
                 let v = vm.take().expect("restored VM");
                 let t = Instant::now();
                 if let Err(e) = v.start() {
@@ -325,8 +455,18 @@ fn session(
                 set_phase(ctl, "done");
                 break Ok(v);
             }
-            (_, Msg::Abort { phase, reason }) => break Err(err(state.phase(), format!("the source aborted in {phase}: {reason}"))),
-            (s, m) => break Err(err(s.phase(), format!("protocol violation: unexpected {} in state {s:?}", m.name()))),
+            (_, Msg::Abort { phase, reason }) => {
+                break Err(err(
+                    state.phase(),
+                    format!("the source aborted in {phase}: {reason}"),
+                ))
+            }
+            (s, m) => {
+                break Err(err(
+                    s.phase(),
+                    format!("protocol violation: unexpected {} in state {s:?}", m.name()),
+                ))
+            }
         }
     };
     // Stop the data stream threads (they end on EOF; shut the sockets down to be sure).
@@ -346,7 +486,13 @@ fn session(
         }
         Err(e) => {
             drop(vm); // never started
-            let _ = wire::send_msg(&mut control, &Msg::Abort { phase: e.phase.to_string(), reason: e.reason.clone() });
+            let _ = wire::send_msg(
+                &mut control,
+                &Msg::Abort {
+                    phase: e.phase.to_string(),
+                    reason: e.reason.clone(),
+                },
+            );
             Err(Early::Fatal(e))
         }
     }
@@ -356,20 +502,40 @@ fn wait_applied(shared: &StreamShared, frames: &[u64]) -> Result<(), String> {
     let deadline = Instant::now() + IDLE_TIMEOUT;
     let mut g = shared.lock.lock().unwrap_or_else(|e| e.into_inner());
     loop {
-        if let Some(e) = shared.error.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+        if let Some(e) = shared
+            .error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
             return Err(e);
         }
-        if frames.iter().enumerate().all(|(i, &f)| shared.applied[i].load(Ordering::SeqCst) >= f) {
+        if frames
+            .iter()
+            .enumerate()
+            .all(|(i, &f)| shared.applied[i].load(Ordering::SeqCst) >= f)
+        {
             return Ok(());
         }
         if Instant::now() > deadline {
             return Err("timed out waiting for page data".into());
         }
-        g = shared.cv.wait_timeout(g, Duration::from_millis(50)).unwrap_or_else(|e| e.into_inner()).0;
+        g = shared
+            .cv
+            .wait_timeout(g, Duration::from_millis(50))
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
     }
 }
 
-fn stream_rx(sock: TcpStream, index: usize, ram: Arc<GuestRam>, total_pages: u64, shared: Arc<StreamShared>, pass: Arc<AtomicU64>) {
+fn stream_rx(
+    sock: TcpStream,
+    index: usize,
+    ram: Arc<GuestRam>,
+    total_pages: u64,
+    shared: Arc<StreamShared>,
+    pass: Arc<AtomicU64>,
+) {
     let mut r = BufReader::with_capacity(2 << 20, sock);
     let mut buf = Vec::with_capacity(1 << 20);
     let mut scratch = Vec::new();
@@ -394,13 +560,18 @@ fn stream_rx(sock: TcpStream, index: usize, ram: Arc<GuestRam>, total_pages: u64
         let cur = pass.load(Ordering::SeqCst);
         let res = wire::PageBatch::parse(&buf, total_pages, &mut scratch, |idx, data| {
             let Some(dst) = ram.ptr_at_offset(idx * PAGE_SIZE) else {
-                return Err(WireError::Decode { what: "page batch", err: format!("page {idx} not mapped") });
+                return Err(WireError::Decode {
+                    what: "page batch",
+                    err: format!("page {idx} not mapped"),
+                });
             };
             match data {
                 // SAFETY: `dst` is a whole 4 KiB page of the destination's RAM, which no vCPU
                 // runs on yet; pages of one pass are disjoint across streams and passes are
                 // separated by the PassDone/PassAck barrier.
-                Some(d) => unsafe { std::ptr::copy_nonoverlapping(d.as_ptr(), dst, PAGE_SIZE as usize) },
+                Some(d) => unsafe {
+                    std::ptr::copy_nonoverlapping(d.as_ptr(), dst, PAGE_SIZE as usize)
+                },
                 // Fresh RAM is already zero in pass 0; later a page may have held data.
                 // SAFETY: as above.
                 None if cur > 0 => unsafe { std::ptr::write_bytes(dst, 0, PAGE_SIZE as usize) },
@@ -414,7 +585,10 @@ fn stream_rx(sock: TcpStream, index: usize, ram: Arc<GuestRam>, total_pages: u64
                     return fail(format!("page batch for pass {p} during pass {cur}"));
                 }
                 shared.pages.fetch_add(n as u64, Ordering::Relaxed);
-                shared.bytes.fetch_add(buf.len() as u64 + wire::HEADER_LEN as u64, Ordering::Relaxed);
+                shared.bytes.fetch_add(
+                    buf.len() as u64 + wire::HEADER_LEN as u64,
+                    Ordering::Relaxed,
+                );
                 shared.applied[index].fetch_add(1, Ordering::SeqCst);
                 let _l = shared.lock.lock();
                 shared.cv.notify_all();

@@ -81,14 +81,22 @@ struct Failure {
 }
 
 fn fail(phase: Phase, reason: impl Into<String>) -> Failure {
-    Failure { phase, reason: reason.into() }
+    Failure {
+        phase,
+        reason: reason.into(),
+    }
 }
 
 fn wire_fail(phase: Phase) -> impl Fn(WireError) -> Failure {
     move |e| {
         let reason = match e {
             WireError::Eof => "the destination closed the connection".to_string(),
-            WireError::Io(ref io) if matches!(io.kind(), std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset) => {
+            WireError::Io(ref io)
+                if matches!(
+                    io.kind(),
+                    std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
                 format!("lost the connection to the destination ({io})")
             }
             other => other.to_string(),
@@ -105,7 +113,10 @@ struct RateLimiter {
 
 impl RateLimiter {
     fn new(rate: u64) -> RateLimiter {
-        RateLimiter { rate: rate as f64, state: Mutex::new((0.0, Instant::now())) }
+        RateLimiter {
+            rate: rate as f64,
+            state: Mutex::new((0.0, Instant::now())),
+        }
     }
 
     fn take(&self, bytes: usize) {
@@ -139,7 +150,11 @@ struct Counters {
 enum Work {
     /// Pages to send; `holes` marks pages known to be zero without reading them (pass 0:
     /// never-written parts of the memfd, which reading would allocate).
-    Batch { pass: u32, pages: Vec<u64>, holes: Option<Arc<PageBitmap>> },
+    Batch {
+        pass: u32,
+        pages: Vec<u64>,
+        holes: Option<Arc<PageBitmap>>,
+    },
     Flush(SyncSender<Result<u64, String>>),
 }
 
@@ -192,7 +207,13 @@ fn stream_thread(
                     // The guest may be writing it concurrently; the copy may then be torn, but
                     // dirty logging re-sends any page written after its bit was cleared, and the
                     // final pass runs with the VM paused.
-                    unsafe { std::ptr::copy_nonoverlapping(src, raw.as_mut_ptr().add(start), PAGE_SIZE as usize) };
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            src,
+                            raw.as_mut_ptr().add(start),
+                            PAGE_SIZE as usize,
+                        )
+                    };
                     if vmm::memory::is_zero(&raw[start..]) {
                         raw.truncate(start);
                         entries.push(p | ZERO_PAGE);
@@ -230,7 +251,9 @@ fn stream_thread(
                     Ok(n) => {
                         frames += 1;
                         counters.bytes.fetch_add(n, Ordering::Relaxed);
-                        counters.pages.fetch_add(pages.len() as u64, Ordering::Relaxed);
+                        counters
+                            .pages
+                            .fetch_add(pages.len() as u64, Ordering::Relaxed);
                         counters.zero.fetch_add(zeros, Ordering::Relaxed);
                     }
                     Err(e) => error = Some(e.to_string()),
@@ -268,9 +291,18 @@ struct Sender<'a> {
 /// Migrates `vm` to `opts.to`. On success the VM has moved: it is left paused here and the
 /// caller must stop it. On failure the VM runs on the source (unless `vm_on_source` is false:
 /// the commit was sent but not confirmed, and the VM is left paused so that it never runs twice).
-pub fn migrate(vm: &Vm, opts: &MigrateOptions, ctl: &MigrationControl) -> Result<Summary, MigrationError> {
+pub fn migrate(
+    vm: &Vm,
+    opts: &MigrateOptions,
+    ctl: &MigrationControl,
+) -> Result<Summary, MigrationError> {
     let t0 = Instant::now();
-    ctl.update(|p| *p = Progress { phase: Phase::Connect.to_string(), ..Default::default() });
+    ctl.update(|p| {
+        *p = Progress {
+            phase: Phase::Connect.to_string(),
+            ..Default::default()
+        }
+    });
     let control = connect(&opts.to).map_err(|f| to_error(f, true))?;
     let mut s = Sender {
         vm,
@@ -299,7 +331,13 @@ pub fn migrate(vm: &Vm, opts: &MigrateOptions, ctl: &MigrationControl) -> Result
         }
         Err((f, committed)) => {
             if !committed {
-                let _ = wire::send_msg(&mut s.control, &Msg::Abort { phase: f.phase.to_string(), reason: f.reason.clone() });
+                let _ = wire::send_msg(
+                    &mut s.control,
+                    &Msg::Abort {
+                        phase: f.phase.to_string(),
+                        reason: f.reason.clone(),
+                    },
+                );
                 vm.set_throttle(0);
                 let _ = vm.resume();
             }
@@ -313,7 +351,11 @@ pub fn migrate(vm: &Vm, opts: &MigrateOptions, ctl: &MigrationControl) -> Result
 }
 
 fn to_error(f: Failure, on_source: bool) -> MigrationError {
-    MigrationError { phase: f.phase, reason: f.reason, vm_on_source: on_source }
+    MigrationError {
+        phase: f.phase,
+        reason: f.reason,
+        vm_on_source: on_source,
+    }
 }
 
 fn rand_u64() -> u64 {
@@ -327,7 +369,12 @@ fn rand_u64() -> u64 {
 fn connect(to: &str) -> Result<TcpStream, Failure> {
     let addrs: Vec<_> = to
         .to_socket_addrs()
-        .map_err(|e| fail(Phase::Connect, format!("bad destination address {to:?}: {e}")))?
+        .map_err(|e| {
+            fail(
+                Phase::Connect,
+                format!("bad destination address {to:?}: {e}"),
+            )
+        })?
         .collect();
     let mut last = String::from("no address");
     for a in addrs {
@@ -339,19 +386,42 @@ fn connect(to: &str) -> Result<TcpStream, Failure> {
             Err(e) => last = e.to_string(),
         }
     }
-    Err(fail(Phase::Connect, format!("cannot connect to {to}: {last}")))
+    Err(fail(
+        Phase::Connect,
+        format!("cannot connect to {to}: {last}"),
+    ))
 }
 
 /// Opens a connection's session; returns the round-trip time of the exchange.
-fn handshake(sock: &mut TcpStream, session: u64, role: Role, phase: Phase) -> Result<Duration, Failure> {
-    sock.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(|e| fail(phase, e.to_string()))?;
+fn handshake(
+    sock: &mut TcpStream,
+    session: u64,
+    role: Role,
+    phase: Phase,
+) -> Result<Duration, Failure> {
+    sock.set_read_timeout(Some(REPLY_TIMEOUT))
+        .map_err(|e| fail(phase, e.to_string()))?;
     let t = Instant::now();
-    wire::send_msg(sock, &Msg::Hello { protocol: wire::PROTOCOL_VERSION, session, role }).map_err(wire_fail(phase))?;
+    wire::send_msg(
+        sock,
+        &Msg::Hello {
+            protocol: wire::PROTOCOL_VERSION,
+            session,
+            role,
+        },
+    )
+    .map_err(wire_fail(phase))?;
     match wire::recv_msg(sock).map_err(wire_fail(phase))? {
         Msg::HelloAck { protocol } if protocol == wire::PROTOCOL_VERSION => Ok(t.elapsed()),
-        Msg::HelloAck { protocol } => Err(fail(phase, format!("destination answered with protocol version {protocol}"))),
+        Msg::HelloAck { protocol } => Err(fail(
+            phase,
+            format!("destination answered with protocol version {protocol}"),
+        )),
         Msg::Refuse { reason } => Err(fail(phase, format!("destination refused: {reason}"))),
-        m => Err(fail(phase, format!("protocol violation: expected HelloAck, got {}", m.name()))),
+        m => Err(fail(
+            phase,
+            format!("protocol violation: expected HelloAck, got {}", m.name()),
+        )),
     }
 }
 
@@ -368,7 +438,10 @@ impl Sender<'_> {
         }
         if let Some(t) = self.opts.timeout {
             if self.t0.elapsed() > t {
-                return Err(fail(phase, format!("timed out after {:.1} s", t.as_secs_f64())));
+                return Err(fail(
+                    phase,
+                    format!("timed out after {:.1} s", t.as_secs_f64()),
+                ));
             }
         }
         Ok(())
@@ -376,7 +449,8 @@ impl Sender<'_> {
 
     fn run(&mut self, session: u64) -> Res<Summary> {
         let vm = self.vm;
-        let rtt = handshake(&mut self.control, session, Role::Control, Phase::Handshake).map_err(pre)?;
+        let rtt =
+            handshake(&mut self.control, session, Role::Control, Phase::Handshake).map_err(pre)?;
 
         // Preflight.
         self.ctl.update(|p| p.phase = Phase::Preflight.to_string());
@@ -388,17 +462,42 @@ impl Sender<'_> {
             cpuid: vm.cpuid().clone(),
             source: preflight::host_summary(&kvm, &Default::default()),
         };
-        wire::send_msg(&mut self.control, &Msg::Preflight(req)).map_err(|e| pre(wire_fail(Phase::Preflight)(e)))?;
-        let report: PreflightReport = match wire::recv_msg(&mut self.control).map_err(|e| pre(wire_fail(Phase::Preflight)(e)))? {
+        wire::send_msg(&mut self.control, &Msg::Preflight(req))
+            .map_err(|e| pre(wire_fail(Phase::Preflight)(e)))?;
+        let report: PreflightReport = match wire::recv_msg(&mut self.control)
+            .map_err(|e| pre(wire_fail(Phase::Preflight)(e)))?
+        {
             Msg::PreflightReport(r) => r,
-            Msg::Abort { reason, .. } => return Err(pre(fail(Phase::Preflight, format!("destination aborted: {reason}")))),
-            m => return Err(pre(fail(Phase::Preflight, format!("protocol violation: expected PreflightReport, got {}", m.name())))),
+            Msg::Abort { reason, .. } => {
+                return Err(pre(fail(
+                    Phase::Preflight,
+                    format!("destination aborted: {reason}"),
+                )))
+            }
+            m => {
+                return Err(pre(fail(
+                    Phase::Preflight,
+                    format!(
+                        "protocol violation: expected PreflightReport, got {}",
+                        m.name()
+                    ),
+                )))
+            }
         };
         if !report.ok {
-            return Err(pre(fail(Phase::Preflight, format!("destination refused: {}", report.problems.join("; ")))));
+            return Err(pre(fail(
+                Phase::Preflight,
+                format!("destination refused: {}", report.problems.join("; ")),
+            )));
         }
         if self.opts.dry_run {
-            let _ = wire::send_msg(&mut self.control, &Msg::Abort { phase: "preflight".into(), reason: "dry run".into() });
+            let _ = wire::send_msg(
+                &mut self.control,
+                &Msg::Abort {
+                    phase: "preflight".into(),
+                    reason: "dry run".into(),
+                },
+            );
             return Ok(Summary {
                 dry_run: true,
                 preflight: report,
@@ -413,31 +512,60 @@ impl Sender<'_> {
         // Setup: data streams.
         self.ctl.update(|p| p.phase = Phase::Setup.to_string());
         let n = self.opts.streams.clamp(1, 16);
-        wire::send_msg(&mut self.control, &Msg::Begin { streams: n, compression: self.opts.compression })
-            .map_err(|e| pre(wire_fail(Phase::Setup)(e)))?;
-        let limiter = self.opts.max_bandwidth.map(|b| Arc::new(RateLimiter::new(b.max(1))));
+        wire::send_msg(
+            &mut self.control,
+            &Msg::Begin {
+                streams: n,
+                compression: self.opts.compression,
+            },
+        )
+        .map_err(|e| pre(wire_fail(Phase::Setup)(e)))?;
+        let limiter = self
+            .opts
+            .max_bandwidth
+            .map(|b| Arc::new(RateLimiter::new(b.max(1))));
         for i in 0..n {
             let mut sock = connect(&self.opts.to).map_err(pre)?;
             handshake(&mut sock, session, Role::Data { index: i }, Phase::Setup).map_err(pre)?;
             let (tx, rx) = sync_channel(4);
-            let (ram, comp, lim, ctr) = (vm.ram().clone(), self.opts.compression, limiter.clone(), self.counters.clone());
+            let (ram, comp, lim, ctr) = (
+                vm.ram().clone(),
+                self.opts.compression,
+                limiter.clone(),
+                self.counters.clone(),
+            );
             let join = std::thread::Builder::new()
                 .name(format!("mig-tx{i}"))
                 .spawn(move || stream_thread(sock, rx, ram, comp, lim, ctr))
                 .map_err(|e| pre(fail(Phase::Setup, e.to_string())))?;
-            self.streams.push(Stream { tx, join: Some(join) });
+            self.streams.push(Stream {
+                tx,
+                join: Some(join),
+            });
         }
-        let restore_us = match wire::recv_msg(&mut self.control).map_err(|e| pre(wire_fail(Phase::Setup)(e)))? {
-            Msg::BeginAck { restore_us } => restore_us,
-            Msg::Abort { reason, .. } => return Err(pre(fail(Phase::Setup, format!("destination aborted: {reason}")))),
-            m => return Err(pre(fail(Phase::Setup, format!("protocol violation: expected BeginAck, got {}", m.name())))),
-        };
+        let restore_us =
+            match wire::recv_msg(&mut self.control).map_err(|e| pre(wire_fail(Phase::Setup)(e)))? {
+                Msg::BeginAck { restore_us } => restore_us,
+                Msg::Abort { reason, .. } => {
+                    return Err(pre(fail(
+                        Phase::Setup,
+                        format!("destination aborted: {reason}"),
+                    )))
+                }
+                m => {
+                    return Err(pre(fail(
+                        Phase::Setup,
+                        format!("protocol violation: expected BeginAck, got {}", m.name()),
+                    )))
+                }
+            };
         // Fixed switchover cost: pause + save + encode here, load + resume there (both
         // measured on scratch VMs of this shape), and the Ready/Commit/Resumed round trips.
         let fixed_cost = save_cost + Duration::from_micros(restore_us) + rtt * 3;
 
         // Pre-copy.
-        let log = DirtyLog::start(vm.vm_fd(), vm.ram()).map_err(|e| pre(fail(Phase::Setup, e.to_string())))?;
+        let log = DirtyLog::start(vm.vm_fd(), vm.ram())
+            .map_err(|e| pre(fail(Phase::Setup, e.to_string())))?;
         let mut report = report;
         report.restore_cost_us = restore_us;
         let result = self.precopy_and_switchover(&log, fixed_cost, report);
@@ -453,11 +581,18 @@ impl Sender<'_> {
         }
     }
 
-    fn precopy_and_switchover(&mut self, log: &DirtyLog, fixed_cost: Duration, report: PreflightReport) -> Res<Summary> {
+    fn precopy_and_switchover(
+        &mut self,
+        log: &DirtyLog,
+        fixed_cost: Duration,
+        report: PreflightReport,
+    ) -> Res<Summary> {
         let vm = self.vm;
         let mut pass = 0u32;
         let mut max_throttle = 0u8;
-        let mut dirty = log.collect().map_err(|e| pre(fail(Phase::Precopy, e.to_string())))?;
+        let mut dirty = log
+            .collect()
+            .map_err(|e| pre(fail(Phase::Precopy, e.to_string())))?;
         let mut pass0_mibs = 0.0;
         let mut prev_dirty = u64::MAX;
         loop {
@@ -476,22 +611,35 @@ impl Sender<'_> {
             if pass == 0 {
                 pass0_mibs = bytes as f64 / took.as_secs_f64().max(1e-9) / (1 << 20) as f64;
             }
-            dirty = log.collect().map_err(|e| pre(fail(Phase::Precopy, e.to_string())))?;
+            dirty = log
+                .collect()
+                .map_err(|e| pre(fail(Phase::Precopy, e.to_string())))?;
             let dirty_pages = dirty.count();
             let bw = self.progress_bw().max(1.0);
             let remaining = dirty_pages * PAGE_SIZE;
             let expected = Duration::from_secs_f64(remaining as f64 / bw) + fixed_cost;
             let dirty_rate = (dirty_pages * PAGE_SIZE) as f64 / took.as_secs_f64().max(1e-6);
             // Auto-converge: throttle harder while the dirty set does not shrink fast enough.
-            if expected > self.opts.max_downtime && pass >= 1 && dirty_pages * 2 > prev_dirty.min(u64::MAX / 2) {
+            if expected > self.opts.max_downtime
+                && pass >= 1
+                && dirty_pages * 2 > prev_dirty.min(u64::MAX / 2)
+            {
                 let t = vm.throttle();
-                let next = if t == 0 { THROTTLE_INITIAL } else { t.saturating_add(THROTTLE_STEP).min(THROTTLE_MAX) };
+                let next = if t == 0 {
+                    THROTTLE_INITIAL
+                } else {
+                    t.saturating_add(THROTTLE_STEP).min(THROTTLE_MAX)
+                };
                 vm.set_throttle(next);
                 max_throttle = max_throttle.max(next);
             }
             prev_dirty = dirty_pages;
             let c = &self.counters;
-            let (bs, ps, zs) = (c.bytes.load(Ordering::Relaxed), c.pages.load(Ordering::Relaxed), c.zero.load(Ordering::Relaxed));
+            let (bs, ps, zs) = (
+                c.bytes.load(Ordering::Relaxed),
+                c.pages.load(Ordering::Relaxed),
+                c.zero.load(Ordering::Relaxed),
+            );
             let thr = vm.throttle();
             let elapsed = self.t0.elapsed().as_secs_f64();
             self.ctl.update(|p| {
@@ -511,38 +659,60 @@ impl Sender<'_> {
                 break;
             }
             if pass >= MAX_PASSES {
-                return Err(pre(fail(Phase::Precopy, format!("did not converge in {MAX_PASSES} passes"))));
+                return Err(pre(fail(
+                    Phase::Precopy,
+                    format!("did not converge in {MAX_PASSES} passes"),
+                )));
             }
         }
 
         // Switchover: the downtime clock starts at the pause.
         self.check_abort(Phase::FinalMemory).map_err(pre)?;
-        self.ctl.update(|p| p.phase = Phase::FinalMemory.to_string());
+        self.ctl
+            .update(|p| p.phase = Phase::FinalMemory.to_string());
         let t_pause = Instant::now();
-        vm.pause().map_err(|e| pre(fail(Phase::FinalMemory, e.to_string())))?;
+        vm.pause()
+            .map_err(|e| pre(fail(Phase::FinalMemory, e.to_string())))?;
         let _ = wire::send_msg(&mut self.control, &Msg::Paused);
         // The final pass: what the last pre-copy round found dirty (collected, not yet sent)
         // plus whatever the guest dirtied until the pause.
-        let mut last = log.collect().map_err(|e| pre(fail(Phase::FinalMemory, e.to_string())))?;
+        let mut last = log
+            .collect()
+            .map_err(|e| pre(fail(Phase::FinalMemory, e.to_string())))?;
         last.union_with(&dirty);
         let bytes = self.send_pass(pass, &last, Phase::FinalMemory)?;
         self.send_bytes += bytes;
         let t_mem = Instant::now();
 
         self.ctl.update(|p| p.phase = Phase::State.to_string());
-        let state = vm.save_state().map_err(|e| pre(fail(Phase::State, e.to_string())))?;
-        let encoded = vmm::snapshot::encode_state(&state).map_err(|e| pre(fail(Phase::State, e.to_string())))?;
-        wire::write_frame(&mut self.control, wire::KIND_STATE, 0, &[&encoded]).map_err(|e| pre(wire_fail(Phase::State)(e)))?;
+        let state = vm
+            .save_state()
+            .map_err(|e| pre(fail(Phase::State, e.to_string())))?;
+        let encoded = vmm::snapshot::encode_state(&state)
+            .map_err(|e| pre(fail(Phase::State, e.to_string())))?;
+        wire::write_frame(&mut self.control, wire::KIND_STATE, 0, &[&encoded])
+            .map_err(|e| pre(wire_fail(Phase::State)(e)))?;
         match wire::recv_msg(&mut self.control).map_err(|e| pre(wire_fail(Phase::State)(e)))? {
             Msg::Ready { .. } => {}
-            Msg::Abort { reason, .. } => return Err(pre(fail(Phase::State, format!("destination aborted: {reason}")))),
-            m => return Err(pre(fail(Phase::State, format!("protocol violation: expected Ready, got {}", m.name())))),
+            Msg::Abort { reason, .. } => {
+                return Err(pre(fail(
+                    Phase::State,
+                    format!("destination aborted: {reason}"),
+                )))
+            }
+            m => {
+                return Err(pre(fail(
+                    Phase::State,
+                    format!("protocol violation: expected Ready, got {}", m.name()),
+                )))
+            }
         }
         let t_ready = Instant::now();
         // Last chance to cancel: after this write the destination owns the VM.
         self.check_abort(Phase::State).map_err(pre)?;
         self.ctl.update(|p| p.phase = Phase::Commit.to_string());
-        wire::send_msg(&mut self.control, &Msg::Commit).map_err(|e| pre(wire_fail(Phase::Commit)(e)))?;
+        wire::send_msg(&mut self.control, &Msg::Commit)
+            .map_err(|e| pre(wire_fail(Phase::Commit)(e)))?;
         let resumed = wire::recv_msg(&mut self.control);
         let t_done = Instant::now();
         let resume_us = match resumed {
@@ -607,18 +777,34 @@ impl Sender<'_> {
             for p in first..first + count {
                 batch.push(p);
                 if batch.len() == MAX_BATCH_PAGES {
-                    if sent % 64 == 0 && phase == Phase::Precopy {
+                    if sent.is_multiple_of(64) && phase == Phase::Precopy {
                         self.check_abort(phase).map_err(pre)?;
                     }
                     let b = std::mem::replace(&mut batch, Vec::with_capacity(MAX_BATCH_PAGES));
-                    self.dispatch(next, Work::Batch { pass, pages: b, holes: holes.clone() }, phase)?;
+                    self.dispatch(
+                        next,
+                        Work::Batch {
+                            pass,
+                            pages: b,
+                            holes: holes.clone(),
+                        },
+                        phase,
+                    )?;
                     next = (next + 1) % n;
                     sent += 1;
                 }
             }
         }
         if !batch.is_empty() {
-            self.dispatch(next, Work::Batch { pass, pages: batch, holes: holes.clone() }, phase)?;
+            self.dispatch(
+                next,
+                Work::Batch {
+                    pass,
+                    pages: batch,
+                    holes: holes.clone(),
+                },
+                phase,
+            )?;
         }
         let mut frames = Vec::with_capacity(n);
         for i in 0..n {
@@ -630,18 +816,38 @@ impl Sender<'_> {
                 Err(_) => return Err(pre(fail(phase, format!("data stream {i} stopped")))),
             }
         }
-        wire::send_msg(&mut self.control, &Msg::PassDone { pass, frames, pages: pages.count() })
-            .map_err(|e| pre(wire_fail(phase)(e)))?;
+        wire::send_msg(
+            &mut self.control,
+            &Msg::PassDone {
+                pass,
+                frames,
+                pages: pages.count(),
+            },
+        )
+        .map_err(|e| pre(wire_fail(phase)(e)))?;
         match wire::recv_msg(&mut self.control).map_err(|e| pre(wire_fail(phase)(e)))? {
             Msg::PassAck { pass: p } if p == pass => {}
-            Msg::Abort { reason, .. } => return Err(pre(fail(phase, format!("destination aborted: {reason}")))),
-            m => return Err(pre(fail(phase, format!("protocol violation: expected PassAck({pass}), got {}", m.name())))),
+            Msg::Abort { reason, .. } => {
+                return Err(pre(fail(phase, format!("destination aborted: {reason}"))))
+            }
+            m => {
+                return Err(pre(fail(
+                    phase,
+                    format!(
+                        "protocol violation: expected PassAck({pass}), got {}",
+                        m.name()
+                    ),
+                )))
+            }
         }
         Ok(self.counters.bytes.load(Ordering::Relaxed) - before)
     }
 
     fn dispatch(&self, i: usize, w: Work, phase: Phase) -> Res<()> {
-        self.streams[i].tx.send(w).map_err(|_| pre(fail(phase, format!("data stream {i} stopped"))))
+        self.streams[i]
+            .tx
+            .send(w)
+            .map_err(|_| pre(fail(phase, format!("data stream {i} stopped"))))
     }
 }
 
@@ -687,7 +893,12 @@ fn measure_save_cost(kvm: &kvm_ioctls::Kvm, vcpus: u8) -> Duration {
     }
     std::thread::sleep(Duration::from_millis(1));
     let t = Instant::now();
-    let ok = vm.pause().is_ok() && vm.save_state().ok().and_then(|s| vmm::snapshot::encode_state(&s).ok()).is_some();
+    let ok = vm.pause().is_ok()
+        && vm
+            .save_state()
+            .ok()
+            .and_then(|s| vmm::snapshot::encode_state(&s).ok())
+            .is_some();
     let d = t.elapsed();
     vm.stop();
     if ok {

@@ -73,13 +73,20 @@ fn header(kind: u16, flags: u16, payload: &[&[u8]]) -> [u8; HEADER_LEN] {
     h[4..6].copy_from_slice(&kind.to_le_bytes());
     h[6..8].copy_from_slice(&flags.to_le_bytes());
     h[8..12].copy_from_slice(&(len as u32).to_le_bytes());
-    let crc = payload.iter().fold(crc32c::crc32c(&h[..12]), |c, p| crc32c::crc32c_append(c, p));
+    let crc = payload
+        .iter()
+        .fold(crc32c::crc32c(&h[..12]), |c, p| crc32c::crc32c_append(c, p));
     h[12..16].copy_from_slice(&crc.to_le_bytes());
     h
 }
 
 /// Writes one frame whose payload is the concatenation of `parts`; returns bytes written.
-pub fn write_frame(w: &mut impl Write, kind: u16, flags: u16, parts: &[&[u8]]) -> Result<u64, WireError> {
+pub fn write_frame(
+    w: &mut impl Write,
+    kind: u16,
+    flags: u16,
+    parts: &[&[u8]],
+) -> Result<u64, WireError> {
     let h = header(kind, flags, parts);
     w.write_all(&h).map_err(WireError::from_io)?;
     for p in parts {
@@ -94,7 +101,13 @@ pub fn read_frame_into(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<(u16, u16
     let mut got = 0;
     while got < HEADER_LEN {
         match r.read(&mut h[got..]) {
-            Ok(0) => return Err(if got == 0 { WireError::Eof } else { WireError::Truncated }),
+            Ok(0) => {
+                return Err(if got == 0 {
+                    WireError::Eof
+                } else {
+                    WireError::Truncated
+                })
+            }
             Ok(n) => got += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(WireError::from_io(e)),
@@ -134,7 +147,11 @@ pub fn read_frame_into(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<(u16, u16
 pub fn read_frame(r: &mut impl Read) -> Result<Frame, WireError> {
     let mut payload = Vec::new();
     let (kind, flags) = read_frame_into(r, &mut payload)?;
-    Ok(Frame { kind, flags, payload })
+    Ok(Frame {
+        kind,
+        flags,
+        payload,
+    })
 }
 
 fn codec() -> impl bincode::Options {
@@ -189,7 +206,11 @@ pub enum Role {
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub enum Msg {
     /// First message on every connection (source → destination).
-    Hello { protocol: u32, session: u64, role: Role },
+    Hello {
+        protocol: u32,
+        session: u64,
+        role: Role,
+    },
     /// Destination accepts the connection.
     HelloAck { protocol: u32 },
     /// Destination refuses (version, session mismatch, busy).
@@ -199,13 +220,20 @@ pub enum Msg {
     /// Destination's answer.
     PreflightReport(crate::preflight::PreflightReport),
     /// Source starts the transfer: data streams follow.
-    Begin { streams: u16, compression: Compression },
+    Begin {
+        streams: u16,
+        compression: Compression,
+    },
     /// Destination has accepted all data streams, allocated RAM and prepared the VM; it reports
     /// its measured share of the switchover (load state + resume on a scratch VM).
     BeginAck { restore_us: u64 },
     /// Source finished sending pass `pass`; `frames[i]` = cumulative page frames sent on
     /// stream i so far. The destination answers `PassAck` once it applied all of them.
-    PassDone { pass: u32, frames: Vec<u64>, pages: u64 },
+    PassDone {
+        pass: u32,
+        frames: Vec<u64>,
+        pages: u64,
+    },
     /// Destination applied every frame up to the pass.
     PassAck { pass: u32 },
     /// Source paused the VM (switchover begins).
@@ -248,7 +276,10 @@ impl Msg {
 /// Sends a control message.
 pub fn send_msg(w: &mut impl Write, m: &Msg) -> Result<u64, WireError> {
     use bincode::Options;
-    let bytes = codec().serialize(m).map_err(|e| WireError::Decode { what: "control message", err: e.to_string() })?;
+    let bytes = codec().serialize(m).map_err(|e| WireError::Decode {
+        what: "control message",
+        err: e.to_string(),
+    })?;
     write_frame(w, KIND_CONTROL, 0, &[&bytes])
 }
 
@@ -256,11 +287,17 @@ pub fn send_msg(w: &mut impl Write, m: &Msg) -> Result<u64, WireError> {
 pub fn decode_msg(f: &Frame) -> Result<Msg, WireError> {
     use bincode::Options;
     if f.kind != KIND_CONTROL {
-        return Err(WireError::Decode { what: "control message", err: format!("got a frame of kind {}", f.kind) });
+        return Err(WireError::Decode {
+            what: "control message",
+            err: format!("got a frame of kind {}", f.kind),
+        });
     }
     codec()
         .deserialize(&f.payload)
-        .map_err(|e| WireError::Decode { what: "control message", err: e.to_string() })
+        .map_err(|e| WireError::Decode {
+            what: "control message",
+            err: e.to_string(),
+        })
 }
 
 /// Reads the next control message, skipping `Ping`s.
@@ -290,7 +327,13 @@ const BATCH_HDR: usize = 12;
 
 impl PageBatch {
     /// Encodes a batch header + entries into `out` (data appended by the caller).
-    pub fn header(out: &mut Vec<u8>, pass: u32, entries: &[u64], codec: Compression, raw_len: usize) {
+    pub fn header(
+        out: &mut Vec<u8>,
+        pass: u32,
+        entries: &[u64],
+        codec: Compression,
+        raw_len: usize,
+    ) {
         out.clear();
         out.extend_from_slice(&pass.to_le_bytes());
         out.extend_from_slice(&(entries.len() as u16).to_le_bytes());
@@ -314,9 +357,15 @@ impl PageBatch {
         scratch: &mut Vec<u8>,
         mut page: impl FnMut(u64, Option<&[u8]>) -> Result<(), WireError>,
     ) -> Result<(u32, usize), WireError> {
-        let bad = |m: String| WireError::Decode { what: "page batch", err: m };
+        let bad = |m: String| WireError::Decode {
+            what: "page batch",
+            err: m,
+        };
         if payload.len() < BATCH_HDR {
-            return Err(bad(format!("{} bytes is shorter than a batch header", payload.len())));
+            return Err(bad(format!(
+                "{} bytes is shorter than a batch header",
+                payload.len()
+            )));
         }
         let pass = u32::from_le_bytes(payload[0..4].try_into().unwrap());
         let count = u16::from_le_bytes(payload[4..6].try_into().unwrap()) as usize;
@@ -335,14 +384,17 @@ impl PageBatch {
             .collect();
         let data_pages = entries.iter().filter(|e| *e & ZERO_PAGE == 0).count();
         if raw_len != data_pages * 4096 {
-            return Err(bad(format!("raw length {raw_len} for {data_pages} data pages")));
+            return Err(bad(format!(
+                "raw length {raw_len} for {data_pages} data pages"
+            )));
         }
         let body = &payload[ent_end..];
         let data: &[u8] = match codec {
             0 => body,
             1 => {
                 scratch.resize(raw_len, 0);
-                let n = lz4_flex::block::decompress_into(body, scratch).map_err(|e| bad(format!("lz4: {e}")))?;
+                let n = lz4_flex::block::decompress_into(body, scratch)
+                    .map_err(|e| bad(format!("lz4: {e}")))?;
                 if n != raw_len {
                     return Err(bad(format!("lz4 produced {n} bytes, expected {raw_len}")));
                 }
@@ -360,13 +412,18 @@ impl PageBatch {
             c => return Err(bad(format!("unknown codec {c}"))),
         };
         if data.len() != raw_len {
-            return Err(bad(format!("{} data bytes, expected {raw_len}", data.len())));
+            return Err(bad(format!(
+                "{} data bytes, expected {raw_len}",
+                data.len()
+            )));
         }
         let mut off = 0;
         for e in entries {
             let idx = e & !ZERO_PAGE;
             if idx >= total_pages {
-                return Err(bad(format!("page {idx} is outside the VM's {total_pages} pages")));
+                return Err(bad(format!(
+                    "page {idx} is outside the VM's {total_pages} pages"
+                )));
             }
             if e & ZERO_PAGE != 0 {
                 page(idx, None)?;
@@ -386,10 +443,25 @@ mod tests {
     #[test]
     fn frames_round_trip_and_damage_is_detected() {
         let mut buf = Vec::new();
-        send_msg(&mut buf, &Msg::Hello { protocol: 1, session: 7, role: Role::Data { index: 2 } }).unwrap();
+        send_msg(
+            &mut buf,
+            &Msg::Hello {
+                protocol: 1,
+                session: 7,
+                role: Role::Data { index: 2 },
+            },
+        )
+        .unwrap();
         write_frame(&mut buf, KIND_STATE, 0, &[b"abc", b"def"]).unwrap();
         let mut r = &buf[..];
-        assert_eq!(recv_msg(&mut r).unwrap(), Msg::Hello { protocol: 1, session: 7, role: Role::Data { index: 2 } });
+        assert_eq!(
+            recv_msg(&mut r).unwrap(),
+            Msg::Hello {
+                protocol: 1,
+                session: 7,
+                role: Role::Data { index: 2 }
+            }
+        );
         let f = read_frame(&mut r).unwrap();
         assert_eq!((f.kind, &f.payload[..]), (KIND_STATE, &b"abcdef"[..]));
         assert!(matches!(read_frame(&mut r), Err(WireError::Eof)));
@@ -398,14 +470,23 @@ mod tests {
         for cut in (1..buf.len()).filter(|&c| c != first_len) {
             let mut r = &buf[..cut];
             let first = read_frame(&mut r);
-            let res = if first.is_ok() { read_frame(&mut r) } else { first };
-            assert!(matches!(res, Err(WireError::Truncated)), "cut {cut}: {res:?}");
+            let res = if first.is_ok() {
+                read_frame(&mut r)
+            } else {
+                first
+            };
+            assert!(
+                matches!(res, Err(WireError::Truncated)),
+                "cut {cut}: {res:?}"
+            );
         }
         for i in 0..buf.len() {
             let mut b = buf.clone();
             b[i] ^= 0x08;
             let mut r = &b[..];
-            let res = read_frame(&mut r).and_then(|f| decode_msg(&f)).and_then(|_| read_frame(&mut r).map(|_| Msg::Ping));
+            let res = read_frame(&mut r)
+                .and_then(|f| decode_msg(&f))
+                .and_then(|_| read_frame(&mut r).map(|_| Msg::Ping));
             assert!(res.is_err(), "flip at {i} went unnoticed");
         }
     }
@@ -433,7 +514,10 @@ mod tests {
             .unwrap();
             assert_eq!((pass, n), (3, 3));
             assert_eq!(seen, vec![(5, Some(1)), (9, None), (11, Some(2))]);
-            assert!(PageBatch::parse(&out, 10, &mut scratch, |_, _| Ok(())).is_err(), "page 11 of 10 accepted");
+            assert!(
+                PageBatch::parse(&out, 10, &mut scratch, |_, _| Ok(())).is_err(),
+                "page 11 of 10 accepted"
+            );
         }
     }
 }

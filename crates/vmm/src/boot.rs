@@ -190,7 +190,12 @@ pub fn load(
 ) -> Result<BootEntry, BootError> {
     write_boot_gdt(mem)?;
     write_cmdline(mem, cmdline)?;
-    match Elf::load(mem, None, &mut Cursor::new(image), Some(GuestAddress(HIMEM_START))) {
+    match Elf::load(
+        mem,
+        None,
+        &mut Cursor::new(image),
+        Some(GuestAddress(HIMEM_START)),
+    ) {
         Ok(res) => {
             let entry = match res.pvh_boot_cap {
                 PvhBootCapability::PvhEntryPresent(a) => a,
@@ -203,11 +208,22 @@ pub fn load(
                 rflags: 0x2,
                 ..Default::default()
             };
-            Ok(BootEntry { regs, sregs_patch: SregsPatch::Protected32 })
+            Ok(BootEntry {
+                regs,
+                sregs_patch: SregsPatch::Protected32,
+            })
         }
         Err(elf_err) => {
-            let res = BzImage::load(mem, None, &mut Cursor::new(image), Some(GuestAddress(HIMEM_START)))
-                .map_err(|bz| BootError::UnknownFormat { elf: elf_err.to_string(), bz: bz.to_string() })?;
+            let res = BzImage::load(
+                mem,
+                None,
+                &mut Cursor::new(image),
+                Some(GuestAddress(HIMEM_START)),
+            )
+            .map_err(|bz| BootError::UnknownFormat {
+                elf: elf_err.to_string(),
+                bz: bz.to_string(),
+            })?;
             let hdr = res.setup_header.ok_or_else(|| BootError::UnknownFormat {
                 elf: elf_err.to_string(),
                 bz: "no setup header".into(),
@@ -222,7 +238,10 @@ pub fn load(
                 rflags: 0x2,
                 ..Default::default()
             };
-            Ok(BootEntry { regs, sregs_patch: SregsPatch::Long64 })
+            Ok(BootEntry {
+                regs,
+                sregs_patch: SregsPatch::Long64,
+            })
         }
     }
 }
@@ -230,7 +249,12 @@ pub fn load(
 fn setup_pvh(mem: &GuestMem, layout: &MemoryLayout) -> Result<(), BootError> {
     let memmap: Vec<hvm_memmap_table_entry> = e820_map(layout)
         .into_iter()
-        .map(|(addr, size, type_)| hvm_memmap_table_entry { addr, size, type_, reserved: 0 })
+        .map(|(addr, size, type_)| hvm_memmap_table_entry {
+            addr,
+            size,
+            type_,
+            reserved: 0,
+        })
         .collect();
     let start_info = hvm_start_info {
         magic: XEN_HVM_START_MAGIC,
@@ -242,7 +266,8 @@ fn setup_pvh(mem: &GuestMem, layout: &MemoryLayout) -> Result<(), BootError> {
     };
     let mut params = BootParams::new::<hvm_start_info>(&start_info, GuestAddress(PVH_INFO_START));
     params.set_sections::<hvm_memmap_table_entry>(&memmap, GuestAddress(MEMMAP_START));
-    PvhBootConfigurator::write_bootparams::<GuestMem>(&params, mem).map_err(|e| BootError::Write(e.to_string()))
+    PvhBootConfigurator::write_bootparams::<GuestMem>(&params, mem)
+        .map_err(|e| BootError::Write(e.to_string()))
 }
 
 fn setup_linux(
@@ -252,7 +277,10 @@ fn setup_linux(
     cmdline: &str,
     initrd: Option<&[u8]>,
 ) -> Result<(), BootError> {
-    let mut params = boot_params { hdr, ..Default::default() };
+    let mut params = boot_params {
+        hdr,
+        ..Default::default()
+    };
     params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
     params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
     params.hdr.header = KERNEL_HDR_MAGIC;
@@ -290,7 +318,10 @@ fn write_boot_page_tables(mem: &GuestMem) -> Result<(), BootError> {
     let pml4 = PML4_START;
     let pdpt = pml4 + 0x1000;
     let pd = pdpt + 0x1000;
-    let w = |v: u64, a: u64| mem.write_obj(v, GuestAddress(a)).map_err(|e| BootError::Write(format!("page tables: {e}")));
+    let w = |v: u64, a: u64| {
+        mem.write_obj(v, GuestAddress(a))
+            .map_err(|e| BootError::Write(format!("page tables: {e}")))
+    };
     w(pdpt | 0x3, pml4)?;
     w(pd | 0x3, pdpt)?;
     for i in 0..512u64 {
@@ -301,7 +332,10 @@ fn write_boot_page_tables(mem: &GuestMem) -> Result<(), BootError> {
 
 /// Reads a kernel file named by the user.
 pub fn read_file(path: &std::path::Path) -> Result<Vec<u8>, BootError> {
-    std::fs::read(path).map_err(|err| BootError::ReadKernel { path: path.display().to_string(), err })
+    std::fs::read(path).map_err(|err| BootError::ReadKernel {
+        path: path.display().to_string(),
+        err,
+    })
 }
 
 /// The guest-physical end of the loaded data structures, for sanity checks.
@@ -318,14 +352,23 @@ mod tests {
     fn pvh_boot_of_the_test_guest() {
         let layout = MemoryLayout::for_size(64 << 20);
         let ram = GuestRam::new(layout.clone()).unwrap();
-        let e = load(ram.memory(), &layout, guest::ELF, "ferry.workload=idle", None).unwrap();
+        let e = load(
+            ram.memory(),
+            &layout,
+            guest::ELF,
+            "ferry.workload=idle",
+            None,
+        )
+        .unwrap();
         assert!(matches!(e.sregs_patch, SregsPatch::Protected32));
         assert_eq!(e.regs.rbx, PVH_INFO_START);
         let info: hvm_start_info = ram.memory().read_obj(GuestAddress(PVH_INFO_START)).unwrap();
         assert_eq!(info.magic, XEN_HVM_START_MAGIC);
         assert_eq!(info.memmap_entries, 3);
         let mut cmd = [0u8; 20];
-        ram.memory().read_slice(&mut cmd, GuestAddress(CMDLINE_START)).unwrap();
+        ram.memory()
+            .read_slice(&mut cmd, GuestAddress(CMDLINE_START))
+            .unwrap();
         assert_eq!(&cmd[..19], b"ferry.workload=idle");
         assert_eq!(cmd[19], 0);
     }

@@ -134,7 +134,11 @@ mod tests {
         assert!(c.validate().unwrap_err().to_string().contains("got 4 MiB"));
         let mut c = good();
         c.cpu_profile = "skylake".into();
-        assert!(c.validate().unwrap_err().to_string().contains("\"skylake\""));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("\"skylake\""));
         let mut c = good();
         c.cmdline = "a\0b".into();
         assert_eq!(c.validate(), Err(ConfigError::CmdlineBadChar));

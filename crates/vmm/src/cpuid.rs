@@ -41,7 +41,13 @@ pub struct Feature {
 }
 
 const fn f(name: &'static str, leaf: u32, subleaf: u32, reg: Reg, bit: u8) -> Feature {
-    Feature { name, leaf, subleaf, reg, bit }
+    Feature {
+        name,
+        leaf,
+        subleaf,
+        reg,
+        bit,
+    }
 }
 
 use Reg::*;
@@ -187,10 +193,40 @@ pub const FEATURES: &[Feature] = &[
 
 /// The `baseline` profile: features every x86-64 KVM host offers.
 pub const BASELINE: &[&str] = &[
-    "fpu", "vme", "de", "pse", "tsc", "msr", "pae", "mce", "cx8", "apic", "sep", "mtrr", "pge",
-    "mca", "cmov", "pat", "pse36", "clflush", "mmx", "fxsr", "sse", "sse2", "cx16", "x2apic",
-    "tsc_deadline_timer", "hypervisor", "lahf_lm", "syscall", "nx", "lm", "kvmclock",
-    "kvm_nopiodelay", "kvmclock2", "kvmclock_stable",
+    "fpu",
+    "vme",
+    "de",
+    "pse",
+    "tsc",
+    "msr",
+    "pae",
+    "mce",
+    "cx8",
+    "apic",
+    "sep",
+    "mtrr",
+    "pge",
+    "mca",
+    "cmov",
+    "pat",
+    "pse36",
+    "clflush",
+    "mmx",
+    "fxsr",
+    "sse",
+    "sse2",
+    "cx16",
+    "x2apic",
+    "tsc_deadline_timer",
+    "hypervisor",
+    "lahf_lm",
+    "syscall",
+    "nx",
+    "lm",
+    "kvmclock",
+    "kvm_nopiodelay",
+    "kvmclock2",
+    "kvmclock_stable",
 ];
 
 /// CPUID problems.
@@ -201,7 +237,10 @@ pub enum CpuidError {
     #[error("unknown CPU profile {0:?}")]
     UnknownProfile(String),
     #[error("this host lacks features of CPU profile {profile:?}: {}", missing.join(", "))]
-    HostLacks { profile: String, missing: Vec<String> },
+    HostLacks {
+        profile: String,
+        missing: Vec<String>,
+    },
     #[error("CPUID has {0} entries, more than KVM accepts ({KVM_MAX_CPUID_ENTRIES})")]
     TooManyEntries(usize),
 }
@@ -325,7 +364,9 @@ fn vendor_string(ebx: u32, edx: u32, ecx: u32) -> String {
     for r in [ebx, edx, ecx] {
         b.extend_from_slice(&r.to_le_bytes());
     }
-    String::from_utf8_lossy(&b).trim_end_matches('\0').to_string()
+    String::from_utf8_lossy(&b)
+        .trim_end_matches('\0')
+        .to_string()
 }
 
 /// What KVM on this host can virtualize.
@@ -438,8 +479,24 @@ mod tests {
     fn table() -> CpuidTable {
         CpuidTable {
             entries: vec![
-                CpuidEntry { function: 0, index: 0, flags: 0, eax: 0xd, ebx: 0x756e_6547, edx: 0x4965_6e69, ecx: 0x6c65_746e },
-                CpuidEntry { function: 1, index: 0, flags: 0, eax: 0, ebx: 0, ecx: (1 << 13) | (1 << 28) | (1 << 31), edx: 0xffff_ffff },
+                CpuidEntry {
+                    function: 0,
+                    index: 0,
+                    flags: 0,
+                    eax: 0xd,
+                    ebx: 0x756e_6547,
+                    edx: 0x4965_6e69,
+                    ecx: 0x6c65_746e,
+                },
+                CpuidEntry {
+                    function: 1,
+                    index: 0,
+                    flags: 0,
+                    eax: 0,
+                    ebx: 0,
+                    ecx: (1 << 13) | (1 << 28) | (1 << 31),
+                    edx: 0xffff_ffff,
+                },
             ],
         }
     }

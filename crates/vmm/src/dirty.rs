@@ -17,7 +17,12 @@ use kvm_bindings::{
 };
 use kvm_ioctls::VmFd;
 
-vmm_sys_util::ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, kvm_bindings::KVMIO, 0xc0, kvm_clear_dirty_log);
+vmm_sys_util::ioctl_iowr_nr!(
+    KVM_CLEAR_DIRTY_LOG,
+    kvm_bindings::KVMIO,
+    0xc0,
+    kvm_clear_dirty_log
+);
 
 /// Dirty tracking errors.
 #[derive(Debug, thiserror::Error)]
@@ -25,7 +30,11 @@ pub enum DirtyError {
     #[error("KVM lacks KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: {0}")]
     NoManualProtect(kvm_ioctls::Error),
     #[error("cannot turn dirty logging {state} on slot {slot}: {err}")]
-    Slot { state: &'static str, slot: u32, err: String },
+    Slot {
+        state: &'static str,
+        slot: u32,
+        err: String,
+    },
     #[error("KVM_GET_DIRTY_LOG on slot {slot} failed: {err}")]
     Get { slot: u32, err: kvm_ioctls::Error },
     #[error("KVM_CLEAR_DIRTY_LOG on slot {slot} failed: {err}")]
@@ -42,13 +51,19 @@ pub struct PageBitmap {
 impl PageBitmap {
     /// All clear.
     pub fn new(pages: u64) -> PageBitmap {
-        PageBitmap { words: vec![0; pages.div_ceil(64) as usize], pages }
+        PageBitmap {
+            words: vec![0; pages.div_ceil(64) as usize],
+            pages,
+        }
     }
 
     /// All set.
     pub fn full(pages: u64) -> PageBitmap {
-        let mut b = PageBitmap { words: vec![!0u64; pages.div_ceil(64) as usize], pages };
-        if pages % 64 != 0 {
+        let mut b = PageBitmap {
+            words: vec![!0u64; pages.div_ceil(64) as usize],
+            pages,
+        };
+        if !pages.is_multiple_of(64) {
             let last = b.words.len() - 1;
             b.words[last] = (1u64 << (pages % 64)) - 1;
         }
@@ -114,7 +129,10 @@ impl PageBitmap {
 
 /// Turns on manual dirty-log protection for `vm` (once per VM, before tracking starts).
 pub fn enable_manual_protect(vm: &VmFd) -> Result<(), DirtyError> {
-    let mut cap = kvm_enable_cap { cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, ..Default::default() };
+    let mut cap = kvm_enable_cap {
+        cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+        ..Default::default()
+    };
     cap.args[0] = (KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET) as u64;
     vm.enable_cap(&cap).map_err(DirtyError::NoManualProtect)
 }
@@ -130,15 +148,21 @@ impl<'a> DirtyLog<'a> {
     /// is write-protected until it is cleared), which is what the first full pass wants.
     pub fn start(vm: &'a VmFd, ram: &'a GuestRam) -> Result<DirtyLog<'a>, DirtyError> {
         ram.register(vm, KVM_MEM_LOG_DIRTY_PAGES)
-            .map_err(|e| DirtyError::Slot { state: "on", slot: 0, err: e.to_string() })?;
+            .map_err(|e| DirtyError::Slot {
+                state: "on",
+                slot: 0,
+                err: e.to_string(),
+            })?;
         Ok(DirtyLog { vm, ram })
     }
 
     /// Stops logging (the slots are registered again without the flag).
     pub fn stop(self) -> Result<(), DirtyError> {
-        self.ram
-            .register(self.vm, 0)
-            .map_err(|e| DirtyError::Slot { state: "off", slot: 0, err: e.to_string() })
+        self.ram.register(self.vm, 0).map_err(|e| DirtyError::Slot {
+            state: "off",
+            slot: 0,
+            err: e.to_string(),
+        })
     }
 
     /// Returns the pages dirtied since the previous call (KVM's log merged with the VMM's),
@@ -164,13 +188,21 @@ impl<'a> DirtyLog<'a> {
     }
 
     fn clear(&self, slot: u32, pages: u64, bits: &mut [u64]) -> Result<(), DirtyError> {
-        let mut c = kvm_clear_dirty_log { slot, num_pages: pages as u32, first_page: 0, ..Default::default() };
+        let mut c = kvm_clear_dirty_log {
+            slot,
+            num_pages: pages as u32,
+            first_page: 0,
+            ..Default::default()
+        };
         c.__bindgen_anon_1.dirty_bitmap = bits.as_mut_ptr() as *mut libc::c_void;
         // SAFETY: `bits` holds one bit per page of the slot (KVM_GET_DIRTY_LOG sized it), lives
         // across the call, and the ioctl only reads it.
         let r = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(self.vm, KVM_CLEAR_DIRTY_LOG(), &c) };
         if r < 0 {
-            return Err(DirtyError::Clear { slot, err: std::io::Error::last_os_error() });
+            return Err(DirtyError::Clear {
+                slot,
+                err: std::io::Error::last_os_error(),
+            });
         }
         Ok(())
     }

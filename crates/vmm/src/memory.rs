@@ -7,9 +7,7 @@ use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 use vm_memory::bitmap::AtomicBitmap;
-use vm_memory::{
-    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 /// Guest memory as the VMM sees it.
 pub type GuestMem = GuestMemoryMmap<AtomicBitmap>;
@@ -58,9 +56,17 @@ impl MemoryLayout {
     /// The layout Ferry uses for `bytes` of RAM: up to 3 GiB at 0, the rest above 4 GiB.
     pub fn for_size(bytes: u64) -> MemoryLayout {
         let low = bytes.min(LOW_RAM_END);
-        let mut regions = vec![RamRegion { gpa: 0, size: low, file_offset: 0 }];
+        let mut regions = vec![RamRegion {
+            gpa: 0,
+            size: low,
+            file_offset: 0,
+        }];
         if bytes > low {
-            regions.push(RamRegion { gpa: HIGH_RAM_START, size: bytes - low, file_offset: low });
+            regions.push(RamRegion {
+                gpa: HIGH_RAM_START,
+                size: bytes - low,
+                file_offset: low,
+            });
         }
         MemoryLayout { regions }
     }
@@ -103,7 +109,9 @@ impl MemoryLayout {
             prev_end = end;
         }
         if next_off > max_bytes {
-            return bad(format!("{next_off} bytes of RAM exceeds the limit of {max_bytes}"));
+            return bad(format!(
+                "{next_off} bytes of RAM exceeds the limit of {max_bytes}"
+            ));
         }
         Ok(())
     }
@@ -111,7 +119,8 @@ impl MemoryLayout {
     /// Index of the page that holds `gpa` in the RAM (0-based over all regions), if any.
     pub fn page_index(&self, gpa: u64) -> Option<u64> {
         self.regions.iter().find_map(|r| {
-            (gpa >= r.gpa && gpa < r.gpa + r.size).then(|| (r.file_offset + gpa - r.gpa) / PAGE_SIZE)
+            (gpa >= r.gpa && gpa < r.gpa + r.size)
+                .then(|| (r.file_offset + gpa - r.gpa) / PAGE_SIZE)
         })
     }
 
@@ -134,7 +143,9 @@ pub struct GuestRam {
 
 impl std::fmt::Debug for GuestRam {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GuestRam").field("layout", &self.layout).finish()
+        f.debug_struct("GuestRam")
+            .field("layout", &self.layout)
+            .finish()
     }
 }
 
@@ -150,7 +161,8 @@ impl GuestRam {
         // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
         let file = unsafe { File::from_raw_fd(fd) };
         let size = layout.total_bytes();
-        file.set_len(size).map_err(|err| MemoryError::Truncate { size, err })?;
+        file.set_len(size)
+            .map_err(|err| MemoryError::Truncate { size, err })?;
         Self::map(file, layout)
     }
 
@@ -158,14 +170,17 @@ impl GuestRam {
     pub fn map(file: File, layout: MemoryLayout) -> Result<GuestRam, MemoryError> {
         let mut ranges = Vec::with_capacity(layout.regions.len());
         for r in &layout.regions {
-            let dup = file.try_clone().map_err(|e| MemoryError::Map(e.to_string()))?;
+            let dup = file
+                .try_clone()
+                .map_err(|e| MemoryError::Map(e.to_string()))?;
             ranges.push((
                 GuestAddress(r.gpa),
                 r.size as usize,
                 Some(FileOffset::new(dup, r.file_offset)),
             ));
         }
-        let mem = GuestMem::from_ranges_with_files(ranges).map_err(|e| MemoryError::Map(e.to_string()))?;
+        let mem = GuestMem::from_ranges_with_files(ranges)
+            .map_err(|e| MemoryError::Map(e.to_string()))?;
         Ok(GuestRam { file, mem, layout })
     }
 
@@ -200,7 +215,8 @@ impl GuestRam {
             };
             // SAFETY: the mapping behind `host` lives as long as `self.mem`, which outlives the
             // VM (the Vm struct drops its VmFd before its GuestRam), and has exactly `len` bytes.
-            unsafe { vm.set_user_memory_region(r) }.map_err(|err| MemoryError::SetRegion { slot, err })?;
+            unsafe { vm.set_user_memory_region(r) }
+                .map_err(|err| MemoryError::SetRegion { slot, err })?;
         }
         Ok(())
     }
@@ -215,7 +231,11 @@ impl GuestRam {
     /// Returns and clears the VMM-side dirty bitmap of region `i` (one bit per 4 KiB page,
     /// 64 pages per word).
     pub fn take_vmm_dirty(&self, i: usize) -> Vec<u64> {
-        self.mem.iter().nth(i).map(|r| r.get_mmap().bitmap().get_and_reset()).unwrap_or_default()
+        self.mem
+            .iter()
+            .nth(i)
+            .map(|r| r.get_mmap().bitmap().get_and_reset())
+            .unwrap_or_default()
     }
 
     /// Host view of region `i` as raw parts (pointer, length).
@@ -273,7 +293,9 @@ impl GuestRam {
 pub fn is_zero(page: &[u8]) -> bool {
     // SAFETY: u128 has no invalid bit patterns; align_to only reinterprets the aligned middle.
     let (pre, mid, post) = unsafe { page.align_to::<u128>() };
-    pre.iter().all(|&b| b == 0) && post.iter().all(|&b| b == 0) && mid.iter().fold(0u128, |a, &w| a | w) == 0
+    pre.iter().all(|&b| b == 0)
+        && post.iter().all(|&b| b == 0)
+        && mid.iter().fold(0u128, |a, &w| a | w) == 0
 }
 
 #[cfg(test)]
@@ -288,25 +310,37 @@ mod tests {
         assert_eq!(l.regions[0].size, LOW_RAM_END);
         assert_eq!(l.regions[1].gpa, HIGH_RAM_START);
         assert_eq!(l.total_bytes(), 4 << 30);
-        assert_eq!(l.page_gpa(l.page_index(HIGH_RAM_START + 8192).unwrap()), Some(HIGH_RAM_START + 8192));
+        assert_eq!(
+            l.page_gpa(l.page_index(HIGH_RAM_START + 8192).unwrap()),
+            Some(HIGH_RAM_START + 8192)
+        );
         l.validate(8 << 30).unwrap();
         assert!(l.validate(1 << 30).is_err());
         let mut bad = l.clone();
         bad.regions[1].gpa = 0xD000_0000;
-        assert!(bad.validate(8 << 30).unwrap_err().to_string().contains("MMIO hole"));
+        assert!(bad
+            .validate(8 << 30)
+            .unwrap_err()
+            .to_string()
+            .contains("MMIO hole"));
     }
 
     #[test]
     fn memfd_ram_is_shared_and_sparse() {
         let ram = GuestRam::new(MemoryLayout::for_size(64 << 20)).unwrap();
         assert!(ram.data_extents().is_empty());
-        ram.memory().write_obj(0xdead_beef_u64, GuestAddress(0x20_0000)).unwrap();
+        ram.memory()
+            .write_obj(0xdead_beef_u64, GuestAddress(0x20_0000))
+            .unwrap();
         let ext = ram.data_extents();
         assert_eq!(ext.len(), 1);
         assert!(ext[0].0 <= 0x20_0000 && ext[0].1 > 0x20_0000);
         // The VMM-side bitmap saw the write.
         let region = ram.memory().iter().next().unwrap();
-        assert!(vm_memory::bitmap::Bitmap::dirty_at(&region.bitmap(), 0x20_0000));
+        assert!(vm_memory::bitmap::Bitmap::dirty_at(
+            &region.bitmap(),
+            0x20_0000
+        ));
         assert!(is_zero(&[0u8; 4096]));
         let mut p = [0u8; 4096];
         p[4095] = 1;

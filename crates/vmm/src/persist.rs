@@ -30,7 +30,10 @@ pub mod kvm_bytes {
     use super::*;
     use zerocopy::{FromBytes, Immutable, IntoBytes};
 
-    pub fn serialize<T: IntoBytes + Immutable, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<T: IntoBytes + Immutable, S: Serializer>(
+        v: &T,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         s.serialize_bytes(v.as_bytes())
     }
 

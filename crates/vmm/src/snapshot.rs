@@ -90,13 +90,17 @@ fn bincode_opts() -> impl bincode::Options {
 /// Encodes a machine state with the snapshot's (and the migration stream's) codec.
 pub fn encode_state(state: &MachineState) -> Result<Vec<u8>, SnapshotError> {
     use bincode::Options;
-    bincode_opts().serialize(state).map_err(|e| SnapshotError::Encode(e.to_string()))
+    bincode_opts()
+        .serialize(state)
+        .map_err(|e| SnapshotError::Encode(e.to_string()))
 }
 
 /// Decodes a machine state; never panics on bad input.
 pub fn decode_state(bytes: &[u8]) -> Result<MachineState, SnapshotError> {
     use bincode::Options;
-    bincode_opts().deserialize(bytes).map_err(|e| SnapshotError::Decode(e.to_string()))
+    bincode_opts()
+        .deserialize(bytes)
+        .map_err(|e| SnapshotError::Decode(e.to_string()))
 }
 
 fn header() -> [u8; HEADER_LEN] {
@@ -136,14 +140,20 @@ pub trait PageSource {
     /// Total RAM pages.
     fn total_pages(&self) -> u64;
     /// Calls `f(first_page, bytes)` for runs of pages that may be non-zero, ascending.
-    fn for_each_run(&self, f: &mut dyn FnMut(u64, &[u8]) -> std::io::Result<()>) -> std::io::Result<()>;
+    fn for_each_run(
+        &self,
+        f: &mut dyn FnMut(u64, &[u8]) -> std::io::Result<()>,
+    ) -> std::io::Result<()>;
 }
 
 impl PageSource for GuestRam {
     fn total_pages(&self) -> u64 {
         self.layout().total_pages()
     }
-    fn for_each_run(&self, f: &mut dyn FnMut(u64, &[u8]) -> std::io::Result<()>) -> std::io::Result<()> {
+    fn for_each_run(
+        &self,
+        f: &mut dyn FnMut(u64, &[u8]) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
         for (start, end) in self.data_extents() {
             let mut off = start & !(PAGE_SIZE - 1);
             while off < end {
@@ -156,7 +166,9 @@ impl PageSource for GuestRam {
                     .copied()
                     .ok_or_else(|| std::io::Error::other("memfd extent outside RAM"))?;
                 let stop = end.min(region.file_offset + region.size);
-                let ptr = self.ptr_at_offset(off).ok_or_else(|| std::io::Error::other("unmapped RAM"))?;
+                let ptr = self
+                    .ptr_at_offset(off)
+                    .ok_or_else(|| std::io::Error::other("unmapped RAM"))?;
                 // SAFETY: [off, stop) lies inside one mapped region; the VM is paused, so no vCPU
                 // writes these bytes while the slice exists.
                 let bytes = unsafe { std::slice::from_raw_parts(ptr, (stop - off) as usize) };
@@ -179,7 +191,10 @@ impl PageSource for SparsePages {
     fn total_pages(&self) -> u64 {
         self.total_pages
     }
-    fn for_each_run(&self, f: &mut dyn FnMut(u64, &[u8]) -> std::io::Result<()>) -> std::io::Result<()> {
+    fn for_each_run(
+        &self,
+        f: &mut dyn FnMut(u64, &[u8]) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
         for (i, p) in &self.pages {
             f(*i, p)?;
         }
@@ -188,13 +203,23 @@ impl PageSource for SparsePages {
 }
 
 /// Writes `state` and the non-zero pages of `pages` to `path` (atomically, via a temp file).
-pub fn write(path: &Path, state: &MachineState, pages: &dyn PageSource) -> Result<SnapshotStats, SnapshotError> {
+pub fn write(
+    path: &Path,
+    state: &MachineState,
+    pages: &dyn PageSource,
+) -> Result<SnapshotStats, SnapshotError> {
     let t0 = Instant::now();
     let tmp = PathBuf::from(format!("{}.tmp", path.display()));
-    let werr = |err: std::io::Error| SnapshotError::Write { path: path.display().to_string(), err };
+    let werr = |err: std::io::Error| SnapshotError::Write {
+        path: path.display().to_string(),
+        err,
+    };
     let encoded = encode_state(state)?;
     let file = File::create(&tmp).map_err(werr)?;
-    let mut sw = SectionWriter { w: BufWriter::with_capacity(4 << 20, file), bytes: 0 };
+    let mut sw = SectionWriter {
+        w: BufWriter::with_capacity(4 << 20, file),
+        bytes: 0,
+    };
     let result = (|| -> std::io::Result<(u64, u64)> {
         sw.w.write_all(&header())?;
         sw.bytes += HEADER_LEN as u64;
@@ -210,7 +235,10 @@ pub fn write(path: &Path, state: &MachineState, pages: &dyn PageSource) -> Resul
                     continue;
                 }
                 let start = i;
-                while i < n && i - start < MAX_CHUNK_PAGES as usize && !is_zero(&bytes[i * page..(i + 1) * page]) {
+                while i < n
+                    && i - start < MAX_CHUNK_PAGES as usize
+                    && !is_zero(&bytes[i * page..(i + 1) * page])
+                {
                     i += 1;
                 }
                 let count = (i - start) as u32;
@@ -249,6 +277,9 @@ pub fn write(path: &Path, state: &MachineState, pages: &dyn PageSource) -> Resul
     })
 }
 
+/// Receives verified page runs: `(first page index, bytes)`.
+pub type PageSink<'a> = dyn FnMut(u64, &[u8]) -> Result<(), SnapshotError> + 'a;
+
 /// Reads snapshot files section by section, verifying as it goes.
 pub struct Reader {
     r: BufReader<File>,
@@ -275,15 +306,24 @@ fn tag_name(tag: &[u8; 4]) -> String {
 impl Reader {
     /// Opens `path` and verifies the header.
     pub fn open(path: &Path) -> Result<Reader, SnapshotError> {
-        let f = File::open(path).map_err(|err| SnapshotError::Open { path: path.display().to_string(), err })?;
-        let mut r = Reader { r: BufReader::with_capacity(4 << 20, f), offset: 0 };
+        let f = File::open(path).map_err(|err| SnapshotError::Open {
+            path: path.display().to_string(),
+            err,
+        })?;
+        let mut r = Reader {
+            r: BufReader::with_capacity(4 << 20, f),
+            offset: 0,
+        };
         let mut h = [0u8; HEADER_LEN];
         let got = r.read_up_to(&mut h)?;
         if got < 8 || &h[..8] != MAGIC {
             return Err(SnapshotError::BadMagic);
         }
         if got < HEADER_LEN {
-            return Err(SnapshotError::Truncated { what: "the file header".into(), offset: got as u64 });
+            return Err(SnapshotError::Truncated {
+                what: "the file header".into(),
+                offset: got as u64,
+            });
         }
         let version = u32::from_le_bytes(h[8..12].try_into().unwrap());
         let crc = u32::from_le_bytes(h[24..28].try_into().unwrap());
@@ -311,7 +351,12 @@ impl Reader {
                 Ok(0) => break,
                 Ok(k) => n += k,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(err) => return Err(SnapshotError::Read { offset: self.offset + n as u64, err }),
+                Err(err) => {
+                    return Err(SnapshotError::Read {
+                        offset: self.offset + n as u64,
+                        err,
+                    })
+                }
             }
         }
         self.offset += n as u64;
@@ -321,7 +366,10 @@ impl Reader {
     fn read_exact(&mut self, buf: &mut [u8], what: &str) -> Result<(), SnapshotError> {
         let n = self.read_up_to(buf)?;
         if n < buf.len() {
-            return Err(SnapshotError::Truncated { what: what.into(), offset: self.offset });
+            return Err(SnapshotError::Truncated {
+                what: what.into(),
+                offset: self.offset,
+            });
         }
         Ok(())
     }
@@ -331,10 +379,16 @@ impl Reader {
         let mut h = [0u8; 16];
         let n = self.read_up_to(&mut h)?;
         if n == 0 {
-            return Err(SnapshotError::Truncated { what: "the section list (no end marker)".into(), offset });
+            return Err(SnapshotError::Truncated {
+                what: "the section list (no end marker)".into(),
+                offset,
+            });
         }
         if n < 16 {
-            return Err(SnapshotError::Truncated { what: "a section header".into(), offset: self.offset });
+            return Err(SnapshotError::Truncated {
+                what: "a section header".into(),
+                offset: self.offset,
+            });
         }
         let tag: [u8; 4] = h[..4].try_into().unwrap();
         if ![TAG_STATE, TAG_MEMORY, TAG_END].contains(&&tag) {
@@ -363,7 +417,10 @@ impl Reader {
         let mut buf = vec![0u8; s.len as usize];
         self.read_exact(&mut buf, &tag_name(&s.tag))?;
         if crc32c::crc32c(&buf) != s.crc {
-            return Err(SnapshotError::Checksum { what: tag_name(&s.tag), offset: s.offset });
+            return Err(SnapshotError::Checksum {
+                what: tag_name(&s.tag),
+                offset: s.offset,
+            });
         }
         Ok(buf)
     }
@@ -372,7 +429,10 @@ impl Reader {
     pub fn read_state(&mut self) -> Result<MachineState, SnapshotError> {
         let s = self.next_section()?;
         if &s.tag != TAG_STATE {
-            return Err(SnapshotError::Malformed(format!("expected the VM state section first, found {}", tag_name(&s.tag))));
+            return Err(SnapshotError::Malformed(format!(
+                "expected the VM state section first, found {}",
+                tag_name(&s.tag)
+            )));
         }
         let payload = self.read_payload(&s, MAX_STATE_BYTES)?;
         decode_state(&payload)
@@ -383,7 +443,7 @@ impl Reader {
     pub fn read_memory(
         &mut self,
         total_pages: u64,
-        sink: &mut dyn FnMut(u64, &[u8]) -> Result<(), SnapshotError>,
+        sink: &mut PageSink<'_>,
     ) -> Result<(u64, u64), SnapshotError> {
         let (mut chunks, mut data_pages, mut next_min) = (0u64, 0u64, 0u64);
         let mut buf = Vec::new();
@@ -392,16 +452,25 @@ impl Reader {
             match &s.tag {
                 TAG_MEMORY => {
                     if s.len < 12 || (s.len - 12) % PAGE_SIZE != 0 {
-                        return Err(SnapshotError::Malformed(format!("memory chunk at byte {} has length {}", s.offset, s.len)));
+                        return Err(SnapshotError::Malformed(format!(
+                            "memory chunk at byte {} has length {}",
+                            s.offset, s.len
+                        )));
                     }
                     let count = (s.len - 12) / PAGE_SIZE;
                     if count == 0 || count > MAX_CHUNK_PAGES as u64 {
-                        return Err(SnapshotError::Malformed(format!("memory chunk at byte {} holds {count} pages", s.offset)));
+                        return Err(SnapshotError::Malformed(format!(
+                            "memory chunk at byte {} holds {count} pages",
+                            s.offset
+                        )));
                     }
                     buf.resize(s.len as usize, 0);
                     self.read_exact(&mut buf, "a memory chunk")?;
                     if crc32c::crc32c(&buf) != s.crc {
-                        return Err(SnapshotError::Checksum { what: "a memory chunk".into(), offset: s.offset });
+                        return Err(SnapshotError::Checksum {
+                            what: "a memory chunk".into(),
+                            offset: s.offset,
+                        });
                     }
                     let first = u64::from_le_bytes(buf[..8].try_into().unwrap());
                     let declared = u32::from_le_bytes(buf[8..12].try_into().unwrap()) as u64;
@@ -411,7 +480,8 @@ impl Reader {
                             s.offset
                         )));
                     }
-                    if first < next_min || first.checked_add(count).is_none_or(|e| e > total_pages) {
+                    if first < next_min || first.checked_add(count).is_none_or(|e| e > total_pages)
+                    {
                         return Err(SnapshotError::Malformed(format!(
                             "memory chunk at byte {} covers pages {first}..{} outside 0..{total_pages} or out of order",
                             s.offset,
@@ -426,7 +496,9 @@ impl Reader {
                 TAG_END => {
                     let p = self.read_payload(&s, 24)?;
                     if p.len() != 24 {
-                        return Err(SnapshotError::Malformed("end marker has the wrong size".into()));
+                        return Err(SnapshotError::Malformed(
+                            "end marker has the wrong size".into(),
+                        ));
                     }
                     let c = u64::from_le_bytes(p[..8].try_into().unwrap());
                     let d = u64::from_le_bytes(p[8..16].try_into().unwrap());
@@ -438,12 +510,19 @@ impl Reader {
                     }
                     let mut extra = [0u8; 1];
                     if self.read_up_to(&mut extra)? != 0 {
-                        return Err(SnapshotError::Malformed(format!("trailing bytes after the end marker at byte {}", self.offset - 1)));
+                        return Err(SnapshotError::Malformed(format!(
+                            "trailing bytes after the end marker at byte {}",
+                            self.offset - 1
+                        )));
                     }
                     return Ok((chunks, data_pages));
                 }
                 _ => {
-                    return Err(SnapshotError::Malformed(format!("unexpected {} at byte {}", tag_name(&s.tag), s.offset)));
+                    return Err(SnapshotError::Malformed(format!(
+                        "unexpected {} at byte {}",
+                        tag_name(&s.tag),
+                        s.offset
+                    )));
                 }
             }
         }
@@ -467,11 +546,13 @@ pub fn read_into(
                 .regions
                 .iter()
                 .find(|r| off >= r.file_offset && off < r.file_offset + r.size)
-                .ok_or_else(|| SnapshotError::Malformed(format!("page {} is outside RAM", off / PAGE_SIZE)))?;
+                .ok_or_else(|| {
+                    SnapshotError::Malformed(format!("page {} is outside RAM", off / PAGE_SIZE))
+                })?;
             let n = ((region.file_offset + region.size - off) as usize).min(rest.len());
-            let dst = ram
-                .ptr_at_offset(off)
-                .ok_or_else(|| SnapshotError::Malformed(format!("page {} is not mapped", off / PAGE_SIZE)))?;
+            let dst = ram.ptr_at_offset(off).ok_or_else(|| {
+                SnapshotError::Malformed(format!("page {} is not mapped", off / PAGE_SIZE))
+            })?;
             // SAFETY: [off, off + n) lies inside one mapped region of `ram`; the VM built on it
             // has not started, so nothing else accesses these bytes.
             unsafe { std::ptr::copy_nonoverlapping(rest.as_ptr(), dst, n) };
@@ -494,7 +575,13 @@ pub fn load_sparse(path: &Path) -> Result<(MachineState, SparsePages), SnapshotE
         }
         Ok(())
     })?;
-    Ok((state, SparsePages { total_pages: total, pages }))
+    Ok((
+        state,
+        SparsePages {
+            total_pages: total,
+            pages,
+        },
+    ))
 }
 
 /// Snapshot of a running or paused VM: pauses it (if running), writes the file, and resumes it
@@ -502,9 +589,10 @@ pub fn load_sparse(path: &Path) -> Result<(MachineState, SparsePages), SnapshotE
 pub fn take(vm: &crate::vm::Vm, path: &Path) -> Result<SnapshotStats, crate::vm::VmError> {
     let was_running = vm.run_state() == crate::vm::VmRunState::Running;
     vm.pause()?;
-    let result = vm
-        .save_state()
-        .and_then(|state| write(path, &state, vm.ram().as_ref()).map_err(|e| crate::vm::VmError::Snapshot(e.to_string())));
+    let result = vm.save_state().and_then(|state| {
+        write(path, &state, vm.ram().as_ref())
+            .map_err(|e| crate::vm::VmError::Snapshot(e.to_string()))
+    });
     if was_running {
         vm.resume()?;
     }

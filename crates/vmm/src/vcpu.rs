@@ -13,9 +13,18 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
     #[error("vCPU {id}: {op} failed: {err}")]
-    Kvm { id: u8, op: &'static str, err: kvm_ioctls::Error },
+    Kvm {
+        id: u8,
+        op: &'static str,
+        err: kvm_ioctls::Error,
+    },
     #[error("vCPU {id}: KVM accepted only {done} of {total} MSRs (first refused: {first:#x})")]
-    Msrs { id: u8, done: usize, total: usize, first: u32 },
+    Msrs {
+        id: u8,
+        done: usize,
+        total: usize,
+        first: u32,
+    },
     #[error("vCPU {id}: invalid state: {msg}")]
     BadState { id: u8, msg: String },
     #[error("vCPU {id}: {0}", id = .1)]
@@ -118,12 +127,27 @@ fn kvm_err(id: u8, op: &'static str) -> impl Fn(kvm_ioctls::Error) -> VcpuError 
 
 impl Vcpu {
     /// Creates vCPU `id` in `vm` and gives it `cpuid` (already patched for this vCPU).
-    pub fn create(vm: &VmFd, id: u8, cpuid: &CpuidTable, msr_list: Vec<u32>) -> Result<Vcpu, VcpuError> {
-        let fd = vm.create_vcpu(id as u64).map_err(kvm_err(id, "KVM_CREATE_VCPU"))?;
+    pub fn create(
+        vm: &VmFd,
+        id: u8,
+        cpuid: &CpuidTable,
+        msr_list: Vec<u32>,
+    ) -> Result<Vcpu, VcpuError> {
+        let fd = vm
+            .create_vcpu(id as u64)
+            .map_err(kvm_err(id, "KVM_CREATE_VCPU"))?;
         let kvm_cpuid = cpuid.to_kvm().map_err(|e| VcpuError::Cpuid(e, id))?;
-        fd.set_cpuid2(&kvm_cpuid).map_err(kvm_err(id, "KVM_SET_CPUID2"))?;
-        let xsave_size = (vm.check_extension_int(Cap::Xsave2).max(0) as usize).max(std::mem::size_of::<kvm_xsave>());
-        Ok(Vcpu { id, fd, msr_list, xsave_size, cpuid: cpuid.clone() })
+        fd.set_cpuid2(&kvm_cpuid)
+            .map_err(kvm_err(id, "KVM_SET_CPUID2"))?;
+        let xsave_size = (vm.check_extension_int(Cap::Xsave2).max(0) as usize)
+            .max(std::mem::size_of::<kvm_xsave>());
+        Ok(Vcpu {
+            id,
+            fd,
+            msr_list,
+            xsave_size,
+            cpuid: cpuid.clone(),
+        })
     }
 
     /// The MSRs of `candidates` this vCPU can read (call once on a fresh vCPU).
@@ -132,7 +156,10 @@ impl Vcpu {
             .iter()
             .copied()
             .filter(|&i| {
-                let Ok(mut m) = Msrs::from_entries(&[kvm_msr_entry { index: i, ..Default::default() }]) else {
+                let Ok(mut m) = Msrs::from_entries(&[kvm_msr_entry {
+                    index: i,
+                    ..Default::default()
+                }]) else {
                     return false;
                 };
                 matches!(self.fd.get_msrs(&mut m), Ok(1))
@@ -154,13 +181,23 @@ impl Vcpu {
         let lint1 = (get_lapic_reg(&lapic, 0x360) & !0x700) | 0x400; // NMI
         set_lapic_reg(&mut lapic, 0x350, lint0);
         set_lapic_reg(&mut lapic, 0x360, lint1);
-        self.fd.set_lapic(&lapic).map_err(kvm_err(id, "KVM_SET_LAPIC"))?;
+        self.fd
+            .set_lapic(&lapic)
+            .map_err(kvm_err(id, "KVM_SET_LAPIC"))?;
         if let Some(entry) = entry {
             let mut sregs = self.fd.get_sregs().map_err(kvm_err(id, "KVM_GET_SREGS"))?;
             crate::boot::patch_sregs(&mut sregs, entry.sregs_patch);
-            self.fd.set_sregs(&sregs).map_err(kvm_err(id, "KVM_SET_SREGS"))?;
-            self.fd.set_regs(&entry.regs).map_err(kvm_err(id, "KVM_SET_REGS"))?;
-            let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+            self.fd
+                .set_sregs(&sregs)
+                .map_err(kvm_err(id, "KVM_SET_SREGS"))?;
+            self.fd
+                .set_regs(&entry.regs)
+                .map_err(kvm_err(id, "KVM_SET_REGS"))?;
+            let fpu = kvm_fpu {
+                fcw: 0x37f,
+                mxcsr: 0x1f80,
+                ..Default::default()
+            };
             self.fd.set_fpu(&fpu).map_err(kvm_err(id, "KVM_SET_FPU"))?;
         }
         Ok(())
@@ -169,14 +206,20 @@ impl Vcpu {
     fn get_xsave(&self) -> Result<Vec<u32>, VcpuError> {
         if self.xsave_size > std::mem::size_of::<kvm_xsave>() {
             let extra = (self.xsave_size - std::mem::size_of::<kvm_xsave>()).div_ceil(4);
-            let mut x = kvm_bindings::Xsave::new(extra).map_err(|e| VcpuError::BadState { id: self.id, msg: format!("{e:?}") })?;
+            let mut x = kvm_bindings::Xsave::new(extra).map_err(|e| VcpuError::BadState {
+                id: self.id,
+                msg: format!("{e:?}"),
+            })?;
             // SAFETY: `x` was allocated with room for KVM_CAP_XSAVE2 bytes, as the ioctl requires.
             unsafe { self.fd.get_xsave2(&mut x) }.map_err(kvm_err(self.id, "KVM_GET_XSAVE2"))?;
             let mut v = x.as_fam_struct_ref().xsave.region.to_vec();
             v.extend_from_slice(x.as_slice());
             Ok(v)
         } else {
-            let x = self.fd.get_xsave().map_err(kvm_err(self.id, "KVM_GET_XSAVE"))?;
+            let x = self
+                .fd
+                .get_xsave()
+                .map_err(kvm_err(self.id, "KVM_GET_XSAVE"))?;
             Ok(x.region.to_vec())
         }
     }
@@ -184,20 +227,33 @@ impl Vcpu {
     fn set_xsave(&self, words: &[u32]) -> Result<(), VcpuError> {
         let base = std::mem::size_of::<kvm_xsave>() / 4;
         if words.len() < base {
-            return Err(VcpuError::BadState { id: self.id, msg: format!("XSAVE area has {} words, need {base}", words.len()) });
+            return Err(VcpuError::BadState {
+                id: self.id,
+                msg: format!("XSAVE area has {} words, need {base}", words.len()),
+            });
         }
         if words.len() > base {
             if words.len() * 4 > self.xsave_size {
                 return Err(VcpuError::BadState {
                     id: self.id,
-                    msg: format!("XSAVE area of {} bytes does not fit this host's {} bytes", words.len() * 4, self.xsave_size),
+                    msg: format!(
+                        "XSAVE area of {} bytes does not fit this host's {} bytes",
+                        words.len() * 4,
+                        self.xsave_size
+                    ),
                 });
             }
-            let mut x = kvm_bindings::Xsave::new(words.len() - base)
-                .map_err(|e| VcpuError::BadState { id: self.id, msg: format!("{e:?}") })?;
+            let mut x =
+                kvm_bindings::Xsave::new(words.len() - base).map_err(|e| VcpuError::BadState {
+                    id: self.id,
+                    msg: format!("{e:?}"),
+                })?;
             // SAFETY: the FAM struct holds `words.len() - base` extra words, exactly what we copy.
             unsafe {
-                x.as_mut_fam_struct().xsave.region.copy_from_slice(&words[..base]);
+                x.as_mut_fam_struct()
+                    .xsave
+                    .region
+                    .copy_from_slice(&words[..base]);
                 x.as_mut_slice().copy_from_slice(&words[base..]);
                 self.fd.set_xsave2(&x)
             }
@@ -232,26 +288,49 @@ impl Persist for Vcpu {
         let id = self.id;
         // Order matters: KVM_GET_MP_STATE may process pending LAPIC events, so it goes first;
         // MSRs after the LAPIC (the TSC deadline depends on the LAPIC timer mode).
-        let mp_state = self.fd.get_mp_state().map_err(kvm_err(id, "KVM_GET_MP_STATE"))?;
+        let mp_state = self
+            .fd
+            .get_mp_state()
+            .map_err(kvm_err(id, "KVM_GET_MP_STATE"))?;
         let regs = self.fd.get_regs().map_err(kvm_err(id, "KVM_GET_REGS"))?;
         let sregs = self.fd.get_sregs().map_err(kvm_err(id, "KVM_GET_SREGS"))?;
         let fpu = FpuState::from(&self.fd.get_fpu().map_err(kvm_err(id, "KVM_GET_FPU"))?);
         let xsave = self.get_xsave()?;
         let xcrs = self.fd.get_xcrs().map_err(kvm_err(id, "KVM_GET_XCRS"))?;
-        let debugregs = self.fd.get_debug_regs().map_err(kvm_err(id, "KVM_GET_DEBUGREGS"))?;
+        let debugregs = self
+            .fd
+            .get_debug_regs()
+            .map_err(kvm_err(id, "KVM_GET_DEBUGREGS"))?;
         let lapic = self.fd.get_lapic().map_err(kvm_err(id, "KVM_GET_LAPIC"))?;
         let entries: Vec<kvm_msr_entry> = self
             .msr_list
             .iter()
-            .map(|&index| kvm_msr_entry { index, ..Default::default() })
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
             .collect();
-        let mut m = Msrs::from_entries(&entries).map_err(|e| VcpuError::BadState { id, msg: format!("{e:?}") })?;
-        let n = self.fd.get_msrs(&mut m).map_err(kvm_err(id, "KVM_GET_MSRS"))?;
+        let mut m = Msrs::from_entries(&entries).map_err(|e| VcpuError::BadState {
+            id,
+            msg: format!("{e:?}"),
+        })?;
+        let n = self
+            .fd
+            .get_msrs(&mut m)
+            .map_err(kvm_err(id, "KVM_GET_MSRS"))?;
         if n != entries.len() {
-            return Err(VcpuError::Msrs { id, done: n, total: entries.len(), first: entries[n].index });
+            return Err(VcpuError::Msrs {
+                id,
+                done: n,
+                total: entries.len(),
+                first: entries[n].index,
+            });
         }
         let msrs = m.as_slice().iter().map(|e| (e.index, e.data)).collect();
-        let events = self.fd.get_vcpu_events().map_err(kvm_err(id, "KVM_GET_VCPU_EVENTS"))?;
+        let events = self
+            .fd
+            .get_vcpu_events()
+            .map_err(kvm_err(id, "KVM_GET_VCPU_EVENTS"))?;
         let tsc_khz = self.fd.get_tsc_khz().ok();
         Ok(VcpuState {
             id,
@@ -282,32 +361,65 @@ impl Vcpu {
     pub fn apply(&self, state: &VcpuState) -> Result<(), VcpuError> {
         let id = self.id;
         if state.id != id {
-            return Err(VcpuError::BadState { id, msg: format!("state belongs to vCPU {}", state.id) });
+            return Err(VcpuError::BadState {
+                id,
+                msg: format!("state belongs to vCPU {}", state.id),
+            });
         }
         if let Some(khz) = state.tsc_khz {
             if self.fd.get_tsc_khz().ok() != Some(khz) {
-                self.fd.set_tsc_khz(khz).map_err(kvm_err(id, "KVM_SET_TSC_KHZ"))?;
+                self.fd
+                    .set_tsc_khz(khz)
+                    .map_err(kvm_err(id, "KVM_SET_TSC_KHZ"))?;
             }
         }
-        self.fd.set_mp_state(state.mp_state).map_err(kvm_err(id, "KVM_SET_MP_STATE"))?;
-        self.fd.set_regs(&state.regs).map_err(kvm_err(id, "KVM_SET_REGS"))?;
-        self.fd.set_sregs(&state.sregs).map_err(kvm_err(id, "KVM_SET_SREGS"))?;
-        self.fd.set_fpu(&kvm_fpu::from(&state.fpu)).map_err(kvm_err(id, "KVM_SET_FPU"))?;
+        self.fd
+            .set_mp_state(state.mp_state)
+            .map_err(kvm_err(id, "KVM_SET_MP_STATE"))?;
+        self.fd
+            .set_regs(&state.regs)
+            .map_err(kvm_err(id, "KVM_SET_REGS"))?;
+        self.fd
+            .set_sregs(&state.sregs)
+            .map_err(kvm_err(id, "KVM_SET_SREGS"))?;
+        self.fd
+            .set_fpu(&kvm_fpu::from(&state.fpu))
+            .map_err(kvm_err(id, "KVM_SET_FPU"))?;
         self.set_xsave(&state.xsave)?;
-        self.fd.set_xcrs(&state.xcrs).map_err(kvm_err(id, "KVM_SET_XCRS"))?;
-        self.fd.set_debug_regs(&state.debugregs).map_err(kvm_err(id, "KVM_SET_DEBUGREGS"))?;
-        self.fd.set_lapic(&state.lapic).map_err(kvm_err(id, "KVM_SET_LAPIC"))?;
+        self.fd
+            .set_xcrs(&state.xcrs)
+            .map_err(kvm_err(id, "KVM_SET_XCRS"))?;
+        self.fd
+            .set_debug_regs(&state.debugregs)
+            .map_err(kvm_err(id, "KVM_SET_DEBUGREGS"))?;
+        self.fd
+            .set_lapic(&state.lapic)
+            .map_err(kvm_err(id, "KVM_SET_LAPIC"))?;
         let entries: Vec<kvm_msr_entry> = state
             .msrs
             .iter()
-            .map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() })
+            .map(|&(index, data)| kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
             .collect();
-        let m = Msrs::from_entries(&entries).map_err(|e| VcpuError::BadState { id, msg: format!("{e:?}") })?;
+        let m = Msrs::from_entries(&entries).map_err(|e| VcpuError::BadState {
+            id,
+            msg: format!("{e:?}"),
+        })?;
         let n = self.fd.set_msrs(&m).map_err(kvm_err(id, "KVM_SET_MSRS"))?;
         if n != entries.len() {
-            return Err(VcpuError::Msrs { id, done: n, total: entries.len(), first: entries[n].index });
+            return Err(VcpuError::Msrs {
+                id,
+                done: n,
+                total: entries.len(),
+                first: entries[n].index,
+            });
         }
-        self.fd.set_vcpu_events(&state.events).map_err(kvm_err(id, "KVM_SET_VCPU_EVENTS"))?;
+        self.fd
+            .set_vcpu_events(&state.events)
+            .map_err(kvm_err(id, "KVM_SET_VCPU_EVENTS"))?;
         Ok(())
     }
 }

@@ -45,7 +45,10 @@ pub enum VmError {
     #[error("invalid configuration: {0}")]
     Config(#[from] crate::config::ConfigError),
     #[error("{op} failed: {err}")]
-    Kvm { op: &'static str, err: kvm_ioctls::Error },
+    Kvm {
+        op: &'static str,
+        err: kvm_ioctls::Error,
+    },
     #[error(transparent)]
     Memory(#[from] crate::memory::MemoryError),
     #[error(transparent)]
@@ -137,9 +140,14 @@ pub struct Platform {
 impl Platform {
     /// Creates the in-kernel irqchip (PIC + IOAPIC + LAPICs) and PIT.
     pub fn create(vm: Arc<VmFd>) -> Result<Platform, VmError> {
-        vm.set_tss_address(KVM_TSS_ADDRESS).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        vm.set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        vm.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
         vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
         Ok(Platform { vm })
     }
@@ -152,8 +160,13 @@ impl Persist for Platform {
 
     fn save(&self) -> Result<PlatformState, VmError> {
         let chip = |id| -> Result<kvm_irqchip, VmError> {
-            let mut c = kvm_irqchip { chip_id: id, ..Default::default() };
-            self.vm.get_irqchip(&mut c).map_err(kvm_err("KVM_GET_IRQCHIP"))?;
+            let mut c = kvm_irqchip {
+                chip_id: id,
+                ..Default::default()
+            };
+            self.vm
+                .get_irqchip(&mut c)
+                .map_err(kvm_err("KVM_GET_IRQCHIP"))?;
             Ok(c)
         };
         Ok(PlatformState {
@@ -181,14 +194,22 @@ impl Platform {
             (&s.ioapic, KVM_IRQCHIP_IOAPIC),
         ] {
             if c.chip_id != id {
-                return Err(VmError::Incompatible(format!("irqchip state has chip id {} where {id} belongs", c.chip_id)));
+                return Err(VmError::Incompatible(format!(
+                    "irqchip state has chip id {} where {id} belongs",
+                    c.chip_id
+                )));
             }
             self.vm.set_irqchip(c).map_err(kvm_err("KVM_SET_IRQCHIP"))?;
         }
         self.vm.set_pit2(&s.pit).map_err(kvm_err("KVM_SET_PIT2"))?;
         // Only the clock value is restored; KVM rejects flags it did not produce here.
-        let clock = kvm_clock_data { clock: s.clock.clock, ..Default::default() };
-        self.vm.set_clock(&clock).map_err(kvm_err("KVM_SET_CLOCK"))?;
+        let clock = kvm_clock_data {
+            clock: s.clock.clock,
+            ..Default::default()
+        };
+        self.vm
+            .set_clock(&clock)
+            .map_err(kvm_err("KVM_SET_CLOCK"))?;
         Ok(())
     }
 }
@@ -227,7 +248,10 @@ impl MachineState {
         }
         for (i, v) in self.vcpus.iter().enumerate() {
             if v.id as usize != i {
-                return Err(VmError::Incompatible(format!("vCPU state {i} carries id {}", v.id)));
+                return Err(VmError::Incompatible(format!(
+                    "vCPU state {i} carries id {}",
+                    v.id
+                )));
             }
         }
         Ok(())
@@ -357,15 +381,19 @@ fn vcpu_loop(vcpu: Arc<Mutex<Vcpu>>, ctl: Arc<Control>, devices: Arc<Mutex<Devic
             }
             match v.fd.run() {
                 Ok(VcpuExit::IoOut(port, data)) => {
-                    let act = devices.lock().unwrap_or_else(|e| e.into_inner()).pio_write(port, data);
+                    let act = devices
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .pio_write(port, data);
                     if act == PioAction::Reset {
                         event = Some(VmEvent::Reset);
                         break;
                     }
                 }
-                Ok(VcpuExit::IoIn(port, data)) => {
-                    devices.lock().unwrap_or_else(|e| e.into_inner()).pio_read(port, data)
-                }
+                Ok(VcpuExit::IoIn(port, data)) => devices
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .pio_read(port, data),
                 Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
                 Ok(VcpuExit::MmioWrite(..)) => {}
                 Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => {}
@@ -377,7 +405,10 @@ fn vcpu_loop(vcpu: Arc<Mutex<Vcpu>>, ctl: Arc<Control>, devices: Arc<Mutex<Devic
                     event = Some(match kind {
                         kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => VmEvent::Shutdown,
                         kvm_bindings::KVM_SYSTEM_EVENT_RESET => VmEvent::Reset,
-                        k => VmEvent::Crashed { vcpu: id, reason: format!("system event {k}") },
+                        k => VmEvent::Crashed {
+                            vcpu: id,
+                            reason: format!("system event {k}"),
+                        },
                     });
                     break;
                 }
@@ -387,22 +418,32 @@ fn vcpu_loop(vcpu: Arc<Mutex<Vcpu>>, ctl: Arc<Control>, devices: Arc<Mutex<Devic
                     // member KVM filled in.
                     let ie = unsafe { run.__bindgen_anon_1.internal };
                     let n = (ie.ndata as usize).min(ie.data.len());
-                    let data: Vec<String> = ie.data[..n].iter().map(|d| format!("{d:#x}")).collect();
+                    let data: Vec<String> =
+                        ie.data[..n].iter().map(|d| format!("{d:#x}")).collect();
                     event = Some(VmEvent::Crashed {
                         vcpu: id,
-                        reason: format!("KVM internal error, suberror {} data [{}]", ie.suberror, data.join(" ")),
+                        reason: format!(
+                            "KVM internal error, suberror {} data [{}]",
+                            ie.suberror,
+                            data.join(" ")
+                        ),
                     });
                     break;
                 }
                 Ok(VcpuExit::FailEntry(reason, cpu)) => {
                     event = Some(VmEvent::Crashed {
                         vcpu: id,
-                        reason: format!("VM entry failed: hardware reason {reason:#x} on host CPU {cpu}"),
+                        reason: format!(
+                            "VM entry failed: hardware reason {reason:#x} on host CPU {cpu}"
+                        ),
                     });
                     break;
                 }
                 Ok(other) => {
-                    event = Some(VmEvent::Crashed { vcpu: id, reason: format!("unexpected exit {other:?}") });
+                    event = Some(VmEvent::Crashed {
+                        vcpu: id,
+                        reason: format!("unexpected exit {other:?}"),
+                    });
                     break;
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
@@ -415,7 +456,10 @@ fn vcpu_loop(vcpu: Arc<Mutex<Vcpu>>, ctl: Arc<Control>, devices: Arc<Mutex<Devic
                     }
                 }
                 Err(e) => {
-                    event = Some(VmEvent::Crashed { vcpu: id, reason: format!("KVM_RUN failed: {e}") });
+                    event = Some(VmEvent::Crashed {
+                        vcpu: id,
+                        reason: format!("KVM_RUN failed: {e}"),
+                    });
                     break;
                 }
             }
@@ -460,11 +504,19 @@ struct Base {
 fn create_base(kvm: &Kvm, ram: Arc<GuestRam>) -> Result<Base, VmError> {
     let vm_fd = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
     let platform = Platform::create(vm_fd.clone())?;
-    crate::dirty::enable_manual_protect(&vm_fd).map_err(|e| VmError::Incompatible(e.to_string()))?;
+    crate::dirty::enable_manual_protect(&vm_fd)
+        .map_err(|e| VmError::Incompatible(e.to_string()))?;
     ram.register(&vm_fd, 0)?;
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
-    vm_fd.register_irqfd(&serial_irq, SERIAL_IRQ).map_err(kvm_err("KVM_IRQFD"))?;
-    Ok(Base { vm_fd, ram, platform: Some(platform), serial_irq })
+    vm_fd
+        .register_irqfd(&serial_irq, SERIAL_IRQ)
+        .map_err(kvm_err("KVM_IRQFD"))?;
+    Ok(Base {
+        vm_fd,
+        ram,
+        platform: Some(platform),
+        serial_irq,
+    })
 }
 
 /// A VM whose KVM objects exist but whose state is not loaded yet (see [`Vm::prepare`]).
@@ -478,15 +530,23 @@ pub struct PreparedVm {
 impl PreparedVm {
     /// Loads `state` (which must describe the prepared VM) and returns a paused VM.
     pub fn finish(mut self, state: &MachineState, serial_out: File) -> Result<Vm, VmError> {
-        if state.config != self.config || state.cpuid != self.cpuid || self.base.ram.layout() != &state.layout {
-            return Err(VmError::Incompatible("the state does not describe the prepared VM".into()));
+        if state.config != self.config
+            || state.cpuid != self.cpuid
+            || self.base.ram.layout() != &state.layout
+        {
+            return Err(VmError::Incompatible(
+                "the state does not describe the prepared VM".into(),
+            ));
         }
         state.validate(u64::MAX)?;
         let platform = self.base.platform.as_ref().expect("platform created");
         platform.apply(&state.platform)?;
         for (v, vs) in self.vcpus.iter_mut().zip(&state.vcpus) {
             if vs.cpuid != cpuid::for_vcpu(&self.cpuid, v.id, self.config.vcpus) {
-                return Err(VmError::Incompatible(format!("vCPU {} state carries a different CPUID", v.id)));
+                return Err(VmError::Incompatible(format!(
+                    "vCPU {} state carries a different CPUID",
+                    v.id
+                )));
             }
             v.set_msr_list(state.msr_list.clone());
             v.apply(vs)?;
@@ -544,14 +604,27 @@ impl Vm {
         let cpuid = cpuid::build(&supported, &config.cpu_profile)?;
         let layout = MemoryLayout::for_size(config.memory_bytes());
         let mut base = create_base(kvm, Arc::new(GuestRam::new(layout.clone())?))?;
-        let entry = boot::load(base.ram.memory(), &layout, &kernel, &config.cmdline, initrd.as_deref())?;
+        let entry = boot::load(
+            base.ram.memory(),
+            &layout,
+            &kernel,
+            &config.cmdline,
+            initrd.as_deref(),
+        )?;
         // Boot data was written through vm-memory; that is not a "device write" to track.
         base.ram.reset_vmm_dirty();
-        let candidates = kvm.get_msr_index_list().map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
+        let candidates = kvm
+            .get_msr_index_list()
+            .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
         let mut vcpus = Vec::new();
         let mut msr_list = Vec::new();
         for id in 0..config.vcpus {
-            let mut v = Vcpu::create(&base.vm_fd, id, &cpuid::for_vcpu(&cpuid, id, config.vcpus), Vec::new())?;
+            let mut v = Vcpu::create(
+                &base.vm_fd,
+                id,
+                &cpuid::for_vcpu(&cpuid, id, config.vcpus),
+                Vec::new(),
+            )?;
             if id == 0 {
                 msr_list = v.readable_msrs(candidates.as_slice());
             }
@@ -559,8 +632,18 @@ impl Vm {
             v.setup_boot(if id == 0 { Some(&entry) } else { None })?;
             vcpus.push(v);
         }
-        let serial = SerialDevice::new(base.serial_irq.try_clone().map_err(VmError::EventFd)?, serial_out);
-        Ok(Vm::assemble(config, cpuid, msr_list, vcpus, &mut base, Devices::new(serial)))
+        let serial = SerialDevice::new(
+            base.serial_irq.try_clone().map_err(VmError::EventFd)?,
+            serial_out,
+        );
+        Ok(Vm::assemble(
+            config,
+            cpuid,
+            msr_list,
+            vcpus,
+            &mut base,
+            Devices::new(serial),
+        ))
     }
 
     /// Re-creates a VM from saved state. Guest memory is left zeroed: the caller fills it
@@ -572,7 +655,12 @@ impl Vm {
     }
 
     /// Re-creates a VM from saved state around RAM that already holds the guest's memory.
-    pub fn restore_with_ram(kvm: &Kvm, state: &MachineState, ram: Arc<GuestRam>, serial_out: File) -> Result<Vm, VmError> {
+    pub fn restore_with_ram(
+        kvm: &Kvm,
+        state: &MachineState,
+        ram: Arc<GuestRam>,
+        serial_out: File,
+    ) -> Result<Vm, VmError> {
         state.validate(host_memory_limit())?;
         Vm::prepare(kvm, &state.config, &state.cpuid, ram)?.finish(state, serial_out)
     }
@@ -580,10 +668,17 @@ impl Vm {
     /// Builds everything of a VM that does not depend on its run-time state — KVM VM,
     /// irqchip, PIT, memory slots, vCPUs with their CPUID — so that a migration destination can
     /// do this while memory is still being copied and only load state at switchover.
-    pub fn prepare(kvm: &Kvm, config: &VmConfig, cpuid: &CpuidTable, ram: Arc<GuestRam>) -> Result<PreparedVm, VmError> {
+    pub fn prepare(
+        kvm: &Kvm,
+        config: &VmConfig,
+        cpuid: &CpuidTable,
+        ram: Arc<GuestRam>,
+    ) -> Result<PreparedVm, VmError> {
         config.validate()?;
         if ram.layout().total_bytes() != config.memory_bytes() {
-            return Err(VmError::Incompatible("guest RAM size differs from the configuration".into()));
+            return Err(VmError::Incompatible(
+                "guest RAM size differs from the configuration".into(),
+            ));
         }
         let supported = cpuid::supported(kvm)?;
         let missing = cpuid::missing_features(cpuid, &supported);
@@ -603,9 +698,19 @@ impl Vm {
         let base = create_base(kvm, ram)?;
         let mut vcpus = Vec::new();
         for id in 0..config.vcpus {
-            vcpus.push(Vcpu::create(&base.vm_fd, id, &cpuid::for_vcpu(cpuid, id, config.vcpus), Vec::new())?);
+            vcpus.push(Vcpu::create(
+                &base.vm_fd,
+                id,
+                &cpuid::for_vcpu(cpuid, id, config.vcpus),
+                Vec::new(),
+            )?);
         }
-        Ok(PreparedVm { config: config.clone(), cpuid: cpuid.clone(), vcpus, base })
+        Ok(PreparedVm {
+            config: config.clone(),
+            cpuid: cpuid.clone(),
+            vcpus,
+            base,
+        })
     }
 
     fn assemble(
@@ -626,7 +731,13 @@ impl Vm {
             ctl: Arc::new(Control {
                 run: AtomicBool::new(false),
                 throttle: AtomicU8::new(0),
-                state: Mutex::new(CtlState { target: Target::Pause, running: 0, exited: 0, started: false, event: None }),
+                state: Mutex::new(CtlState {
+                    target: Target::Pause,
+                    running: 0,
+                    exited: 0,
+                    started: false,
+                    event: None,
+                }),
                 cv: Condvar::new(),
                 threads: Mutex::new(Vec::new()),
             }),
@@ -720,7 +831,12 @@ impl Vm {
                     if now >= d {
                         return None;
                     }
-                    st = self.ctl.cv.wait_timeout(st, d - now).unwrap_or_else(|e| e.into_inner()).0;
+                    st = self
+                        .ctl
+                        .cv
+                        .wait_timeout(st, d - now)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
                 }
             }
         }
@@ -750,7 +866,11 @@ impl Vm {
             if Instant::now() >= deadline {
                 return Err(VmError::PauseTimeout(Duration::from_secs(10)));
             }
-            let (g, to) = self.ctl.cv.wait_timeout(st, Duration::from_millis(20)).unwrap_or_else(|e| e.into_inner());
+            let (g, to) = self
+                .ctl
+                .cv
+                .wait_timeout(st, Duration::from_millis(20))
+                .unwrap_or_else(|e| e.into_inner());
             st = g;
             if to.timed_out() {
                 drop(st);
@@ -762,7 +882,11 @@ impl Vm {
         // Tell a kvmclock-aware guest it was stopped (avoids soft-lockup reports); harmless if
         // the guest does not use kvmclock (KVM then returns EINVAL, which is ignored).
         for v in &self.vcpus {
-            let _ = v.lock().unwrap_or_else(|e| e.into_inner()).fd.kvmclock_ctrl();
+            let _ = v
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .fd
+                .kvmclock_ctrl();
         }
         Ok(())
     }
@@ -800,17 +924,30 @@ impl Vm {
     /// Stops the VM for good and joins the vCPU threads.
     pub fn stop(&self) {
         self.request_stop();
-        let joins: Vec<_> = self.joins.lock().unwrap_or_else(|e| e.into_inner()).drain(..).collect();
+        let joins: Vec<_> = self
+            .joins
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+            .collect();
         for j in joins {
             let _ = j.join();
         }
-        self.ctl.threads.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.ctl
+            .threads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
         self.flush_serial();
     }
 
     /// Flushes the serial log.
     pub fn flush_serial(&self) {
-        self.devices.lock().unwrap_or_else(|e| e.into_inner()).serial.flush();
+        self.devices
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .serial
+            .flush();
     }
 
     /// Captures the complete machine state. The VM must be paused (or never started).
@@ -844,13 +981,16 @@ impl Vm {
         let old = self.ctl.throttle.swap(pct, Ordering::SeqCst);
         if old == 0 && pct > 0 {
             let ctl = self.ctl.clone();
-            let _ = std::thread::Builder::new().name("throttle".into()).spawn(move || loop {
-                std::thread::sleep(Duration::from_micros(THROTTLE_PERIOD_US));
-                if ctl.throttle.load(Ordering::SeqCst) == 0 || ctl.lock().target == Target::Exit {
-                    return;
-                }
-                ctl.kick_all();
-            });
+            let _ = std::thread::Builder::new()
+                .name("throttle".into())
+                .spawn(move || loop {
+                    std::thread::sleep(Duration::from_micros(THROTTLE_PERIOD_US));
+                    if ctl.throttle.load(Ordering::SeqCst) == 0 || ctl.lock().target == Target::Exit
+                    {
+                        return;
+                    }
+                    ctl.kick_all();
+                });
         }
     }
 

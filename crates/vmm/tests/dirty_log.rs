@@ -38,7 +38,11 @@ fn run_throttled(workload: &str, vcpus: u8, throttle: u8) {
     let mut shadow = vec![0u8; (total * PAGE_SIZE) as usize];
     let dl = DirtyLog::start(vm.vm_fd(), vm.ram()).unwrap();
     let first = dl.collect().unwrap();
-    assert_eq!(first.count(), total, "INITIALLY_SET: the first round reports every page");
+    assert_eq!(
+        first.count(),
+        total,
+        "INITIALLY_SET: the first round reports every page"
+    );
     copy_pages(&vm, &mut shadow, 0..total);
     for _ in 0..10 {
         std::thread::sleep(Duration::from_millis(30));
@@ -61,7 +65,12 @@ fn run_throttled(workload: &str, vcpus: u8, throttle: u8) {
         }
     }
     vm.stop();
-    assert!(bad.is_empty(), "{workload}/{vcpus} vCPUs: {} pages changed without a dirty bit, first: {:?}", bad.len(), &bad[..bad.len().min(10)]);
+    assert!(
+        bad.is_empty(),
+        "{workload}/{vcpus} vCPUs: {} pages changed without a dirty bit, first: {:?}",
+        bad.len(),
+        &bad[..bad.len().min(10)]
+    );
 }
 
 #[test]

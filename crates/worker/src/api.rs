@@ -18,7 +18,9 @@ pub enum Request {
     Pause,
     Resume,
     Shutdown,
-    Snapshot { path: PathBuf },
+    Snapshot {
+        path: PathBuf,
+    },
     /// Live-migrate the VM; the connection receives progress lines until a final line.
     Migrate(MigrateArgs),
     /// Cancel the running outgoing migration.
@@ -78,12 +80,20 @@ impl Response {
                 m
             }
         };
-        Response { ok: true, error: None, data }
+        Response {
+            ok: true,
+            error: None,
+            data,
+        }
     }
 
     /// A failure.
     pub fn err(msg: impl Into<String>) -> Response {
-        Response { ok: false, error: Some(msg.into()), data: serde_json::Map::new() }
+        Response {
+            ok: false,
+            error: Some(msg.into()),
+            data: serde_json::Map::new(),
+        }
     }
 }
 
@@ -107,8 +117,10 @@ pub fn call_stream(
     req: &Request,
     mut on_line: impl FnMut(&Response) -> bool,
 ) -> Result<Response, ClientError> {
-    let mut s = UnixStream::connect(socket)
-        .map_err(|err| ClientError::Connect { path: socket.display().to_string(), err })?;
+    let mut s = UnixStream::connect(socket).map_err(|err| ClientError::Connect {
+        path: socket.display().to_string(),
+        err,
+    })?;
     let mut line = serde_json::to_string(req).expect("requests always serialize");
     line.push('\n');
     s.write_all(line.as_bytes())?;
@@ -118,7 +130,8 @@ pub fn call_stream(
         if r.read_line(&mut answer)? == 0 {
             return Err(ClientError::NoAnswer);
         }
-        let resp: Response = serde_json::from_str(&answer).map_err(|e| ClientError::BadAnswer(e.to_string()))?;
+        let resp: Response =
+            serde_json::from_str(&answer).map_err(|e| ClientError::BadAnswer(e.to_string()))?;
         if !on_line(&resp) {
             return Ok(resp);
         }
@@ -126,9 +139,15 @@ pub fn call_stream(
 }
 
 /// Sends one request and waits for its response.
-pub fn call(socket: &Path, req: &Request, timeout: Option<Duration>) -> Result<Response, ClientError> {
-    let mut s = UnixStream::connect(socket)
-        .map_err(|err| ClientError::Connect { path: socket.display().to_string(), err })?;
+pub fn call(
+    socket: &Path,
+    req: &Request,
+    timeout: Option<Duration>,
+) -> Result<Response, ClientError> {
+    let mut s = UnixStream::connect(socket).map_err(|err| ClientError::Connect {
+        path: socket.display().to_string(),
+        err,
+    })?;
     s.set_read_timeout(timeout)?;
     let mut line = serde_json::to_string(req).expect("requests always serialize");
     line.push('\n');

@@ -43,7 +43,12 @@ pub fn run(args: BenchArgs) -> Result<i32> {
         }
     };
     println!("# Ferry foundation benchmarks\n");
-    println!("host: {}, {} CPUs; date: {}\n", vmm::cpuid::host_cpu_model().1, num_cpus(), date());
+    println!(
+        "host: {}, {} CPUs; date: {}\n",
+        vmm::cpuid::host_cpu_model().1,
+        num_cpus(),
+        date()
+    );
     if args.only == "all" || args.only == "boot" {
         boot_bench(&dir, args.boot_runs)?;
     }
@@ -57,7 +62,9 @@ pub fn run(args: BenchArgs) -> Result<i32> {
 }
 
 fn num_cpus() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 fn date() -> String {
@@ -99,7 +106,15 @@ fn boot_bench(dir: &Path, runs: usize) -> Result<()> {
         let _ = std::fs::remove_file(&log);
         let t0 = Instant::now();
         let mut child = Command::new(&exe)
-            .args(["run", "--kernel", "test-guest", "--memory-mib", "256", "--cmdline", "ferry.workload=idle"])
+            .args([
+                "run",
+                "--kernel",
+                "test-guest",
+                "--memory-mib",
+                "256",
+                "--cmdline",
+                "ferry.workload=idle",
+            ])
             .arg("--serial-log")
             .arg(&log)
             .arg("--api-socket")
@@ -111,18 +126,35 @@ fn boot_bench(dir: &Path, runs: usize) -> Result<()> {
         let _ = child.kill();
         let _ = child.wait();
         let _ = std::fs::remove_file(&sock);
-        ferry.push(t.context("ferry-vmm printed no serial line within 20 s")?.as_secs_f64() * 1e3);
+        ferry.push(
+            t.context("ferry-vmm printed no serial line within 20 s")?
+                .as_secs_f64()
+                * 1e3,
+        );
     }
     let mut qemu = Vec::new();
-    let have_qemu = Command::new("qemu-system-x86_64").arg("--version").output().is_ok();
+    let have_qemu = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_ok();
     if have_qemu {
         for i in 0..runs {
             let log = dir.join(format!("qboot{i}.serial"));
             let _ = std::fs::remove_file(&log);
             let t0 = Instant::now();
             let mut child = Command::new("qemu-system-x86_64")
-                .args(["-accel", "kvm", "-M", "microvm", "-cpu", "host", "-smp", "1", "-m", "256M"])
-                .args(["-no-user-config", "-nodefaults", "-nographic", "-display", "none", "-monitor", "none"])
+                .args([
+                    "-accel", "kvm", "-M", "microvm", "-cpu", "host", "-smp", "1", "-m", "256M",
+                ])
+                .args([
+                    "-no-user-config",
+                    "-nodefaults",
+                    "-nographic",
+                    "-display",
+                    "none",
+                    "-monitor",
+                    "none",
+                ])
                 .arg("-kernel")
                 .arg(&elf)
                 .args(["-append", "ferry.workload=idle", "-serial"])
@@ -133,14 +165,21 @@ fn boot_bench(dir: &Path, runs: usize) -> Result<()> {
             let t = first_line_time(&log, t0, Duration::from_secs(20));
             let _ = child.kill();
             let _ = child.wait();
-            qemu.push(t.context("QEMU printed no serial line within 20 s")?.as_secs_f64() * 1e3);
+            qemu.push(
+                t.context("QEMU printed no serial line within 20 s")?
+                    .as_secs_f64()
+                    * 1e3,
+            );
         }
     }
     println!("## Boot: process start → first serial line (256 MiB, 1 vCPU, idle test guest, {runs} runs)\n");
     println!("| system | median ms | min ms | max ms |");
     println!("|---|---|---|---|");
     let row = |name: &str, v: &mut Vec<f64>| {
-        let (mn, mx) = (v.iter().cloned().fold(f64::MAX, f64::min), v.iter().cloned().fold(0.0, f64::max));
+        let (mn, mx) = (
+            v.iter().cloned().fold(f64::MAX, f64::min),
+            v.iter().cloned().fold(0.0, f64::max),
+        );
         let m = median(v);
         println!("| {name} | {m:.1} | {mn:.1} | {mx:.1} |");
         m
@@ -148,7 +187,10 @@ fn boot_bench(dir: &Path, runs: usize) -> Result<()> {
     let fm = row("ferry-vmm run", &mut ferry);
     if have_qemu {
         let qm = row("qemu-system-x86_64 -M microvm", &mut qemu);
-        println!("\nFerry/QEMU median ratio: **{:.2}** (below 1 = Ferry faster)\n", fm / qm);
+        println!(
+            "\nFerry/QEMU median ratio: **{:.2}** (below 1 = Ferry faster)\n",
+            fm / qm
+        );
     } else {
         println!("\n(QEMU not installed: no comparison)\n");
     }
@@ -156,7 +198,12 @@ fn boot_bench(dir: &Path, runs: usize) -> Result<()> {
 }
 
 /// Waits until the guest's serial log satisfies `pred`.
-fn wait_serial(log: &Path, timeout: Duration, what: &str, pred: impl Fn(&str) -> bool) -> Result<()> {
+fn wait_serial(
+    log: &Path,
+    timeout: Duration,
+    what: &str,
+    pred: impl Fn(&str) -> bool,
+) -> Result<()> {
     let t0 = Instant::now();
     loop {
         let s = std::fs::read_to_string(log).unwrap_or_default();
@@ -178,8 +225,14 @@ fn wait_serial(log: &Path, timeout: Duration, what: &str, pred: impl Fn(&str) ->
 fn dirty_mib(s: &str) -> u64 {
     let mut per_cpu = std::collections::BTreeMap::new();
     for l in s.lines().filter(|l| l.starts_with("dirty ")) {
-        let kv: std::collections::BTreeMap<&str, &str> = l.split_whitespace().filter_map(|t| t.split_once('=')).collect();
-        if let (Some(c), Some(m)) = (kv.get("cpu"), kv.get("mib").and_then(|m| m.parse::<u64>().ok())) {
+        let kv: std::collections::BTreeMap<&str, &str> = l
+            .split_whitespace()
+            .filter_map(|t| t.split_once('='))
+            .collect();
+        if let (Some(c), Some(m)) = (
+            kv.get("cpu"),
+            kv.get("mib").and_then(|m| m.parse::<u64>().ok()),
+        ) {
             per_cpu.insert(c.to_string(), m);
         }
     }
@@ -228,7 +281,9 @@ fn snapshot_bench(dir: &Path, sizes: &[u64]) -> Result<()> {
         for touched in [false, true] {
             let wss = mib / 2;
             let cmdline = if touched {
-                format!("ferry.workload=dirty ferry.wss_mib={wss} ferry.rate_mibs=0 ferry.hb_ms=200")
+                format!(
+                    "ferry.workload=dirty ferry.wss_mib={wss} ferry.rate_mibs=0 ferry.hb_ms=200"
+                )
             } else {
                 "ferry.workload=idle ferry.hb_ms=200".to_string()
             };
@@ -244,9 +299,16 @@ fn snapshot_bench(dir: &Path, sizes: &[u64]) -> Result<()> {
             let vm = Vm::create(&kvm, cfg, std::fs::File::create(&log)?)?;
             vm.start()?;
             if touched {
-                wait_serial(&log, Duration::from_secs(300), "the working set to be written once", |s| dirty_mib(s) >= wss)?;
+                wait_serial(
+                    &log,
+                    Duration::from_secs(300),
+                    "the working set to be written once",
+                    |s| dirty_mib(s) >= wss,
+                )?;
             } else {
-                wait_serial(&log, Duration::from_secs(60), "heartbeats", |s| s.matches("\nhb ").count() >= 2)?;
+                wait_serial(&log, Duration::from_secs(60), "heartbeats", |s| {
+                    s.matches("\nhb ").count() >= 2
+                })?;
             }
             let snap = dir.join(format!("bench-{mib}-{touched}.snap"));
             let t0 = Instant::now();
@@ -255,7 +317,11 @@ fn snapshot_bench(dir: &Path, sizes: &[u64]) -> Result<()> {
             vm.stop();
             drop(vm);
             let t0 = Instant::now();
-            let (vm2, rstats) = vmm::snapshot::restore(&kvm, &snap, std::fs::File::create(dir.join("restored.serial"))?)?;
+            let (vm2, rstats) = vmm::snapshot::restore(
+                &kvm,
+                &snap,
+                std::fs::File::create(dir.join("restored.serial"))?,
+            )?;
             let restore_s = t0.elapsed().as_secs_f64();
             drop(vm2);
             let data = (stats.data_pages * 4096) as usize;
@@ -264,8 +330,16 @@ fn snapshot_bench(dir: &Path, sizes: &[u64]) -> Result<()> {
             let _ = std::fs::remove_file(&snap);
             println!(
                 "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} |",
-                if mib >= 1024 { format!("{} GiB", mib / 1024) } else { format!("{mib} MiB") },
-                if touched { format!("{wss} MiB") } else { "idle".into() },
+                if mib >= 1024 {
+                    format!("{} GiB", mib / 1024)
+                } else {
+                    format!("{mib} MiB")
+                },
+                if touched {
+                    format!("{wss} MiB")
+                } else {
+                    "idle".into()
+                },
                 stats.file_bytes as f64 / (1 << 20) as f64,
                 snap_s * 1e3,
                 restore_s * 1e3,

@@ -13,9 +13,12 @@ use worker::server;
 
 mod bench;
 
-
 #[derive(Parser, Debug)]
-#[command(name = "ferry-vmm", version, about = "Ferry VM worker: runs one KVM virtual machine")]
+#[command(
+    name = "ferry-vmm",
+    version,
+    about = "Ferry VM worker: runs one KVM virtual machine"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -157,13 +160,22 @@ fn main() {
         Ok(c) => c,
         Err(e) => {
             use clap::error::ErrorKind;
-            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) {
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
                 let _ = e.print();
                 std::process::exit(0);
             }
             // One line: what is wrong. `--help` has the rest.
             let text = e.render().to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
+            let first = text
+                .lines()
+                .next()
+                .unwrap_or("invalid arguments")
+                .trim_start_matches("error: ");
             eprintln!("ferry-vmm: error: {first} (see ferry-vmm --help)");
             std::process::exit(2);
         }
@@ -179,7 +191,16 @@ fn main() {
 
 fn real_main(cli: Cli) -> Result<i32> {
     match cli.cmd {
-        Cmd::Run { kernel, cmdline, initrd, memory_mib, vcpus, cpu_profile, serial_log, api_socket } => {
+        Cmd::Run {
+            kernel,
+            cmdline,
+            initrd,
+            memory_mib,
+            vcpus,
+            cpu_profile,
+            serial_log,
+            api_socket,
+        } => {
             let config = VmConfig {
                 vcpus,
                 memory_mib,
@@ -205,7 +226,12 @@ fn real_main(cli: Cli) -> Result<i32> {
             server::serve(listener, ctx);
             serve_until_stopped(vm, api_socket, true)
         }
-        Cmd::Restore { snapshot, serial_log, api_socket, paused } => {
+        Cmd::Restore {
+            snapshot,
+            serial_log,
+            api_socket,
+            paused,
+        } => {
             let kvm = vmm::open_kvm()?;
             server::check_free(&api_socket)?;
             let serial = SerialLog::create(&serial_log)?;
@@ -225,28 +251,48 @@ fn real_main(cli: Cli) -> Result<i32> {
             server::serve(listener, ctx);
             serve_until_stopped(vm, api_socket, !paused)
         }
-        Cmd::Receive { listen, serial_log, api_socket, host_profile, max_memory_mib, max_vcpus } => {
+        Cmd::Receive {
+            listen,
+            serial_log,
+            api_socket,
+            host_profile,
+            max_memory_mib,
+            max_vcpus,
+        } => {
             if let Some(p) = &host_profile {
                 if !vmm::cpuid::PROFILE_NAMES.contains(&p.as_str()) {
-                    bail!("unknown CPU profile {p:?} (known: {})", vmm::cpuid::PROFILE_NAMES.join(", "));
+                    bail!(
+                        "unknown CPU profile {p:?} (known: {})",
+                        vmm::cpuid::PROFILE_NAMES.join(", ")
+                    );
                 }
             }
             let kvm = vmm::open_kvm()?;
             server::check_free(&api_socket)?;
-            let tcp = std::net::TcpListener::bind(&listen).with_context(|| format!("cannot listen on {listen}"))?;
+            let tcp = std::net::TcpListener::bind(&listen)
+                .with_context(|| format!("cannot listen on {listen}"))?;
             let serial = SerialLog::create(&serial_log)?;
             let listener = server::bind(&api_socket)?;
             let incoming = Arc::new(migration::recv::ReceiveControl::default());
-            let ctx = Arc::new(server::Ctx::new(None, api_socket.clone(), Some(incoming.clone())));
+            let ctx = Arc::new(server::Ctx::new(
+                None,
+                api_socket.clone(),
+                Some(incoming.clone()),
+            ));
             server::serve(listener, ctx.clone());
             println!("receiving on {}", tcp.local_addr()?);
             use std::io::Write as _;
             let _ = std::io::stdout().flush();
             let opts = migration::recv::ReceiveOptions {
-                limits: migration::preflight::DestinationLimits { cpu_profile: host_profile, max_memory_mib, max_vcpus },
+                limits: migration::preflight::DestinationLimits {
+                    cpu_profile: host_profile,
+                    max_memory_mib,
+                    max_vcpus,
+                },
             };
             let on_early = |m: &str| eprintln!("ferry-vmm: {m}; still waiting");
-            match migration::recv::receive(&kvm, &tcp, &opts, serial.file()?, &incoming, &on_early) {
+            match migration::recv::receive(&kvm, &tcp, &opts, serial.file()?, &incoming, &on_early)
+            {
                 Ok(vm) => {
                     serial.commit()?;
                     drop(tcp);
@@ -261,13 +307,34 @@ fn real_main(cli: Cli) -> Result<i32> {
                 }
             }
         }
-        Cmd::Ctl { api_socket, cmd: CtlCmd::Migrate { to, max_downtime_ms, streams, compress, max_bandwidth_mibs, timeout_s, dry_run, output } } => {
+        Cmd::Ctl {
+            api_socket,
+            cmd:
+                CtlCmd::Migrate {
+                    to,
+                    max_downtime_ms,
+                    streams,
+                    compress,
+                    max_bandwidth_mibs,
+                    timeout_s,
+                    dry_run,
+                    output,
+                },
+        } => {
             let json = match output.as_str() {
                 "json" => true,
                 "text" => false,
                 o => bail!("unknown output format {o:?} (text, json)"),
             };
-            let req = Request::Migrate(api::MigrateArgs { to, max_downtime_ms, streams, compress, max_bandwidth_mibs, timeout_s, dry_run });
+            let req = Request::Migrate(api::MigrateArgs {
+                to,
+                max_downtime_ms,
+                streams,
+                compress,
+                max_bandwidth_mibs,
+                timeout_s,
+                dry_run,
+            });
             let last = api::call_stream(&api_socket, &req, |r| {
                 let event = r.data.get("event").and_then(|e| e.as_str()).unwrap_or("");
                 if json {
@@ -280,7 +347,10 @@ fn real_main(cli: Cli) -> Result<i32> {
                 event == "progress"
             })?;
             if !last.ok {
-                bail!("{}", last.error.unwrap_or_else(|| "migration failed".into()));
+                bail!(
+                    "{}",
+                    last.error.unwrap_or_else(|| "migration failed".into())
+                );
             }
             if !json {
                 if let Some(s) = last.data.get("summary") {
@@ -295,19 +365,26 @@ fn real_main(cli: Cli) -> Result<i32> {
                 CtlCmd::Pause => Request::Pause,
                 CtlCmd::Resume => Request::Resume,
                 CtlCmd::Shutdown => Request::Shutdown,
-                CtlCmd::Snapshot { path } => Request::Snapshot { path: absolute(&path)? },
+                CtlCmd::Snapshot { path } => Request::Snapshot {
+                    path: absolute(&path)?,
+                },
                 CtlCmd::Cancel => Request::Cancel,
                 CtlCmd::Migrate { .. } => unreachable!("handled above"),
             };
             let resp = api::call(&api_socket, &req, Some(Duration::from_secs(600)))?;
             if !resp.ok {
-                bail!("{}", resp.error.unwrap_or_else(|| "the worker reported a failure".into()));
+                bail!(
+                    "{}",
+                    resp.error
+                        .unwrap_or_else(|| "the worker reported a failure".into())
+                );
             }
             println!("{}", serde_json::to_string_pretty(&resp.data)?);
             Ok(0)
         }
         Cmd::ExportGuest { path } => {
-            std::fs::write(&path, guest::ELF).with_context(|| format!("cannot write {}", path.display()))?;
+            std::fs::write(&path, guest::ELF)
+                .with_context(|| format!("cannot write {}", path.display()))?;
             println!("wrote {} ({} bytes)", path.display(), guest::ELF.len());
             Ok(0)
         }
@@ -315,7 +392,10 @@ fn real_main(cli: Cli) -> Result<i32> {
             let kvm = vmm::open_kvm()?;
             let supported = vmm::cpuid::supported(&kvm)?;
             let (vendor, brand) = vmm::cpuid::host_cpu_model();
-            println!("cpu vendor: {vendor}\ncpu model: {brand}\nkvm vendor: {}", supported.vendor());
+            println!(
+                "cpu vendor: {vendor}\ncpu model: {brand}\nkvm vendor: {}",
+                supported.vendor()
+            );
             for p in vmm::cpuid::PROFILE_NAMES {
                 match vmm::cpuid::build(&supported, p) {
                     Ok(t) => {
@@ -332,7 +412,11 @@ fn real_main(cli: Cli) -> Result<i32> {
 }
 
 fn absolute(p: &Path) -> Result<PathBuf> {
-    Ok(if p.is_absolute() { p.to_path_buf() } else { std::env::current_dir()?.join(p) })
+    Ok(if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(p)
+    })
 }
 
 /// The serial log is written to `<path>.partial` until the VM exists, then renamed to `path`:
@@ -347,8 +431,14 @@ struct SerialLog {
 impl SerialLog {
     fn create(path: &Path) -> Result<SerialLog> {
         let partial = PathBuf::from(format!("{}.partial", path.display()));
-        let file = File::create(&partial).with_context(|| format!("cannot create serial log {}", path.display()))?;
-        Ok(SerialLog { path: path.to_path_buf(), partial, file, committed: false.into() })
+        let file = File::create(&partial)
+            .with_context(|| format!("cannot create serial log {}", path.display()))?;
+        Ok(SerialLog {
+            path: path.to_path_buf(),
+            partial,
+            file,
+            committed: false.into(),
+        })
     }
 
     fn file(&self) -> Result<File> {
@@ -431,8 +521,14 @@ fn summary_text(s: &serde_json::Value) -> String {
 fn serve_until_stopped(vm: Arc<Vm>, socket: PathBuf, start: bool) -> Result<i32> {
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
-        libc::signal(libc::SIGTERM, on_terminate as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGINT, on_terminate as *const () as libc::sighandler_t);
+        libc::signal(
+            libc::SIGTERM,
+            on_terminate as *const () as libc::sighandler_t,
+        );
+        libc::signal(
+            libc::SIGINT,
+            on_terminate as *const () as libc::sighandler_t,
+        );
     }
     if start {
         vm.start()?;

@@ -25,7 +25,11 @@ pub fn check_free(path: &Path) -> anyhow::Result<()> {
     }
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         if !dir.is_dir() {
-            anyhow::bail!("cannot create API socket {}: directory {} does not exist", path.display(), dir.display());
+            anyhow::bail!(
+                "cannot create API socket {}: directory {} does not exist",
+                path.display(),
+                dir.display()
+            );
         }
     }
     Ok(())
@@ -35,10 +39,12 @@ pub fn check_free(path: &Path) -> anyhow::Result<()> {
 pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     check_free(path)?;
     if path.exists() {
-        std::fs::remove_file(path)
-            .map_err(|e| anyhow::anyhow!("cannot remove stale API socket {}: {e}", path.display()))?;
+        std::fs::remove_file(path).map_err(|e| {
+            anyhow::anyhow!("cannot remove stale API socket {}: {e}", path.display())
+        })?;
     }
-    UnixListener::bind(path).map_err(|e| anyhow::anyhow!("cannot bind API socket {}: {e}", path.display()))
+    UnixListener::bind(path)
+        .map_err(|e| anyhow::anyhow!("cannot bind API socket {}: {e}", path.display()))
 }
 
 /// What the control server serves.
@@ -80,14 +86,18 @@ pub fn serve(listener: UnixListener, ctx: Arc<Ctx>) {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
                 let ctx = ctx.clone();
-                let _ = std::thread::Builder::new().name("api-client".into()).spawn(move || client(conn, &ctx));
+                let _ = std::thread::Builder::new()
+                    .name("api-client".into())
+                    .spawn(move || client(conn, &ctx));
             }
         })
         .expect("cannot start the API thread");
 }
 
 fn client(conn: UnixStream, ctx: &Arc<Ctx>) {
-    let Ok(write_half) = conn.try_clone() else { return };
+    let Ok(write_half) = conn.try_clone() else {
+        return;
+    };
     let mut w = write_half;
     let mut r = BufReader::new(conn);
     loop {
@@ -95,7 +105,10 @@ fn client(conn: UnixStream, ctx: &Arc<Ctx>) {
         match (&mut r).take(MAX_REQUEST as u64 + 1).read_line(&mut line) {
             Ok(0) | Err(_) => return,
             Ok(n) if n > MAX_REQUEST => {
-                let _ = reply(&mut w, &Response::err(format!("request longer than {MAX_REQUEST} bytes")));
+                let _ = reply(
+                    &mut w,
+                    &Response::err(format!("request longer than {MAX_REQUEST} bytes")),
+                );
                 return;
             }
             Ok(_) => {}
@@ -152,14 +165,33 @@ pub fn status(ctx: &Ctx) -> serde_json::Value {
     };
     let m = v.as_object_mut().expect("object");
     m.insert("pid".into(), json!(std::process::id()));
-    m.insert("uptime_s".into(), json!(ctx.started.elapsed().as_secs_f64()));
-    if let Some(out) = ctx.outgoing.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-        let p = out.progress.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    m.insert(
+        "uptime_s".into(),
+        json!(ctx.started.elapsed().as_secs_f64()),
+    );
+    if let Some(out) = ctx
+        .outgoing
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+    {
+        let p = out
+            .progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         m.insert("migration".into(), json!({"direction": "outgoing", "active": ctx.migrating.load(Ordering::SeqCst), "progress": p}));
     }
     if let Some(inc) = &ctx.incoming {
-        let p = inc.progress.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        m.insert("migration".into(), json!({"direction": "incoming", "progress": p}));
+        let p = inc
+            .progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        m.insert(
+            "migration".into(),
+            json!({"direction": "incoming", "progress": p}),
+        );
     }
     v
 }
@@ -169,7 +201,12 @@ fn handle(req: Request, ctx: &Ctx) -> Response {
         return Response::ok(status(ctx));
     }
     if let Request::Cancel = req {
-        return match ctx.outgoing.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        return match ctx
+            .outgoing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
             Some(m) if ctx.migrating.load(Ordering::SeqCst) => {
                 m.cancel.store(true, Ordering::SeqCst);
                 Response::ok(json!({"cancelling": true}))
@@ -208,7 +245,9 @@ fn handle(req: Request, ctx: &Ctx) -> Response {
                 Err(e) => Response::err(e.to_string()),
             }
         }
-        Request::Status | Request::Cancel | Request::Shutdown | Request::Migrate(_) => unreachable!("handled above"),
+        Request::Status | Request::Cancel | Request::Shutdown | Request::Migrate(_) => {
+            unreachable!("handled above")
+        }
     }
 }
 
@@ -227,7 +266,13 @@ fn migrate(args: MigrateArgs, ctx: &Arc<Ctx>, w: &mut UnixStream) {
         }
     };
     if args.streams == 0 || args.streams > 16 {
-        let _ = reply(w, &Response::err(format!("streams must be between 1 and 16, got {}", args.streams)));
+        let _ = reply(
+            w,
+            &Response::err(format!(
+                "streams must be between 1 and 16, got {}",
+                args.streams
+            )),
+        );
         return;
     }
     if args.max_bandwidth_mibs == Some(0) {
@@ -236,12 +281,23 @@ fn migrate(args: MigrateArgs, ctx: &Arc<Ctx>, w: &mut UnixStream) {
     }
     if let Some(t) = args.timeout_s {
         if !(t > 0.0 && t.is_finite()) {
-            let _ = reply(w, &Response::err(format!("timeout must be a positive number of seconds, got {t}")));
+            let _ = reply(
+                w,
+                &Response::err(format!(
+                    "timeout must be a positive number of seconds, got {t}"
+                )),
+            );
             return;
         }
     }
     if vm.run_state() != vmm::VmRunState::Running {
-        let _ = reply(w, &Response::err(format!("the VM is {:?}; only a running VM can be live-migrated", vm.run_state())));
+        let _ = reply(
+            w,
+            &Response::err(format!(
+                "the VM is {:?}; only a running VM can be live-migrated",
+                vm.run_state()
+            )),
+        );
         return;
     }
     if ctx.migrating.swap(true, Ordering::SeqCst) {
@@ -289,7 +345,11 @@ fn migrate(args: MigrateArgs, ctx: &Arc<Ctx>, w: &mut UnixStream) {
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                 if !client_gone {
-                    let p = mctl.progress.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    let p = mctl
+                        .progress
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .clone();
                     let line = Response::ok(json!({"event": "progress", "progress": p}));
                     client_gone = reply(w, &line).is_err();
                 }

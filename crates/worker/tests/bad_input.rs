@@ -28,28 +28,63 @@ fn nonsense_flags_and_configs() {
     let dir = tempdir();
     let d = dir.path();
     let cases: Vec<(Vec<&str>, &str)> = vec![
-        (vec!["--kernel", "test-guest", "--bogus"], "unexpected argument"),
-        (vec!["--kernel", "test-guest", "--vcpus", "0"], "vcpus must be between 1 and 8"),
-        (vec!["--kernel", "test-guest", "--vcpus", "9"], "vcpus must be between 1 and 8"),
-        (vec!["--kernel", "test-guest", "--vcpus", "many"], "invalid value"),
-        (vec!["--kernel", "test-guest", "--memory-mib", "1"], "memory must be between"),
-        (vec!["--kernel", "test-guest", "--memory-mib", "99999999"], "memory must be between"),
-        (vec!["--kernel", "test-guest", "--cpu-profile", "skylake"], "unknown CPU profile \"skylake\""),
+        (
+            vec!["--kernel", "test-guest", "--bogus"],
+            "unexpected argument",
+        ),
+        (
+            vec!["--kernel", "test-guest", "--vcpus", "0"],
+            "vcpus must be between 1 and 8",
+        ),
+        (
+            vec!["--kernel", "test-guest", "--vcpus", "9"],
+            "vcpus must be between 1 and 8",
+        ),
+        (
+            vec!["--kernel", "test-guest", "--vcpus", "many"],
+            "invalid value",
+        ),
+        (
+            vec!["--kernel", "test-guest", "--memory-mib", "1"],
+            "memory must be between",
+        ),
+        (
+            vec!["--kernel", "test-guest", "--memory-mib", "99999999"],
+            "memory must be between",
+        ),
+        (
+            vec!["--kernel", "test-guest", "--cpu-profile", "skylake"],
+            "unknown CPU profile \"skylake\"",
+        ),
         (vec!["--kernel", "/nonexistent/kernel"], "does not exist"),
-        (vec!["--kernel", "/etc/hostname"], "neither a PVH ELF nor a bzImage"),
-        (vec!["--kernel", "test-guest", "--initrd", "/etc/hostname"], "initrd can only be used with a bzImage"),
+        (
+            vec!["--kernel", "/etc/hostname"],
+            "neither a PVH ELF nor a bzImage",
+        ),
+        (
+            vec!["--kernel", "test-guest", "--initrd", "/etc/hostname"],
+            "initrd can only be used with a bzImage",
+        ),
     ];
     for (extra, expect) in cases {
         let args = run_args(d, &extra);
         let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
         let (code, err) = run_fail(&a);
         assert_ne!(code, 0);
-        assert!(err.contains(expect), "{extra:?}: expected {expect:?} in {err:?}");
+        assert!(
+            err.contains(expect),
+            "{extra:?}: expected {expect:?} in {err:?}"
+        );
         assert_untouched(d);
     }
     let (_, err) = run_fail(&["frobnicate"]);
     assert!(err.contains("unrecognized subcommand"), "{err}");
-    let (_, err) = run_fail(&["ctl", "--api-socket", d.join("nope.sock").to_str().unwrap(), "status"]);
+    let (_, err) = run_fail(&[
+        "ctl",
+        "--api-socket",
+        d.join("nope.sock").to_str().unwrap(),
+        "status",
+    ]);
     assert!(err.contains("cannot connect"), "{err}");
 }
 
@@ -59,7 +94,15 @@ fn socket_in_use_is_refused() {
     let w = Worker::run_guest(dir.path(), "a", 1, 64, "ferry.workload=idle");
     let sock = w.socket.to_str().unwrap().to_string();
     let log2 = dir.path().join("b.serial");
-    let (_, err) = run_fail(&["run", "--kernel", "test-guest", "--serial-log", log2.to_str().unwrap(), "--api-socket", &sock]);
+    let (_, err) = run_fail(&[
+        "run",
+        "--kernel",
+        "test-guest",
+        "--serial-log",
+        log2.to_str().unwrap(),
+        "--api-socket",
+        &sock,
+    ]);
     assert!(err.contains("in use"), "{err}");
     assert!(!log2.exists());
     // The first worker is unaffected.
@@ -70,7 +113,9 @@ fn socket_in_use_is_refused() {
 /// Takes a real snapshot of a small verify guest.
 fn real_snapshot(dir: &Path) -> std::path::PathBuf {
     let w = Worker::run_guest(dir, "src", 1, 64, "ferry.workload=verify ferry.wss_mib=8");
-    w.wait_log(Duration::from_secs(30), "a verify sweep", |l| !l.verify_ok.is_empty());
+    w.wait_log(Duration::from_secs(30), "a verify sweep", |l| {
+        !l.verify_ok.is_empty()
+    });
     let snap = dir.join("good.snap");
     w.ctl(&["snapshot", snap.to_str().unwrap()]);
     w.shutdown();
@@ -91,7 +136,10 @@ fn restore_fails(dir: &Path, snap: &Path, expect: &str) {
     ]);
     assert_ne!(code, 0);
     assert!(err.contains(expect), "expected {expect:?} in {err:?}");
-    assert!(!log.exists() && !sock.exists(), "a failed restore left files behind");
+    assert!(
+        !log.exists() && !sock.exists(),
+        "a failed restore left files behind"
+    );
     assert!(!dir.join("r.log.partial").exists());
 }
 
@@ -107,7 +155,11 @@ fn broken_snapshots_are_refused() {
     // Truncated at many points: in the header, the state, a memory chunk, before the end marker.
     for cut in [0usize, 5, 20, 40, 200, len / 3, len / 2, len - 30, len - 1] {
         std::fs::write(&bad, &good[..cut]).unwrap();
-        let expect = if cut < 8 { "not a Ferry snapshot" } else { "truncated snapshot" };
+        let expect = if cut < 8 {
+            "not a Ferry snapshot"
+        } else {
+            "truncated snapshot"
+        };
         restore_fails(d, &bad, expect);
     }
     // One flipped bit anywhere: header, state, memory, end marker.
@@ -139,8 +191,12 @@ fn broken_snapshots_are_refused() {
     restore_fails(d, &bad, "trailing bytes");
     // The good file still restores.
     let w = Worker::restore(d, "ok", &snap);
-    w.wait_log(Duration::from_secs(30), "a verify sweep after restore", |l| !l.verify_ok.is_empty())
-        .assert_no_corruption();
+    w.wait_log(
+        Duration::from_secs(30),
+        "a verify sweep after restore",
+        |l| !l.verify_ok.is_empty(),
+    )
+    .assert_no_corruption();
     w.shutdown();
 }
 
@@ -150,7 +206,11 @@ fn crc32c_of(b: &[u8]) -> u32 {
     for &x in b {
         crc ^= x as u32;
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0x82f6_3b78 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82f6_3b78
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc
@@ -167,7 +227,10 @@ fn missing_kvm_is_a_one_line_error() {
         d.display(),
         d.display()
     );
-    let out = std::process::Command::new("unshare").args(["-m", "sh", "-c", &script]).output().unwrap();
+    let out = std::process::Command::new("unshare")
+        .args(["-m", "sh", "-c", &script])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");

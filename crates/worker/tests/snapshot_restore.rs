@@ -16,8 +16,16 @@ fn twenty_random_snapshot_restores_keep_verify_ok_and_heartbeats_continuous() {
     let d = dir.path();
     let mut rng = rand::thread_rng();
     let vcpus = 2u32;
-    let mut w = Worker::run_guest(d, "gen0", vcpus as u8, 128, "ferry.workload=verify ferry.wss_mib=32 ferry.hb_ms=20");
-    w.wait_log(Duration::from_secs(60), "first sweep", |l| l.verify_ok_cpus().len() == vcpus as usize);
+    let mut w = Worker::run_guest(
+        d,
+        "gen0",
+        vcpus as u8,
+        128,
+        "ferry.workload=verify ferry.wss_mib=32 ferry.hb_ms=20",
+    );
+    w.wait_log(Duration::from_secs(60), "first sweep", |l| {
+        l.verify_ok_cpus().len() == vcpus as usize
+    });
     // The guest's serial output across all generations, in order.
     let mut history = String::new();
     let mut last_gen = 0u64;
@@ -34,30 +42,48 @@ fn twenty_random_snapshot_restores_keep_verify_ok_and_heartbeats_continuous() {
         std::fs::remove_file(&snap).unwrap();
         // Wait until every vCPU made progress in the new process.
         let before = Log::parse(&history);
-        let need: Vec<u64> = (0..vcpus).map(|c| before.hb_of(c).last().unwrap().counter + 2).collect();
+        let need: Vec<u64> = (0..vcpus)
+            .map(|c| before.hb_of(c).last().unwrap().counter + 2)
+            .collect();
         let combined_ok = |extra: &str| {
             let l = Log::parse(&(history.clone() + extra));
-            (0..vcpus).all(|c| l.hb_of(c).last().map(|h| h.counter).unwrap_or(0) >= need[c as usize])
+            (0..vcpus)
+                .all(|c| l.hb_of(c).last().map(|h| h.counter).unwrap_or(0) >= need[c as usize])
         };
         let t0 = std::time::Instant::now();
         while !combined_ok(&w.log()) {
-            assert!(t0.elapsed() < Duration::from_secs(30), "restore {i}: guest made no progress:\n{}", tail(&w.log(), 20));
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "restore {i}: guest made no progress:\n{}",
+                tail(&w.log(), 20)
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         let l = Log::parse(&(history.clone() + &w.log()));
         l.assert_hb_continuous(vcpus);
         l.assert_no_corruption();
-        let g = l.verify_ok.iter().filter_map(|m| m["gen"].parse::<u64>().ok()).max().unwrap_or(0);
+        let g = l
+            .verify_ok
+            .iter()
+            .filter_map(|m| m["gen"].parse::<u64>().ok())
+            .max()
+            .unwrap_or(0);
         assert!(g >= last_gen, "verify generation went backwards");
         last_gen = g;
     }
     // Let the last generation complete a few more sweeps.
     let sweeps = Log::parse(&w.log()).verify_ok.len();
-    let l = w.wait_log(Duration::from_secs(60), "more sweeps", |l| l.verify_ok.len() >= sweeps + 2 * vcpus as usize);
+    let l = w.wait_log(Duration::from_secs(60), "more sweeps", |l| {
+        l.verify_ok.len() >= sweeps + 2 * vcpus as usize
+    });
     l.assert_no_corruption();
     let all = Log::parse(&(history + &w.log()));
     all.assert_hb_continuous(vcpus);
-    assert!(all.verify_ok.len() > 40, "expected many verify sweeps, got {}", all.verify_ok.len());
+    assert!(
+        all.verify_ok.len() > 40,
+        "expected many verify sweeps, got {}",
+        all.verify_ok.len()
+    );
     w.shutdown();
 }
 
@@ -76,10 +102,14 @@ fn ram_page_of(state: &vmm::vm::MachineState, gpa: u64) -> u64 {
 /// completed two more sweeps), returning the log.
 fn restore_and_sweep(d: &Path, name: &str, snap: &Path) -> Log {
     let w = Worker::restore(d, name, snap);
-    let first = w.wait_log(Duration::from_secs(60), "a CORRUPT report", |l| !l.corrupt.is_empty());
+    let first = w.wait_log(Duration::from_secs(60), "a CORRUPT report", |l| {
+        !l.corrupt.is_empty()
+    });
     let seen = first.verify_ok.len() + first.verify_bad.len();
     // Three more sweep reports: the whole working set was checked again after the report.
-    let log = w.wait_log(Duration::from_secs(60), "three more sweeps", |l| l.verify_ok.len() + l.verify_bad.len() >= seen + 3);
+    let log = w.wait_log(Duration::from_secs(60), "three more sweeps", |l| {
+        l.verify_ok.len() + l.verify_bad.len() >= seen + 3
+    });
     w.shutdown();
     log
 }
@@ -88,8 +118,16 @@ fn restore_and_sweep(d: &Path, name: &str, snap: &Path) -> Log {
 fn flipped_byte_is_reported_for_exactly_that_page() {
     let dir = tempdir();
     let d = dir.path();
-    let w = Worker::run_guest(d, "src", 1, 64, "ferry.workload=verify ferry.wss_mib=8 ferry.hb_ms=20");
-    w.wait_log(Duration::from_secs(30), "a sweep", |l| l.verify_ok.len() >= 2);
+    let w = Worker::run_guest(
+        d,
+        "src",
+        1,
+        64,
+        "ferry.workload=verify ferry.wss_mib=8 ferry.hb_ms=20",
+    );
+    w.wait_log(Duration::from_secs(30), "a sweep", |l| {
+        l.verify_ok.len() >= 2
+    });
     let snap = d.join("a.snap");
     let log = paused_snapshot(&w, &snap);
     log.assert_no_corruption();
@@ -100,29 +138,54 @@ fn flipped_byte_is_reported_for_exactly_that_page() {
     let victim = rng.gen_range(0..pages);
     let byte = rng.gen_range(0..PAGE_SIZE as usize);
     let idx = ram_page_of(&state, gpa + victim * PAGE_SIZE);
-    let page = sparse.pages.iter_mut().find(|(i, _)| *i == idx).expect("WSS page is non-zero");
+    let page = sparse
+        .pages
+        .iter_mut()
+        .find(|(i, _)| *i == idx)
+        .expect("WSS page is non-zero");
     page.1[byte] ^= 0x40;
     let edited = d.join("edited.snap");
     vmm::snapshot::write(&edited, &state, &sparse).unwrap();
 
     let log = restore_and_sweep(d, "edited", &edited);
-    assert_eq!(log.corrupt.len(), 1, "expected exactly one CORRUPT line: {:?}", log.corrupt);
-    assert_eq!(log.corrupt[0]["page"], victim.to_string(), "flipped byte {byte} of page {victim}: {:?}", log.corrupt[0]);
+    assert_eq!(
+        log.corrupt.len(),
+        1,
+        "expected exactly one CORRUPT line: {:?}",
+        log.corrupt
+    );
+    assert_eq!(
+        log.corrupt[0]["page"],
+        victim.to_string(),
+        "flipped byte {byte} of page {victim}: {:?}",
+        log.corrupt[0]
+    );
 }
 
 #[test]
 fn stale_page_from_an_older_snapshot_is_reported() {
     let dir = tempdir();
     let d = dir.path();
-    let w = Worker::run_guest(d, "src", 1, 64, "ferry.workload=verify ferry.wss_mib=8 ferry.hb_ms=20");
-    w.wait_log(Duration::from_secs(30), "a sweep", |l| l.verify_ok.len() >= 2);
+    let w = Worker::run_guest(
+        d,
+        "src",
+        1,
+        64,
+        "ferry.workload=verify ferry.wss_mib=8 ferry.hb_ms=20",
+    );
+    w.wait_log(Duration::from_secs(30), "a sweep", |l| {
+        l.verify_ok.len() >= 2
+    });
     let old = d.join("old.snap");
     let log_old = paused_snapshot(&w, &old);
     let gen_old: u64 = log_old.verify_ok.last().unwrap()["gen"].parse().unwrap();
     w.ctl(&["resume"]);
     // Run until the writer is at least two generations further: every page was rewritten.
     w.wait_log(Duration::from_secs(60), "two more generations", |l| {
-        l.verify_ok.last().map(|m| m["gen"].parse::<u64>().unwrap() >= gen_old + 2).unwrap_or(false)
+        l.verify_ok
+            .last()
+            .map(|m| m["gen"].parse::<u64>().unwrap() >= gen_old + 2)
+            .unwrap_or(false)
     });
     let new = d.join("new.snap");
     let log = paused_snapshot(&w, &new);
@@ -132,17 +195,37 @@ fn stale_page_from_an_older_snapshot_is_reported() {
     let (state, mut sparse) = vmm::snapshot::load_sparse(&new).unwrap();
     let victim = rand::thread_rng().gen_range(0..pages);
     let idx = ram_page_of(&state, gpa + victim * PAGE_SIZE);
-    let stale = old_pages.pages.iter().find(|(i, _)| *i == idx).unwrap().1.clone();
+    let stale = old_pages
+        .pages
+        .iter()
+        .find(|(i, _)| *i == idx)
+        .unwrap()
+        .1
+        .clone();
     let page = sparse.pages.iter_mut().find(|(i, _)| *i == idx).unwrap();
-    assert_ne!(page.1, stale, "page {victim} was not rewritten between the snapshots");
+    assert_ne!(
+        page.1, stale,
+        "page {victim} was not rewritten between the snapshots"
+    );
     page.1 = stale; // an older, self-consistent version: exactly what a missed dirty page looks like
     let spliced = d.join("spliced.snap");
     vmm::snapshot::write(&spliced, &state, &sparse).unwrap();
 
     let log = restore_and_sweep(d, "spliced", &spliced);
-    assert_eq!(log.corrupt.len(), 1, "expected exactly one CORRUPT line: {:?}", log.corrupt);
+    assert_eq!(
+        log.corrupt.len(),
+        1,
+        "expected exactly one CORRUPT line: {:?}",
+        log.corrupt
+    );
     let c = &log.corrupt[0];
     assert_eq!(c["page"], victim.to_string());
-    assert!(c["found_gen"].parse::<u64>().unwrap() < c["expected_gen"].parse::<u64>().unwrap(), "{c:?}");
-    assert_eq!(c["checksum"], "ok", "a stale page is self-consistent: {c:?}");
+    assert!(
+        c["found_gen"].parse::<u64>().unwrap() < c["expected_gen"].parse::<u64>().unwrap(),
+        "{c:?}"
+    );
+    assert_eq!(
+        c["checksum"], "ok",
+        "a stale page is self-consistent: {c:?}"
+    );
 }

@@ -59,19 +59,27 @@ impl Devices {
     /// Builds the device set around a serial console.
     pub fn new(serial: SerialDevice) -> Devices {
         let reset = FlagTrigger::default();
-        Devices { serial, i8042: I8042Device::new(reset.clone()), reset }
+        Devices {
+            serial,
+            i8042: I8042Device::new(reset.clone()),
+            reset,
+        }
     }
 
     /// Saves all device state.
     pub fn state(&self) -> DevicesState {
-        DevicesState { serial: self.serial.state() }
+        DevicesState {
+            serial: self.serial.state(),
+        }
     }
 
     /// Handles an `in` from the guest.
     pub fn pio_read(&mut self, port: u16, data: &mut [u8]) {
         match port {
             COM1..=0x3ff if data.len() == 1 => data[0] = self.serial.read((port - COM1) as u8),
-            I8042_DATA | I8042_CMD if data.len() == 1 => data[0] = self.i8042.read((port - I8042_DATA) as u8),
+            I8042_DATA | I8042_CMD if data.len() == 1 => {
+                data[0] = self.i8042.read((port - I8042_DATA) as u8)
+            }
             _ => data.fill(0xff),
         }
     }

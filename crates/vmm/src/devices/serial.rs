@@ -78,11 +78,17 @@ pub struct SerialDevice {
 impl SerialDevice {
     /// A fresh UART writing to `out`.
     pub fn new(irq: EventFd, out: File) -> SerialDevice {
-        SerialDevice { inner: Serial::new(IrqTrigger(irq), LineWriter::new(out)) }
+        SerialDevice {
+            inner: Serial::new(IrqTrigger(irq), LineWriter::new(out)),
+        }
     }
 
     /// A UART re-created from saved state (restore, migration).
-    pub fn from_state(state: &SerialState, irq: EventFd, out: File) -> Result<SerialDevice, String> {
+    pub fn from_state(
+        state: &SerialState,
+        irq: EventFd,
+        out: File,
+    ) -> Result<SerialDevice, String> {
         let s: vm_superio::serial::SerialState = state.into();
         Serial::from_state(&s, IrqTrigger(irq), NoEvents, LineWriter::new(out))
             .map(|inner| SerialDevice { inner })

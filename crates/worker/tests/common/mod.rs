@@ -41,7 +41,13 @@ impl Worker {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let child = cmd.spawn().expect("spawn ferry-vmm");
-        let mut w = Worker { child: Some(child), dir: dir.to_path_buf(), serial, socket, name: name.to_string() };
+        let mut w = Worker {
+            child: Some(child),
+            dir: dir.to_path_buf(),
+            serial,
+            socket,
+            name: name.to_string(),
+        };
         w.wait_socket();
         w
     }
@@ -53,13 +59,27 @@ impl Worker {
         Worker::spawn(
             dir,
             name,
-            &["run", "--kernel", "test-guest", "--vcpus", &v, "--memory-mib", &m, "--cmdline", cmdline],
+            &[
+                "run",
+                "--kernel",
+                "test-guest",
+                "--vcpus",
+                &v,
+                "--memory-mib",
+                &m,
+                "--cmdline",
+                cmdline,
+            ],
         )
     }
 
     /// `ferry-vmm restore --snapshot ...`
     pub fn restore(dir: &Path, name: &str, snapshot: &Path) -> Worker {
-        Worker::spawn(dir, name, &["restore", "--snapshot", snapshot.to_str().unwrap()])
+        Worker::spawn(
+            dir,
+            name,
+            &["restore", "--snapshot", snapshot.to_str().unwrap()],
+        )
     }
 
     fn wait_socket(&mut self) {
@@ -67,9 +87,17 @@ impl Worker {
         while !self.socket.exists() {
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 let out = self.child.take().unwrap().wait_with_output().unwrap();
-                panic!("worker {} exited early ({st}): {}", self.name, String::from_utf8_lossy(&out.stderr));
+                panic!(
+                    "worker {} exited early ({st}): {}",
+                    self.name,
+                    String::from_utf8_lossy(&out.stderr)
+                );
             }
-            assert!(t0.elapsed() < Duration::from_secs(30), "worker {} did not open its API socket", self.name);
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "worker {} did not open its API socket",
+                self.name
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -103,7 +131,10 @@ impl Worker {
                 return log;
             }
             if let Some(p) = log.panics.first() {
-                panic!("guest panicked while waiting for {what}: {p}\n{}", self.log());
+                panic!(
+                    "guest panicked while waiting for {what}: {p}\n{}",
+                    self.log()
+                );
             }
             assert!(
                 t0.elapsed() < timeout,
@@ -146,7 +177,10 @@ pub fn wait_with_timeout(mut child: Child, timeout: Duration) -> Output {
         if t0.elapsed() > timeout {
             let _ = child.kill();
             let out = child.wait_with_output().unwrap();
-            panic!("process did not exit within {timeout:?}: {}", String::from_utf8_lossy(&out.stderr));
+            panic!(
+                "process did not exit within {timeout:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -182,7 +216,10 @@ pub struct Log {
 
 pub fn kv(line: &str) -> BTreeMap<String, String> {
     line.split_whitespace()
-        .filter_map(|t| t.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+        .filter_map(|t| {
+            t.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        })
         .collect()
 }
 
@@ -198,7 +235,8 @@ impl Log {
             let line = line.trim_end_matches('\r');
             let f: Vec<&str> = line.split_whitespace().collect();
             if f.first() == Some(&"hb") && f.len() == 4 {
-                if let (Ok(cpu), Ok(counter), Ok(tsc)) = (f[1].parse(), f[2].parse(), f[3].parse()) {
+                if let (Ok(cpu), Ok(counter), Ok(tsc)) = (f[1].parse(), f[2].parse(), f[3].parse())
+                {
                     l.hb.push(Hb { cpu, counter, tsc });
                     continue;
                 }
@@ -235,7 +273,10 @@ impl Log {
     }
 
     pub fn verify_ok_cpus(&self) -> std::collections::BTreeSet<String> {
-        self.verify_ok.iter().filter_map(|m| m.get("cpu").cloned()).collect()
+        self.verify_ok
+            .iter()
+            .filter_map(|m| m.get("cpu").cloned())
+            .collect()
     }
 
     /// Heartbeat counters of every CPU go up by exactly one per line, TSCs increase.
@@ -244,15 +285,34 @@ impl Log {
             let hb = self.hb_of(c);
             assert!(!hb.is_empty(), "no heartbeats from cpu {c}");
             for w in hb.windows(2) {
-                assert_eq!(w[1].counter, w[0].counter + 1, "cpu {c}: heartbeat counter jumped {:?} -> {:?}", w[0], w[1]);
-                assert!(w[1].tsc > w[0].tsc, "cpu {c}: TSC went backwards {:?} -> {:?}", w[0], w[1]);
+                assert_eq!(
+                    w[1].counter,
+                    w[0].counter + 1,
+                    "cpu {c}: heartbeat counter jumped {:?} -> {:?}",
+                    w[0],
+                    w[1]
+                );
+                assert!(
+                    w[1].tsc > w[0].tsc,
+                    "cpu {c}: TSC went backwards {:?} -> {:?}",
+                    w[0],
+                    w[1]
+                );
             }
         }
     }
 
     pub fn assert_no_corruption(&self) {
-        assert!(self.corrupt.is_empty(), "verifier found corruption: {:?}", self.corrupt);
-        assert!(self.verify_bad.is_empty(), "verifier reported bad sweeps: {:?}", self.verify_bad);
+        assert!(
+            self.corrupt.is_empty(),
+            "verifier found corruption: {:?}",
+            self.corrupt
+        );
+        assert!(
+            self.verify_bad.is_empty(),
+            "verifier reported bad sweeps: {:?}",
+            self.verify_bad
+        );
         assert!(self.panics.is_empty(), "guest panicked: {:?}", self.panics);
     }
 }
@@ -260,13 +320,26 @@ impl Log {
 /// Runs `ferry-vmm` with `args`, expecting failure; returns (exit code, stderr).
 pub fn run_fail(args: &[&str]) -> (i32, String) {
     let out = Command::new(bin()).args(args).output().unwrap();
-    assert!(!out.status.success(), "ferry-vmm {args:?} should fail but succeeded");
+    assert!(
+        !out.status.success(),
+        "ferry-vmm {args:?} should fail but succeeded"
+    );
     let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!err.contains("panicked"), "ferry-vmm {args:?} panicked: {err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "ferry-vmm {args:?}: error is not one line:\n{err}");
+    assert!(
+        !err.contains("panicked"),
+        "ferry-vmm {args:?} panicked: {err}"
+    );
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "ferry-vmm {args:?}: error is not one line:\n{err}"
+    );
     (out.status.code().unwrap_or(-1), err.trim_end().to_string())
 }
 
 pub fn tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("ferry-test-").tempdir().unwrap()
+    tempfile::Builder::new()
+        .prefix("ferry-test-")
+        .tempdir()
+        .unwrap()
 }
