@@ -651,11 +651,18 @@ panic_common:
 # -1 = unknown function); every other register is preserved.
 #   1: sleep until TSC >= RDI (TSC-deadline timer + hlt)
 #   2: halt this CPU forever (interrupts off)
+#   3: reset the machine through the i8042 controller (command 0xFE to port 0x64)
 syscall_entry:
     cmp $1, %rax
     je 1f
     cmp $2, %rax
     je halt_forever
+    cmp $3, %rax
+    jne 4f
+    mov $0xfe, %al
+    out %al, $0x64
+    jmp halt_forever                  # no i8042: nothing else to do
+4:
     mov $-1, %rax
     iretq
 1:  push %rcx

@@ -9,6 +9,7 @@
 //! | `ferry.wss_mib` | 1 ..= 1048576 (MiB) | 64 |
 //! | `ferry.rate_mibs` | 0 ..= 1048576 (MiB/s over all CPUs; 0 = unlimited) | 0 |
 //! | `ferry.hb_ms` | 1 ..= 86400000 (ms) | 100 |
+//! | `ferry.reset_after_ms` | 0 ..= 86400000 (ms; CPU 0 resets the machine via the i8042; 0 = never) | 0 |
 //! | `ferry.rounds` | 0 ..= 2^40 (dirty: stop writing after this many rounds; 0 = never) | 0 |
 //! | `ferry.tsc_khz` | 1000 ..= 100000000 (kHz) | measured |
 
@@ -40,6 +41,8 @@ pub struct Config {
     pub hb_ms: u64,
     /// Dirty workload: rounds over the working set before it stops writing (0 = forever).
     pub rounds: u64,
+    /// Reset the machine this long after boot (0 = never).
+    pub reset_after_ms: u64,
     /// `ferry.tsc_khz` override, if given.
     pub tsc_khz: Option<u64>,
 }
@@ -51,6 +54,7 @@ impl Config {
         rate_mibs: 0,
         hb_ms: 100,
         rounds: 0,
+        reset_after_ms: 0,
         tsc_khz: None,
     };
 }
@@ -111,6 +115,9 @@ pub fn parse(cmdline: &[u8]) -> Result<Config, BadItem<'_>> {
             b"ferry.wss_mib" => cfg.wss_mib = parse_u64(value, 1, 1 << 20).map_err(bad)?,
             b"ferry.rate_mibs" => cfg.rate_mibs = parse_u64(value, 0, 1 << 20).map_err(bad)?,
             b"ferry.hb_ms" => cfg.hb_ms = parse_u64(value, 1, 86_400_000).map_err(bad)?,
+            b"ferry.reset_after_ms" => {
+                cfg.reset_after_ms = parse_u64(value, 0, 86_400_000).map_err(bad)?
+            }
             b"ferry.rounds" => cfg.rounds = parse_u64(value, 0, 1 << 40).map_err(bad)?,
             b"ferry.tsc_khz" => {
                 cfg.tsc_khz = Some(parse_u64(value, 1000, 100_000_000).map_err(bad)?)
@@ -142,6 +149,7 @@ mod tests {
                 rate_mibs: 10,
                 hb_ms: 250,
                 rounds: 0,
+                reset_after_ms: 0,
                 tsc_khz: Some(2_600_000)
             }
         );

@@ -86,7 +86,8 @@
 //! `ferry.workload=idle|dirty|verify` (idle), `ferry.wss_mib=<W>` (64), `ferry.rate_mibs=<R>`
 //! (0 = unlimited; total over all CPUs, split evenly), `ferry.hb_ms=<ms>` (100),
 //! `ferry.rounds=<N>` (dirty: stop writing after N rounds over the working set, then only
-//! heartbeats; 0 = never stop),
+//! heartbeats; 0 = never stop), `ferry.reset_after_ms=<ms>` (CPU 0 prints `reset requested`
+//! and resets the machine through the i8042 after that long; 0 = never),
 //! `ferry.tsc_khz=<K>`. A bad value, or a working set that does not fit in RAM, prints
 //! `PANIC bad cmdline: <item> (<reason>)` and halts EVERY CPU (no heartbeats at all).
 //!
@@ -337,6 +338,12 @@ fn sys_sleep_until(deadline: u64) {
     unsafe { asm!("int3", inout("rax") 1u64 => _, in("rdi") deadline, options(nostack)) }
 }
 
+/// Syscall 3: reset the machine (i8042).
+fn sys_reset() -> ! {
+    // SAFETY: int3 syscall 3 does not return (the VMM resets or stops the machine).
+    unsafe { asm!("int3", in("rax") 3u64, options(noreturn, nostack)) }
+}
+
 /// Syscall 2: halt this CPU forever.
 fn sys_halt() -> ! {
     // SAFETY: int3 syscall 2 never returns.
@@ -378,6 +385,8 @@ struct Shared {
     wss_pages: u64,
     rate_mibs: u64,
     rounds: u64,
+    /// TSC at which CPU 0 resets the machine (0 = never).
+    reset_at: u64,
     has_deadline: bool,
 }
 
@@ -392,6 +401,7 @@ static mut SHARED: Shared = Shared {
     wss_pages: 0,
     rate_mibs: 0,
     rounds: 0,
+    reset_at: 0,
     has_deadline: false,
 };
 
@@ -608,6 +618,7 @@ fn bsp_setup(cpu: usize, info: &BootInfo) -> Result<(), ()> {
             wss_pages,
             rate_mibs: cfg.rate_mibs,
             rounds: cfg.rounds,
+            reset_at: if cfg.reset_after_ms == 0 { 0 } else { rdtsc() + cfg.reset_after_ms * tsc_khz },
             has_deadline: info.has_tsc_deadline != 0,
         };
     }
@@ -679,6 +690,10 @@ fn partition(sh: &Shared, cpu: usize) -> (u64, u64) {
 }
 
 fn heartbeat_if_due(cpu: usize, st: &mut PerCpu, sh: &Shared, now: u64) {
+    if cpu == 0 && sh.reset_at != 0 && now >= sh.reset_at {
+        Line::new().str("reset requested").send();
+        sys_reset();
+    }
     if st.next_hb > now.saturating_add(2 * sh.hb_ticks) {
         st.next_hb = now; // the TSC went backwards (e.g. restored on another host)
     }

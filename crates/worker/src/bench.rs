@@ -144,7 +144,16 @@ fn boot_bench(dir: &Path, runs: usize) -> Result<()> {
             let t0 = Instant::now();
             let mut child = Command::new("qemu-system-x86_64")
                 .args([
-                    "-accel", "kvm", "-M", "microvm", "-cpu", "host", "-smp", "1", "-m", "256M",
+                    "-accel",
+                    "kvm",
+                    "-M",
+                    "microvm",
+                    "-cpu",
+                    "host,-arch-capabilities",
+                    "-smp",
+                    "1",
+                    "-m",
+                    "256M",
                 ])
                 .args([
                     "-no-user-config",
@@ -282,7 +291,7 @@ fn snapshot_bench(dir: &Path, sizes: &[u64]) -> Result<()> {
             let wss = mib / 2;
             let cmdline = if touched {
                 format!(
-                    "ferry.workload=dirty ferry.wss_mib={wss} ferry.rate_mibs=0 ferry.hb_ms=200"
+                    "ferry.workload=dirty ferry.wss_mib={wss} ferry.rate_mibs=0 ferry.rounds=1 ferry.hb_ms=200"
                 )
             } else {
                 "ferry.workload=idle ferry.hb_ms=200".to_string()
