@@ -16,7 +16,7 @@
 use crate::memory::{is_zero, GuestRam, PAGE_SIZE};
 use crate::vm::MachineState;
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -121,15 +121,24 @@ struct SectionWriter<W: Write> {
 }
 
 impl<W: Write> SectionWriter<W> {
+    /// Writes one section. Small leading parts are gathered with the section header into one
+    /// write; the large last part (page data) goes straight from guest memory to the file.
     fn section(&mut self, tag: &[u8; 4], parts: &[&[u8]]) -> std::io::Result<()> {
         let len: u64 = parts.iter().map(|p| p.len() as u64).sum();
         let crc = parts.iter().fold(0u32, |c, p| crc32c::crc32c_append(c, p));
-        self.w.write_all(tag)?;
-        self.w.write_all(&len.to_le_bytes())?;
-        self.w.write_all(&crc.to_le_bytes())?;
-        for p in parts {
-            self.w.write_all(p)?;
+        let mut head = Vec::with_capacity(64);
+        head.extend_from_slice(tag);
+        head.extend_from_slice(&len.to_le_bytes());
+        head.extend_from_slice(&crc.to_le_bytes());
+        let (last, small) = parts
+            .split_last()
+            .map(|(l, s)| (*l, s))
+            .unwrap_or((&[][..], &[]));
+        for p in small {
+            head.extend_from_slice(p);
         }
+        self.w.write_all(&head)?;
+        self.w.write_all(last)?;
         self.bytes += 16 + len;
         Ok(())
     }
@@ -216,10 +225,7 @@ pub fn write(
     };
     let encoded = encode_state(state)?;
     let file = File::create(&tmp).map_err(werr)?;
-    let mut sw = SectionWriter {
-        w: BufWriter::with_capacity(4 << 20, file),
-        bytes: 0,
-    };
+    let mut sw = SectionWriter { w: file, bytes: 0 };
     let result = (|| -> std::io::Result<(u64, u64)> {
         sw.w.write_all(&header())?;
         sw.bytes += HEADER_LEN as u64;
@@ -256,8 +262,7 @@ pub fn write(
         end[8..16].copy_from_slice(&data_pages.to_le_bytes());
         end[16..].copy_from_slice(&pages.total_pages().to_le_bytes());
         sw.section(TAG_END, &[&end])?;
-        sw.w.flush()?;
-        sw.w.get_ref().sync_all()?;
+        sw.w.sync_all()?;
         Ok((chunks, data_pages))
     })();
     let (_, data_pages) = match result {
@@ -529,38 +534,98 @@ impl Reader {
     }
 }
 
-/// Verifies a whole snapshot and returns its state plus the RAM contents written into `ram`
-/// through `sink` semantics: the pages are copied into the memfd-backed RAM directly.
+/// Copies `bytes` into RAM at page `first` (memfd offset `first` × 4 KiB).
+fn copy_to_ram(ram: &GuestRam, first: u64, bytes: &[u8]) -> Result<(), SnapshotError> {
+    let layout = ram.layout();
+    let mut off = first * PAGE_SIZE;
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let region = layout
+            .regions
+            .iter()
+            .find(|r| off >= r.file_offset && off < r.file_offset + r.size)
+            .ok_or_else(|| {
+                SnapshotError::Malformed(format!("page {} is outside RAM", off / PAGE_SIZE))
+            })?;
+        let n = ((region.file_offset + region.size - off) as usize).min(rest.len());
+        let dst = ram.ptr_at_offset(off).ok_or_else(|| {
+            SnapshotError::Malformed(format!("page {} is not mapped", off / PAGE_SIZE))
+        })?;
+        // SAFETY: [off, off + n) lies inside one mapped region of `ram`; the VM built on it has
+        // not started, and chunks cover disjoint pages, so nothing else accesses these bytes.
+        unsafe { std::ptr::copy_nonoverlapping(rest.as_ptr(), dst, n) };
+        off += n as u64;
+        rest = &rest[n..];
+    }
+    Ok(())
+}
+
+/// Reads and verifies every memory chunk of `reader` into `ram`. The file is read and checked
+/// on this thread while two helper threads copy verified chunks into guest RAM: the copy is
+/// where fresh guest memory gets allocated, the slowest part, so it runs in parallel.
 pub fn read_into(
     reader: &mut Reader,
     state: &MachineState,
     ram: &GuestRam,
 ) -> Result<(u64, u64), SnapshotError> {
+    const COPIERS: usize = 2;
     let total = state.layout.total_pages();
-    reader.read_memory(total, &mut |first, bytes| {
-        let mut off = first * PAGE_SIZE;
-        let mut rest = bytes;
-        while !rest.is_empty() {
-            let region = state
-                .layout
-                .regions
-                .iter()
-                .find(|r| off >= r.file_offset && off < r.file_offset + r.size)
-                .ok_or_else(|| {
-                    SnapshotError::Malformed(format!("page {} is outside RAM", off / PAGE_SIZE))
-                })?;
-            let n = ((region.file_offset + region.size - off) as usize).min(rest.len());
-            let dst = ram.ptr_at_offset(off).ok_or_else(|| {
-                SnapshotError::Malformed(format!("page {} is not mapped", off / PAGE_SIZE))
-            })?;
-            // SAFETY: [off, off + n) lies inside one mapped region of `ram`; the VM built on it
-            // has not started, so nothing else accesses these bytes.
-            unsafe { std::ptr::copy_nonoverlapping(rest.as_ptr(), dst, n) };
-            off += n as u64;
-            rest = &rest[n..];
+    if ram.layout() != &state.layout {
+        return Err(SnapshotError::Malformed(
+            "RAM layout differs from the snapshot's".into(),
+        ));
+    }
+    let failed: std::sync::Mutex<Option<SnapshotError>> = std::sync::Mutex::new(None);
+    // Chunk buffers are recycled: fresh allocations would cost page faults of their own.
+    let (pool_tx, pool_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    for _ in 0..COPIERS * 6 {
+        let _ = pool_tx.send(Vec::with_capacity(
+            MAX_CHUNK_PAGES as usize * PAGE_SIZE as usize,
+        ));
+    }
+    std::thread::scope(|scope| {
+        let mut senders = Vec::new();
+        for _ in 0..COPIERS {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>)>(4);
+            senders.push(tx);
+            let (failed, pool_tx) = (&failed, pool_tx.clone());
+            scope.spawn(move || {
+                for (first, bytes) in rx {
+                    if let Err(e) = copy_to_ram(ram, first, &bytes) {
+                        failed
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .get_or_insert(e);
+                    }
+                    let _ = pool_tx.send(bytes);
+                }
+            });
         }
-        Ok(())
+        let mut next = 0;
+        let result = reader.read_memory(total, &mut |first, bytes| {
+            if let Some(e) = failed.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                return Err(e);
+            }
+            let mut buf = pool_rx
+                .recv()
+                .map_err(|_| SnapshotError::Malformed("restore copier stopped".into()))?;
+            buf.clear();
+            buf.extend_from_slice(bytes);
+            senders[next]
+                .send((first, buf))
+                .map_err(|_| SnapshotError::Malformed("restore copier stopped".into()))?;
+            next = (next + 1) % COPIERS;
+            Ok(())
+        });
+        drop(senders);
+        result
     })
+    .and_then(
+        |r| match failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            Some(e) => Err(e),
+            None => Ok(r),
+        },
+    )
 }
 
 /// Loads a whole snapshot into memory (state + non-zero pages). For tools and tests.
