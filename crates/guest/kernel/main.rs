@@ -787,7 +787,10 @@ fn dirty(cpu: usize, st: &mut PerCpu, sh: &Shared, start: u64, end: u64) -> ! {
                 continue;
             }
         }
-        for _ in 0..batch {
+        for i in 0..batch {
+            if i % 16 == 15 {
+                heartbeat_if_due(cpu, st, sh, rdtsc());
+            }
             // SAFETY: the page is inside this CPU's partition of the working set (RAM).
             unsafe {
                 page_ptr(sh, st.dirty_pos)
@@ -849,7 +852,12 @@ fn verify(cpu: usize, st: &mut PerCpu, sh: &Shared, start: u64, end: u64) -> ! {
                 continue;
             }
         }
-        for _ in 0..batch {
+        for i in 0..batch {
+            if i % 16 == 15 {
+                // Heartbeats stay on time within a batch too (the gap a migration leaves in
+                // them should measure the pause, not the batch length).
+                heartbeat_if_due(cpu, st, sh, rdtsc());
+            }
             let mut errors = 0;
             let mut printed = st.verify_sweep_printed;
             let sweep_done = st.verify.step(&mut wss, |page, expected, found| {

@@ -386,7 +386,13 @@ fn session(
                 break Err(err(Phase::State, "protocol violation: VM state sent twice"));
             };
             match p.finish(&st, serial.take().expect("serial used once")) {
-                Ok(v) => vm = Some(v),
+                Ok(v) => {
+                    // vCPU threads exist but stay parked until the commit.
+                    if let Err(e) = v.start_paused() {
+                        break Err(err(Phase::State, format!("cannot start vCPU threads: {e}")));
+                    }
+                    vm = Some(v);
+                }
                 Err(e) => {
                     break Err(err(
                         Phase::State,
@@ -446,10 +452,12 @@ fn session(
             (RecvState::Ready, Msg::Commit) => {
                 let v = vm.take().expect("restored VM");
                 let t = Instant::now();
-                if let Err(e) = v.start() {
-                    // The source has handed over; report and keep what we have.
+                if let Err(e) = v.resume() {
                     break Err(err(Phase::Commit, format!("cannot resume the VM: {e}")));
                 }
+                // Report "resumed" only once every vCPU is back in the guest loop, so the
+                // downtime the source reports covers the whole pause the guest sees.
+                v.wait_running(Duration::from_secs(1));
                 let resume_us = t.elapsed().as_micros() as u64;
                 let _ = wire::send_msg(&mut control, &Msg::Resumed { resume_us });
                 set_phase(ctl, "done");

@@ -354,6 +354,7 @@ fn vcpu_loop(vcpu: Arc<Mutex<Vcpu>>, ctl: Arc<Control>, devices: Arc<Mutex<Devic
                 match st.target {
                     Target::Run => {
                         st.running += 1;
+                        ctl.cv.notify_all();
                         break;
                     }
                     Target::Exit => {
@@ -770,14 +771,43 @@ impl Vm {
 
     /// Starts the vCPU threads; the VM runs.
     pub fn start(&self) -> Result<(), VmError> {
+        self.spawn_vcpus(true)
+    }
+
+    /// Starts the vCPU threads but keeps them parked: a later [`Vm::resume`] only has to wake
+    /// them (a migration destination does this before the switchover).
+    pub fn start_paused(&self) -> Result<(), VmError> {
+        self.spawn_vcpus(false)
+    }
+
+    /// Waits until every vCPU thread is inside its run loop (or `timeout` passes).
+    pub fn wait_running(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.ctl.lock();
+        while st.running < self.vcpus.len() {
+            let now = Instant::now();
+            if now >= deadline || st.event.is_some() {
+                return false;
+            }
+            st = self
+                .ctl
+                .cv
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
+    }
+
+    fn spawn_vcpus(&self, run: bool) -> Result<(), VmError> {
         install_kick_handler();
         let mut st = self.ctl.lock();
         if st.started {
             return Ok(());
         }
         st.started = true;
-        st.target = Target::Run;
-        self.ctl.run.store(true, Ordering::SeqCst);
+        st.target = if run { Target::Run } else { Target::Pause };
+        self.ctl.run.store(run, Ordering::SeqCst);
         drop(st);
         let mut joins = self.joins.lock().unwrap_or_else(|e| e.into_inner());
         let mut threads = self.ctl.threads.lock().unwrap_or_else(|e| e.into_inner());

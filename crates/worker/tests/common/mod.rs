@@ -343,3 +343,254 @@ pub fn tempdir() -> tempfile::TempDir {
         .tempdir()
         .unwrap()
 }
+
+/// A `ferry-vmm receive` worker.
+pub struct Receiver {
+    pub w: Worker,
+    pub addr: String,
+}
+
+impl Receiver {
+    pub fn spawn(dir: &Path, name: &str, extra: &[&str]) -> Receiver {
+        use std::io::BufRead;
+        require_kvm();
+        let serial = dir.join(format!("{name}.serial"));
+        let socket = dir.join(format!("{name}.sock"));
+        let mut child = Command::new(bin())
+            .args(["receive", "--listen", "127.0.0.1:0"])
+            .args(extra)
+            .arg("--serial-log")
+            .arg(&serial)
+            .arg("--api-socket")
+            .arg(&socket)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ferry-vmm receive");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("receiving on ")
+            .unwrap_or_else(|| panic!("unexpected first line from receive: {line:?}"))
+            .to_string();
+        let w = Worker {
+            child: Some(child),
+            dir: dir.to_path_buf(),
+            serial,
+            socket,
+            name: name.to_string(),
+        };
+        Receiver { w, addr }
+    }
+}
+
+/// Outcome of `ctl migrate --output json`.
+#[derive(Debug)]
+pub struct MigrateResult {
+    pub ok: bool,
+    pub stderr: String,
+    pub lines: Vec<serde_json::Value>,
+}
+
+impl MigrateResult {
+    pub fn last(&self) -> &serde_json::Value {
+        self.lines.last().expect("no output from ctl migrate")
+    }
+    pub fn summary(&self) -> &serde_json::Value {
+        assert!(
+            self.ok,
+            "migration failed: {} {:?}",
+            self.stderr,
+            self.lines.last()
+        );
+        &self.last()["summary"]
+    }
+    pub fn phases(&self) -> Vec<String> {
+        let mut v: Vec<String> = Vec::new();
+        for l in &self.lines {
+            if let Some(p) = l["progress"]["phase"].as_str() {
+                if v.last().map(|x| x.as_str()) != Some(p) {
+                    v.push(p.to_string());
+                }
+            }
+        }
+        v
+    }
+}
+
+impl Worker {
+    /// Starts `ctl migrate --output json` and returns the child (for tests that act meanwhile).
+    pub fn migrate_spawn(&self, to: &str, args: &[&str]) -> Child {
+        Command::new(bin())
+            .arg("ctl")
+            .arg("--api-socket")
+            .arg(&self.socket)
+            .args(["migrate", "--to", to, "--output", "json"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    /// Runs a migration to completion.
+    pub fn migrate(&self, to: &str, args: &[&str]) -> MigrateResult {
+        let child = self.migrate_spawn(to, args);
+        finish_migrate(child)
+    }
+}
+
+pub fn finish_migrate(child: Child) -> MigrateResult {
+    let out = wait_with_timeout(child, Duration::from_secs(180));
+    let lines = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    MigrateResult {
+        ok: out.status.success(),
+        stderr: String::from_utf8_lossy(&out.stderr).to_string(),
+        lines,
+    }
+}
+
+/// How the proxy misbehaves on the source → destination direction of every connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Forward faithfully.
+    None,
+    /// Flip one bit of the byte at this offset of the N-th connection's stream.
+    FlipAt { conn: usize, offset: u64 },
+    /// Close every connection once the N-th connection carried this many bytes (mid-frame).
+    CutAt { conn: usize, offset: u64 },
+}
+
+/// A TCP proxy between source and destination that can corrupt or cut the stream.
+pub struct Proxy {
+    pub addr: String,
+    pub conns: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    pub tripped: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Proxy {
+    pub fn start(target: &str, fault: Fault) -> Proxy {
+        use std::net::{Shutdown, TcpListener, TcpStream};
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        use std::sync::{Arc, Mutex};
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let target = target.to_string();
+        let conns = Arc::new(AtomicUsize::new(0));
+        let tripped = Arc::new(AtomicBool::new(false));
+        let all: Arc<Mutex<Vec<TcpStream>>> = Arc::new(Mutex::new(Vec::new()));
+        let (c2, t2) = (conns.clone(), tripped.clone());
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(client) = s else { return };
+                let idx = c2.fetch_add(1, Ordering::SeqCst);
+                let Ok(server) = TcpStream::connect(&target) else {
+                    return;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                all.lock()
+                    .unwrap()
+                    .extend([client.try_clone().unwrap(), server.try_clone().unwrap()]);
+                // destination -> source: faithful
+                let (mut sr, mut cw) = (server.try_clone().unwrap(), client.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut sr, &mut cw);
+                    let _ = cw.shutdown(Shutdown::Write);
+                });
+                // source -> destination: with the fault
+                let (mut cr, mut sw) = (client, server);
+                let (all, tripped) = (all.clone(), t2.clone());
+                std::thread::spawn(move || {
+                    use std::io::{Read, Write};
+                    let mut buf = vec![0u8; 64 << 10];
+                    let mut pos = 0u64;
+                    loop {
+                        let n = match cr.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        let chunk = &mut buf[..n];
+                        match fault {
+                            Fault::FlipAt { conn, offset }
+                                if conn == idx && offset >= pos && offset < pos + n as u64 =>
+                            {
+                                chunk[(offset - pos) as usize] ^= 0x04;
+                                tripped.store(true, Ordering::SeqCst);
+                            }
+                            Fault::CutAt { conn, offset }
+                                if conn == idx && pos + n as u64 > offset =>
+                            {
+                                let keep = (offset - pos) as usize;
+                                let _ = sw.write_all(&chunk[..keep]);
+                                tripped.store(true, Ordering::SeqCst);
+                                for s in all.lock().unwrap().iter() {
+                                    let _ = s.shutdown(Shutdown::Both);
+                                }
+                                return;
+                            }
+                            _ => {}
+                        }
+                        if sw.write_all(chunk).is_err() {
+                            break;
+                        }
+                        pos += n as u64;
+                    }
+                    let _ = sw.shutdown(Shutdown::Write);
+                });
+            }
+        });
+        Proxy {
+            addr,
+            conns,
+            tripped,
+        }
+    }
+}
+
+/// For each CPU, the gap (ms of guest TSC, which is the host TSC here) between the two
+/// consecutive heartbeats that span the switchover: `before` is the source's serial output,
+/// `after` the destination's (a line cut by the pause continues in `after`).
+pub fn switchover_gaps_ms(before: &str, after: &str, cpus: u32, tsc_khz: f64) -> Vec<f64> {
+    let text = format!("{before}{after}");
+    let boundary = before.len();
+    let mut per_cpu: Vec<Vec<(usize, usize, u64)>> = vec![Vec::new(); cpus as usize];
+    let mut start = 0;
+    for line in text.split_inclusive('\n') {
+        let end = start + line.len();
+        if line.ends_with('\n') {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() == 4 && f[0] == "hb" {
+                if let (Ok(c), Ok(t)) = (f[1].parse::<usize>(), f[3].parse::<u64>()) {
+                    if c < per_cpu.len() {
+                        per_cpu[c].push((start, end, t));
+                    }
+                }
+            }
+        }
+        start = end;
+    }
+    per_cpu
+        .iter()
+        .enumerate()
+        .map(|(c, hb)| {
+            // The first heartbeat printed (at least partly) after the pause...
+            let i = hb
+                .iter()
+                .position(|h| h.1 > boundary)
+                .unwrap_or_else(|| panic!("cpu {c}: no heartbeat after the switchover"));
+            assert!(i > 0, "cpu {c}: no heartbeat before the switchover");
+            // ...may still carry a TSC read before it (the pause can fall between reading the
+            // TSC and printing the line): the pause is the largest gap of the pairs around it.
+            (i.saturating_sub(1)..(i + 1).min(hb.len() - 1))
+                .map(|j| (hb[j + 1].2 - hb[j].2) as f64 / tsc_khz)
+                .fold(0.0, f64::max)
+        })
+        .collect()
+}
