@@ -59,6 +59,9 @@ pub struct ReceiveControl {
 }
 
 struct StreamShared {
+    /// Every connection of the session: a failing data stream shuts them all down, so that the
+    /// control loop and the source learn about it at once instead of at the next barrier.
+    sockets: Mutex<Vec<TcpStream>>,
     applied: Vec<AtomicU64>,
     error: Mutex<Option<String>>,
     cv: Condvar,
@@ -272,6 +275,7 @@ fn session(
     };
     let total_pages = req.layout.total_pages();
     let shared = Arc::new(StreamShared {
+        sockets: Mutex::new(control.try_clone().into_iter().collect()),
         applied: (0..streams).map(|_| AtomicU64::new(0)).collect(),
         error: Mutex::new(None),
         cv: Condvar::new(),
@@ -308,6 +312,13 @@ fn session(
                             wire::send_msg(&mut s, &Msg::HelloAck { protocol })
                                 .map_err(wire_err(Phase::Setup))?;
                             seen[index as usize] = true;
+                            if let Ok(c) = s.try_clone() {
+                                shared
+                                    .sockets
+                                    .lock()
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .push(c);
+                            }
                             let (ram, sh, cp) = (ram.clone(), shared.clone(), current_pass.clone());
                             let j = std::thread::Builder::new()
                                 .name(format!("mig-rx{index}"))
@@ -362,7 +373,18 @@ fn session(
         set_phase(ctl, &state.phase().to_string());
         let (kind, _) = match wire::read_frame_into(&mut control_r, &mut buf) {
             Ok(k) => k,
-            Err(e) => break Err(wire_err(state.phase())(e)),
+            Err(e) => {
+                // A data stream failure shuts the control connection down: report its cause.
+                let stream_err = shared
+                    .error
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                break Err(match stream_err {
+                    Some(se) => err(state.phase(), se),
+                    None => wire_err(state.phase())(e),
+                });
+            }
         };
         if kind == wire::KIND_STATE {
             if state != RecvState::AwaitVmState {
@@ -553,6 +575,14 @@ fn stream_rx(
             *g = Some(format!("data stream {index}: {e}"));
         }
         drop(g);
+        for s in shared
+            .sockets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
         let _l = shared.lock.lock();
         shared.cv.notify_all();
     };

@@ -401,6 +401,9 @@ fn handshake(
 ) -> Result<Duration, Failure> {
     sock.set_read_timeout(Some(REPLY_TIMEOUT))
         .map_err(|e| fail(phase, e.to_string()))?;
+    // A destination that stops reading (hung, partitioned) fails the write instead of blocking.
+    sock.set_write_timeout(Some(REPLY_TIMEOUT))
+        .map_err(|e| fail(phase, e.to_string()))?;
     let t = Instant::now();
     wire::send_msg(
         sock,
@@ -777,8 +780,13 @@ impl Sender<'_> {
             for p in first..first + count {
                 batch.push(p);
                 if batch.len() == MAX_BATCH_PAGES {
-                    if sent.is_multiple_of(64) && phase == Phase::Precopy {
-                        self.check_abort(phase).map_err(pre)?;
+                    if sent.is_multiple_of(16) {
+                        if phase == Phase::Precopy {
+                            self.check_abort(phase).map_err(pre)?;
+                        }
+                        self.publish_live(
+                            pages.count().saturating_sub(sent * MAX_BATCH_PAGES as u64),
+                        );
                     }
                     let b = std::mem::replace(&mut batch, Vec::with_capacity(MAX_BATCH_PAGES));
                     self.dispatch(
@@ -841,6 +849,25 @@ impl Sender<'_> {
             }
         }
         Ok(self.counters.bytes.load(Ordering::Relaxed) - before)
+    }
+
+    /// Copies the live counters into the progress report (during a pass).
+    fn publish_live(&self, remaining_pages: u64) {
+        let c = &self.counters;
+        let (bs, ps, zs) = (
+            c.bytes.load(Ordering::Relaxed),
+            c.pages.load(Ordering::Relaxed),
+            c.zero.load(Ordering::Relaxed),
+        );
+        let elapsed = self.t0.elapsed().as_secs_f64();
+        self.ctl.update(|p| {
+            p.bytes_sent = bs;
+            p.pages_sent = ps;
+            p.zero_pages = zs;
+            p.remaining_pages = remaining_pages;
+            p.remaining_bytes = remaining_pages * PAGE_SIZE;
+            p.elapsed_s = elapsed;
+        });
     }
 
     fn dispatch(&self, i: usize, w: Work, phase: Phase) -> Res<()> {

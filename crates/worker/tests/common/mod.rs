@@ -484,7 +484,10 @@ impl Proxy {
         let target = target.to_string();
         let conns = Arc::new(AtomicUsize::new(0));
         let tripped = Arc::new(AtomicBool::new(false));
-        let all: Arc<Mutex<Vec<TcpStream>>> = Arc::new(Mutex::new(Vec::new()));
+        // Destination-side sockets: a cut closes them all (the destination sees the stream end
+        // mid-frame); the source then sees its connections closed by the peer.
+        let servers: Arc<Mutex<Vec<TcpStream>>> = Arc::new(Mutex::new(Vec::new()));
+        let cut = Arc::new(AtomicBool::new(false));
         let (c2, t2) = (conns.clone(), tripped.clone());
         std::thread::spawn(move || {
             for s in l.incoming() {
@@ -495,27 +498,34 @@ impl Proxy {
                 };
                 let _ = client.set_nodelay(true);
                 let _ = server.set_nodelay(true);
-                all.lock()
-                    .unwrap()
-                    .extend([client.try_clone().unwrap(), server.try_clone().unwrap()]);
-                // destination -> source: faithful
+                servers.lock().unwrap().push(server.try_clone().unwrap());
+                if cut.load(Ordering::SeqCst) {
+                    let _ = server.shutdown(Shutdown::Both);
+                }
+                // destination -> source: faithful; when the destination side ends, the source
+                // gets a FIN.
                 let (mut sr, mut cw) = (server.try_clone().unwrap(), client.try_clone().unwrap());
                 std::thread::spawn(move || {
                     let _ = std::io::copy(&mut sr, &mut cw);
                     let _ = cw.shutdown(Shutdown::Write);
                 });
-                // source -> destination: with the fault
+                // source -> destination, with the fault. Once the connection is dead, what the
+                // source still sends is read and dropped, as a closed peer's kernel would.
                 let (mut cr, mut sw) = (client, server);
-                let (all, tripped) = (all.clone(), t2.clone());
+                let (servers, tripped, cut) = (servers.clone(), t2.clone(), cut.clone());
                 std::thread::spawn(move || {
                     use std::io::{Read, Write};
                     let mut buf = vec![0u8; 64 << 10];
                     let mut pos = 0u64;
+                    let mut dead = false;
                     loop {
                         let n = match cr.read(&mut buf) {
                             Ok(0) | Err(_) => break,
                             Ok(n) => n,
                         };
+                        if dead || cut.load(Ordering::SeqCst) {
+                            continue;
+                        }
                         let chunk = &mut buf[..n];
                         match fault {
                             Fault::FlipAt { conn, offset }
@@ -530,19 +540,21 @@ impl Proxy {
                                 let keep = (offset - pos) as usize;
                                 let _ = sw.write_all(&chunk[..keep]);
                                 tripped.store(true, Ordering::SeqCst);
-                                for s in all.lock().unwrap().iter() {
+                                cut.store(true, Ordering::SeqCst);
+                                for s in servers.lock().unwrap().iter() {
                                     let _ = s.shutdown(Shutdown::Both);
                                 }
-                                return;
+                                continue;
                             }
                             _ => {}
                         }
                         if sw.write_all(chunk).is_err() {
-                            break;
+                            dead = true;
+                            let _ = sw.shutdown(Shutdown::Both);
                         }
                         pos += n as u64;
                     }
-                    let _ = sw.shutdown(Shutdown::Write);
+                    let _ = sw.shutdown(Shutdown::Both);
                 });
             }
         });
