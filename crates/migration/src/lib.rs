@@ -77,7 +77,7 @@ pub struct Progress {
     pub remaining_bytes: u64,
     /// Rate at which the guest dirtied memory during the last pass.
     pub dirty_rate_mibs: f64,
-    /// Measured transfer bandwidth.
+    /// Measured rate at which guest data pages reach the destination (before compression).
     pub bandwidth_mibs: f64,
     /// remaining bytes / bandwidth + measured fixed switchover cost.
     pub expected_downtime_ms: f64,

@@ -167,6 +167,40 @@ pub fn check(
     }
 }
 
+static RESTORE_COSTS: std::sync::Mutex<std::collections::BTreeMap<u8, u64>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// This host's switchover share for a VM with `vcpus` vCPUs, in µs: measured once per process
+/// (see [`measure_restore_cost`]) and then remembered.
+pub fn restore_cost(vcpus: u8) -> Result<u64, String> {
+    if let Some(us) = RESTORE_COSTS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&vcpus)
+    {
+        return Ok(*us);
+    }
+    let kvm = vmm::open_kvm().map_err(|e| e.to_string())?;
+    let us = measure_restore_cost(&kvm, vcpus)?;
+    RESTORE_COSTS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(vcpus, us);
+    Ok(us)
+}
+
+/// Measures the restore cost for these vCPU counts in the background (a `receive` worker does
+/// this at start, off the migration's critical path).
+pub fn warm_restore_costs(vcpus: Vec<u8>) {
+    let _ = std::thread::Builder::new()
+        .name("cost-probe".into())
+        .spawn(move || {
+            for v in vcpus {
+                let _ = restore_cost(v);
+            }
+        });
+}
+
 /// This host's fixed share of a switchover, measured: a scratch VM with `vcpus` vCPUs is saved,
 /// a second one is prepared (not timed, a destination does that during pre-copy), and loading
 /// the state into it and starting it is timed.

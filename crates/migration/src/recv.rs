@@ -220,10 +220,7 @@ fn session(
     }
     // Measure this host's switchover share while the source gets ready.
     let vcpus = req.config.vcpus;
-    let measure = std::thread::spawn(move || {
-        let kvm = vmm::open_kvm().map_err(|e| e.to_string())?;
-        preflight::measure_restore_cost(&kvm, vcpus)
-    });
+    let measure = std::thread::spawn(move || preflight::restore_cost(vcpus));
     state = RecvState::AwaitBegin;
     let (streams, _compression) = match wire::recv_msg(&mut control)
         .map_err(wire_err(state.phase()))
@@ -256,8 +253,15 @@ fn session(
     let ram = Arc::new(
         GuestRam::new(req.layout.clone()).map_err(|e| fatal(err(Phase::Setup, e.to_string())))?,
     );
-    let prepared = Vm::prepare(kvm, &req.config, &req.cpuid, ram.clone())
-        .map_err(|e| fatal(err(Phase::Setup, format!("cannot create the VM here: {e}"))))?;
+    // The KVM VM, its vCPUs and devices are built while pre-copy runs; the state only has to
+    // be loaded into them at switchover.
+    let prepare = {
+        let (config, cpuid, ram) = (req.config.clone(), req.cpuid.clone(), ram.clone());
+        std::thread::spawn(move || {
+            let kvm = vmm::open_kvm().map_err(|e| e.to_string())?;
+            Vm::prepare(&kvm, &config, &cpuid, ram).map_err(|e| e.to_string())
+        })
+    };
     let restore_us = match measure.join() {
         Ok(Ok(us)) => us,
         Ok(Err(e)) => {
@@ -366,7 +370,8 @@ fn session(
             .map_err(|e| fatal(err(Phase::Setup, e.to_string())))?,
     );
     let mut vm: Option<Vm> = None;
-    let mut prepared = Some(prepared);
+    let mut prepare = Some(prepare);
+    let mut prepared: Option<vmm::vm::PreparedVm> = None;
     let mut serial = Some(serial);
     let mut buf = Vec::new();
     let result = loop {
@@ -404,8 +409,18 @@ fn session(
                     "the VM state does not match the preflighted configuration",
                 ));
             }
-            let Some(p) = prepared.take() else {
-                break Err(err(Phase::State, "protocol violation: VM state sent twice"));
+            let p = match (prepared.take(), prepare.take()) {
+                (Some(p), _) => p,
+                (None, Some(handle)) => match handle.join() {
+                    Ok(Ok(p)) => p,
+                    Ok(Err(e)) => {
+                        break Err(err(Phase::State, format!("cannot create the VM here: {e}")))
+                    }
+                    Err(_) => break Err(err(Phase::State, "creating the VM crashed")),
+                },
+                (None, None) => {
+                    break Err(err(Phase::State, "protocol violation: VM state sent twice"))
+                }
             };
             match p.finish(&st, serial.take().expect("serial used once")) {
                 Ok(v) => {
@@ -454,6 +469,22 @@ fn session(
                     ));
                 }
                 current_pass.store(pass as u64, Ordering::SeqCst);
+                // The VM must be fully built before the source may pause it: finish that here,
+                // at a pre-copy barrier, so it never counts as downtime.
+                if state == RecvState::Precopy {
+                    if let Some(handle) = prepare.take() {
+                        match handle.join() {
+                            Ok(Ok(p)) => prepared = Some(p),
+                            Ok(Err(e)) => {
+                                break Err(err(
+                                    Phase::Precopy,
+                                    format!("cannot create the VM here: {e}"),
+                                ))
+                            }
+                            Err(_) => break Err(err(Phase::Precopy, "creating the VM crashed")),
+                        }
+                    }
+                }
                 if let Err(e) = wait_applied(&shared, &frames) {
                     break Err(err(state.phase(), e));
                 }
@@ -566,7 +597,8 @@ fn stream_rx(
     shared: Arc<StreamShared>,
     pass: Arc<AtomicU64>,
 ) {
-    let mut r = BufReader::with_capacity(2 << 20, sock);
+    // Small buffer: page batches (~1 MiB) are read straight into `buf`, bypassing it.
+    let mut r = BufReader::with_capacity(64 << 10, sock);
     let mut buf = Vec::with_capacity(1 << 20);
     let mut scratch = Vec::new();
     let fail = |e: String| {

@@ -68,8 +68,10 @@ impl MigrationControl {
 /// finishes long before).
 const MAX_PASSES: u32 = 200;
 /// Auto-converge: first throttle step and increment, in percent.
-const THROTTLE_INITIAL: u8 = 20;
-const THROTTLE_STEP: u8 = 10;
+const THROTTLE_INITIAL: u8 = 30;
+const THROTTLE_STEP: u8 = 20;
+/// After this many passes, switch over as soon as the estimate fits the budget.
+const SOFT_MAX_PASSES: u32 = 30;
 const THROTTLE_MAX: u8 = 99;
 /// Connection timeouts.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -510,7 +512,7 @@ impl Sender<'_> {
                 ..Default::default()
             });
         }
-        let save_cost = measure_save_cost(&kvm, vm.config().vcpus);
+        let save_cost = save_cost(vm.config().vcpus);
 
         // Setup: data streams.
         self.ctl.update(|p| p.phase = Phase::Setup.to_string());
@@ -607,10 +609,13 @@ impl Sender<'_> {
                 p.remaining_bytes = dirty.count() * PAGE_SIZE;
             });
             let t = Instant::now();
+            let data_before = self.data_pages();
             let bytes = self.send_pass(pass, &dirty, Phase::Precopy)?;
             let took = t.elapsed();
+            // The downtime estimate divides remaining (dirty, i.e. data) pages by this rate:
+            // guest bytes moved per second, whatever compression made of them on the wire.
             self.send_time += took;
-            self.send_bytes += bytes;
+            self.send_bytes += (self.data_pages() - data_before) * PAGE_SIZE;
             if pass == 0 {
                 pass0_mibs = bytes as f64 / took.as_secs_f64().max(1e-9) / (1 << 20) as f64;
             }
@@ -622,11 +627,17 @@ impl Sender<'_> {
             let remaining = dirty_pages * PAGE_SIZE;
             let expected = Duration::from_secs_f64(remaining as f64 / bw) + fixed_cost;
             let dirty_rate = (dirty_pages * PAGE_SIZE) as f64 / took.as_secs_f64().max(1e-6);
-            // Auto-converge: throttle harder while the dirty set does not shrink fast enough.
-            if expected > self.opts.max_downtime
-                && pass >= 1
-                && dirty_pages * 2 > prev_dirty.min(u64::MAX / 2)
-            {
+            // Convergence policy. The budget is a hard limit; within it, keep copying while
+            // passes still shrink the dirty set, aiming at a tenth of the budget. When the set
+            // stops shrinking and the estimate is above that aim, throttle the guest
+            // (auto-converge), harder on every pass.
+            let target = (self.opts.max_downtime / 10).max(Duration::from_millis(1));
+            let shrinking = dirty_pages * 4 <= prev_dirty.saturating_mul(3);
+            let switch_now = expected <= target
+                || (expected <= self.opts.max_downtime
+                    && (!shrinking && vm.throttle() >= THROTTLE_MAX))
+                || (expected <= self.opts.max_downtime && pass + 1 >= SOFT_MAX_PASSES);
+            if !switch_now && pass >= 1 && !shrinking {
                 let t = vm.throttle();
                 let next = if t == 0 {
                     THROTTLE_INITIAL
@@ -658,7 +669,7 @@ impl Sender<'_> {
                 p.elapsed_s = elapsed;
             });
             pass += 1;
-            if expected <= self.opts.max_downtime {
+            if switch_now {
                 break;
             }
             if pass >= MAX_PASSES {
@@ -683,8 +694,7 @@ impl Sender<'_> {
             .collect()
             .map_err(|e| pre(fail(Phase::FinalMemory, e.to_string())))?;
         last.union_with(&dirty);
-        let bytes = self.send_pass(pass, &last, Phase::FinalMemory)?;
-        self.send_bytes += bytes;
+        self.send_pass(pass, &last, Phase::FinalMemory)?;
         let t_mem = Instant::now();
 
         self.ctl.update(|p| p.phase = Phase::State.to_string());
@@ -851,6 +861,11 @@ impl Sender<'_> {
         Ok(self.counters.bytes.load(Ordering::Relaxed) - before)
     }
 
+    /// Data (non-zero) pages sent so far.
+    fn data_pages(&self) -> u64 {
+        self.counters.pages.load(Ordering::Relaxed) - self.counters.zero.load(Ordering::Relaxed)
+    }
+
     /// Copies the live counters into the progress report (during a pass).
     fn publish_live(&self, remaining_pages: u64) {
         let c = &self.counters;
@@ -892,6 +907,40 @@ fn hole_bitmap(ram: &GuestRam) -> PageBitmap {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
+}
+
+static SAVE_COSTS: Mutex<std::collections::BTreeMap<u8, Duration>> =
+    Mutex::new(std::collections::BTreeMap::new());
+
+/// This host's cost of pausing a VM with `vcpus` vCPUs and capturing + encoding its state:
+/// measured once per process on a scratch VM, then remembered.
+pub fn save_cost(vcpus: u8) -> Duration {
+    if let Some(d) = SAVE_COSTS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&vcpus)
+    {
+        return *d;
+    }
+    let d = match vmm::open_kvm() {
+        Ok(kvm) => measure_save_cost(&kvm, vcpus),
+        Err(_) => Duration::from_millis(1),
+    };
+    SAVE_COSTS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(vcpus, d);
+    d
+}
+
+/// Measures [`save_cost`] in the background (a worker does this at start, off the critical
+/// path of a later migration).
+pub fn warm_save_cost(vcpus: u8) {
+    let _ = std::thread::Builder::new()
+        .name("cost-probe".into())
+        .spawn(move || {
+            save_cost(vcpus);
+        });
 }
 
 /// Time to pause a VM of this shape and capture + encode its state, measured on a scratch VM.

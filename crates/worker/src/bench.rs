@@ -16,9 +16,15 @@ use vmm::{KernelSource, Vm, VmConfig};
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// Which benchmarks: boot, snapshot, or all.
+    /// Which benchmarks: boot, snapshot, migrate, or all.
     #[arg(long, default_value = "all")]
     pub only: String,
+    /// Guest sizes in MiB for the migration benchmark.
+    #[arg(long, value_delimiter = ',', default_value = "256,1024,4096")]
+    pub migrate_sizes: Vec<u64>,
+    /// Downtime limit for both Ferry and QEMU in the migration benchmark.
+    #[arg(long, default_value_t = 50)]
+    pub max_downtime_ms: u64,
     /// Guest sizes in MiB for the snapshot benchmark.
     #[arg(long, value_delimiter = ',', default_value = "256,1024,4096")]
     pub sizes: Vec<u64>,
@@ -54,6 +60,15 @@ pub fn run(args: BenchArgs) -> Result<i32> {
     }
     if args.only == "all" || args.only == "snapshot" {
         snapshot_bench(&dir, &args.sizes)?;
+    }
+    if args.only == "all" || args.only == "migrate" {
+        crate::bench_migrate::run(&dir, &args.migrate_sizes, args.max_downtime_ms)?;
+    }
+    if !["all", "boot", "snapshot", "migrate"].contains(&args.only.as_str()) {
+        bail!(
+            "unknown benchmark {:?} (boot, snapshot, migrate, all)",
+            args.only
+        );
     }
     if args.dir.is_none() {
         let _ = std::fs::remove_dir_all(&dir);

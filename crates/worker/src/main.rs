@@ -12,6 +12,7 @@ use worker::api::{self, Request};
 use worker::server;
 
 mod bench;
+mod bench_migrate;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -221,6 +222,7 @@ fn real_main(cli: Cli) -> Result<i32> {
             let vm = Vm::create(&kvm, config, serial.file()?)?;
             serial.commit()?;
             let listener = server::bind(&api_socket)?;
+            migration::send::warm_save_cost(vm.config().vcpus);
             let vm = Arc::new(vm);
             let ctx = Arc::new(server::Ctx::new(Some(vm.clone()), api_socket.clone(), None));
             server::serve(listener, ctx);
@@ -274,6 +276,7 @@ fn real_main(cli: Cli) -> Result<i32> {
             let serial = SerialLog::create(&serial_log)?;
             let listener = server::bind(&api_socket)?;
             let incoming = Arc::new(migration::recv::ReceiveControl::default());
+            migration::preflight::warm_restore_costs(vec![1, 2]);
             let ctx = Arc::new(server::Ctx::new(
                 None,
                 api_socket.clone(),

@@ -1,0 +1,481 @@
+//! `ferry-vmm bench --only migrate`: live migration over loopback, Ferry next to QEMU 7.2
+//! migrating the same test-guest ELF with the same workloads, plus the loopback TCP limit, all
+//! measured in the same run.
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use worker::api::{self, MigrateArgs, Request};
+
+/// One guest workload of the matrix.
+#[derive(Clone, Debug)]
+pub struct Workload {
+    pub name: String,
+    pub cmdline: String,
+    /// Seconds to let the guest run before migrating.
+    pub warmup: f64,
+}
+
+pub fn workloads(mem_mib: u64) -> Vec<Workload> {
+    let half = mem_mib / 2;
+    let w = |name: String, cmdline: String, warmup: f64| Workload {
+        name,
+        cmdline,
+        warmup,
+    };
+    vec![
+        w("idle".into(), "ferry.workload=idle".into(), 0.5),
+        w(
+            format!("{half} MiB written once"),
+            format!("ferry.workload=dirty ferry.wss_mib={half} ferry.rounds=1"),
+            1.0 + half as f64 / 400.0,
+        ),
+        w(
+            "dirty 64 MiB @ 100 MiB/s".into(),
+            "ferry.workload=dirty ferry.wss_mib=64 ferry.rate_mibs=100".into(),
+            1.0,
+        ),
+        w(
+            "dirty 64 MiB @ 400 MiB/s".into(),
+            "ferry.workload=dirty ferry.wss_mib=64 ferry.rate_mibs=400".into(),
+            1.0,
+        ),
+        w(
+            "dirty 64 MiB @ max".into(),
+            "ferry.workload=dirty ferry.wss_mib=64 ferry.rate_mibs=0".into(),
+            1.0,
+        ),
+    ]
+}
+
+/// What one migration measured.
+#[derive(Clone, Debug, Default)]
+pub struct Outcome {
+    pub total_ms: f64,
+    pub downtime_ms: f64,
+    pub phases: String,
+    pub wire_mib: f64,
+    pub passes: f64,
+    pub throttle: f64,
+}
+
+fn wait_serial(log: &Path, timeout: Duration, pred: impl Fn(&str) -> bool) -> Result<()> {
+    let t0 = Instant::now();
+    loop {
+        let s = std::fs::read_to_string(log).unwrap_or_default();
+        if pred(&s) {
+            return Ok(());
+        }
+        if s.contains("PANIC") {
+            bail!("guest panicked: {s}");
+        }
+        if t0.elapsed() > timeout {
+            bail!("guest did not start within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn kill(mut c: Child) {
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
+/// Migrates a Ferry VM between two `ferry-vmm` processes.
+pub fn ferry_once(
+    exe: &Path,
+    dir: &Path,
+    mem_mib: u64,
+    w: &Workload,
+    streams: u16,
+    compress: &str,
+    max_downtime_ms: u64,
+) -> Result<Outcome> {
+    let (slog, ssock) = (dir.join("fsrc.serial"), dir.join("fsrc.sock"));
+    let (dlog, dsock) = (dir.join("fdst.serial"), dir.join("fdst.sock"));
+    for p in [&ssock, &dsock] {
+        let _ = std::fs::remove_file(p);
+    }
+    let src = Command::new(exe)
+        .args([
+            "run",
+            "--kernel",
+            "test-guest",
+            "--vcpus",
+            "1",
+            "--memory-mib",
+            &mem_mib.to_string(),
+        ])
+        .args(["--cmdline", &w.cmdline, "--serial-log"])
+        .arg(&slog)
+        .arg("--api-socket")
+        .arg(&ssock)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut dst = Command::new(exe)
+        .args(["receive", "--listen", "127.0.0.1:0", "--serial-log"])
+        .arg(&dlog)
+        .arg("--api-socket")
+        .arg(&dsock)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut line = String::new();
+    BufReader::new(dst.stdout.take().unwrap()).read_line(&mut line)?;
+    let addr = line
+        .trim()
+        .strip_prefix("receiving on ")
+        .ok_or_else(|| anyhow!("receive said {line:?}"))?
+        .to_string();
+    let result = (|| -> Result<Outcome> {
+        wait_serial(&slog, Duration::from_secs(30), |s| s.contains("\nhb "))?;
+        std::thread::sleep(Duration::from_secs_f64(w.warmup));
+        let req = Request::Migrate(MigrateArgs {
+            to: addr,
+            max_downtime_ms,
+            streams,
+            compress: compress.into(),
+            max_bandwidth_mibs: None,
+            timeout_s: Some(120.0),
+            dry_run: false,
+        });
+        let last = api::call_stream(&ssock, &req, |r| {
+            r.data.get("event").and_then(|e| e.as_str()) == Some("progress")
+        })?;
+        if !last.ok {
+            bail!("ferry migration failed: {}", last.error.unwrap_or_default());
+        }
+        let s = &last.data["summary"];
+        let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(0.0);
+        let d = &s["downtime"];
+        Ok(Outcome {
+            total_ms: f(s, "total_ms"),
+            downtime_ms: f(s, "downtime_ms"),
+            phases: format!(
+                "{:.2}/{:.2}/{:.2}/{:.2}",
+                f(d, "final_memory_ms"),
+                f(d, "state_ms"),
+                f(d, "commit_ms") - f(d, "resume_ms"),
+                f(d, "resume_ms")
+            ),
+            wire_mib: f(s, "bytes_sent") / (1 << 20) as f64,
+            passes: f(s, "passes"),
+            throttle: f(s, "max_throttle_pct"),
+        })
+    })();
+    let _ = api::call(&dsock, &Request::Shutdown, Some(Duration::from_secs(5)));
+    kill(src);
+    kill(dst);
+    result
+}
+
+/// A minimal QMP client.
+struct Qmp {
+    r: BufReader<UnixStream>,
+    w: UnixStream,
+}
+
+impl Qmp {
+    fn connect(path: &Path) -> Result<Qmp> {
+        let t0 = Instant::now();
+        let s = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if t0.elapsed() > Duration::from_secs(10) => {
+                    return Err(e).context("QMP socket")
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        };
+        let mut q = Qmp {
+            r: BufReader::new(s.try_clone()?),
+            w: s,
+        };
+        let mut greeting = String::new();
+        q.r.read_line(&mut greeting)?;
+        q.cmd("qmp_capabilities", json!({}))?;
+        Ok(q)
+    }
+
+    fn cmd(&mut self, name: &str, args: Value) -> Result<Value> {
+        let mut m = json!({ "execute": name });
+        if args.as_object().is_some_and(|o| !o.is_empty()) {
+            m["arguments"] = args;
+        }
+        writeln!(self.w, "{m}")?;
+        loop {
+            let mut l = String::new();
+            if self.r.read_line(&mut l)? == 0 {
+                bail!("QMP connection closed during {name}");
+            }
+            let v: Value = serde_json::from_str(&l)?;
+            if let Some(e) = v.get("error") {
+                bail!("QMP {name}: {e}");
+            }
+            if let Some(r) = v.get("return") {
+                return Ok(r.clone());
+            }
+        }
+    }
+}
+
+fn qemu_args(elf: &Path, mem_mib: u64, cmdline: &str, serial: &Path, qmp: &Path) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "-accel",
+        "kvm",
+        "-M",
+        "microvm",
+        "-cpu",
+        "host,-arch-capabilities",
+        "-smp",
+        "1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.extend(["-m".into(), format!("{mem_mib}M")]);
+    a.extend(
+        [
+            "-no-user-config",
+            "-nodefaults",
+            "-nographic",
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+        ]
+        .map(String::from),
+    );
+    a.extend([
+        "-kernel".into(),
+        elf.display().to_string(),
+        "-append".into(),
+        cmdline.into(),
+    ]);
+    a.extend(["-serial".into(), format!("file:{}", serial.display())]);
+    a.extend([
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", qmp.display()),
+    ]);
+    a
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Migrates the same guest between two QEMU processes, tuned for its best: no bandwidth cap,
+/// the same downtime limit, auto-converge on, multifd with `channels` channels when > 1.
+pub fn qemu_once(
+    elf: &Path,
+    dir: &Path,
+    mem_mib: u64,
+    w: &Workload,
+    channels: u16,
+    max_downtime_ms: u64,
+) -> Result<Outcome> {
+    let (slog, sqmp) = (dir.join("qsrc.serial"), dir.join("qsrc.qmp"));
+    let (dlog, dqmp) = (dir.join("qdst.serial"), dir.join("qdst.qmp"));
+    for p in [&sqmp, &dqmp, &slog] {
+        let _ = std::fs::remove_file(p);
+    }
+    let port = free_port()?;
+    let src = Command::new("qemu-system-x86_64")
+        .args(qemu_args(elf, mem_mib, &w.cmdline, &slog, &sqmp))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let dst = Command::new("qemu-system-x86_64")
+        .args(qemu_args(elf, mem_mib, &w.cmdline, &dlog, &dqmp))
+        .args(["-incoming", "defer"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let result = (|| -> Result<Outcome> {
+        let mut qs = Qmp::connect(&sqmp)?;
+        let mut qd = Qmp::connect(&dqmp)?;
+        wait_serial(&slog, Duration::from_secs(30), |s| s.contains("\nhb "))?;
+        std::thread::sleep(Duration::from_secs_f64(w.warmup));
+        let mut caps = vec![json!({"capability": "auto-converge", "state": true})];
+        if channels > 1 {
+            caps.push(json!({"capability": "multifd", "state": true}));
+        }
+        for q in [&mut qs, &mut qd] {
+            q.cmd("migrate-set-capabilities", json!({ "capabilities": caps }))?;
+            let mut params =
+                json!({"max-bandwidth": 100u64 << 30, "downtime-limit": max_downtime_ms});
+            if channels > 1 {
+                params["multifd-channels"] = json!(channels);
+            }
+            q.cmd("migrate-set-parameters", params)?;
+        }
+        qd.cmd(
+            "migrate-incoming",
+            json!({ "uri": format!("tcp:127.0.0.1:{port}") }),
+        )?;
+        qs.cmd("migrate", json!({ "uri": format!("tcp:127.0.0.1:{port}") }))?;
+        let t0 = Instant::now();
+        let info = loop {
+            let i = qs.cmd("query-migrate", json!({}))?;
+            match i["status"].as_str() {
+                Some("completed") => break i,
+                Some("failed") | Some("cancelled") => bail!("QEMU migration {}: {i}", i["status"]),
+                _ => {}
+            }
+            if t0.elapsed() > Duration::from_secs(120) {
+                bail!("QEMU migration did not finish in 120 s");
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(0.0);
+        Ok(Outcome {
+            total_ms: f(&info, "total-time"),
+            downtime_ms: f(&info, "downtime"),
+            phases: "-".into(),
+            wire_mib: f(&info["ram"], "transferred") / (1 << 20) as f64,
+            passes: f(&info["ram"], "dirty-sync-count"),
+            throttle: f(&info, "cpu-throttle-percentage"),
+        })
+    })();
+    kill(src);
+    kill(dst);
+    result
+}
+
+/// Loopback TCP throughput with `streams` connections, GiB/s.
+pub fn loopback_tcp(streams: usize) -> Result<f64> {
+    let total: usize = 2 << 30;
+    let per = total / streams;
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    let rx = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut hs = Vec::new();
+        for _ in 0..streams {
+            let (mut s, _) = l.accept()?;
+            hs.push(std::thread::spawn(move || {
+                let mut buf = vec![0u8; 1 << 20];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            }));
+        }
+        for h in hs {
+            let _ = h.join();
+        }
+        Ok(())
+    });
+    let socks: Vec<TcpStream> = (0..streams)
+        .map(|_| TcpStream::connect(addr))
+        .collect::<std::io::Result<_>>()?;
+    let t0 = Instant::now();
+    let hs: Vec<_> = socks
+        .into_iter()
+        .map(|mut s| {
+            std::thread::spawn(move || {
+                let buf = vec![0x5au8; 1 << 20];
+                let mut sent = 0;
+                while sent < per {
+                    if s.write_all(&buf).is_err() {
+                        break;
+                    }
+                    sent += buf.len();
+                }
+            })
+        })
+        .collect();
+    for h in hs {
+        let _ = h.join();
+    }
+    let _ = rx.join();
+    Ok(total as f64 / t0.elapsed().as_secs_f64() / (1u64 << 30) as f64)
+}
+
+fn row(label: &str, o: &Result<Outcome>) -> String {
+    match o {
+        Ok(o) => format!(
+            "| {label} | {:.0} | {:.2} | {} | {:.1} | {:.0} | {:.0} |",
+            o.total_ms, o.downtime_ms, o.phases, o.wire_mib, o.passes, o.throttle
+        ),
+        Err(e) => format!(
+            "| {label} | failed: {} | | | | | |",
+            e.to_string().replace('|', "/")
+        ),
+    }
+}
+
+fn ratio(a: &Result<Outcome>, b: &Result<Outcome>, f: impl Fn(&Outcome) -> f64) -> String {
+    match (a, b) {
+        (Ok(a), Ok(b)) if f(b) > 0.0 => format!("{:.2}", f(a) / f(b)),
+        (Ok(_), Ok(_)) => "n/a (QEMU 0)".into(),
+        _ => "-".into(),
+    }
+}
+
+/// Runs the migration matrix and prints Markdown.
+pub fn run(dir: &Path, sizes: &[u64], max_downtime_ms: u64) -> Result<()> {
+    let exe = std::env::current_exe()?;
+    let elf: PathBuf = dir.join("ferry-guest.elf");
+    std::fs::write(&elf, guest::ELF)?;
+    let have_qemu = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_ok();
+    println!("## Live migration over loopback (1 vCPU test guest, downtime limit {max_downtime_ms} ms for both)\n");
+    let t1 = loopback_tcp(1)?;
+    let t4 = loopback_tcp(4)?;
+    println!("Loopback TCP, measured in this run: **{t1:.2} GiB/s** with 1 stream, **{t4:.2} GiB/s** with 4 streams.\n");
+    println!("Ferry columns: downtime phases = final memory / state / commit / resume (ms). QEMU: `-M microvm`, auto-converge, max-bandwidth 100 GiB/s, multifd with 4 channels for the 4-stream rows.\n");
+    for &mem in sizes {
+        let size = if mem >= 1024 {
+            format!("{} GiB", mem / 1024)
+        } else {
+            format!("{mem} MiB")
+        };
+        println!("### {size} guest\n");
+        println!("| run | total ms | downtime ms | downtime phases | wire MiB | passes | max throttle % |");
+        println!("|---|---|---|---|---|---|---|");
+        let mut ratios = Vec::new();
+        for w in workloads(mem) {
+            let f1 = ferry_once(&exe, dir, mem, &w, 1, "none", max_downtime_ms);
+            println!("{}", row(&format!("{}: Ferry 1 stream", w.name), &f1));
+            let f4 = ferry_once(&exe, dir, mem, &w, 4, "none", max_downtime_ms);
+            println!("{}", row(&format!("{}: Ferry 4 streams", w.name), &f4));
+            let fl = ferry_once(&exe, dir, mem, &w, 1, "lz4", max_downtime_ms);
+            println!("{}", row(&format!("{}: Ferry 1 stream lz4", w.name), &fl));
+            let fz = ferry_once(&exe, dir, mem, &w, 4, "zstd", max_downtime_ms);
+            println!("{}", row(&format!("{}: Ferry 4 streams zstd", w.name), &fz));
+            if have_qemu {
+                let q1 = qemu_once(&elf, dir, mem, &w, 1, max_downtime_ms);
+                println!("{}", row(&format!("{}: QEMU", w.name), &q1));
+                let q4 = qemu_once(&elf, dir, mem, &w, 4, max_downtime_ms);
+                println!("{}", row(&format!("{}: QEMU multifd 4", w.name), &q4));
+                ratios.push(format!(
+                    "| {} | {} | {} | {} | {} |",
+                    w.name,
+                    ratio(&f1, &q1, |o| o.total_ms),
+                    ratio(&f1, &q1, |o| o.downtime_ms),
+                    ratio(&f4, &q4, |o| o.total_ms),
+                    ratio(&f4, &q4, |o| o.downtime_ms)
+                ));
+            }
+        }
+        if !ratios.is_empty() {
+            println!("\nFerry/QEMU ratios ({size}; below 1 = Ferry better):\n");
+            println!("| workload | total, 1 stream | downtime, 1 stream | total, 4 streams | downtime, 4 streams |");
+            println!("|---|---|---|---|---|");
+            for r in ratios {
+                println!("{r}");
+            }
+        }
+        println!();
+    }
+    Ok(())
+}
