@@ -625,18 +625,21 @@ impl Sender<'_> {
             let dirty_pages = dirty.count();
             let bw = self.progress_bw().max(1.0);
             let remaining = dirty_pages * PAGE_SIZE;
-            let expected = Duration::from_secs_f64(remaining as f64 / bw) + fixed_cost;
+            let memory_time = Duration::from_secs_f64(remaining as f64 / bw);
+            let expected = memory_time + fixed_cost;
             let dirty_rate = (dirty_pages * PAGE_SIZE) as f64 / took.as_secs_f64().max(1e-6);
-            // Convergence policy. The budget is a hard limit; within it, keep copying while
-            // passes still shrink the dirty set, aiming at a tenth of the budget. When the set
-            // stops shrinking and the estimate is above that aim, throttle the guest
-            // (auto-converge), harder on every pass.
+            // Convergence policy. The budget is a hard limit on the expected downtime. Within
+            // it, keep copying while passes still shrink the dirty set, until the memory part
+            // of the downtime is down to a tenth of the budget. When the set stops shrinking
+            // short of that, throttle the guest (auto-converge), harder on every pass.
             let target = (self.opts.max_downtime / 10).max(Duration::from_millis(1));
-            let shrinking = dirty_pages * 4 <= prev_dirty.saturating_mul(3);
-            let switch_now = expected <= target
-                || (expected <= self.opts.max_downtime
-                    && (!shrinking && vm.throttle() >= THROTTLE_MAX))
-                || (expected <= self.opts.max_downtime && pass + 1 >= SOFT_MAX_PASSES);
+            let shrinking = dirty_pages * 4 <= prev_dirty.saturating_mul(3)
+                && prev_dirty.saturating_sub(dirty_pages) >= 64;
+            let fits = expected <= self.opts.max_downtime;
+            let switch_now = fits
+                && (memory_time <= target
+                    || (!shrinking && vm.throttle() >= THROTTLE_MAX)
+                    || pass + 1 >= SOFT_MAX_PASSES);
             if !switch_now && pass >= 1 && !shrinking {
                 let t = vm.throttle();
                 let next = if t == 0 {
