@@ -222,7 +222,7 @@ fn boot_bench(dir: &Path, runs: usize) -> Result<()> {
 }
 
 /// Waits until the guest's serial log satisfies `pred`.
-fn wait_serial(
+pub(crate) fn wait_serial(
     log: &Path,
     timeout: Duration,
     what: &str,

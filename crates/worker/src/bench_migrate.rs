@@ -2,6 +2,7 @@
 //! migrating the same test-guest ELF with the same workloads, plus the loopback TCP limit, all
 //! measured in the same run.
 
+use crate::bench::wait_serial;
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -64,23 +65,6 @@ pub struct Outcome {
     pub throttle: f64,
 }
 
-fn wait_serial(log: &Path, timeout: Duration, pred: impl Fn(&str) -> bool) -> Result<()> {
-    let t0 = Instant::now();
-    loop {
-        let s = std::fs::read_to_string(log).unwrap_or_default();
-        if pred(&s) {
-            return Ok(());
-        }
-        if s.contains("PANIC") {
-            bail!("guest panicked: {s}");
-        }
-        if t0.elapsed() > timeout {
-            bail!("guest did not start within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn kill(mut c: Child) {
     let _ = c.kill();
     let _ = c.wait();
@@ -134,7 +118,9 @@ pub fn ferry_once(
         .ok_or_else(|| anyhow!("receive said {line:?}"))?
         .to_string();
     let result = (|| -> Result<Outcome> {
-        wait_serial(&slog, Duration::from_secs(30), |s| s.contains("\nhb "))?;
+        wait_serial(&slog, Duration::from_secs(30), "the guest to start", |s| {
+            s.contains("\nhb ")
+        })?;
         std::thread::sleep(Duration::from_secs_f64(w.warmup));
         let req = Request::Migrate(MigrateArgs {
             to: addr,
@@ -300,7 +286,9 @@ pub fn qemu_once(
     let result = (|| -> Result<Outcome> {
         let mut qs = Qmp::connect(&sqmp)?;
         let mut qd = Qmp::connect(&dqmp)?;
-        wait_serial(&slog, Duration::from_secs(30), |s| s.contains("\nhb "))?;
+        wait_serial(&slog, Duration::from_secs(30), "the guest to start", |s| {
+            s.contains("\nhb ")
+        })?;
         std::thread::sleep(Duration::from_secs_f64(w.warmup));
         let mut caps = vec![json!({"capability": "auto-converge", "state": true})];
         if channels > 1 {
