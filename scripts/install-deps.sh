@@ -4,8 +4,9 @@
 # update runs only when something is missing.
 set -euo pipefail
 
-# Debian packages: QEMU is the side-by-side baseline (boot test and benchmarks).
-PACKAGES=(qemu-system-x86)
+# Debian packages: QEMU is the side-by-side baseline (boot test and benchmarks); etcd-server
+# backs the cluster store tests (the tests start their own etcd; the packaged service is not used).
+PACKAGES=(qemu-system-x86 etcd-server)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -1,0 +1,88 @@
+//! The store interface every backend implements.
+//!
+//! Ownership of a VM changes only through [`Store::update_vm`], a compare-and-swap on the
+//! record's version: that CAS is a live migration's commit point.
+
+use crate::model::{MigrationRecord, NodeInfo, NodeStatus, Versioned, VmRecord};
+use std::time::Duration;
+
+/// Store failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cluster store unavailable: {0}")]
+    Unavailable(String),
+    #[error("{0} already exists")]
+    Exists(String),
+    #[error("unknown node {0:?}")]
+    UnknownNode(String),
+    #[error("corrupt record in the cluster store: {0}")]
+    Corrupt(String),
+    #[error(
+        "invalid store URL {0:?}: use sqlite:///path/to/cluster.db or etcd://host:port[,host:port]"
+    )]
+    BadUrl(String),
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// The cluster's single source of truth.
+pub trait Store: Send + Sync {
+    /// Registers (or refreshes) a node and starts its lease of `ttl`.
+    fn register_node(&self, info: &NodeInfo, ttl: Duration) -> Result<()>;
+    /// Keeps the node's lease alive for another `ttl`.
+    fn keepalive(&self, node: &str, ttl: Duration) -> Result<()>;
+    /// Marks a node (un)schedulable (drain / undrain).
+    fn set_schedulable(&self, node: &str, schedulable: bool) -> Result<()>;
+    /// Every node, with `alive` from its lease.
+    fn nodes(&self) -> Result<Vec<NodeStatus>>;
+    /// One node.
+    fn node(&self, name: &str) -> Result<Option<NodeStatus>> {
+        Ok(self.nodes()?.into_iter().find(|n| n.info.name == name))
+    }
+    /// Creates a VM record; fails with `Exists` if the name is taken.
+    fn create_vm(&self, rec: &VmRecord) -> Result<()>;
+    /// One VM with its version.
+    fn vm(&self, name: &str) -> Result<Option<Versioned<VmRecord>>>;
+    /// Every VM.
+    fn vms(&self) -> Result<Vec<Versioned<VmRecord>>>;
+    /// Replaces a VM record if its version is still `expected`; returns whether it did.
+    fn update_vm(&self, name: &str, expected: u64, rec: &VmRecord) -> Result<bool>;
+    /// Deletes a VM record if its version is still `expected`; returns whether it did.
+    fn delete_vm(&self, name: &str, expected: u64) -> Result<bool>;
+    /// Creates or replaces a migration record.
+    fn put_migration(&self, m: &MigrationRecord) -> Result<()>;
+    /// Migration records, newest first.
+    fn migrations(&self) -> Result<Vec<MigrationRecord>>;
+}
+
+/// Opens a store from its URL: `sqlite:///path` (embedded) or `etcd://host:port[,...]`.
+pub fn open(url: &str) -> Result<Box<dyn Store>> {
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        if path.is_empty() {
+            return Err(StoreError::BadUrl(url.into()));
+        }
+        return Ok(Box::new(crate::sqlite::SqliteStore::open(
+            std::path::Path::new(path),
+        )?));
+    }
+    if let Some(hosts) = url.strip_prefix("etcd://") {
+        let endpoints: Vec<String> = hosts
+            .split(',')
+            .filter(|h| !h.is_empty())
+            .map(|h| format!("http://{h}"))
+            .collect();
+        if endpoints.is_empty() {
+            return Err(StoreError::BadUrl(url.into()));
+        }
+        return Ok(Box::new(crate::etcd::EtcdStore::new(endpoints)?));
+    }
+    Err(StoreError::BadUrl(url.into()))
+}
+
+pub(crate) fn to_json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).expect("store records always serialize")
+}
+
+pub(crate) fn from_json<T: serde::de::DeserializeOwned>(what: &str, s: &str) -> Result<T> {
+    serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+}

@@ -1,0 +1,307 @@
+//! The same behaviour from both backends: the embedded SQLite store (also shared by two
+//! handles, as two agents of one machine share it) and a real etcd server started for the test.
+
+use cluster::*;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn node(name: &str) -> NodeInfo {
+    NodeInfo {
+        name: name.into(),
+        address: format!("127.0.0.1:{}", 7000 + name.len()),
+        cpu_vendor: "AuthenticAMD".into(),
+        cpu_model: "test".into(),
+        cpu_features: vec!["sse2".into(), "lm".into()],
+        cores: 2,
+        memory_mib: 4096,
+        storage: vec!["/shared".into()],
+        networks: vec!["br0".into()],
+        schedulable: true,
+        started_ms: now_ms(),
+    }
+}
+
+fn vm(name: &str, owner: &str) -> VmRecord {
+    VmRecord {
+        spec: VmSpec::from_toml(&format!("name = \"{name}\"\nmemory_mib = 64\n")).unwrap(),
+        owner: owner.into(),
+        state: VmState::Stopped,
+        cpu_features: vec![],
+        migration: None,
+        last_error: None,
+        updated_ms: now_ms(),
+    }
+}
+
+/// Everything a backend must do. `ttl` is the shortest lease the backend supports.
+fn suite(s: &dyn Store, other: &dyn Store, ttl: Duration) {
+    // Nodes and leases.
+    s.register_node(&node("n1"), ttl).unwrap();
+    other.register_node(&node("n2"), ttl).unwrap();
+    let ns = s.nodes().unwrap();
+    assert_eq!(
+        ns.iter().map(|n| n.info.name.as_str()).collect::<Vec<_>>(),
+        vec!["n1", "n2"]
+    );
+    assert!(ns.iter().all(|n| n.alive));
+    s.set_schedulable("n2", false).unwrap();
+    assert!(!other.node("n2").unwrap().unwrap().info.schedulable);
+    assert!(matches!(
+        s.set_schedulable("nope", false),
+        Err(StoreError::UnknownNode(_))
+    ));
+    // n1 keeps its lease alive, n2 does not: n2 is reported down once its lease expired.
+    let deadline = Instant::now() + ttl * 3;
+    while Instant::now() < deadline {
+        s.keepalive("n1", ttl).unwrap();
+        std::thread::sleep(ttl / 4);
+    }
+    let ns = other.nodes().unwrap();
+    assert!(
+        ns.iter().find(|n| n.info.name == "n1").unwrap().alive,
+        "n1 kept its lease"
+    );
+    assert!(
+        !ns.iter().find(|n| n.info.name == "n2").unwrap().alive,
+        "n2's lease expired"
+    );
+    // A node that comes back refreshes its lease.
+    other.keepalive("n2", ttl).unwrap();
+    assert!(s.node("n2").unwrap().unwrap().alive);
+    assert!(matches!(
+        s.keepalive("ghost", ttl),
+        Err(StoreError::UnknownNode(_))
+    ));
+
+    // VMs: create once, compare-and-swap by version.
+    s.create_vm(&vm("a", "n1")).unwrap();
+    assert!(matches!(
+        other.create_vm(&vm("a", "n2")),
+        Err(StoreError::Exists(_))
+    ));
+    let v1 = other.vm("a").unwrap().unwrap();
+    assert_eq!(v1.value.owner, "n1");
+    let mut moved = v1.value.clone();
+    moved.owner = "n2".into();
+    assert!(s.update_vm("a", v1.version, &moved).unwrap());
+    // The same stale version no longer matches.
+    let mut back = v1.value.clone();
+    back.owner = "n1".into();
+    assert!(!other.update_vm("a", v1.version, &back).unwrap());
+    let v2 = s.vm("a").unwrap().unwrap();
+    assert_eq!(v2.value.owner, "n2");
+    assert!(v2.version > v1.version);
+    // Racing CAS from both handles: exactly one wins.
+    let wins = std::thread::scope(|sc| {
+        let h: Vec<_> = [s, other]
+            .into_iter()
+            .enumerate()
+            .map(|(i, st)| {
+                let mut r = v2.value.clone();
+                r.owner = format!("racer{i}");
+                sc.spawn(move || st.update_vm("a", v2.version, &r).unwrap())
+            })
+            .collect();
+        h.into_iter()
+            .map(|j| j.join().unwrap())
+            .filter(|w| *w)
+            .count()
+    });
+    assert_eq!(wins, 1, "exactly one compare-and-swap may win");
+    assert!(s.vm("a").unwrap().unwrap().value.owner.starts_with("racer"));
+    // Delete by version; deleting and re-creating never reuses a version.
+    let cur = s.vm("a").unwrap().unwrap();
+    assert!(!s.delete_vm("a", v1.version).unwrap());
+    assert!(other.delete_vm("a", cur.version).unwrap());
+    assert!(s.vm("a").unwrap().is_none());
+    s.create_vm(&vm("a", "n1")).unwrap();
+    let again = s.vm("a").unwrap().unwrap();
+    assert!(
+        again.version > cur.version,
+        "re-created VM reused version {}",
+        again.version
+    );
+    assert!(!s.update_vm("a", cur.version, &vm("a", "n2")).unwrap());
+    s.create_vm(&vm("b", "n2")).unwrap();
+    assert_eq!(
+        other
+            .vms()
+            .unwrap()
+            .iter()
+            .map(|v| v.value.spec.name.as_str())
+            .collect::<Vec<_>>(),
+        vec!["a", "b"]
+    );
+
+    // Migration records, newest first.
+    for (i, id) in ["m1", "m2", "m3"].iter().enumerate() {
+        let m = MigrationRecord {
+            id: id.to_string(),
+            vm: "a".into(),
+            from: "n1".into(),
+            to: "n2".into(),
+            started_ms: 1000 + i as u64,
+            finished_ms: None,
+            outcome: MigrationOutcome::Running,
+            phase: "pre-copy".into(),
+            reason: None,
+            summary: None,
+        };
+        s.put_migration(&m).unwrap();
+    }
+    let mut m2 = other
+        .migrations()
+        .unwrap()
+        .into_iter()
+        .find(|m| m.id == "m2")
+        .unwrap();
+    m2.outcome = MigrationOutcome::Failed;
+    m2.reason = Some("destination died".into());
+    other.put_migration(&m2).unwrap();
+    let ms = s.migrations().unwrap();
+    assert_eq!(
+        ms.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(),
+        vec!["m3", "m2", "m1"]
+    );
+    assert_eq!(ms[1].outcome, MigrationOutcome::Failed);
+}
+
+#[test]
+fn sqlite_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("cluster.db").display());
+    let a = open(&url).unwrap();
+    let b = open(&url).unwrap(); // a second agent on the same machine
+    suite(a.as_ref(), b.as_ref(), Duration::from_millis(600));
+}
+
+#[test]
+fn bad_urls_and_spec_errors() {
+    for u in ["", "postgres://x", "sqlite://", "etcd://"] {
+        assert!(matches!(open(u), Err(StoreError::BadUrl(_))), "{u}");
+    }
+    assert!(VmSpec::from_toml("name = \"Bad Name\"\nmemory_mib = 64")
+        .unwrap_err()
+        .to_string()
+        .contains("invalid VM name"));
+    assert!(
+        VmSpec::from_toml("name = \"x\"\nmemory_mib = 64\nbogus = 1")
+            .unwrap_err()
+            .to_string()
+            .contains("bogus")
+    );
+    assert!(VmSpec::from_toml("name = \"x\"\nmemory_mib = 1")
+        .unwrap_err()
+        .to_string()
+        .contains("memory must be between"));
+    assert!(
+        VmSpec::from_toml("name = \"x\"\nmemory_mib = 64\ncpu_profile = \"fast\"")
+            .unwrap_err()
+            .to_string()
+            .contains("cpu_profile")
+    );
+    assert!(
+        VmSpec::from_toml("name = \"x\"\nmemory_mib = 64\n[[disks]]\npath = \"rel.img\"")
+            .unwrap_err()
+            .to_string()
+            .contains("absolute")
+    );
+    let s = VmSpec::from_toml("name = \"x\"\nmemory_mib = 64\n[[disks]]\npath = \"/shared/x.img\"\n[[nics]]\nnetwork = \"br0\"").unwrap();
+    assert_eq!(
+        s.storage_needed().into_iter().collect::<Vec<_>>(),
+        vec!["/shared".to_string()]
+    );
+    assert_eq!(s.vcpus, 1);
+    assert_eq!(s.kernel, "test-guest");
+}
+
+/// A real etcd server (Debian's etcd-server) on free loopback ports, for one test.
+pub struct Etcd {
+    child: Child,
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    pub fn start() -> Etcd {
+        let dir = tempfile::tempdir().unwrap();
+        let port = |_: u8| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        };
+        let (cp, pp) = (port(0), port(1));
+        let child = Command::new("etcd")
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(["--name", "ferry-test"])
+            .args(["--listen-client-urls", &format!("http://127.0.0.1:{cp}")])
+            .args(["--advertise-client-urls", &format!("http://127.0.0.1:{cp}")])
+            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{pp}")])
+            .args([
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{pp}"),
+            ])
+            .args([
+                "--initial-cluster",
+                &format!("ferry-test=http://127.0.0.1:{pp}"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd is missing: scripts/install-deps.sh installs it (Debian etcd-server)");
+        let url = format!("etcd://127.0.0.1:{cp}");
+        let t0 = Instant::now();
+        loop {
+            if let Ok(s) = open(&url) {
+                if s.nodes().is_ok() {
+                    break;
+                }
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "etcd did not come up"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Etcd {
+            child,
+            url,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn etcd_backend() {
+    let e = Etcd::start();
+    let a: Arc<dyn Store> = open(&e.url).unwrap().into();
+    let b: Arc<dyn Store> = open(&e.url).unwrap().into();
+    // etcd enforces a minimum lease TTL of a couple of seconds.
+    suite(a.as_ref(), b.as_ref(), Duration::from_secs(2));
+}
+
+#[test]
+fn etcd_unreachable_is_a_clear_error() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let s = open(&format!("etcd://127.0.0.1:{port}")).unwrap();
+    let err = s.nodes().unwrap_err().to_string();
+    assert!(
+        err.starts_with("cluster store unavailable: etcd http://127.0.0.1:"),
+        "{err}"
+    );
+}
