@@ -23,6 +23,41 @@ use vmm::Vm;
 #[derive(Debug, Clone, Default)]
 pub struct ReceiveOptions {
     pub limits: DestinationLimits,
+    /// In a cluster the commit point is the store's ownership change, not the source's word:
+    /// once Ready, this destination also accepts the decision from here (its agent), and if the
+    /// source disappears it waits for it instead of discarding the VM.
+    pub external: Option<Arc<Decision>>,
+}
+
+/// A commit/abort decision made outside the migration stream.
+#[derive(Debug, Default)]
+pub struct Decision {
+    state: Mutex<Option<bool>>,
+    cv: Condvar,
+}
+
+impl Decision {
+    /// Records the decision (the first one wins); returns the one in force.
+    pub fn set(&self, commit: bool) -> bool {
+        let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let d = *g.get_or_insert(commit);
+        self.cv.notify_all();
+        d
+    }
+
+    /// The decision, if one was made.
+    pub fn get(&self) -> Option<bool> {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wait(&self, timeout: Duration) -> Option<bool> {
+        let g = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (g, _) = self
+            .cv
+            .wait_timeout_while(g, timeout, |d| d.is_none())
+            .unwrap_or_else(|e| e.into_inner());
+        *g
+    }
 }
 
 /// How long the destination waits for the source between messages before giving up.
@@ -363,12 +398,12 @@ fn session(
         .map_err(fatal)?;
 
     // Control loop.
-    let mut control_r = BufReader::with_capacity(
+    let mut control_r = Some(BufReader::with_capacity(
         1 << 20,
         control
             .try_clone()
             .map_err(|e| fatal(err(Phase::Setup, e.to_string())))?,
-    );
+    ));
     let mut vm: Option<Vm> = None;
     let mut prepare = Some(prepare);
     let mut prepared: Option<vmm::vm::PreparedVm> = None;
@@ -376,21 +411,41 @@ fn session(
     let mut buf = Vec::new();
     let result = loop {
         set_phase(ctl, &state.phase().to_string());
-        let (kind, _) = match wire::read_frame_into(&mut control_r, &mut buf) {
-            Ok(k) => k,
-            Err(e) => {
-                // A data stream failure shuts the control connection down: report its cause.
-                let stream_err = shared
-                    .error
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone();
-                break Err(match stream_err {
-                    Some(se) => err(state.phase(), se),
-                    None => wire_err(state.phase())(e),
-                });
+        if state == RecvState::Ready {
+            if let Some(ext) = opts.external.clone() {
+                // From here the decision may come from the source (Commit/Abort) or from this
+                // node's agent; if the source is lost, only the agent can decide.
+                let reader = control_r.take().expect("control reader");
+                match await_decision(reader, &ext, ctl) {
+                    true => {
+                        let v = vm.take().expect("restored VM");
+                        break resume(v, &mut control, ctl);
+                    }
+                    false => {
+                        break Err(err(
+                            Phase::Commit,
+                            "the migration was aborted before the commit",
+                        ))
+                    }
+                }
             }
-        };
+        }
+        let (kind, _) =
+            match wire::read_frame_into(control_r.as_mut().expect("control reader"), &mut buf) {
+                Ok(k) => k,
+                Err(e) => {
+                    // A data stream failure shuts the control connection down: report its cause.
+                    let stream_err = shared
+                        .error
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .clone();
+                    break Err(match stream_err {
+                        Some(se) => err(state.phase(), se),
+                        None => wire_err(state.phase())(e),
+                    });
+                }
+            };
         if kind == wire::KIND_STATE {
             if state != RecvState::AwaitVmState {
                 break Err(err(
@@ -504,17 +559,7 @@ fn session(
             (RecvState::Precopy, Msg::Paused) => state = RecvState::AwaitVmState,
             (RecvState::Ready, Msg::Commit) => {
                 let v = vm.take().expect("restored VM");
-                let t = Instant::now();
-                if let Err(e) = v.resume() {
-                    break Err(err(Phase::Commit, format!("cannot resume the VM: {e}")));
-                }
-                // Report "resumed" only once every vCPU is back in the guest loop, so the
-                // downtime the source reports covers the whole pause the guest sees.
-                v.wait_running(Duration::from_secs(1));
-                let resume_us = t.elapsed().as_micros() as u64;
-                let _ = wire::send_msg(&mut control, &Msg::Resumed { resume_us });
-                set_phase(ctl, "done");
-                break Ok(v);
+                break resume(v, &mut control, ctl);
             }
             (_, Msg::Abort { phase, reason }) => {
                 break Err(err(
@@ -555,6 +600,71 @@ fn session(
                 },
             );
             Err(Early::Fatal(e))
+        }
+    }
+}
+
+/// Resumes the received VM and tells the source (best effort: after the commit the source's
+/// fate does not matter).
+fn resume(v: Vm, control: &mut TcpStream, ctl: &ReceiveControl) -> Result<Vm, MigrationError> {
+    let t = Instant::now();
+    if let Err(e) = v.resume() {
+        return Err(err(Phase::Commit, format!("cannot resume the VM: {e}")));
+    }
+    // Report "resumed" only once every vCPU is back in the guest loop, so the downtime the
+    // source reports covers the whole pause the guest sees.
+    v.wait_running(Duration::from_secs(1));
+    let resume_us = t.elapsed().as_micros() as u64;
+    let _ = wire::send_msg(control, &Msg::Resumed { resume_us });
+    set_phase(ctl, "done");
+    Ok(v)
+}
+
+/// Waits, in Ready state with an external decision maker, for Commit/Abort from the source or
+/// a decision from `ext`. A lost source does not decide anything: only `ext` can then.
+fn await_decision(
+    mut reader: BufReader<TcpStream>,
+    ext: &Arc<Decision>,
+    ctl: &ReceiveControl,
+) -> bool {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let r = loop {
+            match wire::read_frame_into(&mut reader, &mut buf) {
+                Ok((wire::KIND_CONTROL, _)) => {
+                    match wire::decode_msg(&wire::Frame {
+                        kind: wire::KIND_CONTROL,
+                        flags: 0,
+                        payload: buf.clone(),
+                    }) {
+                        Ok(Msg::Ping) => continue,
+                        Ok(Msg::Commit) => break Some(true),
+                        Ok(Msg::Abort { .. }) => break Some(false),
+                        _ => break None,
+                    }
+                }
+                _ => break None,
+            }
+        };
+        let _ = tx.send(r);
+    });
+    loop {
+        if let Some(d) = ext.get() {
+            return d;
+        }
+        match rx.recv_timeout(Duration::from_millis(5)) {
+            Ok(Some(d)) => return ext.set(d),
+            Ok(None) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                // The source is gone or spoke nonsense: wait for this node's agent, however long.
+                set_phase(ctl, "awaiting commit decision");
+                loop {
+                    if let Some(d) = ext.wait(Duration::from_secs(1)) {
+                        return d;
+                    }
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
         }
     }
 }

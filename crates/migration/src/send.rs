@@ -50,6 +50,24 @@ impl Default for MigrateOptions {
     }
 }
 
+/// Decides, once the destination holds the complete VM, whether it takes over. In a cluster
+/// this is the store's compare-and-swap of the VM's owner: the migration's commit point.
+pub trait CommitGate: Sync {
+    /// `Ok(true)`: commit. `Ok(false)`: abort, the VM resumes here. `Err`: the outcome is not
+    /// known (e.g. the store did not answer); the VM stays paused here and nothing is sent, so
+    /// that whoever learns the outcome later can act on it and the VM never runs twice.
+    fn decide(&self) -> Result<bool, String>;
+}
+
+/// The standalone engine's gate: the source's word alone is the commit.
+pub struct SourceDecides;
+
+impl CommitGate for SourceDecides {
+    fn decide(&self) -> Result<bool, String> {
+        Ok(true)
+    }
+}
+
 /// Shared between the engine and whoever watches it (the worker's API).
 #[derive(Default)]
 pub struct MigrationControl {
@@ -298,6 +316,16 @@ pub fn migrate(
     opts: &MigrateOptions,
     ctl: &MigrationControl,
 ) -> Result<Summary, MigrationError> {
+    migrate_gated(vm, opts, ctl, &SourceDecides)
+}
+
+/// [`migrate`] with the commit decided by `gate`.
+pub fn migrate_gated(
+    vm: &Vm,
+    opts: &MigrateOptions,
+    ctl: &MigrationControl,
+    gate: &dyn CommitGate,
+) -> Result<Summary, MigrationError> {
     let t0 = Instant::now();
     ctl.update(|p| {
         *p = Progress {
@@ -318,7 +346,7 @@ pub fn migrate(
         send_bytes: 0,
     };
     let session: u64 = rand_u64();
-    let result = s.run(session);
+    let result = s.run(session, gate);
     // Stop the stream threads (dropping the senders ends their loops).
     for st in s.streams.drain(..) {
         drop(st.tx);
@@ -452,7 +480,7 @@ impl Sender<'_> {
         Ok(())
     }
 
-    fn run(&mut self, session: u64) -> Res<Summary> {
+    fn run(&mut self, session: u64, gate: &dyn CommitGate) -> Res<Summary> {
         let vm = self.vm;
         let rtt =
             handshake(&mut self.control, session, Role::Control, Phase::Handshake).map_err(pre)?;
@@ -573,7 +601,7 @@ impl Sender<'_> {
             .map_err(|e| pre(fail(Phase::Setup, e.to_string())))?;
         let mut report = report;
         report.restore_cost_us = restore_us;
-        let result = self.precopy_and_switchover(&log, fixed_cost, report);
+        let result = self.precopy_and_switchover(&log, fixed_cost, report, gate);
         let _ = log.stop();
         result
     }
@@ -591,6 +619,7 @@ impl Sender<'_> {
         log: &DirtyLog,
         fixed_cost: Duration,
         report: PreflightReport,
+        gate: &dyn CommitGate,
     ) -> Res<Summary> {
         let vm = self.vm;
         let mut pass = 0u32;
@@ -724,9 +753,19 @@ impl Sender<'_> {
             }
         }
         let t_ready = Instant::now();
-        // Last chance to cancel: after this write the destination owns the VM.
+        // Last chance to cancel: after this the destination owns the VM.
         self.check_abort(Phase::State).map_err(pre)?;
         self.ctl.update(|p| p.phase = Phase::Commit.to_string());
+        match gate.decide() {
+            Ok(true) => {}
+            Ok(false) => return Err(pre(fail(Phase::Commit, "the commit was refused (the VM's owner did not change)"))),
+            Err(e) => {
+                return Err((
+                    fail(Phase::Commit, format!("the commit decision is unknown ({e}); the VM is left paused here until its owner is settled")),
+                    true,
+                ))
+            }
+        }
         wire::send_msg(&mut self.control, &Msg::Commit)
             .map_err(|e| pre(wire_fail(Phase::Commit)(e)))?;
         let resumed = wire::recv_msg(&mut self.control);

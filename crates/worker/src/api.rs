@@ -25,6 +25,10 @@ pub enum Request {
     Migrate(MigrateArgs),
     /// Cancel the running outgoing migration.
     Cancel,
+    /// Receive mode with an external commit: the VM's owner moved here; resume it.
+    Commit,
+    /// Receive mode with an external commit: the migration failed; discard the received VM.
+    Abort,
 }
 
 /// Arguments of a live migration.
@@ -46,6 +50,66 @@ pub struct MigrateArgs {
     pub timeout_s: Option<f64>,
     #[serde(default)]
     pub dry_run: bool,
+    /// The commit is decided by the client: once the destination is ready the worker sends
+    /// `{"event":"commit-ready"}` and waits for a line `{"decision":"commit"}` or
+    /// `{"decision":"abort"}` (a cluster agent answers after its store compare-and-swap).
+    #[serde(default)]
+    pub external_commit: bool,
+}
+
+/// The client's answer to `commit-ready`.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CommitDecision {
+    Commit,
+    Abort,
+}
+
+#[derive(Serialize, Deserialize)]
+struct DecisionLine {
+    decision: CommitDecision,
+}
+
+/// A running `migrate` request whose commit the caller decides.
+pub struct MigrateSession {
+    r: BufReader<UnixStream>,
+    w: UnixStream,
+}
+
+impl MigrateSession {
+    /// Sends the request (with `external_commit` set by the caller as wanted).
+    pub fn start(socket: &Path, args: MigrateArgs) -> Result<MigrateSession, ClientError> {
+        let s = UnixStream::connect(socket).map_err(|err| ClientError::Connect {
+            path: socket.display().to_string(),
+            err,
+        })?;
+        let mut w = s.try_clone()?;
+        let mut line =
+            serde_json::to_string(&Request::Migrate(args)).expect("requests always serialize");
+        line.push('\n');
+        w.write_all(line.as_bytes())?;
+        Ok(MigrateSession {
+            r: BufReader::new(s),
+            w,
+        })
+    }
+
+    /// The next line: progress, `commit-ready`, or the final `done`/`failed`.
+    pub fn next(&mut self) -> Result<Response, ClientError> {
+        let mut answer = String::new();
+        if self.r.read_line(&mut answer)? == 0 {
+            return Err(ClientError::NoAnswer);
+        }
+        serde_json::from_str(&answer).map_err(|e| ClientError::BadAnswer(e.to_string()))
+    }
+
+    /// Answers `commit-ready`.
+    pub fn decide(&mut self, decision: CommitDecision) -> Result<(), ClientError> {
+        let mut line = serde_json::to_string(&DecisionLine { decision }).expect("serializes");
+        line.push('\n');
+        self.w.write_all(line.as_bytes())?;
+        Ok(())
+    }
 }
 
 fn default_downtime() -> u64 {

@@ -130,6 +130,7 @@ pub fn ferry_once(
             max_bandwidth_mibs: None,
             timeout_s: Some(120.0),
             dry_run: false,
+            external_commit: false,
         });
         let last = api::call_stream(&ssock, &req, |r| {
             r.data.get("event").and_then(|e| e.as_str()) == Some("progress")

@@ -90,6 +90,10 @@ enum Cmd {
         /// vCPUs this destination may run (default: online CPUs).
         #[arg(long)]
         max_vcpus: Option<u32>,
+        /// The commit is decided by this node's agent (`ctl commit` / `ctl abort`), not only by
+        /// the source: a lost source then leaves the received VM paused until the agent decides.
+        #[arg(long)]
+        external_commit: bool,
     },
     /// Send a command to a running worker.
     Ctl {
@@ -154,6 +158,10 @@ enum CtlCmd {
     },
     /// Cancel a running outgoing migration (the VM stays here).
     Cancel,
+    /// (receive --external-commit) The VM's owner moved here: resume it.
+    Commit,
+    /// (receive --external-commit) The migration failed: discard the received VM.
+    Abort,
 }
 
 fn main() {
@@ -260,6 +268,7 @@ fn real_main(cli: Cli) -> Result<i32> {
             host_profile,
             max_memory_mib,
             max_vcpus,
+            external_commit,
         } => {
             if let Some(p) = &host_profile {
                 if !vmm::cpuid::PROFILE_NAMES.contains(&p.as_str()) {
@@ -277,11 +286,10 @@ fn real_main(cli: Cli) -> Result<i32> {
             let listener = server::bind(&api_socket)?;
             let incoming = Arc::new(migration::recv::ReceiveControl::default());
             migration::preflight::warm_restore_costs(vec![1, 2]);
-            let ctx = Arc::new(server::Ctx::new(
-                None,
-                api_socket.clone(),
-                Some(incoming.clone()),
-            ));
+            let decision = external_commit.then(|| Arc::new(migration::recv::Decision::default()));
+            let mut ctx = server::Ctx::new(None, api_socket.clone(), Some(incoming.clone()));
+            ctx.decision = decision.clone();
+            let ctx = Arc::new(ctx);
             server::serve(listener, ctx.clone());
             println!("receiving on {}", tcp.local_addr()?);
             use std::io::Write as _;
@@ -292,6 +300,7 @@ fn real_main(cli: Cli) -> Result<i32> {
                     max_memory_mib,
                     max_vcpus,
                 },
+                external: decision,
             };
             let on_early = |m: &str| eprintln!("ferry-vmm: {m}; still waiting");
             match migration::recv::receive(&kvm, &tcp, &opts, serial.file()?, &incoming, &on_early)
@@ -337,6 +346,7 @@ fn real_main(cli: Cli) -> Result<i32> {
                 max_bandwidth_mibs,
                 timeout_s,
                 dry_run,
+                external_commit: false,
             });
             let last = api::call_stream(&api_socket, &req, |r| {
                 let event = r.data.get("event").and_then(|e| e.as_str()).unwrap_or("");
@@ -372,6 +382,8 @@ fn real_main(cli: Cli) -> Result<i32> {
                     path: absolute(&path)?,
                 },
                 CtlCmd::Cancel => Request::Cancel,
+                CtlCmd::Commit => Request::Commit,
+                CtlCmd::Abort => Request::Abort,
                 CtlCmd::Migrate { .. } => unreachable!("handled above"),
             };
             let resp = api::call(&api_socket, &req, Some(Duration::from_secs(600)))?;

@@ -1,8 +1,8 @@
 //! The worker's side of the control API.
 
-use crate::api::{MigrateArgs, Request, Response};
-use migration::recv::ReceiveControl;
-use migration::send::{MigrateOptions, MigrationControl};
+use crate::api::{CommitDecision, MigrateArgs, Request, Response};
+use migration::recv::{Decision, ReceiveControl};
+use migration::send::{CommitGate, MigrateOptions, MigrationControl, SourceDecides};
 use serde_json::json;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -59,6 +59,8 @@ pub struct Ctx {
     pub migrating: std::sync::atomic::AtomicBool,
     /// Progress of the incoming migration (receive mode).
     pub incoming: Option<Arc<ReceiveControl>>,
+    /// Receive mode with an external commit: where `commit`/`abort` requests go.
+    pub decision: Option<Arc<Decision>>,
 }
 
 impl Ctx {
@@ -70,6 +72,7 @@ impl Ctx {
             outgoing: Mutex::new(None),
             migrating: false.into(),
             incoming,
+            decision: None,
         }
     }
 
@@ -127,7 +130,7 @@ fn client(conn: UnixStream, ctx: &Arc<Ctx>) {
                 return;
             }
             Ok(Request::Migrate(args)) => {
-                migrate(args, ctx, &mut w);
+                migrate(args, ctx, &mut w, &mut r);
                 return;
             }
             Ok(req) => handle(req, ctx),
@@ -200,6 +203,15 @@ fn handle(req: Request, ctx: &Ctx) -> Response {
     if let Request::Status = req {
         return Response::ok(status(ctx));
     }
+    if let Request::Commit | Request::Abort = req {
+        return match &ctx.decision {
+            Some(d) => {
+                let commit = d.set(matches!(req, Request::Commit));
+                Response::ok(json!({"decision": if commit { "commit" } else { "abort" }}))
+            }
+            None => Response::err("this worker does not take commit decisions (not a receive --external-commit worker)"),
+        };
+    }
     if let Request::Cancel = req {
         return match ctx
             .outgoing
@@ -245,7 +257,12 @@ fn handle(req: Request, ctx: &Ctx) -> Response {
                 Err(e) => Response::err(e.to_string()),
             }
         }
-        Request::Status | Request::Cancel | Request::Shutdown | Request::Migrate(_) => {
+        Request::Status
+        | Request::Cancel
+        | Request::Shutdown
+        | Request::Migrate(_)
+        | Request::Commit
+        | Request::Abort => {
             unreachable!("handled above")
         }
     }
@@ -253,7 +270,47 @@ fn handle(req: Request, ctx: &Ctx) -> Response {
 
 /// Runs an outgoing migration, streaming progress lines to the client; the last line is the
 /// outcome. The migration belongs to the worker: it goes on if the client disconnects.
-fn migrate(args: MigrateArgs, ctx: &Arc<Ctx>, w: &mut UnixStream) {
+enum MigEvent {
+    Done(Result<migration::Summary, migration::MigrationError>),
+    Ask(std::sync::mpsc::Sender<Result<bool, String>>),
+}
+
+/// A commit gate answered by the API client (the cluster agent).
+struct ClientGate(Mutex<std::sync::mpsc::Sender<MigEvent>>);
+
+impl CommitGate for ClientGate {
+    fn decide(&self) -> Result<bool, String> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(MigEvent::Ask(tx))
+            .map_err(|_| "the API handler is gone".to_string())?;
+        rx.recv()
+            .map_err(|_| "the API handler is gone".to_string())?
+    }
+}
+
+/// Asks the client for the commit decision on its connection.
+fn ask_client(w: &mut UnixStream, r: &mut BufReader<UnixStream>) -> Result<bool, String> {
+    reply(w, &Response::ok(json!({"event": "commit-ready"})))
+        .map_err(|e| format!("cannot ask the client: {e}"))?;
+    let mut line = String::new();
+    match r.read_line(&mut line) {
+        Ok(0) => Err("the client disconnected before deciding".into()),
+        Ok(_) => match serde_json::from_str::<serde_json::Value>(&line)
+            .ok()
+            .and_then(|v| serde_json::from_value::<CommitDecision>(v["decision"].clone()).ok())
+        {
+            Some(CommitDecision::Commit) => Ok(true),
+            Some(CommitDecision::Abort) => Ok(false),
+            None => Err(format!("the client sent no decision: {}", line.trim())),
+        },
+        Err(e) => Err(format!("cannot read the client's decision: {e}")),
+    }
+}
+
+fn migrate(args: MigrateArgs, ctx: &Arc<Ctx>, w: &mut UnixStream, r: &mut BufReader<UnixStream>) {
     let Some(vm) = ctx.vm() else {
         let _ = reply(w, &Response::err("no VM here to migrate"));
         return;
@@ -318,12 +375,18 @@ fn migrate(args: MigrateArgs, ctx: &Arc<Ctx>, w: &mut UnixStream) {
     let (tx, rx) = std::sync::mpsc::channel();
     {
         let (vm, mctl, ctx2) = (vm.clone(), mctl.clone(), ctx.clone());
+        let external = args.external_commit;
         std::thread::Builder::new()
             .name("migrate".into())
             .spawn(move || {
-                let result = migration::send::migrate(&vm, &opts, &mctl);
+                let result = if external {
+                    let gate = ClientGate(Mutex::new(tx.clone()));
+                    migration::send::migrate_gated(&vm, &opts, &mctl, &gate)
+                } else {
+                    migration::send::migrate_gated(&vm, &opts, &mctl, &SourceDecides)
+                };
                 ctx2.migrating.store(false, Ordering::SeqCst);
-                let _ = tx.send(result);
+                let _ = tx.send(MigEvent::Done(result));
             })
             .expect("cannot start the migration thread");
     }
@@ -331,11 +394,20 @@ fn migrate(args: MigrateArgs, ctx: &Arc<Ctx>, w: &mut UnixStream) {
     let mut moved = false;
     let final_resp = loop {
         match rx.recv_timeout(PROGRESS_EVERY) {
-            Ok(Ok(summary)) => {
+            Ok(MigEvent::Ask(answer)) => {
+                let d = if client_gone {
+                    Err("the client is gone".to_string())
+                } else {
+                    ask_client(w, r)
+                };
+                client_gone |= d.is_err();
+                let _ = answer.send(d);
+            }
+            Ok(MigEvent::Done(Ok(summary))) => {
                 moved = !summary.dry_run;
                 break Response::ok(json!({"event": "done", "summary": summary}));
             }
-            Ok(Err(e)) => {
+            Ok(MigEvent::Done(Err(e))) => {
                 let mut r = Response::err(e.to_string());
                 r.data.insert("event".into(), json!("failed"));
                 r.data.insert("phase".into(), json!(e.phase));
