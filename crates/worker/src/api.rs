@@ -95,7 +95,7 @@ impl MigrateSession {
     }
 
     /// The next line: progress, `commit-ready`, or the final `done`/`failed`.
-    pub fn next(&mut self) -> Result<Response, ClientError> {
+    pub fn next_line(&mut self) -> Result<Response, ClientError> {
         let mut answer = String::new();
         if self.r.read_line(&mut answer)? == 0 {
             return Err(ClientError::NoAnswer);

@@ -271,7 +271,7 @@ fn handle(req: Request, ctx: &Ctx) -> Response {
 /// Runs an outgoing migration, streaming progress lines to the client; the last line is the
 /// outcome. The migration belongs to the worker: it goes on if the client disconnects.
 enum MigEvent {
-    Done(Result<migration::Summary, migration::MigrationError>),
+    Done(Box<Result<migration::Summary, migration::MigrationError>>),
     Ask(std::sync::mpsc::Sender<Result<bool, String>>),
 }
 
@@ -386,7 +386,7 @@ fn migrate(args: MigrateArgs, ctx: &Arc<Ctx>, w: &mut UnixStream, r: &mut BufRea
                     migration::send::migrate_gated(&vm, &opts, &mctl, &SourceDecides)
                 };
                 ctx2.migrating.store(false, Ordering::SeqCst);
-                let _ = tx.send(MigEvent::Done(result));
+                let _ = tx.send(MigEvent::Done(Box::new(result)));
             })
             .expect("cannot start the migration thread");
     }
@@ -403,11 +403,13 @@ fn migrate(args: MigrateArgs, ctx: &Arc<Ctx>, w: &mut UnixStream, r: &mut BufRea
                 client_gone |= d.is_err();
                 let _ = answer.send(d);
             }
-            Ok(MigEvent::Done(Ok(summary))) => {
+            Ok(MigEvent::Done(res)) if res.is_ok() => {
+                let summary = res.expect("checked ok");
                 moved = !summary.dry_run;
                 break Response::ok(json!({"event": "done", "summary": summary}));
             }
-            Ok(MigEvent::Done(Err(e))) => {
+            Ok(MigEvent::Done(res)) => {
+                let e = res.expect_err("checked err");
                 let mut r = Response::err(e.to_string());
                 r.data.insert("event".into(), json!("failed"));
                 r.data.insert("phase".into(), json!(e.phase));

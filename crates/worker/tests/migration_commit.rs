@@ -24,7 +24,7 @@ fn args(to: &str) -> MigrateArgs {
 fn until_ready(src: &Worker, to: &str) -> MigrateSession {
     let mut s = MigrateSession::start(&src.socket, args(to)).unwrap();
     loop {
-        let r = s.next().unwrap();
+        let r = s.next_line().unwrap();
         match r.data.get("event").and_then(|e| e.as_str()) {
             Some("progress") => continue,
             Some("commit-ready") => return s,
@@ -35,7 +35,7 @@ fn until_ready(src: &Worker, to: &str) -> MigrateSession {
 
 fn final_line(s: &mut MigrateSession) -> worker::api::Response {
     loop {
-        let r = s.next().unwrap();
+        let r = s.next_line().unwrap();
         if r.data.get("event").and_then(|e| e.as_str()) != Some("progress") {
             return r;
         }
