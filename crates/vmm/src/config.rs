@@ -70,7 +70,7 @@ pub enum ConfigError {
     CmdlineTooLong(usize),
     #[error("kernel command line contains a NUL or non-ASCII byte")]
     CmdlineBadChar,
-    #[error("unknown CPU profile {0:?} (known: {known})", known = crate::cpuid::PROFILE_NAMES.join(", "))]
+    #[error("unknown CPU profile {0:?} (known: {known}, or features=<name>,...)", known = crate::cpuid::PROFILE_NAMES.join(", "))]
     Profile(String),
     #[error("an initrd can only be used with a bzImage kernel, not with the built-in test guest")]
     InitrdWithTestGuest,
@@ -91,7 +91,7 @@ impl VmConfig {
         if self.cmdline.bytes().any(|b| b == 0 || !b.is_ascii()) {
             return Err(ConfigError::CmdlineBadChar);
         }
-        if !crate::cpuid::PROFILE_NAMES.contains(&self.cpu_profile.as_str()) {
+        if crate::cpuid::validate_profile(&self.cpu_profile).is_err() {
             return Err(ConfigError::Profile(self.cpu_profile.clone()));
         }
         if self.initrd.is_some() && self.kernel == KernelSource::TestGuest {

@@ -395,54 +395,89 @@ pub fn host_cpu_model() -> (String, String) {
     (vendor, brand)
 }
 
+/// Checks a profile name: `host`, `baseline`, or `features=<name>,<name>,...` (an explicit
+/// feature set, e.g. what every node of a cluster offers).
+pub fn validate_profile(profile: &str) -> Result<(), CpuidError> {
+    match profile {
+        "host" | "baseline" => Ok(()),
+        p => match p.strip_prefix("features=") {
+            Some(list) => {
+                let unknown: Vec<&str> = list
+                    .split(',')
+                    .filter(|n| !n.is_empty() && !FEATURES.iter().any(|f| f.name == *n))
+                    .collect();
+                if unknown.is_empty() {
+                    Ok(())
+                } else {
+                    Err(CpuidError::UnknownProfile(format!(
+                        "{p} (unknown features: {})",
+                        unknown.join(", ")
+                    )))
+                }
+            }
+            None => Err(CpuidError::UnknownProfile(p.into())),
+        },
+    }
+}
+
 /// Builds the VM-wide CPUID for `profile` from what KVM supports.
 pub fn build(supported: &CpuidTable, profile: &str) -> Result<CpuidTable, CpuidError> {
+    validate_profile(profile)?;
     match profile {
         "host" => Ok(supported.clone()),
-        "baseline" => {
-            let have = supported.features();
-            let missing: Vec<String> = BASELINE
-                .iter()
-                .filter(|n| !have.contains(**n))
-                .map(|n| n.to_string())
+        "baseline" => mask_to(supported, profile, BASELINE),
+        p => {
+            let list: Vec<&str> = p
+                .trim_start_matches("features=")
+                .split(',')
+                .filter(|n| !n.is_empty())
                 .collect();
-            if !missing.is_empty() {
-                return Err(CpuidError::HostLacks {
-                    profile: profile.into(),
-                    missing,
-                });
-            }
-            let mut t = supported.clone();
-            // Clear every bit of every feature register that baseline does not name.
-            let mut regs: Vec<(u32, u32, Reg)> = Vec::new();
-            for ft in FEATURES {
-                if !regs.contains(&(ft.leaf, ft.subleaf, ft.reg)) {
-                    regs.push((ft.leaf, ft.subleaf, ft.reg));
-                }
-            }
-            for (leaf, sub, reg) in regs {
-                let keep: u32 = FEATURES
-                    .iter()
-                    .filter(|ft| {
-                        ft.leaf == leaf
-                            && ft.subleaf == sub
-                            && ft.reg == reg
-                            && BASELINE.contains(&ft.name)
-                    })
-                    .fold(0, |m, ft| m | (1 << ft.bit));
-                if let Some(e) = t.find_mut(leaf, sub) {
-                    *e.reg_mut(reg) &= keep;
-                }
-            }
-            // XSAVE components: x87 and SSE only.
-            if let Some(e) = t.find_mut(0xd, 0) {
-                e.eax &= 0x3;
-                e.edx = 0;
-            }
-            Ok(t)
+            mask_to(supported, profile, &list)
         }
-        other => Err(CpuidError::UnknownProfile(other.into())),
     }
+}
+
+/// Clears every bit of every named-feature register that `keep` does not name; fails if the
+/// host lacks one of `keep`.
+fn mask_to(supported: &CpuidTable, profile: &str, keep: &[&str]) -> Result<CpuidTable, CpuidError> {
+    let have = supported.features();
+    let missing: Vec<String> = keep
+        .iter()
+        .filter(|n| !have.contains(**n))
+        .map(|n| n.to_string())
+        .collect();
+    if !missing.is_empty() {
+        return Err(CpuidError::HostLacks {
+            profile: profile.into(),
+            missing,
+        });
+    }
+    let mut t = supported.clone();
+    let mut regs: Vec<(u32, u32, Reg)> = Vec::new();
+    for ft in FEATURES {
+        if !regs.contains(&(ft.leaf, ft.subleaf, ft.reg)) {
+            regs.push((ft.leaf, ft.subleaf, ft.reg));
+        }
+    }
+    for (leaf, sub, reg) in regs {
+        let mask: u32 = FEATURES
+            .iter()
+            .filter(|ft| {
+                ft.leaf == leaf && ft.subleaf == sub && ft.reg == reg && keep.contains(&ft.name)
+            })
+            .fold(0, |m, ft| m | (1 << ft.bit));
+        if let Some(e) = t.find_mut(leaf, sub) {
+            *e.reg_mut(reg) &= mask;
+        }
+    }
+    if !keep.contains(&"xsave") {
+        // XSAVE components: x87 and SSE only.
+        if let Some(e) = t.find_mut(0xd, 0) {
+            e.eax &= 0x3;
+            e.edx = 0;
+        }
+    }
+    Ok(t)
 }
 
 /// Features of `vm` that `host` does not offer, by name (empty: compatible).

@@ -1,0 +1,331 @@
+//! The REST API (axum). Every operation runs on a blocking thread; errors are JSON
+//! `{"error": "..."}` with 400 (bad input), 404 (unknown), 409 (state conflict), 503 (store or
+//! peer unavailable), 500.
+
+use crate::ops::{MigrateRequest, ReceiveRequest};
+use crate::{Agent, AgentError};
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+impl IntoResponse for AgentError {
+    fn into_response(self) -> Response {
+        let code = match &self {
+            AgentError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            AgentError::NotFound(_) => StatusCode::NOT_FOUND,
+            AgentError::Conflict(_) => StatusCode::CONFLICT,
+            AgentError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            AgentError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        (code, Json(json!({ "error": self.to_string() }))).into_response()
+    }
+}
+
+type ApiResult = Result<Json<Value>, AgentError>;
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, AgentError> + Send + 'static,
+) -> Result<T, AgentError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| AgentError::Internal(format!("worker thread failed: {e}")))?
+}
+
+fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, AgentError> {
+    if body.is_empty() {
+        return serde_json::from_str("{}")
+            .map_err(|e| AgentError::BadRequest(format!("a JSON body is required: {e}")));
+    }
+    serde_json::from_slice(body).map_err(|e| AgentError::BadRequest(format!("bad JSON body: {e}")))
+}
+
+/// `POST /v1/vms` body: a spec as JSON (`spec`) or TOML (`toml`), optional owner node.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateVm {
+    #[serde(default)]
+    spec: Option<cluster::VmSpec>,
+    #[serde(default)]
+    toml: Option<String>,
+    #[serde(default)]
+    node: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct DrainReq {
+    #[serde(default)]
+    concurrency: Option<usize>,
+}
+
+/// The router.
+pub fn router(agent: Arc<Agent>) -> Router {
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/nodes", get(nodes))
+        .route("/v1/nodes/{name}/drain", post(drain))
+        .route("/v1/nodes/{name}/undrain", post(undrain))
+        .route("/v1/vms", get(vms).post(create_vm))
+        .route("/v1/vms/{name}", get(vm).delete(delete_vm))
+        .route("/v1/vms/{name}/start", post(start_vm))
+        .route("/v1/vms/{name}/stop", post(stop_vm))
+        .route("/v1/vms/{name}/migrate", post(migrate))
+        .route("/v1/migrations", get(migrations))
+        .route("/v1/migrations/{id}", get(migration))
+        .route("/v1/migrations/{id}/events", get(migration_events))
+        .route("/v1/migrations/{id}/cancel", post(cancel))
+        .route("/v1/internal/receive", post(receive))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
+        .fallback(|| async { AgentError::NotFound("no such API path (see /openapi.json)".into()) })
+        .with_state(agent)
+}
+
+async fn health(State(a): State<Arc<Agent>>) -> Json<Value> {
+    Json(json!({ "node": a.name(), "ok": true }))
+}
+
+async fn nodes(State(a): State<Arc<Agent>>) -> ApiResult {
+    blocking(move || a.nodes_view().map(|n| Json(json!(n)))).await
+}
+
+async fn drain(State(a): State<Arc<Agent>>, Path(name): Path<String>, body: Bytes) -> ApiResult {
+    let req: DrainReq = parse(&body)?;
+    blocking(move || {
+        let c = req.concurrency.unwrap_or(a.cfg.drain_concurrency);
+        a.drain(&name, c).map(Json)
+    })
+    .await
+}
+
+async fn undrain(State(a): State<Arc<Agent>>, Path(name): Path<String>) -> ApiResult {
+    blocking(move || {
+        a.store.set_schedulable(&name, true)?;
+        Ok(Json(json!({ "node": name, "schedulable": true })))
+    })
+    .await
+}
+
+async fn vms(State(a): State<Arc<Agent>>) -> ApiResult {
+    blocking(move || {
+        let v: Vec<Value> = a.store.vms()?.into_iter().map(|v| json!(v.value)).collect();
+        Ok(Json(json!(v)))
+    })
+    .await
+}
+
+async fn create_vm(
+    State(a): State<Arc<Agent>>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Value>), AgentError> {
+    let req: CreateVm = parse(&body)?;
+    let spec = match (req.spec, req.toml) {
+        (Some(s), None) => s,
+        (None, Some(t)) => {
+            cluster::VmSpec::from_toml(&t).map_err(|e| AgentError::BadRequest(e.to_string()))?
+        }
+        _ => {
+            return Err(AgentError::BadRequest(
+                "give the VM spec either as `spec` (JSON) or as `toml`".into(),
+            ))
+        }
+    };
+    let rec = blocking(move || a.create_vm(spec, req.node)).await?;
+    Ok((StatusCode::CREATED, Json(json!(rec))))
+}
+
+async fn vm(State(a): State<Arc<Agent>>, Path(name): Path<String>) -> ApiResult {
+    blocking(move || a.vm_view(&name).map(Json)).await
+}
+
+async fn delete_vm(State(a): State<Arc<Agent>>, Path(name): Path<String>) -> ApiResult {
+    blocking(move || a.delete_vm(&name).map(|_| Json(json!({ "deleted": name })))).await
+}
+
+async fn start_vm(State(a): State<Arc<Agent>>, Path(name): Path<String>) -> ApiResult {
+    blocking(move || a.start_vm(&name).map(|r| Json(json!(r)))).await
+}
+
+async fn stop_vm(State(a): State<Arc<Agent>>, Path(name): Path<String>) -> ApiResult {
+    blocking(move || a.stop_vm(&name).map(|r| Json(json!(r)))).await
+}
+
+async fn migrate(State(a): State<Arc<Agent>>, Path(name): Path<String>, body: Bytes) -> ApiResult {
+    let req: MigrateRequest = parse(&body)?;
+    blocking(move || a.migrate(&name, req).map(Json)).await
+}
+
+async fn migrations(State(a): State<Arc<Agent>>) -> ApiResult {
+    blocking(move || Ok(Json(json!(a.store.migrations()?)))).await
+}
+
+async fn migration(State(a): State<Arc<Agent>>, Path(id): Path<String>) -> ApiResult {
+    blocking(move || a.migration_view(&id).map(Json)).await
+}
+
+async fn cancel(State(a): State<Arc<Agent>>, Path(id): Path<String>) -> ApiResult {
+    blocking(move || a.cancel_migration(&id).map(Json)).await
+}
+
+async fn receive(State(a): State<Arc<Agent>>, body: Bytes) -> ApiResult {
+    let req: ReceiveRequest = parse(&body)?;
+    blocking(move || a.receive(req).map(Json)).await
+}
+
+/// Progress of a migration as server-sent events: `progress` every 100 ms while it runs, then
+/// one `done` with the final record.
+async fn migration_events(
+    State(a): State<Arc<Agent>>,
+    Path(id): Path<String>,
+) -> Result<Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>>, AgentError> {
+    let watch = a.migrations.get(&id);
+    if watch.is_none() {
+        // Not running here: it must at least exist.
+        let a2 = a.clone();
+        let id2 = id.clone();
+        blocking(move || a2.migration_view(&id2)).await?;
+    }
+    let state = (a, id, watch, false);
+    let stream = futures_util::stream::unfold(state, |(a, id, watch, ended)| async move {
+        if ended {
+            return None;
+        }
+        let (ev, done) = match &watch {
+            Some(w) => {
+                if w.done.load(Ordering::SeqCst) {
+                    let r = w.record.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    (json!({ "event": "done", "migration": r }), true)
+                } else {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    let r = w.record.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    let p = w.progress.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    (
+                        json!({ "event": "progress", "phase": r.phase, "progress": p }),
+                        false,
+                    )
+                }
+            }
+            None => {
+                let a2 = a.clone();
+                let id2 = id.clone();
+                let v = tokio::task::spawn_blocking(move || a2.migration_view(&id2)).await;
+                match v {
+                    Ok(Ok(v)) => (
+                        json!({ "event": "done", "migration": v["migration"] }),
+                        true,
+                    ),
+                    _ => (
+                        json!({ "event": "error", "error": "migration record unavailable" }),
+                        true,
+                    ),
+                }
+            }
+        };
+        Some((
+            Ok(Event::default().data(ev.to_string())),
+            (a, id, watch, done),
+        ))
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+async fn metrics(State(a): State<Arc<Agent>>) -> Response {
+    let text = tokio::task::spawn_blocking(move || {
+        let vms = a.store.vms().unwrap_or_default();
+        let here = vms
+            .iter()
+            .filter(|v| v.value.owner == a.name() && v.value.state == cluster::VmState::Running)
+            .count();
+        let nodes = a.store.nodes().unwrap_or_default();
+        let alive = nodes.iter().filter(|n| n.alive).count();
+        a.metrics.render(&[
+            (
+                "ferry_vms_running",
+                "VMs running on this node.",
+                here as f64,
+            ),
+            ("ferry_cluster_vms", "VMs in the cluster.", vms.len() as f64),
+            (
+                "ferry_cluster_nodes_alive",
+                "Nodes whose lease is alive.",
+                alive as f64,
+            ),
+            (
+                "ferry_cluster_nodes",
+                "Nodes registered.",
+                nodes.len() as f64,
+            ),
+        ])
+    })
+    .await
+    .unwrap_or_default();
+    ([("content-type", "text/plain; version=0.0.4")], text).into_response()
+}
+
+async fn openapi() -> Json<Value> {
+    Json(openapi_doc())
+}
+
+/// The OpenAPI 3 description of this API.
+pub fn openapi_doc() -> Value {
+    let err = json!({ "description": "error", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } });
+    let ok = |d: &str| json!({ "description": d, "content": { "application/json": {} } });
+    let name =
+        json!([{ "name": "name", "in": "path", "required": true, "schema": { "type": "string" } }]);
+    let id =
+        json!([{ "name": "id", "in": "path", "required": true, "schema": { "type": "string" } }]);
+    json!({
+        "openapi": "3.0.3",
+        "info": { "title": "Ferry agent API", "version": env!("CARGO_PKG_VERSION") },
+        "paths": {
+            "/v1/health": { "get": { "summary": "Agent liveness", "responses": { "200": ok("node name") } } },
+            "/v1/nodes": { "get": { "summary": "Nodes with liveness and use", "responses": { "200": ok("nodes"), "503": err } } },
+            "/v1/nodes/{name}/drain": { "post": { "summary": "Live-migrate every VM off a node (blocks until done)", "parameters": name,
+                "requestBody": { "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Drain" } } } },
+                "responses": { "200": ok("drain report"), "404": err, "503": err } } },
+            "/v1/nodes/{name}/undrain": { "post": { "summary": "Return a node to service", "parameters": name, "responses": { "200": ok("node"), "404": err } } },
+            "/v1/vms": {
+                "get": { "summary": "VMs", "responses": { "200": ok("VM records") } },
+                "post": { "summary": "Create a VM (stopped)", "requestBody": { "required": true, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/CreateVm" } } } },
+                    "responses": { "201": ok("VM record"), "400": err, "404": err, "409": err } } },
+            "/v1/vms/{name}": {
+                "get": { "summary": "A VM, its worker status and recent migrations", "parameters": name, "responses": { "200": ok("VM"), "404": err } },
+                "delete": { "summary": "Delete a stopped VM", "parameters": name, "responses": { "200": ok("deleted"), "404": err, "409": err } } },
+            "/v1/vms/{name}/start": { "post": { "summary": "Start a VM on its owner node", "parameters": name, "responses": { "200": ok("VM record"), "404": err, "409": err } } },
+            "/v1/vms/{name}/stop": { "post": { "summary": "Stop a VM", "parameters": name, "responses": { "200": ok("VM record"), "404": err, "409": err } } },
+            "/v1/vms/{name}/migrate": { "post": { "summary": "Start a live migration (preflight refusals answer 409 before anything moves)", "parameters": name,
+                "requestBody": { "required": true, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Migrate" } } } },
+                "responses": { "200": ok("migration record and the agent that runs it"), "400": err, "404": err, "409": err } } },
+            "/v1/migrations": { "get": { "summary": "Migration records, newest first", "responses": { "200": ok("records") } } },
+            "/v1/migrations/{id}": { "get": { "summary": "A migration (live progress on the source agent)", "parameters": id, "responses": { "200": ok("record"), "404": err } } },
+            "/v1/migrations/{id}/events": { "get": { "summary": "Server-sent events: progress every 100 ms, then done", "parameters": id,
+                "responses": { "200": { "description": "event stream", "content": { "text/event-stream": {} } }, "404": err } } },
+            "/v1/migrations/{id}/cancel": { "post": { "summary": "Cancel a migration before its commit point", "parameters": id, "responses": { "200": ok("cancelling"), "404": err, "409": err } } },
+            "/v1/internal/receive": { "post": { "summary": "(agent to agent) start a worker waiting for an incoming VM", "responses": { "200": ok("address"), "409": err } } },
+            "/metrics": { "get": { "summary": "Prometheus metrics", "responses": { "200": { "description": "text exposition format" } } } }
+        },
+        "components": { "schemas": {
+            "Error": { "type": "object", "properties": { "error": { "type": "string" } }, "required": ["error"] },
+            "CreateVm": { "type": "object", "properties": {
+                "toml": { "type": "string", "description": "VM spec as TOML (name, vcpus, memory_mib, kernel, cmdline, cpu_profile, [[disks]] path, [[nics]] network/mac)" },
+                "spec": { "type": "object", "description": "VM spec as JSON (same fields)" },
+                "node": { "type": "string", "description": "owner node (default: the agent asked)" } } },
+            "Migrate": { "type": "object", "required": ["to"], "properties": {
+                "to": { "type": "string" }, "max_downtime_ms": { "type": "integer", "default": 50 },
+                "streams": { "type": "integer", "default": 1 }, "compress": { "type": "string", "enum": ["none", "lz4", "zstd"] },
+                "dry_run": { "type": "boolean" } } },
+            "Drain": { "type": "object", "properties": { "concurrency": { "type": "integer", "default": 2 } } }
+        } }
+    })
+}

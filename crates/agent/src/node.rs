@@ -1,0 +1,60 @@
+//! What this node is and offers, as registered in the store.
+
+use cluster::{now_ms, NodeInfo};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// How an agent is configured (`ferry agent ...`).
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Node name (unique in the cluster).
+    pub node: String,
+    /// Where the HTTP API listens (`host:port`); other agents and the CLI use it.
+    pub listen: String,
+    /// Cluster store URL.
+    pub store: String,
+    /// Where VM directories (sockets, serial logs) live.
+    pub data_dir: PathBuf,
+    /// The `ferry-vmm` binary.
+    pub worker_bin: PathBuf,
+    /// Claim only the CPU features of this profile (model a node with fewer features).
+    pub cpu_limit: Option<String>,
+    /// Cores given to VMs (default: online CPUs).
+    pub cores: Option<u32>,
+    /// RAM given to VMs in MiB (default: available memory).
+    pub memory_mib: Option<u64>,
+    /// Shared storage paths this node reaches.
+    pub storage: Vec<String>,
+    /// Networks this node is attached to.
+    pub networks: Vec<String>,
+    /// Lease TTL in the store.
+    pub lease_ttl: Duration,
+    /// Most migrations a drain runs at once.
+    pub drain_concurrency: usize,
+}
+
+/// Describes this node from its KVM and configuration.
+pub fn describe(cfg: &AgentConfig) -> anyhow::Result<NodeInfo> {
+    let kvm = vmm::open_kvm()?;
+    let supported = vmm::cpuid::supported(&kvm)?;
+    let offer = match &cfg.cpu_limit {
+        Some(p) => vmm::cpuid::build(&supported, p)?,
+        None => supported,
+    };
+    let (_, model) = vmm::cpuid::host_cpu_model();
+    Ok(NodeInfo {
+        name: cfg.node.clone(),
+        address: cfg.listen.clone(),
+        cpu_vendor: offer.vendor(),
+        cpu_model: model,
+        cpu_features: offer.features().into_iter().collect(),
+        cores: cfg.cores.unwrap_or_else(migration::preflight::online_cpus),
+        memory_mib: cfg
+            .memory_mib
+            .unwrap_or_else(migration::preflight::free_memory_mib),
+        storage: cfg.storage.clone(),
+        networks: cfg.networks.clone(),
+        schedulable: true,
+        started_ms: now_ms(),
+    })
+}
