@@ -34,6 +34,9 @@ pub struct MigrateRequest {
     pub compress: String,
     #[serde(default)]
     pub dry_run: bool,
+    /// Bandwidth cap for the memory copy, MiB/s.
+    #[serde(default)]
+    pub max_bandwidth_mibs: Option<u64>,
 }
 
 fn default_downtime() -> u64 {
@@ -665,7 +668,7 @@ impl Agent {
             max_downtime_ms: req.max_downtime_ms,
             streams: req.streams,
             compress: req.compress.clone(),
-            max_bandwidth_mibs: None,
+            max_bandwidth_mibs: req.max_bandwidth_mibs,
             timeout_s: None,
             dry_run: false,
             external_commit: true,
@@ -1052,6 +1055,7 @@ impl Agent {
                 streams: 1,
                 compress: "none".into(),
                 dry_run: false,
+                max_bandwidth_mibs: None,
             };
             let started = client::post(
                 &owner,

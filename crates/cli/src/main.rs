@@ -144,6 +144,9 @@ enum VmCmd {
         /// Only run the preflight checks.
         #[arg(long)]
         dry_run: bool,
+        /// Bandwidth cap in MiB/s.
+        #[arg(long)]
+        max_bandwidth_mibs: Option<u64>,
         /// Cancel the VM's running migration instead.
         #[arg(long)]
         cancel: bool,
@@ -430,6 +433,7 @@ fn vm_cmd(addr: &str, json: bool, cmd: &VmCmd) -> Result<()> {
             streams,
             compress,
             dry_run,
+            max_bandwidth_mibs,
             cancel,
         } => {
             if *cancel {
@@ -448,7 +452,14 @@ fn vm_cmd(addr: &str, json: bool, cmd: &VmCmd) -> Result<()> {
                 return Ok(());
             }
             let to = to.clone().expect("required by clap");
-            let body = json!({ "to": to, "max_downtime_ms": max_downtime_ms, "streams": streams, "compress": compress, "dry_run": dry_run });
+            let body = json!({
+                "to": to,
+                "max_downtime_ms": max_downtime_ms,
+                "streams": streams,
+                "compress": compress,
+                "dry_run": dry_run,
+                "max_bandwidth_mibs": max_bandwidth_mibs,
+            });
             let started = api(agent::client::post(
                 addr,
                 &format!("/v1/vms/{vm}/migrate"),

@@ -8,6 +8,7 @@ pub mod etcd;
 pub mod model;
 pub mod sqlite;
 pub mod store;
+pub mod testing;
 
 pub use model::*;
 pub use store::{open, Store, StoreError};

@@ -2,7 +2,6 @@
 //! handles, as two agents of one machine share it) and a real etcd server started for the test.
 
 use cluster::*;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -216,75 +215,9 @@ fn bad_urls_and_spec_errors() {
     assert_eq!(s.kernel, "test-guest");
 }
 
-/// A real etcd server (Debian's etcd-server) on free loopback ports, for one test.
-pub struct Etcd {
-    child: Child,
-    pub url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Etcd {
-    pub fn start() -> Etcd {
-        let dir = tempfile::tempdir().unwrap();
-        let port = |_: u8| {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        };
-        let (cp, pp) = (port(0), port(1));
-        let child = Command::new("etcd")
-            .arg("--data-dir")
-            .arg(dir.path())
-            .args(["--name", "ferry-test"])
-            .args(["--listen-client-urls", &format!("http://127.0.0.1:{cp}")])
-            .args(["--advertise-client-urls", &format!("http://127.0.0.1:{cp}")])
-            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{pp}")])
-            .args([
-                "--initial-advertise-peer-urls",
-                &format!("http://127.0.0.1:{pp}"),
-            ])
-            .args([
-                "--initial-cluster",
-                &format!("ferry-test=http://127.0.0.1:{pp}"),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("etcd is missing: scripts/install-deps.sh installs it (Debian etcd-server)");
-        let url = format!("etcd://127.0.0.1:{cp}");
-        let t0 = Instant::now();
-        loop {
-            if let Ok(s) = open(&url) {
-                if s.nodes().is_ok() {
-                    break;
-                }
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "etcd did not come up"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Etcd {
-            child,
-            url,
-            _dir: dir,
-        }
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn etcd_backend() {
-    let e = Etcd::start();
+    let e = cluster::testing::Etcd::start();
     let a: Arc<dyn Store> = open(&e.url).unwrap().into();
     let b: Arc<dyn Store> = open(&e.url).unwrap().into();
     // etcd enforces a minimum lease TTL of a couple of seconds.
