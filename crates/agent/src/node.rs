@@ -19,7 +19,8 @@ pub struct AgentConfig {
     pub worker_bin: PathBuf,
     /// Claim only the CPU features of this profile (model a node with fewer features).
     pub cpu_limit: Option<String>,
-    /// Cores given to VMs (default: online CPUs).
+    /// vCPUs this node may run (default: 4 per online CPU: vCPUs are overcommitted, as on
+    /// any KVM host).
     pub cores: Option<u32>,
     /// RAM given to VMs in MiB (default: available memory).
     pub memory_mib: Option<u64>,
@@ -32,6 +33,9 @@ pub struct AgentConfig {
     /// Most migrations a drain runs at once.
     pub drain_concurrency: usize,
 }
+
+/// Default vCPU overcommit.
+pub const VCPUS_PER_CPU: u32 = 4;
 
 /// Describes this node from its KVM and configuration.
 pub fn describe(cfg: &AgentConfig) -> anyhow::Result<NodeInfo> {
@@ -48,7 +52,9 @@ pub fn describe(cfg: &AgentConfig) -> anyhow::Result<NodeInfo> {
         cpu_vendor: offer.vendor(),
         cpu_model: model,
         cpu_features: offer.features().into_iter().collect(),
-        cores: cfg.cores.unwrap_or_else(migration::preflight::online_cpus),
+        cores: cfg
+            .cores
+            .unwrap_or_else(|| migration::preflight::online_cpus() * VCPUS_PER_CPU),
         memory_mib: cfg
             .memory_mib
             .unwrap_or_else(migration::preflight::free_memory_mib),

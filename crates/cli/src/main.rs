@@ -73,7 +73,7 @@ struct AgentArgs {
     /// Claim only the CPU features of this profile (e.g. baseline).
     #[arg(long)]
     cpu_limit: Option<String>,
-    /// Cores given to VMs (default: online CPUs).
+    /// vCPUs this node may run (default: 4 per online CPU).
     #[arg(long)]
     cores: Option<u32>,
     /// RAM given to VMs in MiB (default: available memory).
@@ -220,7 +220,7 @@ fn run(cli: Cli) -> Result<()> {
                 } else {
                     println!(
                         "{:<12} {:<6} {:<12} {:>11} {:>15} {:>4}  ADDRESS",
-                        "NODE", "STATE", "SCHEDULABLE", "CORES USED", "MEMORY USED", "VMS"
+                        "NODE", "STATE", "SCHEDULABLE", "VCPUS USED", "MEMORY USED", "VMS"
                     );
                     for n in v.as_array().cloned().unwrap_or_default() {
                         println!(
@@ -246,9 +246,6 @@ fn run(cli: Cli) -> Result<()> {
                     Some(c) => json!({ "concurrency": c }),
                     None => json!({}),
                 };
-                if !json {
-                    eprintln!("draining {node} ...");
-                }
                 let v = api(agent::client::post(
                     &addr,
                     &format!("/v1/nodes/{node}/drain"),

@@ -13,7 +13,7 @@ pub struct NodeInfo {
     pub cpu_model: String,
     /// CPU features this node's KVM offers (names as in `vmm::cpuid::FEATURES`).
     pub cpu_features: Vec<String>,
-    /// Cores it gives to VMs.
+    /// vCPUs it may run (its CPUs times the overcommit ratio).
     pub cores: u32,
     /// RAM it gives to VMs, in MiB.
     pub memory_mib: u64,

@@ -1,0 +1,392 @@
+//! Refusals, failures and drains on a real cluster: whatever happens, exactly one worker runs
+//! each VM, on the node the store names as its owner.
+
+mod common;
+use common::*;
+use serde_json::json;
+use std::time::Duration;
+
+#[test]
+fn preflight_refusals_through_the_cli() {
+    let mut c = Cluster::new(false);
+    c.add("node1", &["--storage", "/shared"]);
+    c.add("small", &["--memory-mib", "128", "--storage", "/shared"]);
+    c.add("old", &["--cpu-limit", "baseline", "--storage", "/shared"]);
+    c.add("nostore", &[]);
+    c.vm(
+        "node1",
+        "big",
+        "memory_mib = 256\ncmdline = \"ferry.workload=verify ferry.wss_mib=8 ferry.hb_ms=20\"\n",
+    );
+    c.vm(
+        "node1",
+        "hosty",
+        &format!("cpu_profile = \"host\"\n{GUEST}"),
+    );
+    c.vm(
+        "node1",
+        "disky",
+        &format!("{GUEST}[[disks]]\npath = \"/shared/disky.img\"\n"),
+    );
+    // Not enough memory.
+    let e = c.ferry_err("node1", &["vm", "migrate", "big", "--to", "small"]);
+    assert!(
+        e.contains("not enough memory on small: 128 MiB free, the VM needs 256 MiB"),
+        "{e}"
+    );
+    // A CPU feature the VM's `host` profile uses is missing on a baseline-only node; the
+    // message lists exactly the missing features.
+    let e = c.ferry_err("node1", &["vm", "migrate", "hosty", "--to", "old"]);
+    let nodes = c.get("node1", "/v1/nodes");
+    let feats = |n: &str| -> std::collections::BTreeSet<String> {
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"] == n)
+            .unwrap()["cpu_features"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f.as_str().unwrap().to_string())
+            .collect()
+    };
+    let missing: Vec<String> = feats("node1").difference(&feats("old")).cloned().collect();
+    assert!(!missing.is_empty());
+    assert!(
+        e.contains(&format!(
+            "node old lacks CPU features the VM uses: {}",
+            missing.join(", ")
+        )),
+        "{e}"
+    );
+    // Storage the destination does not reach.
+    let e = c.ferry_err("node1", &["vm", "migrate", "disky", "--to", "nostore"]);
+    assert!(
+        e.contains("node nostore does not reach storage /shared"),
+        "{e}"
+    );
+    // Dry run of a possible move: OK, nothing moves.
+    let out = c.ferry_ok(
+        "node1",
+        &["vm", "migrate", "disky", "--to", "small", "--dry-run"],
+    );
+    assert!(out.contains("preflight OK"), "{out}");
+    // Every VM untouched: running on node1, verifying, and the refusals are recorded.
+    for vm in ["big", "hosty", "disky"] {
+        assert_eq!(c.assert_one_owner(vm), "node1");
+        assert_eq!(
+            c.store().vm(vm).unwrap().unwrap().value.state,
+            cluster::VmState::Running
+        );
+    }
+    c.assert_verify("node1", "hosty", 2);
+    let refused = c
+        .store()
+        .migrations()
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.outcome == cluster::MigrationOutcome::Failed)
+        .count();
+    assert_eq!(refused, 3);
+    // Processor compatibility: with the `cluster` profile the same VM can go to the old node.
+    c.vm(
+        "node1",
+        "compat",
+        &format!("cpu_profile = \"cluster\"\n{GUEST}"),
+    );
+    c.migrate("node1", "compat", "old", json!({})).unwrap();
+    assert_eq!(c.assert_one_owner("compat"), "old");
+    c.assert_verify("old", "compat", 2);
+}
+
+#[test]
+fn destination_worker_killed_mid_migration() {
+    let mut c = Cluster::new(false);
+    c.add("node1", &[]);
+    c.add("node2", &[]);
+    c.vm(
+        "node1",
+        "vm",
+        "memory_mib = 256\ncmdline = \"ferry.workload=verify ferry.wss_mib=64 ferry.hb_ms=20\"\n",
+    );
+    c.assert_verify("node1", "vm", 1);
+    let a1 = c.addr("node1");
+    let started = agent::client::post(
+        &a1,
+        "/v1/vms/vm/migrate",
+        &json!({ "to": "node2", "max_bandwidth_mibs": 40 }),
+        None,
+    )
+    .unwrap();
+    let id = started["migration"]["id"].as_str().unwrap().to_string();
+    // Wait for the destination worker, then kill it.
+    let sock = c.agent("node2").data_dir.join("vms/vm/api.sock");
+    wait_until("the destination worker", Duration::from_secs(20), || {
+        sock.exists()
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let st = worker::api::call(&sock, &worker::api::Request::Status, None).unwrap();
+    let pid = st.data["pid"].as_u64().unwrap() as i32;
+    // SAFETY: kill(2) of the test's own grandchild process.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let m = agent::ops::wait_migration(&a1, &id).unwrap();
+    assert_eq!(m["outcome"], "failed", "{m}");
+    assert_eq!(c.assert_one_owner("vm"), "node1");
+    assert_eq!(
+        c.store().vm("vm").unwrap().unwrap().value.state,
+        cluster::VmState::Running
+    );
+    c.assert_verify("node1", "vm", 2);
+    // The VM can still move afterwards.
+    c.migrate("node1", "vm", "node2", json!({})).unwrap();
+    assert_eq!(c.assert_one_owner("vm"), "node2");
+}
+
+#[test]
+fn destination_agent_killed_mid_migration() {
+    let mut c = Cluster::new(false);
+    c.add("node1", &[]);
+    c.add("node2", &[]);
+    c.vm(
+        "node1",
+        "vm",
+        "memory_mib = 256\ncmdline = \"ferry.workload=verify ferry.wss_mib=64 ferry.hb_ms=20\"\n",
+    );
+    c.assert_verify("node1", "vm", 1);
+    let a1 = c.addr("node1");
+    let started = agent::client::post(
+        &a1,
+        "/v1/vms/vm/migrate",
+        &json!({ "to": "node2", "max_bandwidth_mibs": 60 }),
+        None,
+    )
+    .unwrap();
+    let id = started["migration"]["id"].as_str().unwrap().to_string();
+    wait_until("the destination worker", Duration::from_secs(20), || {
+        c.agent("node2").data_dir.join("vms/vm/api.sock").exists()
+    });
+    c.kill("node2");
+    let m = agent::ops::wait_migration(&a1, &id).unwrap();
+    // The destination's worker outlives its agent: the migration may complete (the VM then
+    // runs on node2) or fail (it stays on node1). Either way exactly one copy runs, and the
+    // store agrees; a restarted agent adopts what runs on its node.
+    let owner = c.store().vm("vm").unwrap().unwrap().value.owner;
+    assert_eq!(
+        owner,
+        if m["outcome"] == "succeeded" {
+            "node2"
+        } else {
+            "node1"
+        },
+        "{m}"
+    );
+    c.restart("node2");
+    assert_eq!(c.assert_one_owner("vm"), owner);
+    c.assert_verify(&owner, "vm", 2);
+    let show = c.get("node1", "/v1/vms/vm");
+    assert_eq!(show["vm"]["state"], "running", "{show}");
+}
+
+#[test]
+fn source_agent_dies_right_after_the_commit_point() {
+    let mut c = Cluster::new(false);
+    c.add_env("node1", &[], &[("FERRY_TEST_CRASH_AFTER_CAS", "1")]);
+    c.add("node2", &[]);
+    c.vm("node1", "vm", &format!("vcpus = 2\n{GUEST}"));
+    c.assert_verify("node1", "vm", 1);
+    let a1 = c.addr("node1");
+    let _ =
+        agent::client::post(&a1, "/v1/vms/vm/migrate", &json!({ "to": "node2" }), None).unwrap();
+    // The source agent exits right after the store CAS, before telling its worker anything:
+    // the store says node2, so node2's agent resumes the VM; the source stays paused.
+    wait_until("the source agent to die", Duration::from_secs(30), || {
+        agent::client::get(&a1, "/v1/health").is_err()
+    });
+    wait_until("the VM to run on node2", Duration::from_secs(30), || {
+        c.workers_of("vm")
+            .contains(&("node2".to_string(), "running".to_string()))
+    });
+    assert_eq!(c.store().vm("vm").unwrap().unwrap().value.owner, "node2");
+    let ws = c.workers_of("vm");
+    assert!(
+        !ws.contains(&("node1".to_string(), "running".to_string())),
+        "two running copies: {ws:?}"
+    );
+    c.assert_verify("node2", "vm", 2);
+    c.assert_heartbeats_continuous("vm", &["node1", "node2"]);
+    // The restarted source agent retires its paused worker: the store is the truth.
+    c.kill("node1");
+    c.restart("node1");
+    assert_eq!(c.assert_one_owner("vm"), "node2");
+}
+
+#[test]
+fn etcd_stopped_briefly_during_a_migration() {
+    let mut c = Cluster::new(true);
+    c.add("node1", &[]);
+    c.add("node2", &[]);
+    c.vm(
+        "node1",
+        "vm",
+        "memory_mib = 256\ncmdline = \"ferry.workload=verify ferry.wss_mib=32 ferry.hb_ms=20\"\n",
+    );
+    c.assert_verify("node1", "vm", 1);
+    let a1 = c.addr("node1");
+    let started = agent::client::post(
+        &a1,
+        "/v1/vms/vm/migrate",
+        &json!({ "to": "node2", "max_bandwidth_mibs": 100 }),
+        None,
+    )
+    .unwrap();
+    let id = started["migration"]["id"].as_str().unwrap().to_string();
+    std::thread::sleep(Duration::from_millis(600));
+    c.etcd().pause();
+    std::thread::sleep(Duration::from_millis(2500));
+    c.etcd().resume();
+    let m = agent::ops::wait_migration(&a1, &id).unwrap();
+    let owner = c.store().vm("vm").unwrap().unwrap().value.owner;
+    assert_eq!(
+        owner,
+        if m["outcome"] == "succeeded" {
+            "node2"
+        } else {
+            "node1"
+        },
+        "{m}"
+    );
+    assert_eq!(c.assert_one_owner("vm"), owner);
+    c.assert_verify(&owner, "vm", 2);
+}
+
+#[test]
+fn drain_a_node_with_four_vms() {
+    let mut c = Cluster::new(false);
+    c.add("node1", &[]);
+    c.add("node2", &[]);
+    c.add("node3", &[]);
+    for i in 0..4 {
+        c.vm(
+            "node1",
+            &format!("vm{i}"),
+            "memory_mib = 48\ncmdline = \"ferry.workload=verify ferry.wss_mib=4 ferry.hb_ms=50\"\n",
+        );
+    }
+    let out = c.ferry_ok(
+        "node2",
+        &[
+            "--output",
+            "json",
+            "node",
+            "drain",
+            "node1",
+            "--concurrency",
+            "2",
+        ],
+    );
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["moved"], 4, "{r}");
+    assert_eq!(r["failed"], 0, "{r}");
+    assert!(r["max_concurrent"].as_u64().unwrap() <= 2, "{r}");
+    assert!(r["max_concurrent"].as_u64().unwrap() >= 1);
+    let nodes = c.get("node1", "/v1/nodes");
+    let n1 = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "node1")
+        .unwrap()
+        .clone();
+    assert_eq!(n1["vms"], 0, "node1 still owns VMs: {n1}");
+    assert_eq!(n1["schedulable"], false);
+    for i in 0..4 {
+        let vm = format!("vm{i}");
+        let owner = c.assert_one_owner(&vm);
+        assert_ne!(owner, "node1");
+        c.assert_verify(&owner, &vm, 1);
+    }
+    // Nothing moves onto a drained node; undrain returns it to service.
+    let e = c.ferry_err("node1", &["vm", "migrate", "vm0", "--to", "node1"]);
+    assert!(e.contains("node1 is drained"), "{e}");
+    c.ferry_ok("node1", &["node", "undrain", "node1"]);
+    c.migrate("node1", "vm0", "node1", json!({})).unwrap();
+    assert_eq!(c.assert_one_owner("vm0"), "node1");
+}
+
+#[test]
+fn bad_input_gets_clear_errors_and_4xx() {
+    let mut c = Cluster::new(false);
+    c.add("node1", &[]);
+    let bad = c.dir.path().join("bad.toml");
+    for (toml, expect) in [
+        ("name = \"x\"\nmemory_mib = \"lots\"", "invalid VM spec"),
+        ("memory_mib = 64", "missing field `name`"),
+        ("name = \"UPPER\"\nmemory_mib = 64", "invalid VM name"),
+        (
+            "name = \"x\"\nmemory_mib = 64\nvcpus = 99",
+            "vcpus must be between 1 and 8",
+        ),
+        (
+            "name = \"x\"\nmemory_mib = 64\ncolour = \"red\"",
+            "unknown field `colour`",
+        ),
+    ] {
+        std::fs::write(&bad, toml).unwrap();
+        let e = c.ferry_err("node1", &["vm", "create", bad.to_str().unwrap()]);
+        assert!(e.contains(expect), "{toml:?}: {e}");
+    }
+    assert!(c
+        .ferry_err("node1", &["vm", "start", "ghost"])
+        .contains("unknown VM \"ghost\""));
+    assert!(c
+        .ferry_err("node1", &["vm", "show", "ghost"])
+        .contains("unknown VM \"ghost\""));
+    assert!(c
+        .ferry_err("node1", &["node", "drain", "nowhere"])
+        .contains("unknown node \"nowhere\""));
+    c.vm("node1", "real", GUEST);
+    assert!(c
+        .ferry_err("node1", &["vm", "migrate", "real", "--to", "nowhere"])
+        .contains("unknown node \"nowhere\""));
+    assert!(c
+        .ferry_err("node1", &["vm", "delete", "real"])
+        .contains("stop it first"));
+    assert!(c
+        .ferry_err("node1", &["vm", "create", "/nonexistent.toml"])
+        .contains("cannot read"));
+    assert!(c
+        .ferry_err("node1", &["vm", "frobnicate"])
+        .contains("unrecognized subcommand"));
+    // The REST API answers bad JSON and unknown paths with 4xx and a JSON error.
+    let base = format!("http://{}", c.addr("node1"));
+    let agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .new_agent();
+    for (path, body, code) in [
+        ("/v1/vms", "{not json", 400),
+        ("/v1/vms", "{\"spec\": 5}", 400),
+        ("/v1/vms", "{\"toml\": \"name = 1\"}", 400),
+        ("/v1/vms/real/migrate", "{\"too\": \"node1\"}", 400),
+        ("/v1/vms/ghost/migrate", "{\"to\": \"node1\"}", 404),
+        ("/v1/vms/real/migrate", "{\"to\": \"node1\"}", 400),
+    ] {
+        let mut r = agent
+            .post(&format!("{base}{path}"))
+            .header("content-type", "application/json")
+            .send(body)
+            .unwrap();
+        assert_eq!(r.status().as_u16(), code, "{path} {body}");
+        let v: serde_json::Value =
+            serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+        assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
+    }
+    let r = agent.get(&format!("{base}/v1/nothing")).call().unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+    let doc = c.get("node1", "/openapi.json");
+    assert_eq!(doc["openapi"], "3.0.3");
+    assert!(doc["paths"]["/v1/vms/{name}/migrate"]["post"].is_object());
+    // Nothing above touched the running VM.
+    assert_eq!(c.assert_one_owner("real"), "node1");
+}
