@@ -390,3 +390,54 @@ fn bad_input_gets_clear_errors_and_4xx() {
     // Nothing above touched the running VM.
     assert_eq!(c.assert_one_owner("real"), "node1");
 }
+
+#[test]
+fn crashed_worker_is_reported_and_cancel_keeps_the_vm() {
+    let mut c = Cluster::new(false);
+    c.add("node1", &[]);
+    c.add("node2", &[]);
+    c.vm(
+        "node1",
+        "vm",
+        "memory_mib = 256\ncmdline = \"ferry.workload=verify ferry.wss_mib=64 ferry.hb_ms=20\"\n",
+    );
+    c.assert_verify("node1", "vm", 1);
+    // Cancel a slow migration through the CLI: the VM stays on node1.
+    let a1 = c.addr("node1");
+    let started = agent::client::post(
+        &a1,
+        "/v1/vms/vm/migrate",
+        &json!({ "to": "node2", "max_bandwidth_mibs": 20 }),
+        None,
+    )
+    .unwrap();
+    let id = started["migration"]["id"].as_str().unwrap().to_string();
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(c
+        .ferry_ok("node2", &["vm", "migrate", "vm", "--cancel"])
+        .contains(&id));
+    let m = agent::ops::wait_migration(&a1, &id).unwrap();
+    assert_eq!(m["outcome"], "failed");
+    assert!(m["reason"].as_str().unwrap().contains("cancelled"), "{m}");
+    assert_eq!(c.assert_one_owner("vm"), "node1");
+    c.assert_verify("node1", "vm", 1);
+    // A worker that dies is reported: state crashed with the reason; start brings it back.
+    let sock = c.agent("node1").data_dir.join("vms/vm/api.sock");
+    let pid = worker::api::call(&sock, &worker::api::Request::Status, None)
+        .unwrap()
+        .data["pid"]
+        .as_u64()
+        .unwrap() as i32;
+    // SAFETY: kill(2) of the test's own grandchild process.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    wait_until("the crash to be reported", Duration::from_secs(10), || {
+        c.store().vm("vm").unwrap().unwrap().value.state == cluster::VmState::Crashed
+    });
+    let show = c.ferry_ok("node2", &["vm", "show", "vm"]);
+    assert!(
+        show.contains("state crashed on node1") && show.contains("last error: worker exited"),
+        "{show}"
+    );
+    c.ferry_ok("node2", &["vm", "start", "vm"]);
+    assert_eq!(c.assert_one_owner("vm"), "node1");
+}
