@@ -71,6 +71,9 @@ fn host() -> String {
 #[serde(deny_unknown_fields)]
 pub struct DiskSpec {
     pub path: String,
+    /// Attach the image read-only (several VMs may then share it).
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 /// A network interface on a node network.
@@ -141,6 +144,10 @@ impl VmSpec {
             if n.network.is_empty() {
                 return Err(SpecError::Field("a NIC needs a network".into()));
             }
+            if let Some(m) = &n.mac {
+                m.parse::<vmm::config::MacAddr>()
+                    .map_err(SpecError::Field)?;
+            }
         }
         Ok(())
     }
@@ -154,6 +161,26 @@ impl VmSpec {
             initrd: None,
             cmdline: self.cmdline.clone(),
             cpu_profile: profile.to_string(),
+            disks: self
+                .disks
+                .iter()
+                .map(|d| vmm::config::DiskConfig {
+                    path: d.path.clone().into(),
+                    read_only: d.read_only,
+                })
+                .collect(),
+            nics: self
+                .nics
+                .iter()
+                .enumerate()
+                .map(|(i, n)| vmm::config::NicConfig {
+                    mac: n
+                        .mac
+                        .as_deref()
+                        .and_then(|m| m.parse().ok())
+                        .unwrap_or_else(|| default_mac(&self.name, i)),
+                })
+                .collect(),
         }
     }
 
@@ -174,6 +201,19 @@ impl VmSpec {
     pub fn networks_needed(&self) -> BTreeSet<String> {
         self.nics.iter().map(|n| n.network.clone()).collect()
     }
+}
+
+/// The MAC a NIC gets when its spec names none: locally administered (02:...), derived from the
+/// VM name and the NIC's index, so it is the same on every node and across restarts.
+pub fn default_mac(vm: &str, index: usize) -> vmm::config::MacAddr {
+    // FNV-1a over the name and index.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in vm.bytes().chain((index as u32).to_le_bytes()) {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    let b = h.to_le_bytes();
+    vmm::config::MacAddr([0x02, 0xf5, b[0], b[1], b[2], b[3]])
 }
 
 fn toml_parse(text: &str) -> Result<VmSpec, SpecError> {

@@ -22,6 +22,16 @@ pub struct PreflightRequest {
     pub cpuid: CpuidTable,
     /// Source host description, for the report.
     pub source: HostSummary,
+    /// What the source sees of each disk image (same order as `config.disks`).
+    pub disks: Vec<DiskView>,
+}
+
+/// A disk image as the source sees it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct DiskView {
+    pub bytes: u64,
+    /// The VM holds the image's lock (it runs): the destination must see that lock too.
+    pub locked_by_vm: bool,
 }
 
 /// A host, as preflight reports show it.
@@ -58,6 +68,8 @@ pub struct DestinationLimits {
     pub max_memory_mib: Option<u64>,
     /// vCPUs this destination may run (default: online CPUs).
     pub max_vcpus: Option<u32>,
+    /// Where this host attaches a VM's NICs.
+    pub net_backends: Vec<vmm::devices::virtio::NetBackend>,
 }
 
 /// Free memory (MemAvailable) in MiB.
@@ -158,12 +170,66 @@ pub fn check(
             req.config.vcpus, dest.cpus
         ));
     }
+    check_storage(req, &mut problems);
+    check_network(req, limits, &mut problems);
     PreflightReport {
         ok: problems.is_empty(),
         problems,
         missing_features,
         destination: dest,
         restore_cost_us: 0,
+    }
+}
+
+/// Every disk must be reachable here, as the same file the source uses: same size, and the lock
+/// the running VM holds on it must be visible from here (otherwise this host sees a different
+/// file, or locks do not reach across hosts and exclusive ownership could not be enforced).
+fn check_storage(req: &PreflightRequest, problems: &mut Vec<String>) {
+    if req.disks.len() != req.config.disks.len() {
+        problems.push(format!(
+            "the source described {} disks for a VM with {}",
+            req.disks.len(),
+            req.config.disks.len()
+        ));
+        return;
+    }
+    for (d, view) in req.config.disks.iter().zip(&req.disks) {
+        match vmm::devices::virtio::block::probe_image(&d.path, d.read_only) {
+            Err(e) => problems.push(format!("shared storage not reachable from here: {e}")),
+            Ok(p) if p.size != view.bytes => problems.push(format!(
+                "disk {}: the source sees {} bytes, this host {} bytes (not the same file?)",
+                d.path.display(),
+                view.bytes,
+                p.size
+            )),
+            Ok(p) if view.locked_by_vm && !d.read_only && !p.locked_elsewhere => {
+                problems.push(format!(
+                    "disk {}: the source VM's lock on the image is not visible from here (not the same shared storage, or its locks do not reach this host)",
+                    d.path.display()
+                ))
+            }
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Every NIC needs a backend here, and a bridge backend's bridge must exist.
+fn check_network(req: &PreflightRequest, limits: &DestinationLimits, problems: &mut Vec<String>) {
+    use vmm::devices::virtio::{HostDevices, NetBackend};
+    if req.config.nics.is_empty() {
+        return;
+    }
+    match HostDevices::for_nics(&limits.net_backends, req.config.nics.len()) {
+        Err(e) => problems.push(format!("network: {e}")),
+        Ok(h) => {
+            for b in &h.nets {
+                if let NetBackend::Bridge(br) = b {
+                    if !vmm::devices::tap::interface_exists(br) {
+                        problems.push(format!("network: bridge {br} does not exist on this host"));
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -216,6 +282,8 @@ pub fn measure_restore_cost(kvm: &kvm_ioctls::Kvm, vcpus: u8) -> Result<u64, Str
         initrd: None,
         cmdline: "ferry.workload=idle".into(),
         cpu_profile: "host".into(),
+        disks: vec![],
+        nics: vec![],
     };
     let devnull = || {
         std::fs::OpenOptions::new()
@@ -223,13 +291,14 @@ pub fn measure_restore_cost(kvm: &kvm_ioctls::Kvm, vcpus: u8) -> Result<u64, Str
             .open("/dev/null")
             .map_err(|e| e.to_string())
     };
-    let a = Vm::create(kvm, cfg, devnull()?).map_err(|e| e.to_string())?;
+    let a = Vm::create(kvm, cfg, &Default::default(), devnull()?).map_err(|e| e.to_string())?;
     let state = a.save_state().map_err(|e| e.to_string())?;
     drop(a);
     let ram = std::sync::Arc::new(
         vmm::memory::GuestRam::new(state.layout.clone()).map_err(|e| e.to_string())?,
     );
-    let prepared = Vm::prepare(kvm, &state.config, &state.cpuid, ram).map_err(|e| e.to_string())?;
+    let prepared = Vm::prepare(kvm, &state.config, &state.cpuid, ram, &Default::default())
+        .map_err(|e| e.to_string())?;
     let out = devnull()?;
     let t0 = Instant::now();
     let b = prepared.finish(&state, out).map_err(|e| e.to_string())?;

@@ -290,11 +290,16 @@ fn session(
     );
     // The KVM VM, its vCPUs and devices are built while pre-copy runs; the state only has to
     // be loaded into them at switchover.
+    let host = vmm::devices::virtio::HostDevices::for_nics(
+        &opts.limits.net_backends,
+        req.config.nics.len(),
+    )
+    .map_err(|e| fatal(err(Phase::Setup, e)))?;
     let prepare = {
         let (config, cpuid, ram) = (req.config.clone(), req.cpuid.clone(), ram.clone());
         std::thread::spawn(move || {
             let kvm = vmm::open_kvm().map_err(|e| e.to_string())?;
-            Vm::prepare(&kvm, &config, &cpuid, ram).map_err(|e| e.to_string())
+            Vm::prepare(&kvm, &config, &cpuid, ram, &host).map_err(|e| e.to_string())
         })
     };
     let restore_us = match measure.join() {
@@ -483,6 +488,11 @@ fn session(
                     if let Err(e) = v.start_paused() {
                         break Err(err(Phase::State, format!("cannot start vCPU threads: {e}")));
                     }
+                    // The source flushed and released the disks before sending the state:
+                    // take them now, so that Ready means "can run here".
+                    if let Err(e) = v.acquire_storage(Duration::from_secs(5)) {
+                        break Err(err(Phase::State, format!("cannot take the disks: {e}")));
+                    }
                     vm = Some(v);
                 }
                 Err(e) => {
@@ -613,6 +623,8 @@ fn resume(v: Vm, control: &mut TcpStream, ctl: &ReceiveControl) -> Result<Vm, Mi
     }
     // Report "resumed" only once every vCPU is back in the guest loop, so the downtime the
     // source reports covers the whole pause the guest sees.
+    // Tell the network where the VM is now.
+    v.virtio().announce();
     v.wait_running(Duration::from_secs(1));
     let resume_us = t.elapsed().as_micros() as u64;
     let _ = wire::send_msg(control, &Msg::Resumed { resume_us });

@@ -369,7 +369,17 @@ pub fn migrate_gated(
                     },
                 );
                 vm.set_throttle(0);
-                let _ = vm.resume();
+                if let Err(e) = vm.resume() {
+                    // Typically: the destination still holds a disk lock. The VM stays paused
+                    // rather than run without its disks.
+                    let mut f = f;
+                    f.reason = format!("{}; the VM could not be resumed here: {e}", f.reason);
+                    ctl.update(|p| {
+                        p.phase = format!("failed in {}", f.phase);
+                        p.throttle_pct = 0;
+                    });
+                    return Err(to_error(f, true));
+                }
             }
             ctl.update(|p| {
                 p.phase = format!("failed in {}", f.phase);
@@ -494,6 +504,17 @@ impl Sender<'_> {
             layout: vm.ram().layout().clone(),
             cpuid: vm.cpuid().clone(),
             source: preflight::host_summary(&kvm, &Default::default()),
+            disks: vm
+                .config()
+                .disks
+                .iter()
+                .map(|d| preflight::DiskView {
+                    bytes: vmm::devices::virtio::block::probe_image(&d.path, true)
+                        .map(|p| p.size)
+                        .unwrap_or(0),
+                    locked_by_vm: vm.virtio().storage_held(),
+                })
+                .collect(),
         };
         wire::send_msg(&mut self.control, &Msg::Preflight(req))
             .map_err(|e| pre(wire_fail(Phase::Preflight)(e)))?;
@@ -738,6 +759,11 @@ impl Sender<'_> {
             .map_err(|e| pre(fail(Phase::State, e.to_string())))?;
         let encoded = vmm::snapshot::encode_state(&state)
             .map_err(|e| pre(fail(Phase::State, e.to_string())))?;
+        // Hand the disks over: everything acknowledged is flushed and the image locks are
+        // released for the destination, which takes them before it reports Ready. Any failure
+        // from here until the commit makes the source take them back before it resumes.
+        vm.release_storage()
+            .map_err(|e| pre(fail(Phase::State, format!("cannot release the disks: {e}"))))?;
         wire::write_frame(&mut self.control, wire::KIND_STATE, 0, &[&encoded])
             .map_err(|e| pre(wire_fail(Phase::State)(e)))?;
         match wire::recv_msg(&mut self.control).map_err(|e| pre(wire_fail(Phase::State)(e)))? {
@@ -1001,11 +1027,13 @@ fn measure_save_cost(kvm: &kvm_ioctls::Kvm, vcpus: u8) -> Duration {
         initrd: None,
         cmdline: "ferry.workload=idle".into(),
         cpu_profile: "host".into(),
+        disks: vec![],
+        nics: vec![],
     };
     let Ok(devnull) = std::fs::OpenOptions::new().write(true).open("/dev/null") else {
         return Duration::from_millis(1);
     };
-    let Ok(vm) = Vm::create(kvm, cfg, devnull) else {
+    let Ok(vm) = Vm::create(kvm, cfg, &Default::default(), devnull) else {
         return Duration::from_millis(1);
     };
     if vm.start().is_err() {

@@ -23,7 +23,7 @@ use std::time::Instant;
 /// File magic.
 pub const MAGIC: &[u8; 8] = b"FERRYSNP";
 /// Current format version.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Largest run of pages in one memory chunk (1 MiB).
 pub const MAX_CHUNK_PAGES: u32 = 256;
 /// Largest state section accepted (the state is a few hundred KiB even with 8 vCPUs).
@@ -669,13 +669,14 @@ pub fn take(vm: &crate::vm::Vm, path: &Path) -> Result<SnapshotStats, crate::vm:
 pub fn restore(
     kvm: &kvm_ioctls::Kvm,
     path: &Path,
+    host: &crate::devices::virtio::HostDevices,
     serial_out: File,
 ) -> Result<(crate::vm::Vm, SnapshotStats), crate::vm::VmError> {
     let t0 = Instant::now();
     let snap = |e: SnapshotError| crate::vm::VmError::Snapshot(e.to_string());
     let mut reader = Reader::open(path).map_err(snap)?;
     let state = reader.read_state().map_err(snap)?;
-    let vm = crate::vm::Vm::restore(kvm, &state, serial_out)?;
+    let vm = crate::vm::Vm::restore(kvm, &state, host, serial_out)?;
     let (_, data_pages) = read_into(&mut reader, &state, vm.ram()).map_err(snap)?;
     let file_bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
     Ok((

@@ -12,6 +12,7 @@ use crate::boot;
 use crate::config::{KernelSource, VmConfig};
 use crate::cpuid::{self, CpuidTable};
 use crate::devices::serial::SerialDevice;
+use crate::devices::virtio::{DeviceError, HostDevices, VirtioDevices};
 use crate::devices::{Devices, DevicesState, PioAction};
 use crate::memory::{GuestRam, MemoryLayout};
 use crate::persist::{kvm_bytes, Persist};
@@ -71,7 +72,13 @@ pub enum VmError {
     Incompatible(String),
     #[error("{0}")]
     Snapshot(String),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
 }
+
+/// How long a VM waits for its disk locks when it resumes (a migration source may still be
+/// releasing them, or a failed destination may still be exiting).
+pub const STORAGE_LOCK_WAIT: Duration = Duration::from_secs(10);
 
 fn kvm_err(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
     move |err| VmError::Kvm { op, err }
@@ -346,7 +353,12 @@ impl Control {
     }
 }
 
-fn vcpu_loop(vcpu: Arc<Mutex<Vcpu>>, ctl: Arc<Control>, devices: Arc<Mutex<Devices>>) {
+fn vcpu_loop(
+    vcpu: Arc<Mutex<Vcpu>>,
+    ctl: Arc<Control>,
+    devices: Arc<Mutex<Devices>>,
+    virtio: Arc<VirtioDevices>,
+) {
     loop {
         {
             let mut st = ctl.lock();
@@ -395,8 +407,14 @@ fn vcpu_loop(vcpu: Arc<Mutex<Vcpu>>, ctl: Arc<Control>, devices: Arc<Mutex<Devic
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .pio_read(port, data),
-                Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
-                Ok(VcpuExit::MmioWrite(..)) => {}
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    if !virtio.mmio_read(addr, data) {
+                        data.fill(0xff);
+                    }
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    virtio.mmio_write(addr, data);
+                }
                 Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => {}
                 Ok(VcpuExit::Shutdown) => {
                     event = Some(VmEvent::TripleFault { vcpu: id });
@@ -487,6 +505,7 @@ pub struct Vm {
     vcpus: Vec<Arc<Mutex<Vcpu>>>,
     platform: Platform,
     devices: Arc<Mutex<Devices>>,
+    virtio: Arc<VirtioDevices>,
     ctl: Arc<Control>,
     joins: Mutex<Vec<std::thread::JoinHandle<()>>>,
     serial_irq: EventFd,
@@ -525,6 +544,7 @@ pub struct PreparedVm {
     config: VmConfig,
     cpuid: CpuidTable,
     vcpus: Vec<Vcpu>,
+    virtio: VirtioDevices,
     base: Base,
 }
 
@@ -552,6 +572,7 @@ impl PreparedVm {
             v.set_msr_list(state.msr_list.clone());
             v.apply(vs)?;
         }
+        self.virtio.restore(&state.devices.virtio)?;
         let serial = SerialDevice::from_state(
             &state.devices.serial,
             self.base.serial_irq.try_clone().map_err(VmError::EventFd)?,
@@ -565,6 +586,7 @@ impl PreparedVm {
             self.vcpus,
             &mut self.base,
             Devices::new(serial),
+            self.virtio,
         ))
     }
 }
@@ -580,7 +602,12 @@ pub fn host_memory_limit() -> u64 {
 
 impl Vm {
     /// Creates and boots a new VM (not yet running: call [`Vm::start`]).
-    pub fn create(kvm: &Kvm, config: VmConfig, serial_out: File) -> Result<Vm, VmError> {
+    pub fn create(
+        kvm: &Kvm,
+        config: VmConfig,
+        host: &HostDevices,
+        serial_out: File,
+    ) -> Result<Vm, VmError> {
         config.validate()?;
         let host_mem = host_memory_limit();
         if config.memory_bytes() > host_mem {
@@ -605,11 +632,15 @@ impl Vm {
         let cpuid = cpuid::build(&supported, &config.cpu_profile)?;
         let layout = MemoryLayout::for_size(config.memory_bytes());
         let mut base = create_base(kvm, Arc::new(GuestRam::new(layout.clone())?))?;
+        let virtio = VirtioDevices::build(&config, host, base.ram.clone(), &base.vm_fd)?;
+        // The device parameters go first: a guest that keeps only a prefix of a long command
+        // line still finds its devices.
+        let cmdline = format!("{} {}", virtio.cmdline_params().trim(), config.cmdline);
         let entry = boot::load(
             base.ram.memory(),
             &layout,
             &kernel,
-            &config.cmdline,
+            cmdline.trim(),
             initrd.as_deref(),
         )?;
         // Boot data was written through vm-memory; that is not a "device write" to track.
@@ -644,15 +675,21 @@ impl Vm {
             vcpus,
             &mut base,
             Devices::new(serial),
+            virtio,
         ))
     }
 
     /// Re-creates a VM from saved state. Guest memory is left zeroed: the caller fills it
     /// through [`Vm::ram`] before calling [`Vm::start`].
-    pub fn restore(kvm: &Kvm, state: &MachineState, serial_out: File) -> Result<Vm, VmError> {
+    pub fn restore(
+        kvm: &Kvm,
+        state: &MachineState,
+        host: &HostDevices,
+        serial_out: File,
+    ) -> Result<Vm, VmError> {
         state.validate(host_memory_limit())?;
         let ram = Arc::new(GuestRam::new(state.layout.clone())?);
-        Vm::restore_with_ram(kvm, state, ram, serial_out)
+        Vm::restore_with_ram(kvm, state, ram, host, serial_out)
     }
 
     /// Re-creates a VM from saved state around RAM that already holds the guest's memory.
@@ -660,10 +697,11 @@ impl Vm {
         kvm: &Kvm,
         state: &MachineState,
         ram: Arc<GuestRam>,
+        host: &HostDevices,
         serial_out: File,
     ) -> Result<Vm, VmError> {
         state.validate(host_memory_limit())?;
-        Vm::prepare(kvm, &state.config, &state.cpuid, ram)?.finish(state, serial_out)
+        Vm::prepare(kvm, &state.config, &state.cpuid, ram, host)?.finish(state, serial_out)
     }
 
     /// Builds everything of a VM that does not depend on its run-time state — KVM VM,
@@ -674,6 +712,7 @@ impl Vm {
         config: &VmConfig,
         cpuid: &CpuidTable,
         ram: Arc<GuestRam>,
+        host: &HostDevices,
     ) -> Result<PreparedVm, VmError> {
         config.validate()?;
         if ram.layout().total_bytes() != config.memory_bytes() {
@@ -697,6 +736,7 @@ impl Vm {
             )));
         }
         let base = create_base(kvm, ram)?;
+        let virtio = VirtioDevices::build(config, host, base.ram.clone(), &base.vm_fd)?;
         let mut vcpus = Vec::new();
         for id in 0..config.vcpus {
             vcpus.push(Vcpu::create(
@@ -710,6 +750,7 @@ impl Vm {
             config: config.clone(),
             cpuid: cpuid.clone(),
             vcpus,
+            virtio,
             base,
         })
     }
@@ -721,6 +762,7 @@ impl Vm {
         vcpus: Vec<Vcpu>,
         base: &mut Base,
         devices: Devices,
+        virtio: VirtioDevices,
     ) -> Vm {
         Vm {
             config,
@@ -729,6 +771,7 @@ impl Vm {
             vcpus: vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect(),
             platform: base.platform.take().expect("platform created"),
             devices: Arc::new(Mutex::new(devices)),
+            virtio: Arc::new(virtio),
             ctl: Arc::new(Control {
                 run: AtomicBool::new(false),
                 throttle: AtomicU8::new(0),
@@ -769,8 +812,10 @@ impl Vm {
         &self.cpuid
     }
 
-    /// Starts the vCPU threads; the VM runs.
+    /// Starts the vCPU threads; the VM runs. Takes the disk locks first.
     pub fn start(&self) -> Result<(), VmError> {
+        self.virtio.acquire_storage(STORAGE_LOCK_WAIT)?;
+        self.virtio.resume();
         self.spawn_vcpus(true)
     }
 
@@ -813,10 +858,15 @@ impl Vm {
         let mut threads = self.ctl.threads.lock().unwrap_or_else(|e| e.into_inner());
         for v in &self.vcpus {
             let id = v.lock().unwrap_or_else(|e| e.into_inner()).id;
-            let (v, ctl, dev) = (v.clone(), self.ctl.clone(), self.devices.clone());
+            let (v, ctl, dev, virtio) = (
+                v.clone(),
+                self.ctl.clone(),
+                self.devices.clone(),
+                self.virtio.clone(),
+            );
             let h = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || vcpu_loop(v, ctl, dev))
+                .spawn(move || vcpu_loop(v, ctl, dev, virtio))
                 .map_err(VmError::Thread)?;
             use std::os::unix::thread::JoinHandleExt;
             threads.push(h.as_pthread_t() as libc::pthread_t);
@@ -909,6 +959,8 @@ impl Vm {
             }
         }
         drop(st);
+        // No vCPU runs: stop the devices' own threads from touching guest memory too.
+        self.virtio.pause();
         // Tell a kvmclock-aware guest it was stopped (avoids soft-lockup reports); harmless if
         // the guest does not use kvmclock (KVM then returns EINVAL, which is ignored).
         for v in &self.vcpus {
@@ -923,7 +975,7 @@ impl Vm {
 
     /// Resumes a paused VM. Idempotent.
     pub fn resume(&self) -> Result<(), VmError> {
-        let mut st = self.ctl.lock();
+        let st = self.ctl.lock();
         if let Some(e) = &st.event {
             return Err(VmError::Stopped(e.to_string()));
         }
@@ -934,9 +986,12 @@ impl Vm {
         if st.target == Target::Run {
             return Ok(());
         }
-        st.target = Target::Run;
-        self.ctl.run.store(true, Ordering::SeqCst);
         drop(st);
+        // Never run without the disks: if their locks cannot be had, stay paused.
+        self.virtio.acquire_storage(STORAGE_LOCK_WAIT)?;
+        self.virtio.resume();
+        self.ctl.lock().target = Target::Run;
+        self.ctl.run.store(true, Ordering::SeqCst);
         self.ctl.cv.notify_all();
         Ok(())
     }
@@ -999,8 +1054,32 @@ impl Vm {
             msr_list: self.msr_list.clone(),
             platform,
             vcpus,
-            devices: dev.state(),
+            devices: DevicesState {
+                virtio: self.virtio.state(),
+                ..dev.state()
+            },
         })
+    }
+
+    /// The VM's virtio devices.
+    pub fn virtio(&self) -> &VirtioDevices {
+        &self.virtio
+    }
+
+    /// Flushes the disks and releases their locks so that a migration destination can take
+    /// them. The VM must be paused; [`Vm::resume`] takes them back.
+    pub fn release_storage(&self) -> Result<(), VmError> {
+        if self.run_state() == VmRunState::Running {
+            return Err(VmError::Incompatible(
+                "the disks can only be released while the VM is paused".into(),
+            ));
+        }
+        Ok(self.virtio.release_storage()?)
+    }
+
+    /// Takes the disk locks, waiting up to `wait` for another host to release them.
+    pub fn acquire_storage(&self, wait: Duration) -> Result<(), VmError> {
+        Ok(self.virtio.acquire_storage(wait)?)
     }
 
     /// Auto-converge: keeps every vCPU out of the guest for `pct` % of each 10 ms period

@@ -28,9 +28,11 @@ fn run_throttled(workload: &str, vcpus: u8, throttle: u8) {
         initrd: None,
         cmdline: format!("ferry.workload={workload} ferry.wss_mib=32 ferry.hb_ms=10"),
         cpu_profile: "host".into(),
+        disks: vec![],
+        nics: vec![],
     };
     let log = tempfile::NamedTempFile::new().unwrap();
-    let vm = Vm::create(&kvm, cfg, log.reopen().unwrap()).unwrap();
+    let vm = Vm::create(&kvm, cfg, &Default::default(), log.reopen().unwrap()).unwrap();
     vm.start().unwrap();
     vm.set_throttle(throttle);
     std::thread::sleep(Duration::from_millis(300));

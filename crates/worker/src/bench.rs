@@ -319,8 +319,10 @@ fn snapshot_bench(dir: &Path, sizes: &[u64]) -> Result<()> {
                 initrd: None,
                 cmdline,
                 cpu_profile: "host".into(),
+                disks: vec![],
+                nics: vec![],
             };
-            let vm = Vm::create(&kvm, cfg, std::fs::File::create(&log)?)?;
+            let vm = Vm::create(&kvm, cfg, &Default::default(), std::fs::File::create(&log)?)?;
             vm.start()?;
             if touched {
                 wait_serial(
@@ -344,6 +346,7 @@ fn snapshot_bench(dir: &Path, sizes: &[u64]) -> Result<()> {
             let (vm2, rstats) = vmm::snapshot::restore(
                 &kvm,
                 &snap,
+                &Default::default(),
                 std::fs::File::create(dir.join("restored.serial"))?,
             )?;
             let restore_s = t0.elapsed().as_secs_f64();

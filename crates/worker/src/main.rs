@@ -47,6 +47,15 @@ enum Cmd {
         /// CPU profile the guest CPUID is filtered through: host or baseline.
         #[arg(long, default_value = "host")]
         cpu_profile: String,
+        /// A virtio-blk disk: a raw image `PATH` or `PATH,ro` (repeatable; the image is locked
+        /// exclusively while the VM runs).
+        #[arg(long = "disk")]
+        disks: Vec<vmm::config::DiskConfig>,
+        /// A virtio-net NIC with this MAC address, e.g. 52:54:00:12:34:56 (repeatable).
+        #[arg(long = "nic")]
+        nics: Vec<vmm::config::MacAddr>,
+        #[command(flatten)]
+        host: HostArgs,
         /// File the guest's serial console is written to.
         #[arg(long)]
         serial_log: PathBuf,
@@ -68,6 +77,8 @@ enum Cmd {
         /// Stay paused after restoring (resume through the API).
         #[arg(long)]
         paused: bool,
+        #[command(flatten)]
+        host: HostArgs,
     },
     /// Wait for one VM to arrive by live migration, then run it (serving the control API).
     Receive {
@@ -94,6 +105,8 @@ enum Cmd {
         /// the source: a lost source then leaves the received VM paused until the agent decides.
         #[arg(long)]
         external_commit: bool,
+        #[command(flatten)]
+        host: HostArgs,
     },
     /// Send a command to a running worker.
     Ctl {
@@ -112,6 +125,22 @@ enum Cmd {
     HostInfo,
     /// Run the benchmarks and print the results as Markdown.
     Bench(bench::BenchArgs),
+}
+
+/// Host-side device backends (not part of the VM: a migration destination brings its own).
+#[derive(clap::Args, Debug, Clone)]
+struct HostArgs {
+    /// Backend of the next NIC: `bridge=<name>` (create a TAP on that bridge) or `tap=<name>`
+    /// (repeatable, one per NIC in order; a single `bridge=` serves every NIC).
+    #[arg(long = "net-backend")]
+    net_backends: Vec<vmm::devices::virtio::NetBackend>,
+}
+
+impl HostArgs {
+    fn devices(&self, nics: usize) -> Result<vmm::devices::virtio::HostDevices> {
+        vmm::devices::virtio::HostDevices::for_nics(&self.net_backends, nics)
+            .map_err(|e| anyhow::anyhow!("{e} (--net-backend)"))
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -207,6 +236,9 @@ fn real_main(cli: Cli) -> Result<i32> {
             memory_mib,
             vcpus,
             cpu_profile,
+            disks,
+            nics,
+            host,
             serial_log,
             api_socket,
         } => {
@@ -217,8 +249,14 @@ fn real_main(cli: Cli) -> Result<i32> {
                 initrd,
                 cmdline,
                 cpu_profile,
+                disks,
+                nics: nics
+                    .into_iter()
+                    .map(|mac| vmm::config::NicConfig { mac })
+                    .collect(),
             };
             config.validate()?;
+            let host = host.devices(config.nics.len())?;
             if let KernelSource::Path(p) = &config.kernel {
                 if !p.is_file() {
                     bail!("kernel {} does not exist or is not a file", p.display());
@@ -227,7 +265,7 @@ fn real_main(cli: Cli) -> Result<i32> {
             let kvm = vmm::open_kvm()?;
             server::check_free(&api_socket)?;
             let serial = SerialLog::create(&serial_log)?;
-            let vm = Vm::create(&kvm, config, serial.file()?)?;
+            let vm = Vm::create(&kvm, config, &host, serial.file()?)?;
             serial.commit()?;
             let listener = server::bind(&api_socket)?;
             migration::send::warm_save_cost(vm.config().vcpus);
@@ -241,11 +279,17 @@ fn real_main(cli: Cli) -> Result<i32> {
             serial_log,
             api_socket,
             paused,
+            host,
         } => {
             let kvm = vmm::open_kvm()?;
             server::check_free(&api_socket)?;
+            let nics = vmm::snapshot::Reader::open(&snapshot)
+                .and_then(|mut r| r.read_state())
+                .map(|s| s.config.nics.len())
+                .unwrap_or(0);
+            let host = host.devices(nics)?;
             let serial = SerialLog::create(&serial_log)?;
-            let (vm, stats) = vmm::snapshot::restore(&kvm, &snapshot, serial.file()?)?;
+            let (vm, stats) = vmm::snapshot::restore(&kvm, &snapshot, &host, serial.file()?)?;
             serial.commit()?;
             let listener = server::bind(&api_socket)?;
             println!(
@@ -269,6 +313,7 @@ fn real_main(cli: Cli) -> Result<i32> {
             max_memory_mib,
             max_vcpus,
             external_commit,
+            host,
         } => {
             if let Some(p) = &host_profile {
                 if !vmm::cpuid::PROFILE_NAMES.contains(&p.as_str()) {
@@ -299,6 +344,7 @@ fn real_main(cli: Cli) -> Result<i32> {
                     cpu_profile: host_profile,
                     max_memory_mib,
                     max_vcpus,
+                    net_backends: host.net_backends.clone(),
                 },
                 external: decision,
             };

@@ -1,7 +1,10 @@
-//! Port-I/O devices: the 16550 serial console (COM1) and the i8042 controller (guest reset).
-//! Ports nobody implements read as all-ones, like an empty ISA bus.
+//! Devices. Port I/O: the 16550 serial console (COM1) and the i8042 controller (guest reset);
+//! ports nobody implements read as all-ones, like an empty ISA bus. MMIO: the virtio devices
+//! ([`virtio`]) with their host backends ([`tap`]).
 
 pub mod serial;
+pub mod tap;
+pub mod virtio;
 
 use serial::{SerialDevice, SerialState};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -53,6 +56,8 @@ pub struct Devices {
 #[derive(serde::Serialize, serde::Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct DevicesState {
     pub serial: SerialState,
+    /// virtio devices in configuration order (disks, then NICs).
+    pub virtio: Vec<virtio::VirtioState>,
 }
 
 impl Devices {
@@ -70,6 +75,7 @@ impl Devices {
     pub fn state(&self) -> DevicesState {
         DevicesState {
             serial: self.serial.state(),
+            virtio: Vec::new(),
         }
     }
 
