@@ -13,7 +13,9 @@
 //!   exception and system-call handlers; it never calls compiler-generated code;
 //! - everything else (command line, output, workloads) is Rust running in ring 3 (SSE etc. fine);
 //! - ring 3 writes COM1 itself (the TSS I/O bitmap allows ports 0x3f8-0x3ff only) and reaches
-//!   ring 0 only through `int3` (the "system call") and interrupts.
+//!   ring 0 only through `int3` (the "system call") and interrupts;
+//! - virtio-mmio devices (disk-log, net-echo) are driven from ring 3 too, by polling: the
+//!   identity map is user-accessible, so MMIO works there (each register access is a VM exit).
 //!
 //! ## Boot path
 //! 1. PVH: the ELF has a Xen note type 18 (XEN_ELFNOTE_PHYS32_ENTRY) pointing at `_start32`; the
@@ -63,7 +65,8 @@
 //! | AP real-mode trampoline (39 bytes) | 0x8000 (written after start_info was copied) |
 //! | PVH note, text, rodata | from 0x100000 (1 MiB) |
 //! | data: GDT, 16 TSSs (128-byte slots) followed by ONE shared 8 KiB I/O bitmap (only 0x3f8-0x3ff allowed) | after the text |
-//! | bss: `BOOT_INFO`, IDT, page tables (PML4, PDPT, up to 64 PDs), 16 x 8 KiB ring-0 stacks, 16 x 128 KiB ring-3 stacks, kvmclock struct, serial lock, shared config, per-CPU workload state (`PERCPU`: heartbeat counters, writer state, ...) | after the data; everything ends below 16 MiB (link-time assert; ~3.5 MiB today) |
+//! | bss: `BOOT_INFO`, IDT, page tables (PML4, PDPT, up to 64 PDs), 16 x 8 KiB ring-0 stacks, 16 x 128 KiB ring-3 stacks, kvmclock struct, serial lock, shared config, per-CPU workload state (`PERCPU`: heartbeat counters, writer state, ...), virtio driver state and driver memory (below) | after the data; everything ends below 16 MiB (link-time assert; ~3.8 MiB today) |
+//! | virtio driver memory (`virtio::DMA`, 256 KiB, 4 KiB-aligned, bump-allocated by CPU 0 at boot, zeroed on allocation): one 4 KiB block per virtqueue (descriptor table, available ring, used ring) and the buffers: disk-log 64 B request header + status, 32 KiB data; net-echo 64 x 2 KiB RX + 32 x 2 KiB TX buffers | inside the bss (so below 16 MiB and never in the working set); the devices DMA only there |
 //! | working set (dirty/verify) | ONE contiguous range of `wss_mib` MiB: the first 2 MiB-aligned address >= 16 MiB inside a RAM range of the memory map (adjacent RAM entries merged) where it fits; so 0x1000000 whenever it fits below the first hole |
 //!
 //! ## System calls (`int3` from ring 3, vector 3 is a DPL-3 interrupt gate)
@@ -83,21 +86,68 @@
 //!
 //! ## Command line
 //! `key=value` items separated by spaces, unknown keys ignored (see `cmdline.rs`):
-//! `ferry.workload=idle|dirty|verify` (idle), `ferry.wss_mib=<W>` (64), `ferry.rate_mibs=<R>`
-//! (0 = unlimited; total over all CPUs, split evenly), `ferry.hb_ms=<ms>` (100),
-//! `ferry.rounds=<N>` (dirty: stop writing after N rounds over the working set, then only
-//! heartbeats; 0 = never stop), `ferry.reset_after_ms=<ms>` (CPU 0 prints `reset requested`
-//! and resets the machine through the i8042 after that long; 0 = never),
-//! `ferry.tsc_khz=<K>`. A bad value, or a working set that does not fit in RAM, prints
-//! `PANIC bad cmdline: <item> (<reason>)` and halts EVERY CPU (no heartbeats at all).
+//! `ferry.workload=idle|dirty|verify|disk-log|net-echo` (idle), `ferry.wss_mib=<W>` (64; dirty
+//! and verify only), `ferry.rate_mibs=<R>` (0 = unlimited; total over all CPUs, split evenly),
+//! `ferry.hb_ms=<ms>` (100), `ferry.rounds=<N>` (dirty: stop writing after N rounds over the
+//! working set, then only heartbeats; 0 = never stop), `ferry.reset_after_ms=<ms>` (CPU 0
+//! prints `reset requested` and resets the machine through the i8042 after that long; 0 =
+//! never), `ferry.tsc_khz=<K>`, `ferry.disk_rate=<records/s>` (disk-log; 100; 0 = as fast as
+//! possible), `ferry.disk_flush=<n>` (disk-log: a flush request after every n-th record if the
+//! device offers VIRTIO_BLK_F_FLUSH; 0 = never, the default), `ferry.ip=<a.b.c.d>` (net-echo;
+//! required), `ferry.mac=<xx:xx:xx:xx:xx:xx>` (net-echo: used if the device offers no MAC;
+//! default 02:46:52:59:00:01), and Linux's `virtio_mmio.device=<size>@<base>:<irq>[:<id>]`
+//! (repeatable, at most 8; size decimal or 0x-hex with optional K/M/G; base decimal or 0x-hex;
+//! irq decimal; see "virtio devices"). A bad value, net-echo without `ferry.ip`, or a working
+//! set that does not fit in RAM, prints `PANIC bad cmdline: <item> (<reason>)` and halts EVERY
+//! CPU (no heartbeats at all).
+//!
+//! ## virtio devices (disk-log, net-echo)
+//! - Discovery: only the `virtio_mmio.device=` entries of the command line (QEMU microvm appends
+//!   them for its transports that hold a device, but only with `-M microvm,acpi=off`; Ferry's
+//!   VMM appends `virtio_mmio.device=4K@0x<0xd0000000 + i * 0x1000>:<irq>`). The workload looks
+//!   at the entries in order: each must lie inside the identity map and read MagicValue
+//!   0x74726976; DeviceID 0 (empty transport) and other device types are skipped; the first
+//!   device of the wanted type (2 = block for disk-log, 1 = net for net-echo) must be Version 2
+//!   (modern; a legacy Version 1 device is refused: QEMU needs
+//!   `-global virtio-mmio.force-legacy=false`). Only that device is touched; it is set up by the
+//!   BSP before the boot line: reset (Status 0, read back until 0), ACKNOWLEDGE | DRIVER,
+//!   features (DeviceFeaturesSel 0/1), DriverFeatures, FEATURES_OK (checked), queues, then
+//!   DRIVER_OK. Any problem is a boot PANIC (instead of the boot line).
+//! - Features: VIRTIO_F_VERSION_1 (bit 32) is required. Block also accepts VIRTIO_BLK_F_FLUSH
+//!   (bit 9) if offered AND `ferry.disk_flush` > 0; net also accepts VIRTIO_NET_F_MAC (bit 5) if
+//!   offered and the register window reaches the MAC (>= 0x106 bytes). Nothing else (no event
+//!   index, no indirect descriptors, no offloads, no mergeable RX buffers, no packed rings).
+//! - Queues (split virtqueues): QueueSel, QueueReady must read 0, QueueNumMax (0 = PANIC),
+//!   size = min(QueueNumMax, 128) rounded down to a power of two, QueueDesc/Driver/Device
+//!   Low/High, QueueReady = 1. Block: queue 0. Net: queue 0 = RX, 1 = TX. The available ring's
+//!   flags = VIRTQ_AVAIL_F_NO_INTERRUPT; QueueNotify (value = queue index) is written after new
+//!   buffers unless the used ring's flags say VIRTQ_USED_F_NO_NOTIFY.
+//! - No interrupts: completions are found by polling the used rings (plain RAM reads).
+//!   InterruptStatus is never read or acknowledged; the device's IRQ line, if it raises one,
+//!   ends at a masked IOAPIC pin.
+//! - Register accesses are 32-bit, except the net config (MAC), read byte by byte; config
+//!   fields are read between two equal ConfigGeneration reads. The Status register is read
+//!   again only rarely (net: once a second; block: every 100 ms while a request is
+//!   outstanding): DEVICE_NEEDS_RESET, FAILED or a lost DRIVER_OK there prints
+//!   `PANIC virtio-<blk|net> at 0x<base>: device ...` and halts CPU 0 (the other CPUs go on).
+//! - Only CPU 0 drives the device; the other CPUs run the idle workload. CPU 0 keeps its
+//!   heartbeats on time while it polls and sleeps (syscall 1) when there is nothing to do.
+//! - Block requests: header (16 bytes: type, 0, sector; device-readable) -> data (device-
+//!   writable for reads) -> status byte (device-writable); flush: header -> status. One
+//!   request at a time. While waiting: spin 200 us, then sleep in 500 us steps.
+//! - Net buffers: RX = one device-writable 2 KiB descriptor each (12-byte virtio-net header,
+//!   then the frame); TX = one device-readable descriptor (12 zero bytes, then the frame).
 //!
 //! ## Output (COM1, one `\n`-terminated line per event, never interleaved; numbers decimal
 //! unless shown with `0x`)
-//! 1. `ferry-guest boot cpus=<N> mem_mib=<RAM MiB> tsc_khz=<K> workload=<idle|dirty|verify> wss_mib=<W> rate_mibs=<R> hb_ms=<H>`
+//! 1. `ferry-guest boot cpus=<N> mem_mib=<RAM MiB> tsc_khz=<K> workload=<idle|dirty|verify|disk-log|net-echo> wss_mib=<W> rate_mibs=<R> hb_ms=<H>`
 //!    once, by the BSP. `mem_mib` = sum of the RAM (type 1) entries of the memory map, in MiB
 //!    rounded to nearest.
 //! 2. `wss gpa=0x<hex start> pages=<P>` once after the boot line, dirty and verify only.
 //!    Page `i` of the working set is at guest-physical `start + 4096 * i`.
+//!    disk-log instead: `virtio-blk base=0x<hex> irq=<n> features=0x<negotiated, hex>
+//!    sectors=<capacity in 512-byte sectors> queue=<size>`; net-echo:
+//!    `virtio-net base=0x<hex> irq=<n> features=0x<negotiated, hex> rxq=<size> txq=<size>`.
 //! 3. `hb <cpu> <counter> <tsc>` every `hb_ms` on every CPU and every workload: counter 1, 2,
 //!    3, ... per CPU (the first one right when the workload starts); tsc = rdtsc when the line
 //!    was made. After a stall longer than one period the cadence restarts (no burst of lines).
@@ -125,25 +175,65 @@
 //!    `verify ok gen=<g> pages=<pages in partition> cpu=<k> sweeps=<sweeps completed so far>`;
 //!    after every sweep with errors: `verify bad gen=<g> pages=<n> cpu=<k> errors=<errors in that sweep>`.
 //!    CPUs with an empty partition (P < N) just idle with heartbeats.
-//! 7. `PANIC cpu=<n> vec=<v> err=0x<hex> rip=0x<hex> cr2=0x<hex>` from ring 0 on any CPU
+//! 7. disk-log (CPU 0; record format in `disklog.rs`: 512-byte record `seq` = 1, 2, ... in
+//!    sector `seq - 1`: "FERRYLOG", seq u64, 64-bit checksum of the record without the checksum
+//!    field, payload derived from seq). First the log is scanned from sector 0 with reads of up
+//!    to 64 sectors until the first all-zero sector or the end of the disk:
+//!    `disk ok last=<N>` (N = last valid seq, 0 = empty), or, at the first sector that is
+//!    neither zero nor the right record (magic, seq, checksum, payload),
+//!    `disk CORRUPT at=<sector>` and no appending at all. Then records N+1, N+2, ... are
+//!    written one at a time (record s at sector s - 1), each acknowledged by the device with
+//!    VIRTIO_BLK_S_OK before `disk seq=<s>` is printed, `ferry.disk_rate` records per second (a
+//!    backlog older than 50 ms is forgiven); if a flush interval is in force, after every
+//!    n-th record a flush request and `disk flush seq=<s>`. At the capacity:
+//!    `disk full last=<N>`. A request that fails: `disk ERROR seq=<s> status=<virtio-blk
+//!    status byte>` (s = the record being written or flushed; for a failed read while
+//!    scanning, the seq of the first sector of that read). After CORRUPT, full or ERROR, CPU 0
+//!    only does heartbeats. An acknowledged record is in the device's backend; if the VMM dies
+//!    mid-write, the next boot may also find the one record that was written but not yet
+//!    printed (`last` = last printed seq or one more).
+//! 8. net-echo (CPU 0; packet handling in `netpkt.rs`): posts min(64, rxq) RX buffers, prints
+//!    `net up mac=<xx:xx:xx:xx:xx:xx> ip=<a.b.c.d>` (the device's MAC if it offers one, else
+//!    `ferry.mac` or 02:46:52:59:00:01), then sends one gratuitous ARP (broadcast ARP request
+//!    for its own IP). It answers ARP requests for `ferry.ip`, ICMP echo requests to it (same
+//!    id, sequence and data) and UDP datagrams to it on any port (payload echoed to the
+//!    sender's address and port, from the port it was sent to), with valid IPv4/ICMP/UDP
+//!    checksums; everything else (IPv6, other addresses, fragments, bad checksums, ...) is
+//!    ignored. At most once per second, and only if a counter changed:
+//!    `net rx=<frames received> tx=<frames sent> arp=<ARP replies> icmp=<echo replies> udp=<UDP replies>`.
+//!    It polls the RX ring continuously for 1 ms after the last frame, then every 1 ms,
+//!    sleeping in between (syscall 1). A reply that finds all 32 TX buffers in flight for 2 ms
+//!    is dropped.
+//! 9. `PANIC cpu=<n> vec=<v> err=0x<hex> rip=0x<hex> cr2=0x<hex>` from ring 0 on any CPU
 //!    exception (that CPU halts forever; the others go on); `PANIC cpu=<n> rust panic at
 //!    <file>:<line>: <msg>` from ring 3; `PANIC bad cmdline: ...`; other `PANIC <reason>` lines
 //!    for boot problems (no start_info, no memory map, unknown TSC frequency, CPU IDs not
-//!    0..N-1). Every PANIC line is final for the CPU (or, at boot, the whole guest).
+//!    0..N-1, `no virtio block device (<n> virtio_mmio.device entries on the command line)`,
+//!    `no virtio net device (...)`, `virtio-mmio at 0x<base>: bad magic 0x<hex> ...`,
+//!    `virtio-<blk|net> at 0x<base> is a legacy virtio-mmio device (version 1) ...`, a device
+//!    refusing features or queues, ...). Every PANIC line is final for the CPU (or, at boot,
+//!    the whole guest).
 //!
 //! Serial lock: a u32 in guest memory (`SERIAL_LOCK`; 0 free, else owner cpu + 1) taken with
 //! `lock cmpxchg` by ring 3 for each line and (bounded wait) by the ring-0 panic handler. Each
 //! `out` is a VM exit (~65 us here): keep `hb_ms` reasonable (a heartbeat line costs ~2 ms).
 //!
-//! All workload state (heartbeat counters, writer state, round counters) is in guest memory or
-//! registers, so a snapshot/restore or live migration of the whole VM continues it seamlessly.
+//! All workload state (heartbeat counters, writer state, round counters, virtqueue indices and
+//! driver state) is in guest memory or registers, so a snapshot/restore or live migration of
+//! the whole VM continues it seamlessly (given that the VMM carries its device state along).
 
 #![no_std]
 #![no_main]
 
 mod cmdline;
+mod disk;
+mod disklog;
 mod line;
+mod net;
+mod netpkt;
 mod verify_logic;
+mod virtio;
+mod virtq;
 
 use core::arch::{asm, global_asm};
 use core::mem::offset_of;
@@ -388,6 +478,9 @@ struct Shared {
     /// TSC at which CPU 0 resets the machine (0 = never).
     reset_at: u64,
     has_deadline: bool,
+    /// disk-log: records per second (0 = unlimited) and flush interval (0 = never).
+    disk_rate: u64,
+    disk_flush: u64,
 }
 
 static mut SHARED: Shared = Shared {
@@ -403,6 +496,8 @@ static mut SHARED: Shared = Shared {
     rounds: 0,
     reset_at: 0,
     has_deadline: false,
+    disk_rate: 0,
+    disk_flush: 0,
 };
 
 /// 0 = APs wait, 1 = go, 2 = boot failed (everybody halts).
@@ -561,10 +656,11 @@ fn bsp_setup(cpu: usize, info: &BootInfo) -> Result<(), ()> {
     let mem_mib = (ram + MIB / 2) / MIB;
 
     let mut wss_base = 0;
-    let wss_pages = cfg.wss_mib * (MIB / PAGE_SIZE);
-    if cfg.workload != Workload::Idle {
-        let limit = u64::from(info.mapped_gib) << 30;
-        match find_wss(entries, limit, cfg.wss_mib * MIB) {
+    let mut wss_pages = 0;
+    let mapped = u64::from(info.mapped_gib) << 30;
+    if cfg.workload.uses_wss() {
+        wss_pages = cfg.wss_mib * (MIB / PAGE_SIZE);
+        match find_wss(entries, mapped, cfg.wss_mib * MIB) {
             Ok(base) => wss_base = base,
             Err(largest) => {
                 panic_line()
@@ -577,6 +673,15 @@ fn bsp_setup(cpu: usize, info: &BootInfo) -> Result<(), ()> {
                 return Err(());
             }
         }
+    }
+
+    // Devices (CPU 0 drives them later): found and initialized before the boot line, so any
+    // problem is a boot PANIC instead of it.
+    virtio::dma_reset();
+    match cfg.workload {
+        Workload::DiskLog => disk::setup(&cfg, mapped)?,
+        Workload::NetEcho => net::setup(&cfg, mapped)?,
+        _ => {}
     }
 
     Line::new()
@@ -595,13 +700,18 @@ fn bsp_setup(cpu: usize, info: &BootInfo) -> Result<(), ()> {
         .str(" hb_ms=")
         .dec(cfg.hb_ms)
         .send();
-    if cfg.workload != Workload::Idle {
-        Line::new()
-            .str("wss gpa=0x")
-            .hex(wss_base)
-            .str(" pages=")
-            .dec(wss_pages)
-            .send();
+    match cfg.workload {
+        Workload::Dirty | Workload::Verify => {
+            Line::new()
+                .str("wss gpa=0x")
+                .hex(wss_base)
+                .str(" pages=")
+                .dec(wss_pages)
+                .send();
+        }
+        Workload::DiskLog => disk::print_info(),
+        Workload::NetEcho => net::print_info(),
+        Workload::Idle => {}
     }
 
     // SAFETY: the APs do not read SHARED before GO is released.
@@ -620,6 +730,8 @@ fn bsp_setup(cpu: usize, info: &BootInfo) -> Result<(), ()> {
             rounds: cfg.rounds,
             reset_at: if cfg.reset_after_ms == 0 { 0 } else { rdtsc() + cfg.reset_after_ms * tsc_khz },
             has_deadline: info.has_tsc_deadline != 0,
+            disk_rate: cfg.disk_rate,
+            disk_flush: cfg.disk_flush,
         };
     }
     Ok(())
@@ -673,8 +785,10 @@ fn run(cpu: usize) -> ! {
     st.pace_count = 0;
     let (start, end) = partition(sh, cpu);
     match sh.workload {
+        Workload::DiskLog if cpu == 0 => disk::run(cpu, st, sh),
+        Workload::NetEcho if cpu == 0 => net::run(cpu, st, sh),
+        Workload::Idle | Workload::DiskLog | Workload::NetEcho => idle(cpu, st, sh),
         _ if start == end => idle(cpu, st, sh),
-        Workload::Idle => idle(cpu, st, sh),
         Workload::Dirty => dirty(cpu, st, sh, start, end),
         Workload::Verify => verify(cpu, st, sh, start, end),
     }

@@ -11,7 +11,8 @@
 pub const ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ferry-guest.elf"));
 
 // The kernel's pure logic (verifier page format and writer/checker state machine, command line
-// parser) is also compiled for the host so it can be unit tested here.
+// parser, disk-log record format, packet handling of net-echo, split virtqueue) is also compiled
+// for the host so it can be unit tested here.
 #[cfg(test)]
 #[path = "../kernel/verify_logic.rs"]
 mod verify_logic;
@@ -20,6 +21,21 @@ mod verify_logic;
 #[path = "../kernel/cmdline.rs"]
 #[allow(dead_code)]
 mod cmdline;
+
+#[cfg(test)]
+#[path = "../kernel/disklog.rs"]
+#[allow(dead_code)]
+mod disklog;
+
+#[cfg(test)]
+#[path = "../kernel/netpkt.rs"]
+#[allow(dead_code)]
+mod netpkt;
+
+#[cfg(test)]
+#[path = "../kernel/virtq.rs"]
+#[allow(dead_code)]
+mod virtq;
 
 #[cfg(test)]
 mod tests {
