@@ -26,12 +26,49 @@ pub struct AgentConfig {
     pub memory_mib: Option<u64>,
     /// Shared storage paths this node reaches.
     pub storage: Vec<String>,
-    /// Networks this node is attached to.
-    pub networks: Vec<String>,
+    /// Networks this node is attached to, each with the bridge its VMs' TAPs join.
+    pub networks: Vec<(String, String)>,
     /// Lease TTL in the store.
     pub lease_ttl: Duration,
     /// Most migrations a drain runs at once.
     pub drain_concurrency: usize,
+}
+
+impl AgentConfig {
+    /// The bridge NICs on `network` attach to here.
+    pub fn bridge_of(&self, network: &str) -> Option<&str> {
+        self.networks
+            .iter()
+            .find(|(n, _)| n == network)
+            .map(|(_, b)| b.as_str())
+    }
+
+    /// `--net-backend` arguments for a VM's NICs on this node.
+    pub fn net_backend_args(&self, spec: &cluster::VmSpec) -> Result<Vec<String>, String> {
+        let mut out = Vec::new();
+        for n in &spec.nics {
+            let br = self.bridge_of(&n.network).ok_or_else(|| {
+                format!(
+                    "node {} is not attached to network {}",
+                    self.node, n.network
+                )
+            })?;
+            out.push("--net-backend".to_string());
+            out.push(format!("bridge={br}"));
+        }
+        Ok(out)
+    }
+}
+
+/// Parses `--network NAME[=BRIDGE]` (the bridge defaults to the network's name).
+pub fn parse_network(s: &str) -> Result<(String, String), String> {
+    let (n, b) = s.split_once('=').unwrap_or((s, s));
+    if n.is_empty() || b.is_empty() || b.len() > 15 {
+        return Err(format!(
+            "invalid network {s:?}: use NAME or NAME=BRIDGE (bridge names have at most 15 characters)"
+        ));
+    }
+    Ok((n.to_string(), b.to_string()))
 }
 
 /// Default vCPU overcommit.
@@ -59,7 +96,7 @@ pub fn describe(cfg: &AgentConfig) -> anyhow::Result<NodeInfo> {
             .memory_mib
             .unwrap_or_else(migration::preflight::free_memory_mib),
         storage: cfg.storage.clone(),
-        networks: cfg.networks.clone(),
+        networks: cfg.networks.iter().map(|(n, _)| n.clone()).collect(),
         schedulable: true,
         started_ms: now_ms(),
     })

@@ -300,6 +300,10 @@ impl Agent {
                 spec.memory_mib
             )));
         }
+        let backends = self
+            .cfg
+            .net_backend_args(&spec)
+            .map_err(AgentError::Conflict)?;
         // Claim the VM (so no other start races this one), then start the worker.
         self.update_vm(name, |r| {
             if !matches!(r.state, VmState::Stopped | VmState::Crashed) || r.owner != self.name() {
@@ -310,7 +314,8 @@ impl Agent {
             r.last_error = None;
             Ok(())
         })?;
-        let args: Vec<String> = vec![
+        let vm_cfg = spec.vm_config(&profile);
+        let mut args: Vec<String> = vec![
             "run".into(),
             "--kernel".into(),
             spec.kernel.clone(),
@@ -323,6 +328,19 @@ impl Agent {
             "--cpu-profile".into(),
             profile,
         ];
+        for d in &vm_cfg.disks {
+            args.push("--disk".into());
+            args.push(format!(
+                "{}{}",
+                d.path.display(),
+                if d.read_only { ",ro" } else { "" }
+            ));
+        }
+        for n in &vm_cfg.nics {
+            args.push("--nic".into());
+            args.push(n.mac.to_string());
+        }
+        args.extend(backends);
         match self
             .workers
             .spawn(&self.cfg.worker_bin, &self.cfg.data_dir, name, &args)
@@ -910,6 +928,11 @@ impl Agent {
         if let Some(p) = &self.cfg.cpu_limit {
             args.extend(["--host-profile".into(), p.clone()]);
         }
+        args.extend(
+            self.cfg
+                .net_backend_args(&req.vm.spec)
+                .map_err(AgentError::Conflict)?,
+        );
         let (w, first) = self
             .workers
             .spawn(&self.cfg.worker_bin, &self.cfg.data_dir, &name, &args)

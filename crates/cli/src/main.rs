@@ -45,6 +45,27 @@ enum Cmd {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
     },
+    /// Probe a VM over the network: ICMP echo and a UDP echo stream at a fixed interval,
+    /// every reply verified; prints losses and the longest gap between replies.
+    Netprobe {
+        /// The VM's IPv4 address.
+        target: std::net::Ipv4Addr,
+        /// Milliseconds between probes.
+        #[arg(long, default_value_t = 10)]
+        interval_ms: u64,
+        /// UDP echo port (0: ICMP only).
+        #[arg(long, default_value_t = 7)]
+        udp_port: u16,
+        /// Payload bytes per probe.
+        #[arg(long, default_value_t = 64)]
+        payload: usize,
+        /// Stop once this file exists.
+        #[arg(long)]
+        stop_file: Option<PathBuf>,
+        /// Stop after this many seconds.
+        #[arg(long)]
+        duration_s: Option<f64>,
+    },
     /// Start a local 3-node cluster, run a VM and live-migrate it across the nodes.
     Demo {
         /// Keep the cluster's directory (logs, store) instead of deleting it.
@@ -82,9 +103,10 @@ struct AgentArgs {
     /// Shared storage path this node reaches (repeatable).
     #[arg(long)]
     storage: Vec<String>,
-    /// Network this node is attached to (repeatable).
-    #[arg(long)]
-    network: Vec<String>,
+    /// Network this node is attached to, `NAME` or `NAME=BRIDGE`: VMs' NICs on it get a TAP
+    /// on that bridge (default: a bridge named like the network) (repeatable).
+    #[arg(long, value_parser = agent::node::parse_network)]
+    network: Vec<(String, String)>,
     /// Node lease TTL in seconds.
     #[arg(long, default_value_t = 5)]
     lease_ttl_s: u64,
@@ -212,6 +234,40 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Demo { keep } => demo::run(*keep),
+        Cmd::Netprobe {
+            target,
+            interval_ms,
+            udp_port,
+            payload,
+            stop_file,
+            duration_s,
+        } => {
+            if stop_file.is_none() && duration_s.is_none() {
+                bail!("give --duration-s or --stop-file");
+            }
+            let r = agent::netprobe::run(&agent::netprobe::ProbeConfig {
+                target: *target,
+                interval: Duration::from_millis((*interval_ms).max(1)),
+                udp_port: *udp_port,
+                payload: (*payload).clamp(16, 1400),
+                stop_file: stop_file.clone(),
+                duration: duration_s.map(Duration::from_secs_f64),
+            })
+            .context("cannot probe (raw ICMP sockets need root)")?;
+            if json_out(&cli)? {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                for (name, s) in
+                    std::iter::once(("icmp", &r.icmp)).chain(r.udp.iter().map(|u| ("udp", u)))
+                {
+                    println!(
+                        "{name}: {} sent, {} received, {} lost (longest run {}), {} corrupt, {} duplicate; longest gap {:.1} ms at {:.0} ms; rtt avg {:.2} ms max {:.2} ms",
+                        s.sent, s.received, s.lost, s.max_consecutive_lost, s.corrupt, s.duplicates, s.max_gap_ms, s.max_gap_at_ms, s.rtt_avg_ms, s.rtt_max_ms
+                    );
+                }
+            }
+            Ok(())
+        }
         Cmd::Node { cmd } => match cmd {
             NodeCmd::List => {
                 let v = api(agent::client::get(&addr, "/v1/nodes"))?;

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
 
 /// Version of the protocol this build speaks. A peer with another version is refused.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Version of the encoded VM state (`MachineState` + snapshot codec).
 pub const STATE_VERSION: u32 = vmm::snapshot::VERSION;
 

@@ -814,7 +814,8 @@ impl Vm {
 
     /// Starts the vCPU threads; the VM runs. Takes the disk locks first.
     pub fn start(&self) -> Result<(), VmError> {
-        self.virtio.acquire_storage(STORAGE_LOCK_WAIT)?;
+        // A fresh start waits only briefly: a lock held for longer belongs to a running VM.
+        self.virtio.acquire_storage(Duration::from_secs(1))?;
         self.virtio.resume();
         self.spawn_vcpus(true)
     }
