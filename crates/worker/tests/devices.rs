@@ -36,9 +36,11 @@ fn disk_guest(dir: &Path, name: &str, img: &Path, rate: u32) -> Worker {
     )
 }
 
-/// `disk seq=N` values of a serial log, in order.
+/// `disk seq=N` values of the complete lines of a serial log, in order.
 fn seqs(log: &str) -> Vec<u64> {
-    log.lines()
+    let complete = &log[..log.rfind('\n').map(|i| i + 1).unwrap_or(0)];
+    complete
+        .lines()
         .filter_map(|l| l.strip_prefix("disk seq="))
         .filter_map(|n| n.trim().parse().ok())
         .collect()
@@ -106,8 +108,9 @@ fn disk_log_keeps_every_acknowledged_record_across_migrations() {
     let serial = cur.serial.clone();
     cur.shutdown();
     logs.push(std::fs::read_to_string(serial).unwrap());
-    // Sequence numbers continue across every move: no record repeated, none skipped.
-    let all: Vec<u64> = logs.iter().flat_map(|l| seqs(l)).collect();
+    // Sequence numbers continue across every move: no record repeated, none skipped. (The
+    // serial stream itself continues too: a line cut by the pause ends on the next host.)
+    let all: Vec<u64> = seqs(&logs.concat());
     for l in &logs {
         assert_disk_healthy(l);
     }
@@ -134,10 +137,11 @@ fn disk_log_keeps_every_acknowledged_record_across_migrations() {
         .unwrap_or_else(|| panic!("{line}"))
         .parse()
         .unwrap();
-    // The last record may have reached the disk just before the VM stopped without being
-    // acknowledged to the guest (then it is one more), never fewer.
+    // Never fewer. At most two more: the stop may cut the line of the last acknowledged record
+    // (which then is not counted above), and one more record may have reached the disk
+    // without its acknowledgement reaching the guest.
     assert!(
-        last == acked || last == acked + 1,
+        (acked..=acked + 2).contains(&last),
         "log holds {last} records, {acked} were acknowledged"
     );
     check.shutdown();
