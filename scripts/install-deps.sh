@@ -5,8 +5,10 @@
 set -euo pipefail
 
 # Debian packages: QEMU is the side-by-side baseline (boot test and benchmarks); etcd-server
-# backs the cluster store tests (the tests start their own etcd; the packaged service is not used).
-PACKAGES=(qemu-system-x86 etcd-server)
+# backs the cluster store tests (the tests start their own etcd; the packaged service is not used);
+# iproute2 (ip netns/link/addr, bridges, veths) and util-linux (nsenter, unshare) build the
+# network-namespace test bed of the storage/network tests and `ferry bench-net`.
+PACKAGES=(qemu-system-x86 etcd-server iproute2 util-linux)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -61,6 +61,9 @@ pub struct Agent {
     pub node: std::sync::Mutex<NodeInfo>,
     pub workers: workers::Workers,
     pub migrations: ops::MigrationTable,
+    /// Receiving workers not yet running a VM: VM name -> (migration id, worker).
+    pub incoming:
+        std::sync::Mutex<std::collections::HashMap<String, (String, Arc<workers::Worker>)>>,
     pub metrics: metrics::Metrics,
 }
 
@@ -87,6 +90,7 @@ impl Agent {
             node: std::sync::Mutex::new(info),
             workers: Default::default(),
             migrations: Default::default(),
+            incoming: Default::default(),
             metrics: Default::default(),
         });
         agent.reconcile_once();

@@ -3,7 +3,7 @@
 //! the longest gap between replies, which during a live migration is the network-visible
 //! downtime.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
@@ -27,7 +27,7 @@ pub struct ProbeConfig {
 }
 
 /// One protocol's results.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct ProtoStats {
     pub sent: u64,
     pub received: u64,
@@ -48,7 +48,7 @@ pub struct ProtoStats {
 }
 
 /// The prober's report.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct ProbeReport {
     pub target: String,
     pub interval_ms: f64,

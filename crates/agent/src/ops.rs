@@ -913,6 +913,7 @@ impl Agent {
                 self.name()
             )));
         }
+        self.drop_stale_receiver(&name, &req.migration)?;
         let host = self
             .cfg
             .listen
@@ -947,6 +948,10 @@ impl Agent {
                 "the receiving worker did not say where it listens".into(),
             ));
         }
+        self.incoming
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.clone(), (req.migration.clone(), w.clone()));
         let a = self.clone();
         std::thread::Builder::new()
             .name(format!("incoming-{name}"))
@@ -957,7 +962,48 @@ impl Agent {
 
     /// Follows an incoming VM until it runs here or is gone; settles a destination left waiting
     /// for the commit decision from the store's word on the owner.
+    /// A receiver left idle by an earlier attempt for this VM (refused in preflight, its source
+    /// gone before sending anything) still holds the VM's socket: when the store shows that a
+    /// new migration `id` replaced it, that attempt is over, so stop the old receiver now.
+    fn drop_stale_receiver(&self, name: &str, id: &str) -> R<()> {
+        let old = self
+            .incoming
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned();
+        let Some((old_id, w)) = old else {
+            return Ok(());
+        };
+        if old_id == id || !w.alive() {
+            return Ok(());
+        }
+        let current = self.store.vm(name)?.and_then(|v| v.value.migration);
+        if current.as_deref() != Some(id) {
+            return Err(AgentError::Conflict(format!(
+                "VM {name} is not migrating as {id} in the store"
+            )));
+        }
+        tracing::info!(
+            vm = name,
+            old = old_id,
+            new = id,
+            "stopping the receiver of an earlier attempt"
+        );
+        w.stop();
+        Ok(())
+    }
+
     fn watch_incoming(&self, name: &str, id: &str, w: Arc<Worker>) {
+        self.watch_incoming_inner(name, id, &w);
+        let mut inc = self.incoming.lock().unwrap_or_else(|e| e.into_inner());
+        if inc.get(name).is_some_and(|(i, _)| i == id) {
+            inc.remove(name);
+        }
+    }
+
+    fn watch_incoming_inner(&self, name: &str, id: &str, w: &Arc<Worker>) {
+        let mut last_check = Instant::now();
         loop {
             std::thread::sleep(Duration::from_millis(50));
             if !w.alive() {
@@ -966,24 +1012,54 @@ impl Agent {
             let Some(st) = w.state() else { continue };
             if st.get("state").and_then(|s| s.as_str()) == Some("running") {
                 // The VM runs here now: supervise it.
-                self.workers.insert(w);
+                self.workers.insert(w.clone());
                 return;
             }
             let phase = st["migration"]["progress"]["phase"].as_str().unwrap_or("");
-            if phase == "awaiting commit decision" {
-                match self.store.vm(name) {
-                    Ok(Some(v)) if v.value.owner == self.name() => {
-                        let _ = w.call(&Request::Commit);
+            if phase != "awaiting commit decision" {
+                // A receiver refused in preflight (or whose source vanished before sending
+                // anything) keeps listening; once the store says this migration is over and
+                // the VM is not ours, nothing will come: stop it so the node is free for the
+                // next attempt. Until the commit decision the worker holds no running VM.
+                if last_check.elapsed() >= Duration::from_millis(500) {
+                    last_check = Instant::now();
+                    let over = match self.store.vm(name) {
+                        Ok(Some(v)) => {
+                            v.value.migration.as_deref() != Some(id) && v.value.owner != self.name()
+                        }
+                        Ok(None) => true,
+                        Err(_) => false,
+                    };
+                    if over
+                        && w.state().is_some_and(|s| {
+                            s.get("state").and_then(|x| x.as_str()) != Some("running")
+                                && s["migration"]["progress"]["phase"].as_str()
+                                    != Some("awaiting commit decision")
+                        })
+                    {
+                        tracing::info!(
+                            vm = name,
+                            migration = id,
+                            "migration over: stopping the idle receiver"
+                        );
+                        w.stop();
+                        return;
                     }
-                    Ok(Some(v)) if v.value.migration.as_deref() != Some(id) => {
-                        // The migration is over and the VM did not become ours.
-                        let _ = w.call(&Request::Abort);
-                    }
-                    Ok(None) => {
-                        let _ = w.call(&Request::Abort);
-                    }
-                    _ => {} // still undecided, or the store is away: wait
                 }
+                continue;
+            }
+            match self.store.vm(name) {
+                Ok(Some(v)) if v.value.owner == self.name() => {
+                    let _ = w.call(&Request::Commit);
+                }
+                Ok(Some(v)) if v.value.migration.as_deref() != Some(id) => {
+                    // The migration is over and the VM did not become ours.
+                    let _ = w.call(&Request::Abort);
+                }
+                Ok(None) => {
+                    let _ = w.call(&Request::Abort);
+                }
+                _ => {} // still undecided, or the store is away: wait
             }
         }
     }

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //!  client ns (10.77.0.2) ──┐
-//!                          ├── switch ns: bridge "sw" ── node ns i: veth "up" ─┐
+//!                          ├── switch ns: bridge "sw" ── node ns i: veth "eth0" ┐
 //!                          │                                    bridge br0 (10.77.0.1i)
 //!                          │                                    ├── TAPs of the VMs on node i
 //! ```
@@ -197,16 +197,30 @@ impl Testbed {
             ns_ip(
                 &sw,
                 &[
-                    "link", "add", &name, "type", "veth", "peer", "name", "up", "netns", &ns,
+                    "link", "add", &name, "type", "veth", "peer", "name", "eth0", "netns", &ns,
                 ],
             )?;
             ns_ip(&sw, &["link", "set", &name, "master", "sw", "up"])?;
-            ns_ip(&ns, &["link", "add", "br0", "type", "bridge"])?;
+            // A fixed bridge MAC: otherwise the bridge takes the lowest MAC of its ports, and
+            // every TAP that comes or goes with a VM could change the node's own MAC under the
+            // neighbours' ARP caches.
+            ns_ip(
+                &ns,
+                &[
+                    "link",
+                    "add",
+                    "br0",
+                    "address",
+                    &format!("02:77:00:00:00:{:02x}", 0x11 + i),
+                    "type",
+                    "bridge",
+                ],
+            )?;
             ns_ip(
                 &ns,
                 &["link", "set", "br0", "type", "bridge", "forward_delay", "0"],
             )?;
-            ns_ip(&ns, &["link", "set", "up", "master", "br0", "up"])?;
+            ns_ip(&ns, &["link", "set", "eth0", "master", "br0", "up"])?;
             ns_ip(
                 &ns,
                 &["addr", "add", &format!("{}/24", node_ip(i)), "dev", "br0"],
@@ -352,6 +366,76 @@ impl Testbed {
             crate::client::post(&api, &p, &body, Some(Duration::from_secs(300)))
         })?
         .map_err(|e| anyhow!("POST {path}: {e}"))
+    }
+
+    /// Live-migrates `vm` to node `to` through node `via`'s agent and waits for the outcome:
+    /// the migration record on success, `phase: reason` on failure.
+    pub fn migrate(&self, via: &str, vm: &str, to: &str) -> Result<serde_json::Value, String> {
+        let started = self
+            .post(
+                via,
+                &format!("/v1/vms/{vm}/migrate"),
+                serde_json::json!({ "to": to }),
+            )
+            .map_err(|e| e.to_string())?;
+        let runner = started["agent"].as_str().unwrap_or_default().to_string();
+        let id = started["migration"]["id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let m = in_netns(&self.client_ns, move || {
+            crate::ops::wait_migration(&runner, &id)
+        })
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        if m["outcome"] == "succeeded" {
+            Ok(m)
+        } else {
+            Err(format!("{}: {}", m["phase"], m["reason"]))
+        }
+    }
+
+    /// The serial log of `vm`'s worker on node `node`.
+    pub fn serial(&self, node: &str, vm: &str) -> PathBuf {
+        crate::workers::vm_dir(&self.node(node).data_dir, vm).join("serial.log")
+    }
+
+    /// Starts `ferry netprobe` against `target` in the client namespace; it stops (and prints
+    /// its JSON report) once `stop_file` exists.
+    pub fn start_probe(
+        &self,
+        ferry: &Path,
+        target: &str,
+        interval_ms: u64,
+        stop_file: &Path,
+    ) -> Result<Child> {
+        Testbed::command_in(&self.client_ns, ferry)
+            .args(["--output", "json", "netprobe", target, "--udp-port", "7"])
+            .args(["--interval-ms", &interval_ms.to_string()])
+            .arg("--stop-file")
+            .arg(stop_file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("cannot start the prober")
+    }
+
+    /// Stops a prober started with [`Testbed::start_probe`] and returns its report.
+    pub fn stop_probe(
+        &self,
+        probe: Child,
+        stop_file: &Path,
+    ) -> Result<crate::netprobe::ProbeReport> {
+        std::fs::write(stop_file, b"stop")?;
+        let out = probe.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "the prober failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        serde_json::from_slice(&out.stdout).context("the prober's report")
     }
 
     /// Stops every worker (through its control socket) and every agent.

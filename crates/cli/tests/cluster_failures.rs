@@ -9,9 +9,18 @@ use std::time::Duration;
 #[test]
 fn preflight_refusals_through_the_cli() {
     let mut c = Cluster::new(false);
-    c.add("node1", &["--storage", "/shared"]);
-    c.add("small", &["--memory-mib", "128", "--storage", "/shared"]);
-    c.add("old", &["--cpu-limit", "baseline", "--storage", "/shared"]);
+    // A real shared directory with a real image: the worker opens and locks it.
+    let shared = c.dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    let image = shared.join("disky.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let shared = shared.to_str().unwrap().to_string();
+    c.add("node1", &["--storage", &shared]);
+    c.add("small", &["--memory-mib", "128", "--storage", &shared]);
+    c.add("old", &["--cpu-limit", "baseline", "--storage", &shared]);
     c.add("nostore", &[]);
     c.vm(
         "node1",
@@ -26,7 +35,7 @@ fn preflight_refusals_through_the_cli() {
     c.vm(
         "node1",
         "disky",
-        &format!("{GUEST}[[disks]]\npath = \"/shared/disky.img\"\n"),
+        &format!("{GUEST}[[disks]]\npath = \"{}\"\n", image.display()),
     );
     // Not enough memory.
     let e = c.ferry_err("node1", &["vm", "migrate", "big", "--to", "small"]);
@@ -63,7 +72,7 @@ fn preflight_refusals_through_the_cli() {
     // Storage the destination does not reach.
     let e = c.ferry_err("node1", &["vm", "migrate", "disky", "--to", "nostore"]);
     assert!(
-        e.contains("node nostore does not reach storage /shared"),
+        e.contains(&format!("node nostore does not reach storage {shared}")),
         "{e}"
     );
     // Dry run of a possible move: OK, nothing moves.
