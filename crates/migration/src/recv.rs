@@ -502,6 +502,12 @@ fn session(
                     ))
                 }
             }
+            // Frames for the VM now queue in this host's TAPs (delivered after the resume)
+            // rather than reaching the paused source, where they would be lost; if the source
+            // resumes after all, it announces again.
+            if let Some(v) = &vm {
+                v.virtio().announce_once();
+            }
             let restore_us = t.elapsed().as_micros() as u64;
             if let Err(e) = wire::send_msg(&mut control, &Msg::Ready { restore_us }) {
                 break Err(wire_err(Phase::State)(e));

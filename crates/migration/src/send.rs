@@ -380,6 +380,9 @@ pub fn migrate_gated(
                     });
                     return Err(to_error(f, true));
                 }
+                // The destination may have announced the VM's MAC already (it does once it
+                // holds the complete VM): claim the traffic back.
+                vm.virtio().announce();
             }
             ctl.update(|p| {
                 p.phase = format!("failed in {}", f.phase);

@@ -23,7 +23,7 @@ use std::time::Instant;
 /// File magic.
 pub const MAGIC: &[u8; 8] = b"FERRYSNP";
 /// Current format version.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// Largest run of pages in one memory chunk (1 MiB).
 pub const MAX_CHUNK_PAGES: u32 = 256;
 /// Largest state section accepted (the state is a few hundred KiB even with 8 vCPUs).

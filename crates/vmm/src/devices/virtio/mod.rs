@@ -484,7 +484,7 @@ impl VirtioMmio {
     }
 
     /// Saves the device state. The VM must be paused.
-    pub fn state(&self) -> VirtioState {
+    pub fn state(&mut self) -> VirtioState {
         VirtioState {
             device_features_sel: self.device_features_sel,
             driver_features_sel: self.driver_features_sel,
@@ -494,7 +494,7 @@ impl VirtioMmio {
             interrupt_status: self.interrupt_status,
             config_generation: self.config_generation,
             queues: self.queues.iter().map(|q| q.state().into()).collect(),
-            device: match &self.kind {
+            device: match &mut self.kind {
                 Kind::Block(b) => DeviceSnap::Block(b.state()),
                 Kind::Net(n) => DeviceSnap::Net(n.state()),
             },
@@ -549,6 +549,9 @@ impl VirtioMmio {
         self.queue_sel = s.queue_sel;
         self.interrupt_status = s.interrupt_status;
         self.config_generation = s.config_generation;
+        if let (Kind::Net(n), DeviceSnap::Net(ns)) = (&mut self.kind, &s.device) {
+            n.restore(ns);
+        }
         Ok(())
     }
 }
@@ -782,6 +785,17 @@ impl VirtioDevices {
         for d in &self.devs {
             if let Kind::Net(n) = &lock(d).kind {
                 n.announce();
+            }
+        }
+    }
+
+    /// Announces every NIC's MAC once, now: a migration destination does this as soon as it
+    /// holds the complete VM (still paused), so frames for the VM queue in its TAPs instead of
+    /// reaching the paused source; the source announces again if it resumes after all.
+    pub fn announce_once(&self) {
+        for d in &self.devs {
+            if let Kind::Net(n) = &lock(d).kind {
+                n.announce_once();
             }
         }
     }

@@ -5,13 +5,18 @@
 //! for the driver to post buffers, copies each frame into one guest buffer (no mergeable
 //! buffers, no offloads: the driver must post buffers of at least 1526 bytes) and completes it.
 //! While the VM is paused the thread leaves the TAP alone; frames that arrive meanwhile wait in
-//! the TAP's queue (up to its length) and are delivered after resume, or, if the VM migrated,
-//! are lost with the old host, as on any NIC that moves.
+//! the TAP's queue (up to its length) and are delivered after resume. Saving the device state
+//! first moves the frames waiting in the TAP into the device's own receive backlog, which is
+//! part of the state: frames that reached the source while the VM was paused for a migration
+//! are delivered by the destination instead of dying with the source's TAP. (Frames that reach
+//! the source after that are lost; the destination announces the MAC as soon as it holds the
+//! complete VM, before the commit, so that window is the state transfer only.)
 
 use super::{DeviceError, Kind, VirtioMmio, INT_VRING};
 use crate::config::NicConfig;
 use crate::devices::tap::{rarp_announce, Tap, VNET_HDR_LEN};
 use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -32,11 +37,17 @@ const MAX_FRAME: usize = VNET_HDR_LEN + 65535;
 const RX_BATCH: usize = 64;
 /// When the VMM announces a migrated VM's MAC, relative to resume.
 const ANNOUNCE_SCHEDULE_MS: &[u64] = &[0, 50, 150, 300];
+/// Most frames the receive backlog holds (read from the TAP, not yet given to the guest); with
+/// 64 KiB frames at most that bounds the backlog in a saved state to 16 MiB.
+pub const MAX_BACKLOG: usize = 256;
 
 /// What the NIC carries across a migration besides the transport.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct NetState {
     pub mac: [u8; 6],
+    /// Received frames (virtio-net header included) not yet delivered to the guest, oldest
+    /// first.
+    pub rx_backlog: Vec<Vec<u8>>,
 }
 
 /// Counters of one NIC (this host only; they restart on a migration destination).
@@ -52,14 +63,17 @@ pub struct NetStats {
     /// Frames the TAP refused (queue full or link down) or that were malformed.
     pub tx_dropped: u64,
     pub announces: u64,
+    /// Frames carried in saved state (on the source: taken from the TAP at the pause; on a
+    /// destination: received with the VM).
+    pub rx_carried: u64,
 }
 
 pub(crate) struct Net {
     mac: [u8; 6],
     pub(crate) tap: Arc<Tap>,
     wake: Arc<EventFd>,
-    /// A frame read from the TAP that waits for a receive buffer.
-    pending: Option<Vec<u8>>,
+    /// Frames read from the TAP that wait for receive buffers (at most [`MAX_BACKLOG`]).
+    backlog: VecDeque<Vec<u8>>,
     stats: NetStats,
     announces: Arc<AtomicU64>,
 }
@@ -96,7 +110,7 @@ impl Net {
             },
             tap: Arc::new(tap),
             wake: Arc::new(wake),
-            pending: None,
+            backlog: VecDeque::new(),
             announces: Arc::new(AtomicU64::new(0)),
         })
     }
@@ -112,10 +126,35 @@ impl Net {
         c
     }
 
-    pub(crate) fn state(&self) -> NetState {
-        NetState { mac: self.mac }
+    /// Saves the NIC (the VM is paused): the frames waiting in the TAP join the backlog first.
+    pub(crate) fn state(&mut self) -> NetState {
+        let before = self.backlog.len();
+        self.fill_backlog(&mut vec![0u8; MAX_FRAME], MAX_BACKLOG);
+        self.stats.rx_carried += (self.backlog.len() - before) as u64;
+        NetState {
+            mac: self.mac,
+            rx_backlog: self.backlog.iter().cloned().collect(),
+        }
     }
 
+    /// Reads frames from the TAP (without waiting) until it is empty or the backlog holds
+    /// `limit` frames. Returns false when nothing was there.
+    fn fill_backlog(&mut self, buf: &mut [u8], limit: usize) -> bool {
+        let mut any = false;
+        while self.backlog.len() < limit {
+            match self.tap.recv(buf) {
+                Ok(Some(n)) if n >= VNET_HDR_LEN => {
+                    self.backlog.push_back(buf[..n].to_vec());
+                    any = true;
+                }
+                Ok(Some(_)) => continue,
+                Ok(None) | Err(_) => break,
+            }
+        }
+        any
+    }
+
+    /// Checks saved NIC state against this NIC (untrusted input).
     pub(crate) fn check_state(&self, s: &NetState) -> Result<(), DeviceError> {
         if s.mac != self.mac {
             return Err(DeviceError::State(format!(
@@ -124,11 +163,33 @@ impl Net {
                 fmt_mac(self.mac)
             )));
         }
+        if s.rx_backlog.len() > MAX_BACKLOG {
+            return Err(DeviceError::State(format!(
+                "{} received frames saved, at most {MAX_BACKLOG} are accepted",
+                s.rx_backlog.len()
+            )));
+        }
+        if let Some(f) = s
+            .rx_backlog
+            .iter()
+            .find(|f| f.len() < VNET_HDR_LEN || f.len() > MAX_FRAME)
+        {
+            return Err(DeviceError::State(format!(
+                "a saved received frame has {} bytes (valid: {VNET_HDR_LEN}..={MAX_FRAME})",
+                f.len()
+            )));
+        }
         Ok(())
     }
 
+    /// Loads checked saved state.
+    pub(crate) fn restore(&mut self, s: &NetState) {
+        self.backlog = s.rx_backlog.iter().cloned().collect();
+        self.stats.rx_carried += self.backlog.len() as u64;
+    }
+
     pub(crate) fn reset(&mut self) {
-        self.pending = None;
+        self.backlog.clear();
     }
 
     pub(crate) fn wake_rx(&self) {
@@ -143,6 +204,13 @@ impl Net {
         NetStats {
             announces: self.announces.load(Ordering::Relaxed),
             ..self.stats.clone()
+        }
+    }
+
+    /// Sends one RARP announcement of the MAC now.
+    pub(crate) fn announce_once(&self) {
+        if self.tap.send(&rarp_announce(self.mac)).unwrap_or(false) {
+            self.announces.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -233,22 +301,16 @@ fn deliver(dev: &mut VirtioMmio, buf: &mut [u8]) -> Rx {
     let mut used = false;
     let mut outcome = Rx::More;
     for _ in 0..RX_BATCH {
-        if net.pending.is_none() {
-            match net.tap.recv(buf) {
-                Ok(Some(n)) if n >= VNET_HDR_LEN => net.pending = Some(buf[..n].to_vec()),
-                Ok(Some(_)) => continue,
-                Ok(None) | Err(_) => {
-                    outcome = Rx::Drained;
-                    break;
-                }
-            }
+        if net.backlog.is_empty() && !net.fill_backlog(buf, 1) {
+            outcome = Rx::Drained;
+            break;
         }
         let Some(chain) = dev.queues[RX_QUEUE].pop_descriptor_chain(mem) else {
             outcome = Rx::Starved;
             break;
         };
         let head = chain.head_index();
-        let mut frame = net.pending.take().expect("pending frame");
+        let mut frame = net.backlog.pop_front().expect("a backlog frame");
         // virtio_net_hdr_v1.num_buffers: one buffer per frame (no mergeable buffers).
         frame[10..12].copy_from_slice(&1u16.to_le_bytes());
         let written = Writer::new(mem, chain).ok().is_some_and(|mut w| {

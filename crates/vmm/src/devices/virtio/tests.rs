@@ -718,3 +718,102 @@ fn net_moves_frames_between_the_guest_and_a_tap() {
     assert_eq!(&rarp[6..12], &mac.0);
     rx_thread.stop();
 }
+
+#[test]
+fn frames_that_arrive_while_paused_move_with_the_saved_state() {
+    let ram = ram();
+    let mac = MacAddr([0x02, 0xf5, 0, 0, 0, 0x43]);
+    let pid = std::process::id() % 1_000_000;
+    let nic = |name: String| Net::new(0, &NicConfig { mac }, &NetBackend::Tap(name)).unwrap();
+    let src_net = nic(format!("fys{pid}"));
+    let host = PacketSocket::bind(src_net.tap.index().unwrap());
+    let src = Arc::new(Mutex::new(VirtioMmio::new(
+        Kind::Net(src_net),
+        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        ram.clone(),
+    )));
+    let features = 1u64 << VIRTIO_F_VERSION_1 | 1 << virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
+    let mut rxq = {
+        let mut d = lock(&src);
+        let mut q = Driver::init(&mut d, features, 2);
+        q.remove(0)
+    };
+    for i in 0..16u64 {
+        rxq.push(&ram, &[(0x60000 + i * 0x1000, 2048, true)]);
+    }
+    // The VM is paused (devices inactive, no receive thread): three frames reach the TAP.
+    let frames: Vec<Vec<u8>> = (0..3u8)
+        .map(|i| test_frame(mac.0, [0x02, 0, 0, 0, 0, 1], &[b'f', i, 0xaa, 0x55]))
+        .collect();
+    for f in &frames {
+        host.send(f);
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    let st = lock(&src).state();
+    let DeviceSnap::Net(ns) = &st.device else {
+        panic!("not a NIC")
+    };
+    let hdr = crate::devices::tap::VNET_HDR_LEN;
+    let ours: Vec<&[u8]> = ns
+        .rx_backlog
+        .iter()
+        .map(|f| &f[hdr..])
+        .filter(|f| f[12..14] == [0x88, 0xb5])
+        .collect();
+    assert_eq!(ours, frames.iter().map(|f| &f[..]).collect::<Vec<_>>());
+    assert!(rxq.take_used(&ram).is_empty(), "delivered while paused");
+
+    // Untrusted state: a runt frame or an oversized backlog is refused.
+    let mut bad = st.clone();
+    if let DeviceSnap::Net(n) = &mut bad.device {
+        n.rx_backlog.push(vec![0; 3]);
+    }
+    let e = lock(&src).restore(&bad).unwrap_err();
+    assert!(e.to_string().contains("3 bytes"), "{e}");
+    let mut bad = st.clone();
+    if let DeviceSnap::Net(n) = &mut bad.device {
+        n.rx_backlog = vec![vec![0; 64]; net::MAX_BACKLOG + 1];
+    }
+    assert!(lock(&src).restore(&bad).is_err());
+
+    // A fresh device elsewhere (another TAP) restores the state and, once running, delivers
+    // exactly those frames, in order, into the guest's buffers.
+    let dst = Arc::new(Mutex::new(VirtioMmio::new(
+        Kind::Net(nic(format!("fyd{pid}"))),
+        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        ram.clone(),
+    )));
+    lock(&dst).restore(&st).unwrap();
+    drop(src);
+    let rx_thread = net::RxThread::spawn(dst.clone()).unwrap().unwrap();
+    lock(&dst).active = true;
+    if let Kind::Net(n) = &lock(&dst).kind {
+        n.wake_rx();
+    }
+    let mut got = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while got.len() < ns.rx_backlog.len() {
+        for (id, len) in rxq.take_used(&ram) {
+            let mut f = vec![0u8; len as usize];
+            ram.memory()
+                .read_slice(&mut f, GuestAddress(0x60000 + id as u64 * 0x1000))
+                .unwrap();
+            got.push(f);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "backlog not delivered"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let delivered: Vec<&[u8]> = got
+        .iter()
+        .map(|f| &f[hdr..])
+        .filter(|f| f[12..14] == [0x88, 0xb5])
+        .collect();
+    assert_eq!(delivered, frames.iter().map(|f| &f[..]).collect::<Vec<_>>());
+    if let Kind::Net(n) = &lock(&dst).kind {
+        assert_eq!(n.stats().rx_carried, ns.rx_backlog.len() as u64);
+    }
+    rx_thread.stop();
+}
