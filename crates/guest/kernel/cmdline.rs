@@ -15,6 +15,7 @@
 //! | `ferry.disk_rate` | 0 ..= 1000000 (disk-log: records appended per second; 0 = as fast as possible) | 100 |
 //! | `ferry.disk_flush` | 0 ..= 2^32 (disk-log: a flush request after every n-th record, if the device offers VIRTIO_BLK_F_FLUSH; 0 = never) | 0 |
 //! | `ferry.ip` | `a.b.c.d` (net-echo: the guest's IPv4 address; unicast, not 0/8, 127/8 or >= 224.0.0.0) | none; required by net-echo |
+//! | `ferry.load_mib` | 0 ..= 1048576 (disk-log, net-echo: CPUs 1.. run the dirty workload over a working set of this many MiB at `ferry.rate_mibs`, while CPU 0 drives the device; 0 = they idle) | 0 |
 //! | `ferry.mac` | `xx:xx:xx:xx:xx:xx` (net-echo: MAC used if the device offers none; unicast) | `02:46:52:59:00:01` |
 //! | `virtio_mmio.device` | `<size>@<base>:<irq>[:<id>]` (Linux syntax: size decimal or `0x` hex with optional `K`/`M`/`G`, >= 0x100; base decimal or `0x` hex, != 0; irq and id decimal; id ignored). Repeatable (up to 8); each one is a virtio-mmio transport | none |
 //!
@@ -47,6 +48,12 @@ impl Workload {
     /// True for the workloads that use the working set (WSS).
     pub fn uses_wss(self) -> bool {
         matches!(self, Workload::Dirty | Workload::Verify)
+    }
+
+    /// True for the workloads whose CPU 0 drives a virtio device (the other CPUs idle, or
+    /// write a `ferry.load_mib` working set).
+    pub fn drives_device(self) -> bool {
+        matches!(self, Workload::DiskLog | Workload::NetEcho)
     }
 }
 
@@ -85,6 +92,8 @@ pub struct Config {
     pub disk_rate: u64,
     /// disk-log: flush after every n-th record (0 = never).
     pub disk_flush: u64,
+    /// disk-log/net-echo: MiB of working set CPUs 1.. keep dirtying (0 = none).
+    pub load_mib: u64,
     /// net-echo: the guest's IPv4 address.
     pub ip: Option<[u8; 4]>,
     /// net-echo: `ferry.mac`, if given.
@@ -105,6 +114,7 @@ impl Config {
         tsc_khz: None,
         disk_rate: 100,
         disk_flush: 0,
+        load_mib: 0,
         ip: None,
         mac: None,
         virtio: [VirtioMmio {
@@ -295,6 +305,7 @@ pub fn parse(cmdline: &[u8]) -> Result<Config, BadItem<'_>> {
             }
             b"ferry.disk_rate" => cfg.disk_rate = parse_u64(value, 0, 1_000_000).map_err(bad)?,
             b"ferry.disk_flush" => cfg.disk_flush = parse_u64(value, 0, 1 << 32).map_err(bad)?,
+            b"ferry.load_mib" => cfg.load_mib = parse_u64(value, 0, 1 << 20).map_err(bad)?,
             b"ferry.ip" => cfg.ip = Some(parse_ip(value).map_err(bad)?),
             b"ferry.mac" => cfg.mac = Some(parse_mac(value).map_err(bad)?),
             b"virtio_mmio.device" => {
@@ -391,7 +402,15 @@ mod tests {
         assert_eq!(c.workload, Workload::DiskLog);
         assert_eq!((c.disk_rate, c.disk_flush), (0, 10));
         assert!(!c.workload.uses_wss());
+        assert!(c.workload.drives_device());
+        assert_eq!(c.load_mib, 0);
         assert_eq!(Config::DEFAULT.disk_rate, 100);
+        let c = parse(b"ferry.workload=disk-log ferry.load_mib=24").unwrap();
+        assert_eq!(c.load_mib, 24);
+        assert_eq!(
+            parse(b"ferry.load_mib=x").unwrap_err().item,
+            b"ferry.load_mib=x"
+        );
         let c = parse(b"ferry.workload=net-echo ferry.ip=10.77.0.5 ferry.mac=52:54:00:AB:cd:0f")
             .unwrap();
         assert_eq!(c.workload, Workload::NetEcho);

@@ -465,7 +465,9 @@ fn wait_until(sh: &Shared, deadline: u64) {
 
 struct Shared {
     workload: Workload,
-    ncpus: u64,
+    /// CPUs that write the working set: all of them for dirty/verify, all but CPU 0 (which
+    /// drives the device) for disk-log/net-echo with `ferry.load_mib`.
+    wss_cpus: u64,
     tsc_khz: u64,
     hb_ticks: u64,
     /// Waits shorter than this (300 us) spin instead of sleeping.
@@ -485,7 +487,7 @@ struct Shared {
 
 static mut SHARED: Shared = Shared {
     workload: Workload::Idle,
-    ncpus: 1,
+    wss_cpus: 1,
     tsc_khz: 0,
     hb_ticks: 0,
     spin_ticks: 0,
@@ -658,14 +660,25 @@ fn bsp_setup(cpu: usize, info: &BootInfo) -> Result<(), ()> {
     let mut wss_base = 0;
     let mut wss_pages = 0;
     let mapped = u64::from(info.mapped_gib) << 30;
-    if cfg.workload.uses_wss() {
-        wss_pages = cfg.wss_mib * (MIB / PAGE_SIZE);
-        match find_wss(entries, mapped, cfg.wss_mib * MIB) {
+    let wss_mib = if cfg.workload.uses_wss() {
+        cfg.wss_mib
+    } else if cfg.workload.drives_device() {
+        cfg.load_mib
+    } else {
+        0
+    };
+    if wss_mib > 0 {
+        wss_pages = wss_mib * (MIB / PAGE_SIZE);
+        match find_wss(entries, mapped, wss_mib * MIB) {
             Ok(base) => wss_base = base,
             Err(largest) => {
                 panic_line()
-                    .str("bad cmdline: ferry.wss_mib=")
-                    .dec(cfg.wss_mib)
+                    .str(if cfg.workload.uses_wss() {
+                        "bad cmdline: ferry.wss_mib="
+                    } else {
+                        "bad cmdline: ferry.load_mib="
+                    })
+                    .dec(wss_mib)
                     .str(" (does not fit in RAM: largest contiguous RAM above 16 MiB is ")
                     .dec(largest / MIB)
                     .str(" MiB)")
@@ -699,6 +712,8 @@ fn bsp_setup(cpu: usize, info: &BootInfo) -> Result<(), ()> {
         .dec(cfg.rate_mibs)
         .str(" hb_ms=")
         .dec(cfg.hb_ms)
+        .str(" load_mib=")
+        .dec(if cfg.workload.drives_device() { cfg.load_mib } else { 0 })
         .send();
     match cfg.workload {
         Workload::Dirty | Workload::Verify => {
@@ -719,7 +734,11 @@ fn bsp_setup(cpu: usize, info: &BootInfo) -> Result<(), ()> {
     unsafe {
         *shared = Shared {
             workload: cfg.workload,
-            ncpus: u64::from(ncpus),
+            wss_cpus: if cfg.workload.drives_device() {
+                u64::from(ncpus).saturating_sub(1).max(1)
+            } else {
+                u64::from(ncpus)
+            },
             tsc_khz,
             hb_ticks: cfg.hb_ms * tsc_khz,
             spin_ticks: tsc_khz * 3 / 10,
@@ -787,6 +806,8 @@ fn run(cpu: usize) -> ! {
     match sh.workload {
         Workload::DiskLog if cpu == 0 => disk::run(cpu, st, sh),
         Workload::NetEcho if cpu == 0 => net::run(cpu, st, sh),
+        // `ferry.load_mib`: the other CPUs load the VM with writes while CPU 0 serves.
+        Workload::DiskLog | Workload::NetEcho if start != end => dirty(cpu, st, sh, start, end),
         Workload::Idle | Workload::DiskLog | Workload::NetEcho => idle(cpu, st, sh),
         _ if start == end => idle(cpu, st, sh),
         Workload::Dirty => dirty(cpu, st, sh, start, end),
@@ -796,10 +817,18 @@ fn run(cpu: usize) -> ! {
 
 /// Pages `[k*P/N, (k+1)*P/N)` of the working set belong to CPU k.
 fn partition(sh: &Shared, cpu: usize) -> (u64, u64) {
-    let k = cpu as u64;
+    let k = if sh.workload.drives_device() {
+        // CPU 0 serves the device; CPUs 1.. share the `ferry.load_mib` working set.
+        if cpu == 0 || sh.wss_pages == 0 {
+            return (0, 0);
+        }
+        cpu as u64 - 1
+    } else {
+        cpu as u64
+    };
     (
-        k * sh.wss_pages / sh.ncpus,
-        (k + 1) * sh.wss_pages / sh.ncpus,
+        k * sh.wss_pages / sh.wss_cpus,
+        (k + 1) * sh.wss_pages / sh.wss_cpus,
     )
 }
 
@@ -843,7 +872,7 @@ fn pace_due(st: &mut PerCpu, sh: &Shared, now: u64) -> Option<u64> {
         return None;
     }
     // ticks per page = tsc_hz * N / (R * 256)
-    let num = u128::from(sh.tsc_khz) * 1000 * u128::from(sh.ncpus);
+    let num = u128::from(sh.tsc_khz) * 1000 * u128::from(sh.wss_cpus);
     let den = u128::from(sh.rate_mibs) * 256;
     let n = u128::from(st.pace_count - st.pace_base_count);
     let due = st.pace_base_tsc + (n * num / den) as u64;
@@ -864,7 +893,7 @@ fn batch_pages(sh: &Shared) -> u64 {
     if sh.rate_mibs == 0 {
         64
     } else {
-        (sh.rate_mibs * 256 / sh.ncpus / 100).clamp(1, 256)
+        (sh.rate_mibs * 256 / sh.wss_cpus / 100).clamp(1, 256)
     }
 }
 
