@@ -7,6 +7,8 @@ use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::time::Duration;
 
+mod bench_net;
+mod bench_net_qemu;
 mod demo;
 
 #[derive(Parser, Debug)]
@@ -65,6 +67,22 @@ enum Cmd {
         /// Stop after this many seconds.
         #[arg(long)]
         duration_s: Option<f64>,
+    },
+    /// Benchmark the network-visible downtime of live migrations (root: builds a network
+    /// namespace test bed), next to the engine's downtime, with QEMU measured the same way.
+    BenchNet {
+        /// Migrations per scenario (the VM moves back and forth between two nodes).
+        #[arg(long, default_value_t = 6)]
+        migrations: usize,
+        /// Milliseconds between probes.
+        #[arg(long, default_value_t = 10)]
+        interval_ms: u64,
+        /// Skip the QEMU comparison.
+        #[arg(long)]
+        no_qemu: bool,
+        /// Also write the Markdown report to this file.
+        #[arg(long)]
+        report: Option<PathBuf>,
     },
     /// Start a local 3-node cluster, run a VM and live-migrate it across the nodes.
     Demo {
@@ -234,6 +252,17 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Demo { keep } => demo::run(*keep),
+        Cmd::BenchNet {
+            migrations,
+            interval_ms,
+            no_qemu,
+            report,
+        } => bench_net::run(&bench_net::Options {
+            migrations: *migrations,
+            interval_ms: *interval_ms,
+            qemu: !*no_qemu,
+            report: report.clone(),
+        }),
         Cmd::Netprobe {
             target,
             interval_ms,

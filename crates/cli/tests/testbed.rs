@@ -222,3 +222,37 @@ fn a_disk_log_vm_keeps_every_record_and_storage_loss_is_refused() {
     );
     tb.stop_all();
 }
+
+/// `ferry bench-net` end to end, one migration per scenario: it runs, every scenario and both
+/// systems have a row, and no reply came back garbled (the numbers themselves are benchmarked,
+/// not asserted).
+#[test]
+fn bench_net_runs_and_reports_every_scenario() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("report.md");
+    let out = std::process::Command::new(ferry_bin())
+        .args(["bench-net", "--migrations", "1", "--report"])
+        .arg(&report)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let r = std::fs::read_to_string(&report).unwrap();
+    let rows: Vec<Vec<&str>> = r
+        .lines()
+        .filter(|l| l.starts_with("| Ferry |") || l.starts_with("| QEMU |"))
+        .filter(|l| l.contains('→'))
+        .map(|l| l.split('|').map(str::trim).collect())
+        .collect();
+    assert_eq!(rows.iter().filter(|c| c[1] == "Ferry").count(), 3, "{r}");
+    assert_eq!(rows.iter().filter(|c| c[1] == "QEMU").count(), 2, "{r}");
+    assert!(r.contains("outage Ferry / QEMU"), "{r}");
+    // Summary rows: no corrupt replies anywhere.
+    for l in r
+        .lines()
+        .filter(|l| (l.starts_with("| Ferry |") || l.starts_with("| QEMU |")) && !l.contains('→'))
+    {
+        let c: Vec<&str> = l.split('|').map(str::trim).collect();
+        assert_eq!(c[7], "0", "corrupt replies: {l}");
+    }
+}

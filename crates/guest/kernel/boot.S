@@ -667,24 +667,24 @@ syscall_entry:
     iretq
 1:  push %rcx
     push %rdx
-    rdtsc
+2:  rdtsc
     shl $32, %rdx
     or %rdx, %rax
     cmp %rdi, %rax
-    jae 3f                            # already due: do not arm the timer
+    jae 3f                            # due: done (the timer is not armed again)
+    # (Re-)arm the one-shot deadline on every round: a wake-up before the deadline (another
+    # interrupt, or a deadline timer that fired a little early, e.g. on a migration
+    # destination whose TSC runs with a different offset) has used up the armed timer, and
+    # halting again without re-arming it would halt this CPU for good.
     mov $MSR_TSC_DEADLINE, %ecx
     mov %edi, %eax
     mov %rdi, %rdx
     shr $32, %rdx
     wrmsr
-2:  sti
+    sti
     hlt                               # woken by the deadline timer (or any interrupt)
     cli
-    rdtsc
-    shl $32, %rdx
-    or %rdx, %rax
-    cmp %rdi, %rax
-    jb 2b
+    jmp 2b
 3:  pop %rdx
     pop %rcx
     xor %eax, %eax
