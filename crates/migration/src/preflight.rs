@@ -235,28 +235,154 @@ fn check_network(req: &PreflightRequest, limits: &DestinationLimits, problems: &
 
 static RESTORE_COSTS: std::sync::Mutex<std::collections::BTreeMap<u8, u64>> =
     std::sync::Mutex::new(std::collections::BTreeMap::new());
+/// Held while measuring, so that concurrent callers wait for one measurement instead of
+/// competing with their own.
+static MEASURING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// This host's switchover share for a VM with `vcpus` vCPUs, in µs: measured once per process
-/// (see [`measure_restore_cost`]) and then remembered.
+/// This host's switchover share for a VM with `vcpus` vCPUs, in µs (see
+/// [`measure_restore_cost`]). Measured once per process and remembered; a fresh process (a
+/// `receive` worker started for one migration) takes the value this host measured last from
+/// the host's cost cache (same kernel, same binary) and measures again in the background to
+/// keep it current, so a migration never waits for the measurement unless the host has none.
 pub fn restore_cost(vcpus: u8) -> Result<u64, String> {
-    if let Some(us) = RESTORE_COSTS
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(&vcpus)
-    {
-        return Ok(*us);
+    if let Some(us) = cached_cost(vcpus) {
+        return Ok(us);
     }
-    let kvm = vmm::open_kvm().map_err(|e| e.to_string())?;
-    // The best of three: the machine may be busy at the moment of one measurement.
-    let mut us = u64::MAX;
-    for _ in 0..3 {
-        us = us.min(measure_restore_cost(&kvm, vcpus)?);
+    if let Some((us, age)) = cost_file::load(vcpus) {
+        RESTORE_COSTS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(vcpus, us);
+        if age < cost_file::REFRESH_AFTER {
+            return Ok(us);
+        }
+        // Refresh later, off the migration that needed the value now: measuring competes for
+        // the CPUs a switchover uses.
+        let _ = std::thread::Builder::new()
+            .name("cost-refresh".into())
+            .spawn(move || {
+                std::thread::sleep(std::time::Duration::from_secs(5));
+                if let Ok(us) = measure_best_of_three(vcpus) {
+                    RESTORE_COSTS
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(vcpus, us);
+                    cost_file::store(vcpus, us);
+                }
+            });
+        return Ok(us);
     }
+    let _g = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(us) = cached_cost(vcpus) {
+        return Ok(us); // measured by another thread meanwhile
+    }
+    let us = measure_best_of_three(vcpus)?;
     RESTORE_COSTS
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .insert(vcpus, us);
+    cost_file::store(vcpus, us);
     Ok(us)
+}
+
+fn cached_cost(vcpus: u8) -> Option<u64> {
+    RESTORE_COSTS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&vcpus)
+        .copied()
+}
+
+/// The best of three measurements: the machine may be busy at the moment of one.
+fn measure_best_of_three(vcpus: u8) -> Result<u64, String> {
+    let kvm = vmm::open_kvm().map_err(|e| e.to_string())?;
+    let mut us = u64::MAX;
+    for _ in 0..3 {
+        us = us.min(measure_restore_cost(&kvm, vcpus)?);
+    }
+    Ok(us)
+}
+
+/// The host's cost cache: a small JSON file (`$FERRY_COST_CACHE`, default
+/// `<tmp>/ferry-restore-costs.json`) holding the last measurement per vCPU count, valid only
+/// for the kernel and the `ferry-vmm` binary that measured it. Anything unreadable, foreign
+/// or implausible is ignored (and replaced by the next measurement).
+mod cost_file {
+    use std::collections::BTreeMap;
+    use std::path::PathBuf;
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    /// A stored value older than this is measured again (in the background).
+    pub(super) const REFRESH_AFTER: Duration = Duration::from_secs(600);
+
+    /// Largest plausible value (1 s): anything above is not a measurement of ours.
+    const MAX_US: u64 = 1_000_000;
+
+    #[derive(serde::Serialize, serde::Deserialize, Default)]
+    struct CostFile {
+        key: String,
+        /// vCPUs -> (µs, measured at: seconds since the epoch).
+        costs: BTreeMap<u8, (u64, u64)>,
+    }
+
+    fn now() -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    }
+
+    fn path() -> PathBuf {
+        std::env::var_os("FERRY_COST_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| std::env::temp_dir().join("ferry-restore-costs.json"))
+    }
+
+    /// Kernel release + this binary (path, size, modification time) + format version.
+    fn key() -> String {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let exe = std::env::current_exe().ok();
+        let meta = exe.as_ref().and_then(|e| std::fs::metadata(e).ok());
+        let mtime = meta
+            .as_ref()
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        format!(
+            "v1|{}|{}|{}|{mtime}",
+            release.trim(),
+            exe.map(|e| e.display().to_string()).unwrap_or_default(),
+            meta.map(|m| m.len()).unwrap_or(0)
+        )
+    }
+
+    fn read() -> Option<CostFile> {
+        let f: CostFile = serde_json::from_slice(&std::fs::read(path()).ok()?).ok()?;
+        (f.key == key()).then_some(f)
+    }
+
+    /// The stored value and its age.
+    pub(super) fn load(vcpus: u8) -> Option<(u64, Duration)> {
+        let (us, at) = read()?.costs.get(&vcpus).copied()?;
+        (us > 0 && us <= MAX_US).then(|| (us, Duration::from_secs(now().saturating_sub(at))))
+    }
+
+    /// Best effort: a host whose temp dir is not writable just measures in every process.
+    pub(super) fn store(vcpus: u8, us: u64) {
+        let mut f = read().unwrap_or_else(|| CostFile {
+            key: key(),
+            ..Default::default()
+        });
+        f.costs.insert(vcpus, (us, now()));
+        let p = path();
+        let tmp = p.with_extension(format!("tmp{}", std::process::id()));
+        if let Ok(bytes) = serde_json::to_vec(&f) {
+            if std::fs::write(&tmp, bytes).is_ok() && std::fs::rename(&tmp, &p).is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+        }
+    }
 }
 
 /// Measures the restore cost for these vCPU counts in the background (a `receive` worker does
