@@ -233,64 +233,71 @@ fn check_network(req: &PreflightRequest, limits: &DestinationLimits, problems: &
     }
 }
 
-static RESTORE_COSTS: std::sync::Mutex<std::collections::BTreeMap<u8, u64>> =
-    std::sync::Mutex::new(std::collections::BTreeMap::new());
-/// Held while measuring, so that concurrent callers wait for one measurement instead of
-/// competing with their own.
-static MEASURING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+static RESTORE_COSTS: CostMemo = std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// Costs measured by this process: vCPUs -> µs.
+pub(crate) type CostMemo = std::sync::Mutex<std::collections::BTreeMap<u8, u64>>;
 
 /// This host's switchover share for a VM with `vcpus` vCPUs, in µs (see
-/// [`measure_restore_cost`]). Measured once per process and remembered; a fresh process (a
-/// `receive` worker started for one migration) takes the value this host measured last from
-/// the host's cost cache (same kernel, same binary) and measures again in the background to
-/// keep it current, so a migration never waits for the measurement unless the host has none.
+/// [`measure_restore_cost`]); see [`host_cost`] for how it is kept.
 pub fn restore_cost(vcpus: u8) -> Result<u64, String> {
-    if let Some(us) = cached_cost(vcpus) {
-        return Ok(us);
-    }
-    if let Some((us, age)) = cost_file::load(vcpus) {
-        RESTORE_COSTS
-            .lock()
+    host_cost("restore", vcpus, &RESTORE_COSTS, measure_best_of_three)
+}
+
+/// A fixed cost of this host (`kind`: "restore", "save") for `vcpus` vCPUs, in µs: measured
+/// once per process and remembered; a fresh process (a `receive` worker started for one
+/// migration, which later becomes a source) takes the value this host measured last from the
+/// host's cost cache (same kernel, same binary) and measures again in the background when
+/// that value is old, so a migration never waits for a measurement unless the host has none.
+/// Concurrent callers share one measurement.
+pub(crate) fn host_cost(
+    kind: &'static str,
+    vcpus: u8,
+    memo: &'static CostMemo,
+    measure: fn(u8) -> Result<u64, String>,
+) -> Result<u64, String> {
+    static MEASURING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let cached = |memo: &CostMemo| {
+        memo.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&vcpus)
+            .copied()
+    };
+    let remember = move |us: u64| {
+        memo.lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(vcpus, us);
-        if age < cost_file::REFRESH_AFTER {
-            return Ok(us);
+        cost_file::store(kind, vcpus, us);
+    };
+    if let Some(us) = cached(memo) {
+        return Ok(us);
+    }
+    if let Some((us, age)) = cost_file::load(kind, vcpus) {
+        memo.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(vcpus, us);
+        if age >= cost_file::REFRESH_AFTER {
+            // Refresh later, off the migration that needs the value now: measuring competes
+            // for the CPUs a switchover uses.
+            let _ = std::thread::Builder::new()
+                .name("cost-refresh".into())
+                .spawn(move || {
+                    std::thread::sleep(std::time::Duration::from_secs(5));
+                    let _g = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Ok(us) = measure(vcpus) {
+                        remember(us);
+                    }
+                });
         }
-        // Refresh later, off the migration that needed the value now: measuring competes for
-        // the CPUs a switchover uses.
-        let _ = std::thread::Builder::new()
-            .name("cost-refresh".into())
-            .spawn(move || {
-                std::thread::sleep(std::time::Duration::from_secs(5));
-                if let Ok(us) = measure_best_of_three(vcpus) {
-                    RESTORE_COSTS
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(vcpus, us);
-                    cost_file::store(vcpus, us);
-                }
-            });
         return Ok(us);
     }
     let _g = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(us) = cached_cost(vcpus) {
+    if let Some(us) = cached(memo) {
         return Ok(us); // measured by another thread meanwhile
     }
-    let us = measure_best_of_three(vcpus)?;
-    RESTORE_COSTS
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(vcpus, us);
-    cost_file::store(vcpus, us);
+    let us = measure(vcpus)?;
+    remember(us);
     Ok(us)
-}
-
-fn cached_cost(vcpus: u8) -> Option<u64> {
-    RESTORE_COSTS
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(&vcpus)
-        .copied()
 }
 
 /// The best of three measurements: the machine may be busy at the moment of one.
@@ -321,8 +328,8 @@ mod cost_file {
     #[derive(serde::Serialize, serde::Deserialize, Default)]
     struct CostFile {
         key: String,
-        /// vCPUs -> (µs, measured at: seconds since the epoch).
-        costs: BTreeMap<u8, (u64, u64)>,
+        /// "kind/vCPUs" -> (µs, measured at: seconds since the epoch).
+        costs: BTreeMap<String, (u64, u64)>,
     }
 
     fn now() -> u64 {
@@ -350,7 +357,7 @@ mod cost_file {
             .map(|d| d.as_nanos())
             .unwrap_or(0);
         format!(
-            "v1|{}|{}|{}|{mtime}",
+            "v2|{}|{}|{}|{mtime}",
             release.trim(),
             exe.map(|e| e.display().to_string()).unwrap_or_default(),
             meta.map(|m| m.len()).unwrap_or(0)
@@ -363,18 +370,18 @@ mod cost_file {
     }
 
     /// The stored value and its age.
-    pub(super) fn load(vcpus: u8) -> Option<(u64, Duration)> {
-        let (us, at) = read()?.costs.get(&vcpus).copied()?;
+    pub(super) fn load(kind: &str, vcpus: u8) -> Option<(u64, Duration)> {
+        let (us, at) = read()?.costs.get(&format!("{kind}/{vcpus}")).copied()?;
         (us > 0 && us <= MAX_US).then(|| (us, Duration::from_secs(now().saturating_sub(at))))
     }
 
     /// Best effort: a host whose temp dir is not writable just measures in every process.
-    pub(super) fn store(vcpus: u8, us: u64) {
+    pub(super) fn store(kind: &str, vcpus: u8, us: u64) {
         let mut f = read().unwrap_or_else(|| CostFile {
             key: key(),
             ..Default::default()
         });
-        f.costs.insert(vcpus, (us, now()));
+        f.costs.insert(format!("{kind}/{vcpus}"), (us, now()));
         let p = path();
         let tmp = p.with_extension(format!("tmp{}", std::process::id()));
         if let Ok(bytes) = serde_json::to_vec(&f) {

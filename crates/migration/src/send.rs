@@ -983,32 +983,23 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-static SAVE_COSTS: Mutex<std::collections::BTreeMap<u8, Duration>> =
-    Mutex::new(std::collections::BTreeMap::new());
+static SAVE_COSTS: crate::preflight::CostMemo = Mutex::new(std::collections::BTreeMap::new());
 
-/// This host's cost of pausing a VM with `vcpus` vCPUs and capturing + encoding its state:
-/// measured once per process on a scratch VM, then remembered.
+/// This host's cost of pausing a VM with `vcpus` vCPUs and capturing + encoding its state,
+/// measured on a scratch VM (best of three) and kept like the restore cost
+/// ([`crate::preflight::host_cost`]).
 pub fn save_cost(vcpus: u8) -> Duration {
-    if let Some(d) = SAVE_COSTS
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(&vcpus)
-    {
-        return *d;
-    }
-    // The best of three: the machine may be busy at the moment of one measurement.
-    let d = match vmm::open_kvm() {
-        Ok(kvm) => (0..3)
+    let measure = |vcpus: u8| -> Result<u64, String> {
+        let kvm = vmm::open_kvm().map_err(|e| e.to_string())?;
+        Ok((0..3)
             .map(|_| measure_save_cost(&kvm, vcpus))
             .min()
-            .unwrap_or_default(),
-        Err(_) => Duration::from_millis(1),
+            .unwrap_or_default()
+            .as_micros() as u64)
     };
-    SAVE_COSTS
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(vcpus, d);
-    d
+    crate::preflight::host_cost("save", vcpus, &SAVE_COSTS, measure)
+        .map(Duration::from_micros)
+        .unwrap_or(Duration::from_millis(1))
 }
 
 /// Measures [`save_cost`] in the background (a worker does this at start, off the critical

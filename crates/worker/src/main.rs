@@ -300,6 +300,7 @@ fn real_main(cli: Cli) -> Result<i32> {
                 stats.file_bytes as f64 / (1 << 20) as f64,
                 stats.seconds * 1e3
             );
+            migration::send::warm_save_cost(vm.config().vcpus);
             let vm = Arc::new(vm);
             let ctx = Arc::new(server::Ctx::new(Some(vm.clone()), api_socket.clone(), None));
             server::serve(listener, ctx);
@@ -354,6 +355,8 @@ fn real_main(cli: Cli) -> Result<i32> {
                 Ok(vm) => {
                     serial.commit()?;
                     drop(tcp);
+                    // It may leave again: know this host's save cost by then.
+                    migration::send::warm_save_cost(vm.config().vcpus);
                     let vm = Arc::new(vm);
                     *ctx.vm.lock().unwrap_or_else(|e| e.into_inner()) = Some(vm.clone());
                     eprintln!("ferry-vmm: VM received and running");
