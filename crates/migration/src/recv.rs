@@ -572,7 +572,16 @@ fn session(
                     break Err(wire_err(state.phase())(e));
                 }
             }
-            (RecvState::Precopy, Msg::Paused) => state = RecvState::AwaitVmState,
+            (RecvState::Precopy, Msg::Paused) => {
+                // The source stopped its VM: from now on frames for it are better queued in
+                // this host's TAPs (delivered after the resume) than at the source, whose TAP
+                // is drained into the device state only once. Announce the MACs now; if the
+                // switchover fails, the source announces again when it resumes.
+                if let Some(p) = &prepared {
+                    p.virtio().announce_once();
+                }
+                state = RecvState::AwaitVmState
+            }
             (RecvState::Ready, Msg::Commit) => {
                 let v = vm.take().expect("restored VM");
                 break resume(v, &mut control, ctl);

@@ -549,6 +549,11 @@ pub struct PreparedVm {
 }
 
 impl PreparedVm {
+    /// The devices of the VM being prepared (not running yet).
+    pub fn virtio(&self) -> &VirtioDevices {
+        &self.virtio
+    }
+
     /// Loads `state` (which must describe the prepared VM) and returns a paused VM.
     pub fn finish(mut self, state: &MachineState, serial_out: File) -> Result<Vm, VmError> {
         if state.config != self.config

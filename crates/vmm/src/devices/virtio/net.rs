@@ -9,8 +9,9 @@
 //! first moves the frames waiting in the TAP into the device's own receive backlog, which is
 //! part of the state: frames that reached the source while the VM was paused for a migration
 //! are delivered by the destination instead of dying with the source's TAP. (Frames that reach
-//! the source after that are lost; the destination announces the MAC as soon as it holds the
-//! complete VM, before the commit, so that window is the state transfer only.)
+//! the source after that would be lost, but the destination announces the MAC as soon as it
+//! hears that the source paused — well before the source saves the state — so from then on
+//! frames queue in the destination's TAP until the VM resumes there.)
 
 use super::{DeviceError, Kind, VirtioMmio, INT_VRING};
 use crate::config::NicConfig;
