@@ -1005,9 +1005,16 @@ pub fn save_cost(vcpus: u8) -> Duration {
 /// Measures [`save_cost`] in the background (a worker does this at start, off the critical
 /// path of a later migration).
 pub fn warm_save_cost(vcpus: u8) {
+    warm_save_cost_after(vcpus, Duration::ZERO);
+}
+
+/// Like [`warm_save_cost`], after `delay` (a VM that just resumed here should not compete with
+/// a measurement in its first moments).
+pub fn warm_save_cost_after(vcpus: u8, delay: Duration) {
     let _ = std::thread::Builder::new()
         .name("cost-probe".into())
         .spawn(move || {
+            std::thread::sleep(delay);
             save_cost(vcpus);
         });
 }

@@ -331,7 +331,9 @@ fn real_main(cli: Cli) -> Result<i32> {
             let serial = SerialLog::create(&serial_log)?;
             let listener = server::bind(&api_socket)?;
             let incoming = Arc::new(migration::recv::ReceiveControl::default());
-            migration::preflight::warm_restore_costs(vec![1, 2]);
+            // The common 1-vCPU case only: measuring more here would compete with the migration
+            // itself (the VM's own vCPU count is measured, if not cached, during the handshake).
+            migration::preflight::warm_restore_costs(vec![1]);
             let decision = external_commit.then(|| Arc::new(migration::recv::Decision::default()));
             let mut ctx = server::Ctx::new(None, api_socket.clone(), Some(incoming.clone()));
             ctx.decision = decision.clone();
@@ -356,7 +358,10 @@ fn real_main(cli: Cli) -> Result<i32> {
                     serial.commit()?;
                     drop(tcp);
                     // It may leave again: know this host's save cost by then.
-                    migration::send::warm_save_cost(vm.config().vcpus);
+                    migration::send::warm_save_cost_after(
+                        vm.config().vcpus,
+                        std::time::Duration::from_secs(2),
+                    );
                     let vm = Arc::new(vm);
                     *ctx.vm.lock().unwrap_or_else(|e| e.into_inner()) = Some(vm.clone());
                     eprintln!("ferry-vmm: VM received and running");
