@@ -245,18 +245,18 @@ impl Agent {
         Ok(json!({ "vm": v.value, "version": v.version, "worker": worker, "migrations": migs }))
     }
 
+    /// Lets the owner node's agent do a VM operation (`path`, POST without a body).
+    fn forward_to_owner(&self, owner: &str, path: &str) -> R<VmRecord> {
+        let a = self.address_of(owner)?;
+        let r = client::post(&a, path, &json!({}), Some(Duration::from_secs(60)))?;
+        serde_json::from_value(r).map_err(|e| AgentError::Internal(e.to_string()))
+    }
+
     /// Starts a stopped (or crashed) VM on its owner node.
     pub fn start_vm(&self, name: &str) -> R<VmRecord> {
         let v = self.vm_or_404(name)?;
         if v.value.owner != self.name() {
-            let a = self.address_of(&v.value.owner)?;
-            let r = client::post(
-                &a,
-                &format!("/v1/vms/{name}/start"),
-                &json!({}),
-                Some(Duration::from_secs(60)),
-            )?;
-            return serde_json::from_value(r).map_err(|e| AgentError::Internal(e.to_string()));
+            return self.forward_to_owner(&v.value.owner, &format!("/v1/vms/{name}/start"));
         }
         match v.value.state {
             VmState::Stopped | VmState::Crashed => {}
@@ -366,14 +366,7 @@ impl Agent {
     pub fn stop_vm(&self, name: &str) -> R<VmRecord> {
         let v = self.vm_or_404(name)?;
         if v.value.owner != self.name() {
-            let a = self.address_of(&v.value.owner)?;
-            let r = client::post(
-                &a,
-                &format!("/v1/vms/{name}/stop"),
-                &json!({}),
-                Some(Duration::from_secs(60)),
-            )?;
-            return serde_json::from_value(r).map_err(|e| AgentError::Internal(e.to_string()));
+            return self.forward_to_owner(&v.value.owner, &format!("/v1/vms/{name}/stop"));
         }
         match v.value.state {
             VmState::Running | VmState::Crashed => {}
@@ -1030,13 +1023,9 @@ impl Agent {
                         Ok(None) => true,
                         Err(_) => false,
                     };
-                    if over
-                        && w.state().is_some_and(|s| {
-                            s.get("state").and_then(|x| x.as_str()) != Some("running")
-                                && s["migration"]["progress"]["phase"].as_str()
-                                    != Some("awaiting commit decision")
-                        })
-                    {
+                    // Nor can it start running now: only a commit does that, and the store
+                    // says the VM did not become ours.
+                    if over {
                         tracing::info!(
                             vm = name,
                             migration = id,

@@ -441,24 +441,31 @@ impl Testbed {
     /// Stops every worker (through its control socket) and every agent.
     pub fn stop_all(&mut self) {
         for n in &self.nodes {
-            if let Ok(rd) = std::fs::read_dir(n.data_dir.join("vms")) {
-                for e in rd.flatten() {
-                    let sock = e.path().join("api.sock");
-                    if sock.exists() {
-                        let _ = worker::api::call(
-                            &sock,
-                            &worker::api::Request::Shutdown,
-                            Some(Duration::from_secs(5)),
-                        );
-                    }
-                }
-            }
+            shutdown_workers(&n.data_dir);
         }
         for n in &mut self.nodes {
             if let Some(mut c) = n.agent.take() {
                 let _ = c.kill();
                 let _ = c.wait();
             }
+        }
+    }
+}
+
+/// Asks every worker under an agent's data directory to shut down (tests and benchmarks
+/// tearing down a cluster; workers outlive their agents by design).
+pub fn shutdown_workers(data_dir: &Path) {
+    let Ok(rd) = std::fs::read_dir(data_dir.join("vms")) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let sock = e.path().join("api.sock");
+        if sock.exists() {
+            let _ = worker::api::call(
+                &sock,
+                &worker::api::Request::Shutdown,
+                Some(Duration::from_secs(5)),
+            );
         }
     }
 }

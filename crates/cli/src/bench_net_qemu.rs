@@ -23,12 +23,11 @@ use agent::netprobe::ProbeReport;
 use agent::testbed::Testbed;
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
+use worker::qmp::Qmp;
 
 /// One QEMU live migration of the benchmark.
 #[derive(Debug, Clone)]
@@ -54,69 +53,6 @@ const MIGRATION_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Tells the TAPs and files of concurrent runs apart.
 static SEQ: AtomicU32 = AtomicU32::new(0);
-
-/// A minimal QMP client over a unix socket (the socket is a file, so it works across network
-/// namespaces).
-struct Qmp {
-    r: BufReader<UnixStream>,
-    w: UnixStream,
-}
-
-impl Qmp {
-    /// Connects (retrying while QEMU starts; `alive` says whether it is still running) and
-    /// negotiates capabilities.
-    fn connect(path: &Path, mut alive: impl FnMut() -> Result<()>) -> Result<Qmp> {
-        let t0 = Instant::now();
-        let s = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e) if t0.elapsed() > Duration::from_secs(10) => {
-                    return Err(e).with_context(|| format!("QMP socket {}", path.display()))
-                }
-                Err(_) => {
-                    alive()?;
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-            }
-        };
-        s.set_read_timeout(Some(Duration::from_secs(30)))?;
-        let mut q = Qmp {
-            r: BufReader::new(s.try_clone()?),
-            w: s,
-        };
-        let mut greeting = String::new();
-        q.r.read_line(&mut greeting).context("QMP greeting")?;
-        q.cmd("qmp_capabilities", json!({}))?;
-        Ok(q)
-    }
-
-    /// Runs one command and returns its `return` value (events in between are skipped).
-    fn cmd(&mut self, name: &str, args: Value) -> Result<Value> {
-        let mut m = json!({ "execute": name });
-        if args.as_object().is_some_and(|o| !o.is_empty()) {
-            m["arguments"] = args;
-        }
-        writeln!(self.w, "{m}").with_context(|| format!("QMP {name}"))?;
-        loop {
-            let mut l = String::new();
-            if self
-                .r
-                .read_line(&mut l)
-                .with_context(|| format!("QMP {name}"))?
-                == 0
-            {
-                bail!("QMP connection closed during {name}");
-            }
-            let v: Value = serde_json::from_str(&l).with_context(|| format!("QMP said {l:?}"))?;
-            if let Some(e) = v.get("error") {
-                bail!("QMP {name}: {e}");
-            }
-            if let Some(r) = v.get("return") {
-                return Ok(r.clone());
-            }
-        }
-    }
-}
 
 /// One QEMU process in a node's namespace with its TAP on the node's `br0`. Dropping it kills
 /// QEMU and deletes the TAP.
@@ -220,7 +156,7 @@ impl Qemu {
                 .spawn()
                 .context("cannot start qemu-system-x86_64")?,
         );
-        let qmp = Qmp::connect(&qmp, || q.check_alive())
+        let qmp = Qmp::connect(&qmp, || q.check_alive().map_err(|e| e.to_string()))
             .with_context(|| format!("QEMU on {node}: {}", q.stderr_text()))?;
         q.qmp = Some(qmp);
         // The same tuning on both sides, like `ferry-vmm bench --only migrate`.

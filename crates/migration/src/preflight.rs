@@ -310,8 +310,8 @@ fn measure_best_of_three(vcpus: u8) -> Result<u64, String> {
     Ok(us)
 }
 
-/// The host's cost cache: a small JSON file (`$FERRY_COST_CACHE`, default
-/// `<tmp>/ferry-restore-costs.json`) holding the last measurement per vCPU count, valid only
+/// The host's cost cache: a small JSON file (see `path()`: a runtime directory only this
+/// user can write) holding the last measurement per kind and vCPU count, valid only
 /// for the kernel and the `ferry-vmm` binary that measured it. Anything unreadable, foreign
 /// or implausible is ignored (and replaced by the next measurement).
 mod cost_file {
@@ -339,10 +339,27 @@ mod cost_file {
             .unwrap_or(0)
     }
 
-    fn path() -> PathBuf {
-        std::env::var_os("FERRY_COST_CACHE")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| std::env::temp_dir().join("ferry-restore-costs.json"))
+    /// `$FERRY_COST_CACHE`, else `$XDG_RUNTIME_DIR/ferry-costs.json`, else (root)
+    /// `/run/ferry/costs.json` in a directory only root can write; otherwise no cache. Never a
+    /// predictable name in a world-writable directory: workers run as root.
+    fn path() -> Option<PathBuf> {
+        if let Some(p) = std::env::var_os("FERRY_COST_CACHE") {
+            return Some(PathBuf::from(p));
+        }
+        if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
+            return Some(PathBuf::from(d).join("ferry-costs.json"));
+        }
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            use std::os::unix::fs::DirBuilderExt;
+            let d = PathBuf::from("/run/ferry");
+            let _ = std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&d);
+            return Some(d.join("costs.json"));
+        }
+        None
     }
 
     /// Kernel release + this binary (path, size, modification time) + format version.
@@ -365,7 +382,7 @@ mod cost_file {
     }
 
     fn read() -> Option<CostFile> {
-        let f: CostFile = serde_json::from_slice(&std::fs::read(path()).ok()?).ok()?;
+        let f: CostFile = serde_json::from_slice(&std::fs::read(path()?).ok()?).ok()?;
         (f.key == key()).then_some(f)
     }
 
@@ -382,12 +399,22 @@ mod cost_file {
             ..Default::default()
         });
         f.costs.insert(format!("{kind}/{vcpus}"), (us, now()));
-        let p = path();
+        let Some(p) = path() else { return };
         let tmp = p.with_extension(format!("tmp{}", std::process::id()));
-        if let Ok(bytes) = serde_json::to_vec(&f) {
-            if std::fs::write(&tmp, bytes).is_ok() && std::fs::rename(&tmp, &p).is_err() {
-                let _ = std::fs::remove_file(&tmp);
-            }
+        let Ok(bytes) = serde_json::to_vec(&f) else {
+            return;
+        };
+        // A fresh file (O_EXCL: never through a link someone left there), then an atomic rename.
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt;
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .and_then(|mut t| t.write_all(&bytes));
+        if written.is_err() || std::fs::rename(&tmp, &p).is_err() {
+            let _ = std::fs::remove_file(&tmp);
         }
     }
 }

@@ -3,15 +3,15 @@
 //! measured in the same run.
 
 use crate::bench::wait_serial;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use worker::api::{self, MigrateArgs, Request};
+use worker::qmp::Qmp;
 
 /// One guest workload of the matrix.
 #[derive(Clone, Debug)]
@@ -162,56 +162,6 @@ pub fn ferry_once(
     result
 }
 
-/// A minimal QMP client.
-struct Qmp {
-    r: BufReader<UnixStream>,
-    w: UnixStream,
-}
-
-impl Qmp {
-    fn connect(path: &Path) -> Result<Qmp> {
-        let t0 = Instant::now();
-        let s = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e) if t0.elapsed() > Duration::from_secs(10) => {
-                    return Err(e).context("QMP socket")
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(10)),
-            }
-        };
-        let mut q = Qmp {
-            r: BufReader::new(s.try_clone()?),
-            w: s,
-        };
-        let mut greeting = String::new();
-        q.r.read_line(&mut greeting)?;
-        q.cmd("qmp_capabilities", json!({}))?;
-        Ok(q)
-    }
-
-    fn cmd(&mut self, name: &str, args: Value) -> Result<Value> {
-        let mut m = json!({ "execute": name });
-        if args.as_object().is_some_and(|o| !o.is_empty()) {
-            m["arguments"] = args;
-        }
-        writeln!(self.w, "{m}")?;
-        loop {
-            let mut l = String::new();
-            if self.r.read_line(&mut l)? == 0 {
-                bail!("QMP connection closed during {name}");
-            }
-            let v: Value = serde_json::from_str(&l)?;
-            if let Some(e) = v.get("error") {
-                bail!("QMP {name}: {e}");
-            }
-            if let Some(r) = v.get("return") {
-                return Ok(r.clone());
-            }
-        }
-    }
-}
-
 fn qemu_args(elf: &Path, mem_mib: u64, cmdline: &str, serial: &Path, qmp: &Path) -> Vec<String> {
     let mut a: Vec<String> = [
         "-accel",
@@ -285,8 +235,8 @@ pub fn qemu_once(
         .stderr(Stdio::null())
         .spawn()?;
     let result = (|| -> Result<Outcome> {
-        let mut qs = Qmp::connect(&sqmp)?;
-        let mut qd = Qmp::connect(&dqmp)?;
+        let mut qs = Qmp::connect(&sqmp, || Ok(()))?;
+        let mut qd = Qmp::connect(&dqmp, || Ok(()))?;
         wait_serial(&slog, Duration::from_secs(30), "the guest to start", |s| {
             s.contains("\nhb ")
         })?;

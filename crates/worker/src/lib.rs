@@ -3,4 +3,5 @@
 //! components.
 
 pub mod api;
+pub mod qmp;
 pub mod server;

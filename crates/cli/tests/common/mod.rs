@@ -373,18 +373,7 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         // Stop every worker, then every agent.
         for a in &self.agents {
-            if let Ok(rd) = std::fs::read_dir(a.data_dir.join("vms")) {
-                for e in rd.flatten() {
-                    let sock = e.path().join("api.sock");
-                    if sock.exists() {
-                        let _ = worker::api::call(
-                            &sock,
-                            &worker::api::Request::Shutdown,
-                            Some(Duration::from_secs(5)),
-                        );
-                    }
-                }
-            }
+            agent::testbed::shutdown_workers(&a.data_dir);
         }
         for a in &mut self.agents {
             if let Some(mut c) = a.child.take() {

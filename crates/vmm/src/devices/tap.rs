@@ -6,7 +6,7 @@
 //! brought up; it disappears when the worker exits (it is not persistent).
 
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 
@@ -194,44 +194,25 @@ impl Tap {
     /// Writes one frame (vnet header included). `Ok(false)`: the TAP queue is full and the
     /// frame was dropped, as a NIC drops on a full transmit queue.
     pub fn send(&self, frame: &[u8]) -> io::Result<bool> {
-        // SAFETY: writes `frame.len()` bytes from a valid slice to our fd.
-        let n = unsafe {
-            libc::write(
-                self.file.as_raw_fd(),
-                frame.as_ptr() as *const libc::c_void,
-                frame.len(),
-            )
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            return match e.raw_os_error() {
+        match (&self.file).write(frame) {
+            // A TAP takes a frame whole or not at all.
+            Ok(n) => Ok(n == frame.len()),
+            Err(e) => match e.raw_os_error() {
                 Some(libc::EAGAIN) | Some(libc::ENOBUFS) => Ok(false),
                 // The interface is down (e.g. the bridge port was removed): the frame is lost.
                 Some(libc::EIO) => Ok(false),
                 _ => Err(e),
-            };
+            },
         }
-        Ok(true)
     }
 
     /// Reads one frame (vnet header included) into `buf`. `Ok(None)`: nothing queued.
     pub fn recv(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
-        // SAFETY: reads at most `buf.len()` bytes into a valid mutable slice.
-        let n = unsafe {
-            libc::read(
-                self.file.as_raw_fd(),
-                buf.as_mut_ptr() as *mut libc::c_void,
-                buf.len(),
-            )
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            return match e.raw_os_error() {
-                Some(libc::EAGAIN) => Ok(None),
-                _ => Err(e),
-            };
+        match (&self.file).read(buf) {
+            Ok(n) => Ok(Some(n)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
         }
-        Ok(Some(n as usize))
     }
 }
 
