@@ -2,7 +2,6 @@
 //! `{"error": "..."}` with 400 (bad input), 404 (unknown), 409 (state conflict), 503 (store or
 //! peer unavailable), 500.
 
-use crate::ops::{MigrateRequest, ReceiveRequest};
 use crate::{Agent, AgentError};
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -11,8 +10,11 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use contract::api::{
+    CreateVm, Deleted, DrainRequest, ErrorBody, Health, MigrateRequest, MigrationEvent,
+    ReceiveRequest, Schedulable,
+};
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
 use serde_json::{json, Value};
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
@@ -28,11 +30,17 @@ impl IntoResponse for AgentError {
             AgentError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             AgentError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        (code, Json(json!({ "error": self.to_string() }))).into_response()
+        (
+            code,
+            Json(ErrorBody {
+                error: self.to_string(),
+            }),
+        )
+            .into_response()
     }
 }
 
-type ApiResult = Result<Json<Value>, AgentError>;
+type ApiResult<T> = Result<Json<T>, AgentError>;
 
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, AgentError> + Send + 'static,
@@ -48,25 +56,6 @@ fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, AgentError> {
             .map_err(|e| AgentError::BadRequest(format!("a JSON body is required: {e}")));
     }
     serde_json::from_slice(body).map_err(|e| AgentError::BadRequest(format!("bad JSON body: {e}")))
-}
-
-/// `POST /v1/vms` body: a spec as JSON (`spec`) or TOML (`toml`), optional owner node.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CreateVm {
-    #[serde(default)]
-    spec: Option<cluster::VmSpec>,
-    #[serde(default)]
-    toml: Option<String>,
-    #[serde(default)]
-    node: Option<String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct DrainReq {
-    #[serde(default)]
-    concurrency: Option<usize>,
 }
 
 /// The router.
@@ -92,16 +81,24 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .with_state(agent)
 }
 
-async fn health(State(a): State<Arc<Agent>>) -> Json<Value> {
-    Json(json!({ "node": a.name(), "ok": true }))
+async fn health(State(a): State<Arc<Agent>>) -> Json<Health> {
+    Json(Health {
+        node: a.name().to_string(),
+        ok: true,
+        listen: a.cfg.listen.clone(),
+    })
 }
 
-async fn nodes(State(a): State<Arc<Agent>>) -> ApiResult {
-    blocking(move || a.nodes_view().map(|n| Json(json!(n)))).await
+async fn nodes(State(a): State<Arc<Agent>>) -> ApiResult<Vec<contract::api::NodeView>> {
+    blocking(move || a.nodes_view().map(Json)).await
 }
 
-async fn drain(State(a): State<Arc<Agent>>, Path(name): Path<String>, body: Bytes) -> ApiResult {
-    let req: DrainReq = parse(&body)?;
+async fn drain(
+    State(a): State<Arc<Agent>>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<contract::api::DrainReport> {
+    let req: DrainRequest = parse(&body)?;
     blocking(move || {
         let c = req.concurrency.unwrap_or(a.cfg.drain_concurrency);
         a.drain(&name, c).map(Json)
@@ -109,26 +106,27 @@ async fn drain(State(a): State<Arc<Agent>>, Path(name): Path<String>, body: Byte
     .await
 }
 
-async fn undrain(State(a): State<Arc<Agent>>, Path(name): Path<String>) -> ApiResult {
+async fn undrain(State(a): State<Arc<Agent>>, Path(name): Path<String>) -> ApiResult<Schedulable> {
     blocking(move || {
+        a.node_or_404(&name)?;
         a.store.set_schedulable(&name, true)?;
-        Ok(Json(json!({ "node": name, "schedulable": true })))
+        Ok(Json(Schedulable {
+            node: name,
+            schedulable: true,
+        }))
     })
     .await
 }
 
-async fn vms(State(a): State<Arc<Agent>>) -> ApiResult {
-    blocking(move || {
-        let v: Vec<Value> = a.store.vms()?.into_iter().map(|v| json!(v.value)).collect();
-        Ok(Json(json!(v)))
-    })
-    .await
+async fn vms(State(a): State<Arc<Agent>>) -> ApiResult<Vec<cluster::VmRecord>> {
+    blocking(move || Ok(Json(a.store.vms()?.into_iter().map(|v| v.value).collect()))).await
 }
 
 async fn create_vm(
     State(a): State<Arc<Agent>>,
     body: Bytes,
-) -> Result<(StatusCode, Json<Value>), AgentError> {
+) -> Result<(StatusCode, Json<cluster::VmRecord>), AgentError> {
+    use cluster::SpecExt;
     let req: CreateVm = parse(&body)?;
     let spec = match (req.spec, req.toml) {
         (Some(s), None) => s,
@@ -142,43 +140,78 @@ async fn create_vm(
         }
     };
     let rec = blocking(move || a.create_vm(spec, req.node)).await?;
-    Ok((StatusCode::CREATED, Json(json!(rec))))
+    Ok((StatusCode::CREATED, Json(rec)))
 }
 
-async fn vm(State(a): State<Arc<Agent>>, Path(name): Path<String>) -> ApiResult {
+fn check_name(name: &str) -> Result<(), AgentError> {
+    if cluster::valid_name(name) {
+        Ok(())
+    } else {
+        Err(AgentError::BadRequest(format!("invalid VM name {name:?}")))
+    }
+}
+
+async fn vm(
+    State(a): State<Arc<Agent>>,
+    Path(name): Path<String>,
+) -> ApiResult<contract::api::VmView> {
+    check_name(&name)?;
     blocking(move || a.vm_view(&name).map(Json)).await
 }
 
-async fn delete_vm(State(a): State<Arc<Agent>>, Path(name): Path<String>) -> ApiResult {
-    blocking(move || a.delete_vm(&name).map(|_| Json(json!({ "deleted": name })))).await
+async fn delete_vm(State(a): State<Arc<Agent>>, Path(name): Path<String>) -> ApiResult<Deleted> {
+    check_name(&name)?;
+    blocking(move || a.delete_vm(&name).map(|_| Json(Deleted { deleted: name }))).await
 }
 
-async fn start_vm(State(a): State<Arc<Agent>>, Path(name): Path<String>) -> ApiResult {
-    blocking(move || a.start_vm(&name).map(|r| Json(json!(r)))).await
+async fn start_vm(
+    State(a): State<Arc<Agent>>,
+    Path(name): Path<String>,
+) -> ApiResult<cluster::VmRecord> {
+    check_name(&name)?;
+    blocking(move || a.start_vm(&name).map(Json)).await
 }
 
-async fn stop_vm(State(a): State<Arc<Agent>>, Path(name): Path<String>) -> ApiResult {
-    blocking(move || a.stop_vm(&name).map(|r| Json(json!(r)))).await
+async fn stop_vm(
+    State(a): State<Arc<Agent>>,
+    Path(name): Path<String>,
+) -> ApiResult<cluster::VmRecord> {
+    check_name(&name)?;
+    blocking(move || a.stop_vm(&name).map(Json)).await
 }
 
-async fn migrate(State(a): State<Arc<Agent>>, Path(name): Path<String>, body: Bytes) -> ApiResult {
+async fn migrate(
+    State(a): State<Arc<Agent>>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<contract::api::MigrationStarted> {
+    check_name(&name)?;
     let req: MigrateRequest = parse(&body)?;
     blocking(move || a.migrate(&name, req).map(Json)).await
 }
 
-async fn migrations(State(a): State<Arc<Agent>>) -> ApiResult {
-    blocking(move || Ok(Json(json!(a.store.migrations()?)))).await
+async fn migrations(State(a): State<Arc<Agent>>) -> ApiResult<Vec<cluster::MigrationRecord>> {
+    blocking(move || Ok(Json(a.store.migrations()?))).await
 }
 
-async fn migration(State(a): State<Arc<Agent>>, Path(id): Path<String>) -> ApiResult {
+async fn migration(
+    State(a): State<Arc<Agent>>,
+    Path(id): Path<String>,
+) -> ApiResult<contract::api::MigrationView> {
     blocking(move || a.migration_view(&id).map(Json)).await
 }
 
-async fn cancel(State(a): State<Arc<Agent>>, Path(id): Path<String>) -> ApiResult {
+async fn cancel(
+    State(a): State<Arc<Agent>>,
+    Path(id): Path<String>,
+) -> ApiResult<contract::api::CancelReply> {
     blocking(move || a.cancel_migration(&id).map(Json)).await
 }
 
-async fn receive(State(a): State<Arc<Agent>>, body: Bytes) -> ApiResult {
+async fn receive(
+    State(a): State<Arc<Agent>>,
+    body: Bytes,
+) -> ApiResult<contract::api::ReceiveReply> {
     let req: ReceiveRequest = parse(&body)?;
     blocking(move || a.receive(req).map(Json)).await
 }
@@ -204,14 +237,20 @@ async fn migration_events(
         let (ev, done) = match &watch {
             Some(w) => {
                 if w.done.load(Ordering::SeqCst) {
-                    let r = w.record.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                    (json!({ "event": "done", "migration": r }), true)
+                    (
+                        MigrationEvent::Done {
+                            migration: Box::new(w.record()),
+                        },
+                        true,
+                    )
                 } else {
                     tokio::time::sleep(Duration::from_millis(100)).await;
-                    let r = w.record.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                    let p = w.progress.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    let r = w.record();
                     (
-                        json!({ "event": "progress", "phase": r.phase, "progress": p }),
+                        MigrationEvent::Progress {
+                            phase: r.phase,
+                            progress: w.progress().unwrap_or_default(),
+                        },
                         false,
                     )
                 }
@@ -221,21 +260,34 @@ async fn migration_events(
                 let id2 = id.clone();
                 let v = tokio::task::spawn_blocking(move || a2.migration_view(&id2)).await;
                 match v {
-                    Ok(Ok(v)) => (
-                        json!({ "event": "done", "migration": v["migration"] }),
+                    Ok(Ok(v)) if v.done => (
+                        MigrationEvent::Done {
+                            migration: Box::new(v.migration),
+                        },
                         true,
                     ),
+                    Ok(Ok(v)) => {
+                        // Running, but not on this agent (its agent restarted): poll the record.
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        (
+                            MigrationEvent::Progress {
+                                phase: v.migration.phase,
+                                progress: Default::default(),
+                            },
+                            false,
+                        )
+                    }
                     _ => (
-                        json!({ "event": "error", "error": "migration record unavailable" }),
+                        MigrationEvent::Error {
+                            error: "migration record unavailable".into(),
+                        },
                         true,
                     ),
                 }
             }
         };
-        Some((
-            Ok(Event::default().data(ev.to_string())),
-            (a, id, watch, done),
-        ))
+        let data = serde_json::to_string(&ev).unwrap_or_default();
+        Some((Ok(Event::default().data(data)), (a, id, watch, done)))
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
@@ -322,9 +374,15 @@ pub fn openapi_doc() -> Value {
                 "spec": { "type": "object", "description": "VM spec as JSON (same fields)" },
                 "node": { "type": "string", "description": "owner node (default: the agent asked)" } } },
             "Migrate": { "type": "object", "required": ["to"], "properties": {
-                "to": { "type": "string" }, "max_downtime_ms": { "type": "integer", "default": 50 },
-                "streams": { "type": "integer", "default": 1 }, "compress": { "type": "string", "enum": ["none", "lz4", "zstd"] },
-                "dry_run": { "type": "boolean" } } },
+                "to": { "type": "string", "description": "destination node" },
+                "dry_run": { "type": "boolean", "description": "only run the agent's preflight" },
+                "params": { "$ref": "#/components/schemas/MigrationParams" } } },
+            "MigrationParams": { "type": "object", "properties": {
+                "max_downtime_ms": { "type": "integer", "default": contract::migration::DEFAULT_MAX_DOWNTIME_MS, "minimum": 1, "maximum": contract::migration::MAX_DOWNTIME_MS },
+                "streams": { "type": "integer", "default": contract::migration::DEFAULT_STREAMS, "minimum": 1, "maximum": contract::migration::MAX_STREAMS },
+                "compression": { "type": "string", "enum": ["none", "lz4", "zstd"], "default": "none" },
+                "max_bandwidth_mibs": { "type": "integer", "minimum": 1, "description": "bandwidth cap for the memory copy, MiB/s" },
+                "timeout_s": { "type": "number", "description": "give up after this long (the VM stays on its source)" } } },
             "Drain": { "type": "object", "properties": { "concurrency": { "type": "integer", "default": 2 } } }
         } }
     })

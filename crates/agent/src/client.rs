@@ -1,7 +1,10 @@
-//! HTTP client for agent-to-agent calls (and the `ferry` CLI).
+//! HTTP client for agent-to-agent calls (and the `ferry` CLI): typed bodies from the contract
+//! crate in both directions.
 
 use crate::AgentError;
-use serde_json::Value;
+use contract::api::ErrorBody;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use std::time::Duration;
 
 fn agent(timeout: Option<Duration>) -> ureq::Agent {
@@ -20,24 +23,24 @@ fn base(addr: &str) -> String {
     }
 }
 
-fn finish(
+fn finish<T: DeserializeOwned>(
     what: &str,
     r: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
-) -> Result<Value, AgentError> {
+) -> Result<T, AgentError> {
     let mut resp = r.map_err(|e| AgentError::Unavailable(format!("{what}: {e}")))?;
     let status = resp.status().as_u16();
     let text = resp.body_mut().read_to_string().unwrap_or_default();
-    let body: Value = serde_json::from_str(&text).unwrap_or(Value::String(text.clone()));
     if status < 300 {
-        return Ok(body);
+        return serde_json::from_str(&text).map_err(|e| {
+            AgentError::Internal(format!("{what}: unexpected answer ({e}): {}", text.trim()))
+        });
     }
-    let msg = body
-        .get("error")
-        .and_then(|e| e.as_str())
-        .map(String::from)
+    let msg = serde_json::from_str::<ErrorBody>(&text)
+        .map(|b| b.error)
         .unwrap_or(text);
     Err(match status {
         400 | 422 => AgentError::BadRequest(msg),
+        401 | 403 => AgentError::BadRequest(format!("{what}: HTTP {status}: {msg}")),
         404 => AgentError::NotFound(msg),
         409 => AgentError::Conflict(msg),
         503 => AgentError::Unavailable(msg),
@@ -46,24 +49,24 @@ fn finish(
 }
 
 /// GET `path` from the agent at `addr`.
-pub fn get(addr: &str, path: &str) -> Result<Value, AgentError> {
+pub fn get<T: DeserializeOwned>(addr: &str, path: &str) -> Result<T, AgentError> {
     let url = format!("{}{path}", base(addr));
     finish(&url, agent(Some(Duration::from_secs(30))).get(&url).call())
 }
 
-/// POST JSON to `path`. `timeout` None: wait as long as the operation takes (drains).
-pub fn post(
+/// POST a JSON body to `path`. `timeout` None: wait as long as the operation takes (drains).
+pub fn post<B: Serialize, T: DeserializeOwned>(
     addr: &str,
     path: &str,
-    body: &Value,
+    body: &B,
     timeout: Option<Duration>,
-) -> Result<Value, AgentError> {
+) -> Result<T, AgentError> {
     let url = format!("{}{path}", base(addr));
     finish(&url, agent(timeout).post(&url).send_json(body))
 }
 
 /// DELETE `path`.
-pub fn delete(addr: &str, path: &str) -> Result<Value, AgentError> {
+pub fn delete<T: DeserializeOwned>(addr: &str, path: &str) -> Result<T, AgentError> {
     let url = format!("{}{path}", base(addr));
     finish(
         &url,
@@ -71,12 +74,12 @@ pub fn delete(addr: &str, path: &str) -> Result<Value, AgentError> {
     )
 }
 
-/// Follows a server-sent event stream, calling `on_event` with each `data:` JSON until it
+/// Follows a server-sent event stream, calling `on_event` with each `data:` event until it
 /// returns false or the stream ends.
-pub fn follow_events(
+pub fn follow_events<T: DeserializeOwned>(
     addr: &str,
     path: &str,
-    mut on_event: impl FnMut(&Value) -> bool,
+    mut on_event: impl FnMut(T) -> bool,
 ) -> Result<(), AgentError> {
     use std::io::BufRead;
     let url = format!("{}{path}", base(addr));
@@ -85,16 +88,17 @@ pub fn follow_events(
         .call()
         .map_err(|e| AgentError::Unavailable(format!("{url}: {e}")))?;
     if resp.status().as_u16() >= 300 {
-        return finish(&url, Ok(resp)).map(|_| ());
+        return finish::<serde_json::Value>(&url, Ok(resp)).map(|_| ());
     }
     let reader = std::io::BufReader::new(resp.into_body().into_reader());
     for line in reader.lines() {
         let line = line.map_err(|e| AgentError::Unavailable(format!("{url}: {e}")))?;
         if let Some(data) = line.strip_prefix("data:") {
-            if let Ok(v) = serde_json::from_str::<Value>(data.trim()) {
-                if !on_event(&v) {
-                    break;
-                }
+            let ev: T = serde_json::from_str(data.trim()).map_err(|e| {
+                AgentError::Internal(format!("{url}: unexpected event ({e}): {}", data.trim()))
+            })?;
+            if !on_event(ev) {
+                break;
             }
         }
     }

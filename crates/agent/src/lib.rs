@@ -64,6 +64,9 @@ pub struct Agent {
     /// Receiving workers not yet running a VM: VM name -> (migration id, worker).
     pub incoming:
         std::sync::Mutex<std::collections::HashMap<String, (String, Arc<workers::Worker>)>>,
+    /// VMs with a life-cycle operation in progress here (start, stop, delete, the setup of a
+    /// migration): reconciliation leaves them alone until it ends.
+    pub busy: ops::Busy,
     pub metrics: metrics::Metrics,
 }
 
@@ -91,6 +94,7 @@ impl Agent {
             workers: Default::default(),
             migrations: Default::default(),
             incoming: Default::default(),
+            busy: Default::default(),
             metrics: Default::default(),
         });
         agent.reconcile_once();

@@ -32,6 +32,10 @@ pub struct AgentConfig {
     pub lease_ttl: Duration,
     /// Most migrations a drain runs at once.
     pub drain_concurrency: usize,
+    /// How long the commit point keeps trying a store that does not answer before it leaves
+    /// the migration undecided (both sides paused; reconciliation settles it once the store
+    /// is back).
+    pub commit_retry: Duration,
 }
 
 impl AgentConfig {
@@ -91,10 +95,8 @@ pub fn describe(cfg: &AgentConfig) -> anyhow::Result<NodeInfo> {
         cpu_features: offer.features().into_iter().collect(),
         cores: cfg
             .cores
-            .unwrap_or_else(|| migration::preflight::online_cpus() * VCPUS_PER_CPU),
-        memory_mib: cfg
-            .memory_mib
-            .unwrap_or_else(migration::preflight::free_memory_mib),
+            .unwrap_or_else(|| vmm::host::online_cpus() * VCPUS_PER_CPU),
+        memory_mib: cfg.memory_mib.unwrap_or_else(vmm::host::free_memory_mib),
         storage: cfg.storage.clone(),
         networks: cfg.networks.iter().map(|(n, _)| n.clone()).collect(),
         schedulable: true,

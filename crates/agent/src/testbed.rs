@@ -297,7 +297,9 @@ impl Testbed {
         let t0 = Instant::now();
         loop {
             let a = api.clone();
-            if in_netns(&ns, move || crate::client::get(&a, "/v1/health").is_ok())? {
+            if in_netns(&ns, move || {
+                crate::client::get::<contract::api::Health>(&a, "/v1/health").is_ok()
+            })? {
                 return Ok(());
             }
             if let Some(st) = self
@@ -363,14 +365,24 @@ impl Testbed {
     ) -> Result<serde_json::Value> {
         let (api, p) = (self.node(name).api(), path.to_string());
         in_netns(&self.client_ns, move || {
-            crate::client::post(&api, &p, &body, Some(Duration::from_secs(300)))
+            crate::client::post::<_, serde_json::Value>(
+                &api,
+                &p,
+                &body,
+                Some(Duration::from_secs(300)),
+            )
         })?
         .map_err(|e| anyhow!("POST {path}: {e}"))
     }
 
     /// Live-migrates `vm` to node `to` through node `via`'s agent and waits for the outcome:
     /// the migration record on success, `phase: reason` on failure.
-    pub fn migrate(&self, via: &str, vm: &str, to: &str) -> Result<serde_json::Value, String> {
+    pub fn migrate(
+        &self,
+        via: &str,
+        vm: &str,
+        to: &str,
+    ) -> Result<cluster::MigrationRecord, String> {
         let started = self
             .post(
                 via,
@@ -378,20 +390,18 @@ impl Testbed {
                 serde_json::json!({ "to": to }),
             )
             .map_err(|e| e.to_string())?;
-        let runner = started["agent"].as_str().unwrap_or_default().to_string();
-        let id = started["migration"]["id"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
+        let started: contract::api::MigrationStarted =
+            serde_json::from_value(started).map_err(|e| e.to_string())?;
+        let (runner, id) = (started.agent, started.migration.id);
         let m = in_netns(&self.client_ns, move || {
-            crate::ops::wait_migration(&runner, &id)
+            crate::ops::source::wait_migration(&runner, &id)
         })
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
-        if m["outcome"] == "succeeded" {
+        if m.outcome == cluster::MigrationOutcome::Succeeded {
             Ok(m)
         } else {
-            Err(format!("{}: {}", m["phase"], m["reason"]))
+            Err(format!("{}: {}", m.phase, m.reason.unwrap_or_default()))
         }
     }
 
@@ -461,9 +471,9 @@ pub fn shutdown_workers(data_dir: &Path) {
     for e in rd.flatten() {
         let sock = e.path().join("api.sock");
         if sock.exists() {
-            let _ = worker::api::call(
+            let _ = contract::worker::call(
                 &sock,
-                &worker::api::Request::Shutdown,
+                &contract::worker::Request::Shutdown,
                 Some(Duration::from_secs(5)),
             );
         }

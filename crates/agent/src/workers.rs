@@ -4,13 +4,13 @@
 //! does not take running VMs with it. A restarted agent adopts the workers it finds (by their
 //! API sockets) for the VMs its node owns.
 
+use contract::worker::{self as api, Reply, Request, WorkerStatus};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use worker::api::{self, Request};
 
 /// One worker.
 pub struct Worker {
@@ -69,14 +69,14 @@ impl Workers {
     }
 
     /// Starts a worker with `args` (a `run` or `receive` command line); returns it once its API
-    /// socket answers. Its stdout's first line is returned too (`receive` prints its address).
+    /// socket exists.
     pub fn spawn(
         &self,
         bin: &Path,
         data_dir: &Path,
         vm: &str,
         args: &[String],
-    ) -> anyhow::Result<(Arc<Worker>, String)> {
+    ) -> anyhow::Result<Arc<Worker>> {
         let dir = vm_dir(data_dir, vm);
         std::fs::create_dir_all(&dir)?;
         let socket = dir.join("api.sock");
@@ -94,7 +94,7 @@ impl Workers {
             .arg("--api-socket")
             .arg(&socket)
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
+            .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log));
         // Own process group: a signal to the agent's group does not reach the VM.
         use std::os::unix::process::CommandExt;
@@ -102,20 +102,6 @@ impl Workers {
         let mut child = cmd
             .spawn()
             .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", bin.display()))?;
-        let stdout = child.stdout.take().expect("piped");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            let mut r = std::io::BufReader::new(stdout);
-            let mut first = String::new();
-            let _ = r.read_line(&mut first);
-            let _ = tx.send(first);
-            // Keep draining so the worker never blocks on a full pipe.
-            let mut sink = String::new();
-            while r.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
-                sink.clear();
-            }
-        });
         let t0 = Instant::now();
         while !socket.exists() {
             if let Some(st) = child.try_wait()? {
@@ -128,11 +114,6 @@ impl Workers {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        let first = if args.first().map(|a| a.as_str()) == Some("receive") {
-            rx.recv_timeout(Duration::from_secs(10)).unwrap_or_default()
-        } else {
-            String::new()
-        };
         let w = Arc::new(Worker {
             vm: vm.into(),
             socket,
@@ -144,19 +125,15 @@ impl Workers {
         });
         let w2 = w.clone();
         std::thread::spawn(move || supervise(child, w2));
-        Ok((w, first.trim().to_string()))
+        Ok(w)
     }
 
     /// Adopts a worker that is already running (found after an agent restart).
     pub fn adopt(&self, data_dir: &Path, vm: &str) -> Option<Arc<Worker>> {
         let dir = vm_dir(data_dir, vm);
         let socket = dir.join("api.sock");
-        let st = api::call(&socket, &Request::Status, Some(Duration::from_secs(2))).ok()?;
-        let pid = st
-            .data
-            .get("pid")
-            .and_then(|p| p.as_u64())
-            .map(|p| p as u32);
+        let st = api::status(&socket, Some(Duration::from_secs(2))).ok()?;
+        let pid = Some(st.pid);
         let w = Arc::new(Worker {
             vm: vm.into(),
             socket,
@@ -191,16 +168,9 @@ fn supervise(mut child: Child, w: Arc<Worker>) {
 }
 
 impl Worker {
-    /// Calls the worker's control API.
-    pub fn call(&self, req: &Request) -> anyhow::Result<api::Response> {
-        let r = api::call(&self.socket, req, Some(Duration::from_secs(30)))?;
-        if !r.ok {
-            anyhow::bail!(
-                "{}",
-                r.error.clone().unwrap_or_else(|| "worker error".into())
-            );
-        }
-        Ok(r)
+    /// Calls the worker's control API (an error reply is an error).
+    pub fn call(&self, req: &Request) -> Result<Reply, api::ClientError> {
+        api::call(&self.socket, req, Some(Duration::from_secs(30)))
     }
 
     /// Whether the process is alive (for adopted workers: whether its API answers).
@@ -235,10 +205,8 @@ impl Worker {
         }
     }
 
-    /// Run state from the worker (`running`, `paused`, `receiving`, ...).
-    pub fn state(&self) -> Option<serde_json::Value> {
-        api::call(&self.socket, &Request::Status, Some(Duration::from_secs(5)))
-            .ok()
-            .map(|r| serde_json::Value::Object(r.data))
+    /// What the worker says about itself.
+    pub fn state(&self) -> Option<WorkerStatus> {
+        api::status(&self.socket, Some(Duration::from_secs(5))).ok()
     }
 }

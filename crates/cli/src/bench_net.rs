@@ -240,14 +240,17 @@ fn ferry_scenario(
         std::thread::sleep(Duration::from_millis(1000));
         let report = tb.stop_probe(probe, &stop)?;
         let m = m.map_err(|e| anyhow!("{name} {at} -> {to}: {e}"))?;
-        let s = &m["summary"];
         rows.push(Row {
             system: "Ferry",
             scenario: sc.name,
             from: at.into(),
             to: to.into(),
-            downtime_ms: s["downtime_ms"].as_f64(),
-            total_ms: s["total_ms"].as_f64().unwrap_or(wall.as_secs_f64() * 1e3),
+            downtime_ms: m.summary.as_ref().map(|s| s.downtime_ms),
+            total_ms: m
+                .summary
+                .as_ref()
+                .map(|s| s.total_ms)
+                .unwrap_or(wall.as_secs_f64() * 1e3),
             probe: report,
         });
         at = to;

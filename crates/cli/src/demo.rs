@@ -3,7 +3,10 @@
 //! the guest kept running.
 
 use anyhow::{bail, Context, Result};
-use serde_json::{json, Value};
+use cluster::{MigrationOutcome, MigrationRecord, VmRecord};
+use contract::api::{CreateVm, Deleted, MigrateRequest, MigrationStarted, NodeView, VmView};
+use contract::{Compression, MigrationParams};
+use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -53,12 +56,6 @@ impl Drop for Cluster {
     }
 }
 
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 fn api<T>(r: Result<T, agent::AgentError>) -> Result<T> {
     r.map_err(|e| anyhow::anyhow!("{e}"))
 }
@@ -91,66 +88,78 @@ pub fn run(keep: bool) -> Result<()> {
         "== starting a 3-node cluster on loopback (embedded store {})",
         dir.join("cluster.db").display()
     );
+    // Each agent binds a free port itself (`--listen 127.0.0.1:0`) and writes the address it
+    // serves on to a file: no port is picked here and then raced for.
+    let mut pending = Vec::new();
     for i in 1..=3 {
         let name = format!("node{i}");
-        let addr = format!("127.0.0.1:{}", free_port()?);
         let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
+        let addr_file = dir.join(format!("{name}.addr"));
         let child = Command::new(&exe)
             .args([
                 "agent",
                 "--node",
                 &name,
                 "--listen",
-                &addr,
+                "127.0.0.1:0",
                 "--store",
                 &store,
                 "--data-dir",
             ])
             .arg(dir.join(&name))
-            .args(["--lease-ttl-s", "3"])
+            .args(["--lease-ttl-s", "3", "--address-file"])
+            .arg(&addr_file)
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
             .spawn()
             .context("cannot start an agent")?;
-        cl.agents.push((name, addr, child));
+        pending.push((name, addr_file, child));
     }
-    for (name, addr, _) in &cl.agents {
+    for (name, addr_file, mut child) in pending {
         let t0 = Instant::now();
-        while agent::client::get(addr, "/v1/health").is_err() {
-            if t0.elapsed() > Duration::from_secs(20) {
+        let addr = loop {
+            if let Ok(a) = std::fs::read_to_string(&addr_file) {
+                if agent::client::get::<contract::api::Health>(&a, "/v1/health")
+                    .is_ok_and(|h| h.node == name)
+                {
+                    break a;
+                }
+            }
+            let exited = child.try_wait().ok().flatten();
+            if exited.is_some() || t0.elapsed() > Duration::from_secs(30) {
                 let log =
                     std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default();
+                let _ = child.kill();
                 bail!(
                     "agent {name} did not come up: {}",
                     log.lines().last().unwrap_or("")
                 );
             }
             std::thread::sleep(Duration::from_millis(50));
-        }
+        };
+        cl.agents.push((name, addr, child));
     }
     let a1 = cl.agents[0].1.clone();
-    for n in api(agent::client::get(&a1, "/v1/nodes"))?
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-    {
+    let nodes: Vec<NodeView> = api(agent::client::get(&a1, "/v1/nodes"))?;
+    for n in nodes {
         println!(
             "   {} up at {} ({} cores, {} MiB for VMs)",
-            n["name"].as_str().unwrap_or(""),
-            n["address"].as_str().unwrap_or(""),
-            n["cores"],
-            n["memory_mib"]
+            n.name, n.address, n.cores, n.memory_mib
         );
     }
     let spec = "name = \"demo\"\nvcpus = 2\nmemory_mib = 256\nkernel = \"test-guest\"\ncmdline = \"ferry.workload=verify ferry.wss_mib=64 ferry.hb_ms=100\"\ncpu_profile = \"cluster\"\n";
     println!("\n== creating VM demo on node1 (2 vCPUs, 256 MiB, the guest rewrites and verifies 64 MiB; CPU profile 'cluster')");
-    api(agent::client::post(
+    let _: VmRecord = api(agent::client::post(
         &a1,
         "/v1/vms",
-        &json!({ "toml": spec, "node": "node1" }),
+        &CreateVm {
+            spec: None,
+            toml: Some(spec.into()),
+            node: Some("node1".into()),
+        },
         Some(Duration::from_secs(30)),
     ))?;
-    api(agent::client::post(
+    let _: VmRecord = api(agent::client::post(
         &a1,
         "/v1/vms/demo/start",
         &json!({}),
@@ -166,53 +175,50 @@ pub fn run(keep: bool) -> Result<()> {
         last_line(&serial("node1"), "verify ok")
     );
 
-    let mut rows: Vec<(String, Value)> = Vec::new();
-    for (to, extra) in [
-        ("node2", json!({})),
-        ("node3", json!({ "streams": 4, "compress": "lz4" })),
-    ] {
-        let mut body = json!({ "to": to });
-        for (k, v) in extra.as_object().cloned().unwrap_or_default() {
-            body[k] = v;
-        }
+    let mut rows: Vec<MigrationRecord> = Vec::new();
+    let four_lz4 = MigrationParams {
+        streams: 4,
+        compression: Compression::Lz4,
+        ..Default::default()
+    };
+    for (to, params) in [("node2", MigrationParams::default()), ("node3", four_lz4)] {
         println!(
             "\n== live-migrating demo to {to} {}",
-            if extra.as_object().is_some_and(|o| !o.is_empty()) {
+            if params.streams > 1 {
                 "(4 streams, lz4)"
             } else {
                 ""
             }
         );
-        let started = api(agent::client::post(
+        let body = MigrateRequest {
+            to: to.into(),
+            dry_run: false,
+            params,
+        };
+        let started: MigrationStarted = api(agent::client::post(
             &a1,
             "/v1/vms/demo/migrate",
             &body,
             Some(Duration::from_secs(60)),
         ))?;
-        let id = started["migration"]["id"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        let runner = started["agent"].as_str().unwrap_or(&a1).to_string();
-        let m = crate::follow_migration(&runner, &id, "demo", to, false)?;
-        if m["outcome"] != "succeeded" {
+        let id = started.migration.id.clone();
+        let m = crate::follow_migration(&[started.agent.as_str(), &a1], &id, "demo", to, false)?;
+        if m.outcome != MigrationOutcome::Succeeded {
             bail!(
-                "migration to {to} failed in {}: {}",
-                m["phase"].as_str().unwrap_or("?"),
-                m["reason"].as_str().unwrap_or("")
+                "migration to {to} {} in {}: {}",
+                m.outcome,
+                m.phase,
+                m.reason.as_deref().unwrap_or("")
             );
         }
         println!("   {}", crate::summary_line("demo", &m));
-        let owner = api(agent::client::get(&a1, "/v1/vms/demo"))?["vm"]["owner"]
-            .as_str()
-            .unwrap_or("")
-            .to_string();
-        println!("   the store says demo is owned by {owner}");
+        let v: VmView = api(agent::client::get(&a1, "/v1/vms/demo"))?;
+        println!("   the store says demo is owned by {}", v.vm.owner);
         wait_log(&serial(to), "the guest on the new node", |s| {
             s.matches("\nverify ok").count() >= 2 || s.starts_with("verify ok")
         })?;
         println!("   guest on {to}: {}", last_line(&serial(to), "verify ok"));
-        rows.push((to.to_string(), m));
+        rows.push(m);
     }
 
     // The guest's own account, across the three nodes.
@@ -240,25 +246,25 @@ pub fn run(keep: bool) -> Result<()> {
         "\n{:<7} {:<7} {:>10} {:>12} {:>10} {:>7}",
         "from", "to", "total ms", "downtime ms", "MiB", "passes"
     );
-    for (_, m) in &rows {
-        let s = &m["summary"];
+    for m in &rows {
+        let s = m.summary.clone().unwrap_or_default();
         println!(
             "{:<7} {:<7} {:>10.0} {:>12.2} {:>10.1} {:>7}",
-            m["from"].as_str().unwrap_or(""),
-            m["to"].as_str().unwrap_or(""),
-            s["total_ms"].as_f64().unwrap_or(0.0),
-            s["downtime_ms"].as_f64().unwrap_or(0.0),
-            s["bytes_sent"].as_f64().unwrap_or(0.0) / 1048576.0,
-            s["passes"]
+            m.from,
+            m.to,
+            s.total_ms,
+            s.downtime_ms,
+            s.bytes_sent as f64 / 1048576.0,
+            s.passes
         );
     }
-    api(agent::client::post(
+    let _: VmRecord = api(agent::client::post(
         &a1,
         "/v1/vms/demo/stop",
         &json!({}),
         Some(Duration::from_secs(60)),
     ))?;
-    api(agent::client::delete(&a1, "/v1/vms/demo"))?;
+    let _: Deleted = api(agent::client::delete(&a1, "/v1/vms/demo"))?;
     println!("\n== VM stopped and deleted; shutting the cluster down");
     if jumps != 0 || bad != 0 {
         bail!("the guest noticed: {jumps} heartbeat jumps, {bad} corrupt sweeps");

@@ -3,7 +3,14 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
-use serde_json::{json, Value};
+use cluster::{MigrationOutcome, MigrationRecord, VmRecord};
+use contract::api::{
+    CancelReply, CreateVm, Deleted, DrainReport, DrainRequest, MigrateRequest, MigrationEvent,
+    MigrationStarted, MigrationView, NodeView, Schedulable, VmView,
+};
+use contract::MigrationParams;
+use serde::Serialize;
+use serde_json::json;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -131,6 +138,14 @@ struct AgentArgs {
     /// Most migrations a drain runs at once.
     #[arg(long, default_value_t = 2)]
     drain_concurrency: usize,
+    /// Seconds the commit point keeps retrying a store that does not answer before it leaves
+    /// the migration to reconciliation (both sides stay paused meanwhile).
+    #[arg(long, default_value_t = 120)]
+    commit_retry_s: u64,
+    /// Write the address the API really listens on to this file once the agent serves
+    /// (with `--listen HOST:0` the agent picks a free port itself).
+    #[arg(long)]
+    address_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -174,19 +189,24 @@ enum VmCmd {
         /// Destination node.
         #[arg(long, required_unless_present = "cancel")]
         to: Option<String>,
-        #[arg(long, default_value_t = 50)]
-        max_downtime_ms: u64,
-        #[arg(long, default_value_t = 1)]
-        streams: u16,
-        /// none, lz4 or zstd.
-        #[arg(long, default_value = "none")]
-        compress: String,
+        /// Switch over once the expected downtime fits this budget (default 50).
+        #[arg(long)]
+        max_downtime_ms: Option<u64>,
+        /// Parallel data connections, 1-16 (default 1).
+        #[arg(long)]
+        streams: Option<u16>,
+        /// Page compression: none, lz4 or zstd (default none).
+        #[arg(long)]
+        compress: Option<contract::Compression>,
         /// Only run the preflight checks.
         #[arg(long)]
         dry_run: bool,
         /// Bandwidth cap in MiB/s.
         #[arg(long)]
         max_bandwidth_mibs: Option<u64>,
+        /// Give up after this many seconds (the VM stays on its node).
+        #[arg(long)]
+        timeout_s: Option<f64>,
         /// Cancel the VM's running migration instead.
         #[arg(long)]
         cancel: bool,
@@ -194,6 +214,12 @@ enum VmCmd {
 }
 
 fn main() {
+    // A closed pipe (`ferry vm show x | head -2`) ends the process quietly, as for any
+    // command-line tool, instead of a panic on the next println.
+    // SAFETY: restoring the default disposition of SIGPIPE has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -297,216 +323,201 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Node { cmd } => match cmd {
-            NodeCmd::List => {
-                let v = api(agent::client::get(&addr, "/v1/nodes"))?;
-                if json {
-                    println!("{v}");
-                } else {
-                    println!(
-                        "{:<12} {:<6} {:<12} {:>11} {:>15} {:>4}  ADDRESS",
-                        "NODE", "STATE", "SCHEDULABLE", "VCPUS USED", "MEMORY USED", "VMS"
-                    );
-                    for n in v.as_array().cloned().unwrap_or_default() {
-                        println!(
-                            "{:<12} {:<6} {:<12} {:>11} {:>15} {:>4}  {}",
-                            n["name"].as_str().unwrap_or(""),
-                            if n["alive"] == true { "up" } else { "down" },
-                            if n["schedulable"] == true {
-                                "yes"
-                            } else {
-                                "drained"
-                            },
-                            format!("{}/{}", n["cores_used"], n["cores"]),
-                            format!("{}/{} MiB", n["memory_used_mib"], n["memory_mib"]),
-                            n["vms"],
-                            n["address"].as_str().unwrap_or("")
-                        );
-                    }
-                }
-                Ok(())
-            }
-            NodeCmd::Drain { node, concurrency } => {
-                let body = match concurrency {
-                    Some(c) => json!({ "concurrency": c }),
-                    None => json!({}),
-                };
-                let v = api(agent::client::post(
-                    &addr,
-                    &format!("/v1/nodes/{node}/drain"),
-                    &body,
-                    None,
-                ))?;
-                if json {
-                    println!("{v}");
-                } else {
-                    for r in v["vms"].as_array().cloned().unwrap_or_default() {
-                        match r["ok"] == true {
-                            true => println!(
-                                "  {:<12} -> {:<10} {}",
-                                r["vm"].as_str().unwrap_or(""),
-                                r["to"].as_str().unwrap_or("-"),
-                                r["note"].as_str().unwrap_or("moved")
-                            ),
-                            false => println!(
-                                "  {:<12} FAILED: {}",
-                                r["vm"].as_str().unwrap_or(""),
-                                r["error"].as_str().unwrap_or("")
-                            ),
-                        }
-                    }
-                    println!(
-                        "{node} drained: {} moved, {} failed (at most {} at once)",
-                        v["moved"], v["failed"], v["max_concurrent"]
-                    );
-                }
-                if v["failed"].as_u64().unwrap_or(0) > 0 {
-                    bail!("{} VMs could not be moved off {node}", v["failed"]);
-                }
-                Ok(())
-            }
-            NodeCmd::Undrain { node } => {
-                let v = api(agent::client::post(
-                    &addr,
-                    &format!("/v1/nodes/{node}/undrain"),
-                    &json!({}),
-                    Some(Duration::from_secs(30)),
-                ))?;
-                if json {
-                    println!("{v}");
-                } else {
-                    println!("{node} is schedulable again");
-                }
-                Ok(())
-            }
-        },
+        Cmd::Node { cmd } => node_cmd(&addr, json, cmd),
         Cmd::Vm { cmd } => vm_cmd(&addr, json, cmd),
     }
 }
 
-fn vm_cmd(addr: &str, json: bool, cmd: &VmCmd) -> Result<()> {
-    let print = |v: &Value, text: String| {
-        if json {
-            println!("{v}");
-        } else {
-            println!("{text}");
+/// Prints `v` as JSON, or `text`.
+fn out<T: Serialize>(json: bool, v: &T, text: impl FnOnce() -> String) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(v)?);
+    } else {
+        println!("{}", text());
+    }
+    Ok(())
+}
+
+fn node_cmd(addr: &str, json: bool, cmd: &NodeCmd) -> Result<()> {
+    match cmd {
+        NodeCmd::List => {
+            let nodes: Vec<NodeView> = api(agent::client::get(addr, "/v1/nodes"))?;
+            out(json, &nodes, || {
+                let mut t = format!(
+                    "{:<12} {:<6} {:<12} {:>11} {:>15} {:>4}  ADDRESS",
+                    "NODE", "STATE", "SCHEDULABLE", "VCPUS USED", "MEMORY USED", "VMS"
+                );
+                for n in &nodes {
+                    t.push_str(&format!(
+                        "\n{:<12} {:<6} {:<12} {:>11} {:>15} {:>4}  {}",
+                        n.name,
+                        if n.alive { "up" } else { "down" },
+                        if n.schedulable { "yes" } else { "drained" },
+                        format!("{}/{}", n.cores_used, n.cores),
+                        format!("{}/{} MiB", n.memory_used_mib, n.memory_mib),
+                        n.vms,
+                        n.address
+                    ));
+                }
+                t
+            })
         }
-    };
+        NodeCmd::Drain { node, concurrency } => {
+            let r: DrainReport = api(agent::client::post(
+                addr,
+                &format!("/v1/nodes/{node}/drain"),
+                &DrainRequest {
+                    concurrency: *concurrency,
+                },
+                None,
+            ))?;
+            out(json, &r, || {
+                let mut t = String::new();
+                for i in &r.vms {
+                    if i.ok {
+                        t.push_str(&format!(
+                            "  {:<12} -> {:<10} {}\n",
+                            i.vm,
+                            i.to.as_deref().unwrap_or("-"),
+                            i.note.as_deref().unwrap_or("moved")
+                        ));
+                    } else {
+                        t.push_str(&format!(
+                            "  {:<12} FAILED: {}\n",
+                            i.vm,
+                            i.error.as_deref().or(i.note.as_deref()).unwrap_or("")
+                        ));
+                    }
+                }
+                t.push_str(&format!(
+                    "{node} drained: {} moved, {} failed (at most {} at once)",
+                    r.moved, r.failed, r.max_concurrent
+                ));
+                t
+            })?;
+            if r.failed > 0 {
+                bail!("{} VMs could not be moved off {node}", r.failed);
+            }
+            Ok(())
+        }
+        NodeCmd::Undrain { node } => {
+            let r: Schedulable = api(agent::client::post(
+                addr,
+                &format!("/v1/nodes/{node}/undrain"),
+                &json!({}),
+                Some(Duration::from_secs(30)),
+            ))?;
+            out(json, &r, || format!("{node} is schedulable again"))
+        }
+    }
+}
+
+fn vm_cmd(addr: &str, json: bool, cmd: &VmCmd) -> Result<()> {
     match cmd {
         VmCmd::Create { spec, node } => {
             let toml = std::fs::read_to_string(spec)
                 .with_context(|| format!("cannot read {}", spec.display()))?;
-            let mut body = json!({ "toml": toml });
-            if let Some(n) = node {
-                body["node"] = json!(n);
-            }
-            let v = api(agent::client::post(
+            let body = CreateVm {
+                spec: None,
+                toml: Some(toml),
+                node: node.clone(),
+            };
+            let r: VmRecord = api(agent::client::post(
                 addr,
                 "/v1/vms",
                 &body,
                 Some(Duration::from_secs(30)),
             ))?;
-            print(
-                &v,
-                format!(
-                    "created VM {} on {}",
-                    v["spec"]["name"].as_str().unwrap_or(""),
-                    v["owner"].as_str().unwrap_or("")
-                ),
-            );
+            out(json, &r, || {
+                format!("created VM {} on {}", r.spec.name, r.owner)
+            })
         }
         VmCmd::List => {
-            let v = api(agent::client::get(addr, "/v1/vms"))?;
-            if json {
-                println!("{v}");
-            } else {
-                println!(
+            let vms: Vec<VmRecord> = api(agent::client::get(addr, "/v1/vms"))?;
+            out(json, &vms, || {
+                let mut t = format!(
                     "{:<14} {:<10} {:<10} {:>5} {:>8}  LAST ERROR",
                     "VM", "STATE", "NODE", "VCPUS", "MEMORY"
                 );
-                for r in v.as_array().cloned().unwrap_or_default() {
-                    println!(
-                        "{:<14} {:<10} {:<10} {:>5} {:>5} MiB  {}",
-                        r["spec"]["name"].as_str().unwrap_or(""),
-                        r["state"].as_str().unwrap_or(""),
-                        r["owner"].as_str().unwrap_or(""),
-                        r["spec"]["vcpus"],
-                        r["spec"]["memory_mib"],
-                        r["last_error"].as_str().unwrap_or("")
-                    );
+                for r in &vms {
+                    t.push_str(&format!(
+                        "\n{:<14} {:<10} {:<10} {:>5} {:>5} MiB  {}",
+                        r.spec.name,
+                        r.state.to_string(),
+                        r.owner,
+                        r.spec.vcpus,
+                        r.spec.memory_mib,
+                        r.last_error.as_deref().unwrap_or("")
+                    ));
                 }
-            }
+                t
+            })
         }
         VmCmd::Show { vm } => {
-            let v = api(agent::client::get(addr, &format!("/v1/vms/{vm}")))?;
-            if json {
-                println!("{v}");
-            } else {
-                let r = &v["vm"];
-                println!(
-                    "VM {} ({} vCPUs, {} MiB, kernel {}, cpu profile {})",
+            let v: VmView = api(agent::client::get(addr, &format!("/v1/vms/{vm}")))?;
+            out(json, &v, || {
+                let r = &v.vm;
+                let mut t = format!(
+                    "VM {} ({} vCPUs, {} MiB, kernel {}, cpu profile {})\n  state {} on {}",
                     vm,
-                    r["spec"]["vcpus"],
-                    r["spec"]["memory_mib"],
-                    r["spec"]["kernel"].as_str().unwrap_or(""),
-                    r["spec"]["cpu_profile"].as_str().unwrap_or("")
+                    r.spec.vcpus,
+                    r.spec.memory_mib,
+                    r.spec.kernel,
+                    r.spec.cpu_profile,
+                    r.state,
+                    r.owner
                 );
-                println!(
-                    "  state {} on {}",
-                    r["state"].as_str().unwrap_or(""),
-                    r["owner"].as_str().unwrap_or("")
-                );
-                if let Some(e) = r["last_error"].as_str() {
-                    println!("  last error: {e}");
+                if let Some(m) = &r.migration {
+                    t.push_str(&format!("\n  migration in progress: {m}"));
                 }
-                if let Some(w) = v["worker"].as_object() {
-                    println!(
-                        "  worker: pid {} state {} uptime {:.1} s",
-                        w.get("pid").cloned().unwrap_or_default(),
-                        w.get("state").and_then(|s| s.as_str()).unwrap_or(""),
-                        w.get("uptime_s").and_then(|s| s.as_f64()).unwrap_or(0.0)
-                    );
+                if let Some(e) = &r.last_error {
+                    t.push_str(&format!("\n  last error: {e}"));
                 }
-                for m in v["migrations"].as_array().cloned().unwrap_or_default() {
-                    println!(
-                        "  migration {} {} -> {}: {} ({}){}",
-                        m["id"].as_str().unwrap_or(""),
-                        m["from"].as_str().unwrap_or(""),
-                        m["to"].as_str().unwrap_or(""),
-                        m["outcome"].as_str().unwrap_or(""),
-                        m["phase"].as_str().unwrap_or(""),
-                        m["reason"]
-                            .as_str()
+                match &v.worker {
+                    Some(w) => t.push_str(&format!(
+                        "\n  worker: pid {} state {} uptime {:.1} s",
+                        w.pid, w.state, w.uptime_s
+                    )),
+                    None => t.push_str("\n  worker: none answers"),
+                }
+                for m in &v.migrations {
+                    t.push_str(&format!(
+                        "\n  migration {} {} -> {}: {} ({}){}",
+                        m.id,
+                        m.from,
+                        m.to,
+                        m.outcome,
+                        m.phase,
+                        m.reason
+                            .as_deref()
                             .map(|r| format!(": {r}"))
                             .unwrap_or_default()
-                    );
+                    ));
                 }
-            }
+                t
+            })
         }
         VmCmd::Start { vm } => {
-            let v = api(agent::client::post(
+            let r: VmRecord = api(agent::client::post(
                 addr,
                 &format!("/v1/vms/{vm}/start"),
                 &json!({}),
                 Some(Duration::from_secs(60)),
             ))?;
-            print(
-                &v,
-                format!("VM {vm} running on {}", v["owner"].as_str().unwrap_or("")),
-            );
+            out(json, &r, || format!("VM {vm} running on {}", r.owner))
         }
         VmCmd::Stop { vm } => {
-            let v = api(agent::client::post(
+            let r: VmRecord = api(agent::client::post(
                 addr,
                 &format!("/v1/vms/{vm}/stop"),
                 &json!({}),
                 Some(Duration::from_secs(60)),
             ))?;
-            print(&v, format!("VM {vm} stopped"));
+            out(json, &r, || format!("VM {vm} stopped"))
         }
         VmCmd::Delete { vm } => {
-            let v = api(agent::client::delete(addr, &format!("/v1/vms/{vm}")))?;
-            print(&v, format!("VM {vm} deleted"));
+            let r: Deleted = api(agent::client::delete(addr, &format!("/v1/vms/{vm}")))?;
+            out(json, &r, || format!("VM {vm} deleted"))
         }
         VmCmd::Migrate {
             vm,
@@ -516,69 +527,101 @@ fn vm_cmd(addr: &str, json: bool, cmd: &VmCmd) -> Result<()> {
             compress,
             dry_run,
             max_bandwidth_mibs,
+            timeout_s,
             cancel,
         } => {
             if *cancel {
-                let v = api(agent::client::get(addr, &format!("/v1/vms/{vm}")))?;
-                let id = v["vm"]["migration"]
-                    .as_str()
-                    .ok_or_else(|| anyhow!("VM {vm} has no running migration"))?
-                    .to_string();
-                let r = api(agent::client::post(
+                let v: VmView = api(agent::client::get(addr, &format!("/v1/vms/{vm}")))?;
+                let id =
+                    v.vm.migration
+                        .ok_or_else(|| anyhow!("VM {vm} has no running migration"))?;
+                let r: CancelReply = api(agent::client::post(
                     addr,
                     &format!("/v1/migrations/{id}/cancel"),
                     &json!({}),
                     Some(Duration::from_secs(30)),
                 ))?;
-                print(&r, format!("cancelling migration {id}"));
-                return Ok(());
+                return out(json, &r, || format!("cancelling migration {id}"));
             }
-            let to = to.clone().expect("required by clap");
-            let body = json!({
-                "to": to,
-                "max_downtime_ms": max_downtime_ms,
-                "streams": streams,
-                "compress": compress,
-                "dry_run": dry_run,
-                "max_bandwidth_mibs": max_bandwidth_mibs,
-            });
-            let started = api(agent::client::post(
+            let to = to.clone().ok_or_else(|| anyhow!("--to is required"))?;
+            let d = MigrationParams::default();
+            let params = MigrationParams {
+                max_downtime_ms: max_downtime_ms.unwrap_or(d.max_downtime_ms),
+                streams: streams.unwrap_or(d.streams),
+                compression: compress.unwrap_or(d.compression),
+                max_bandwidth_mibs: *max_bandwidth_mibs,
+                timeout_s: *timeout_s,
+            };
+            params.validate()?;
+            let body = MigrateRequest {
+                to: to.clone(),
+                dry_run: *dry_run,
+                params,
+            };
+            let started: MigrationStarted = api(agent::client::post(
                 addr,
                 &format!("/v1/vms/{vm}/migrate"),
                 &body,
                 Some(Duration::from_secs(60)),
             ))?;
             if *dry_run {
-                print(
-                    &started,
-                    format!("preflight OK: VM {vm} can move to {to} (dry run, nothing moved)"),
-                );
-                return Ok(());
+                return out(json, &started, || {
+                    format!("preflight OK: VM {vm} can move to {to} (dry run, nothing moved)")
+                });
             }
-            let id = started["migration"]["id"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string();
-            let runner = started["agent"].as_str().unwrap_or(addr).to_string();
-            let record = follow_migration(&runner, &id, vm, &to, json)?;
-            if record["outcome"] != "succeeded" {
+            let id = started.migration.id.clone();
+            let record = follow_migration(&[started.agent.as_str(), addr], &id, vm, &to, json)?;
+            if record.outcome != MigrationOutcome::Succeeded {
                 bail!(
-                    "migration of {vm} to {to} failed in {}: {}",
-                    record["phase"].as_str().unwrap_or("?"),
-                    record["reason"].as_str().unwrap_or("unknown reason")
+                    "migration of {vm} to {to} {} in {}: {}",
+                    record.outcome,
+                    record.phase,
+                    record.reason.as_deref().unwrap_or("unknown reason")
                 );
             }
             if !json {
                 println!("{}", summary_line(vm, &record));
             }
+            Ok(())
         }
     }
-    Ok(())
+}
+
+/// A progress position that never runs backwards: each phase owns a slice of the bar, and
+/// within pre-copy the share of pages sent so far.
+fn bar_position(phase: contract::Phase, p: &contract::Progress, last: u64) -> u64 {
+    use contract::Phase as P;
+    let pos = match phase {
+        P::Connect | P::Handshake | P::Preflight => 10,
+        P::Setup => 30,
+        P::Precopy => {
+            let (sent, rem) = (p.pages_sent as f64, p.remaining_pages as f64);
+            let f = if sent + rem > 0.0 {
+                sent / (sent + rem)
+            } else {
+                0.0
+            };
+            50 + (f * 850.0) as u64
+        }
+        P::Pause | P::FinalPages => 920,
+        P::DeviceState => 950,
+        P::Ready => 970,
+        P::Commit => 990,
+        P::Resumed => 1000,
+    };
+    pos.max(last)
 }
 
 /// Follows a migration's events with a progress bar (text) or as JSON lines; returns the final
-/// record.
-pub fn follow_migration(agent: &str, id: &str, vm: &str, to: &str, json: bool) -> Result<Value> {
+/// record. `agents`: the one that runs the migration first, others to fall back on if it
+/// stops answering (the record is in the store).
+pub fn follow_migration(
+    agents: &[&str],
+    id: &str,
+    vm: &str,
+    to: &str,
+    json: bool,
+) -> Result<MigrationRecord> {
     use indicatif::{ProgressBar, ProgressStyle};
     let bar = if json {
         ProgressBar::hidden()
@@ -591,71 +634,92 @@ pub fn follow_migration(agent: &str, id: &str, vm: &str, to: &str, json: bool) -
             .progress_chars("=> "),
     );
     bar.set_prefix(format!("{vm} -> {to}"));
-    let mut last = Value::Null;
-    api(agent::client::follow_events(
-        agent,
-        &format!("/v1/migrations/{id}/events"),
-        |ev| {
-            if json {
-                println!("{ev}");
-            }
-            match ev["event"].as_str() {
-                Some("progress") => {
-                    let p = &ev["progress"];
-                    let sent = p["pages_sent"].as_f64().unwrap_or(0.0);
-                    let rem = p["remaining_pages"].as_f64().unwrap_or(0.0);
-                    if sent + rem > 0.0 {
-                        bar.set_position(((sent / (sent + rem)) * 1000.0).min(1000.0) as u64);
+    let mut last: Option<MigrationRecord> = None;
+    let mut pos = 0u64;
+    let mut errors = Vec::new();
+    for agent in agents {
+        let r = agent::client::follow_events(
+            agent,
+            &format!("/v1/migrations/{id}/events"),
+            |ev: MigrationEvent| {
+                if json {
+                    println!("{}", serde_json::to_string(&ev).unwrap_or_default());
+                }
+                match ev {
+                    MigrationEvent::Progress { phase, progress: p } => {
+                        pos = bar_position(phase, &p, pos);
+                        bar.set_position(pos);
+                        bar.set_message(format!(
+                            "{} pass {} | {:.1} MiB sent, {:.1} MiB left | dirty {:.0} MiB/s | {:.0} MiB/s | expect {:.1} ms down | throttle {}%",
+                            phase,
+                            p.pass,
+                            p.bytes_sent as f64 / 1048576.0,
+                            p.remaining_bytes as f64 / 1048576.0,
+                            p.dirty_rate_mibs,
+                            p.bandwidth_mibs,
+                            p.expected_downtime_ms,
+                            p.throttle_pct,
+                        ));
+                        true
                     }
-                    bar.set_message(format!(
-                    "{} pass {} | {:.1} MiB sent, {:.1} MiB left | dirty {:.0} MiB/s | {:.0} MiB/s | expect {:.1} ms down | throttle {}%",
-                    ev["phase"].as_str().unwrap_or(""),
-                    p["pass"].as_u64().unwrap_or(0),
-                    p["bytes_sent"].as_f64().unwrap_or(0.0) / 1048576.0,
-                    p["remaining_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
-                    p["dirty_rate_mibs"].as_f64().unwrap_or(0.0),
-                    p["bandwidth_mibs"].as_f64().unwrap_or(0.0),
-                    p["expected_downtime_ms"].as_f64().unwrap_or(0.0),
-                    p["throttle_pct"].as_u64().unwrap_or(0),
-                ));
-                    true
+                    MigrationEvent::Done { migration } => {
+                        last = Some(*migration);
+                        false
+                    }
+                    MigrationEvent::Error { error } => {
+                        errors.push(error);
+                        false
+                    }
                 }
-                Some("done") => {
-                    last = ev["migration"].clone();
-                    false
+            },
+        );
+        if let Err(e) = r {
+            errors.push(format!("{agent}: {e}"));
+        }
+        if last.is_some() {
+            break;
+        }
+        // The stream ended early (the agent restarted or died): read the record, from any
+        // agent (they share the store), until it is final.
+        let deadline = std::time::Instant::now() + Duration::from_secs(300);
+        while std::time::Instant::now() < deadline {
+            let v = agents.iter().find_map(|a| {
+                agent::client::get::<MigrationView>(a, &format!("/v1/migrations/{id}")).ok()
+            });
+            match v {
+                Some(v) if v.done => {
+                    last = Some(v.migration);
+                    break;
                 }
-                _ => {
-                    last = ev.clone();
-                    false
-                }
+                Some(_) => std::thread::sleep(Duration::from_millis(200)),
+                None => std::thread::sleep(Duration::from_millis(500)),
             }
-        },
-    ))?;
-    bar.set_position(1000);
-    bar.finish_and_clear();
-    if last.is_null() {
-        // The stream ended early (agent restarted): read the record.
-        last =
-            api(agent::client::get(agent, &format!("/v1/migrations/{id}")))?["migration"].clone();
+        }
+        if last.is_some() {
+            break;
+        }
     }
-    Ok(last)
+    bar.finish_and_clear();
+    last.ok_or_else(|| anyhow!("lost track of migration {id}: {}", errors.join("; ")))
 }
 
 /// One line describing a finished migration.
-pub fn summary_line(vm: &str, m: &Value) -> String {
-    let s = &m["summary"];
-    let d = &s["downtime"];
+pub fn summary_line(vm: &str, m: &MigrationRecord) -> String {
+    let Some(s) = &m.summary else {
+        return format!("migrated {vm} {} -> {}", m.from, m.to);
+    };
+    let d = &s.downtime;
     format!(
         "migrated {vm} {} -> {} in {:.0} ms: downtime {:.2} ms (final memory {:.2}, state {:.2}, commit {:.2}), {} passes, {:.1} MiB",
-        m["from"].as_str().unwrap_or(""),
-        m["to"].as_str().unwrap_or(""),
-        s["total_ms"].as_f64().unwrap_or(0.0),
-        s["downtime_ms"].as_f64().unwrap_or(0.0),
-        d["final_memory_ms"].as_f64().unwrap_or(0.0),
-        d["state_ms"].as_f64().unwrap_or(0.0),
-        d["commit_ms"].as_f64().unwrap_or(0.0),
-        s["passes"],
-        s["bytes_sent"].as_f64().unwrap_or(0.0) / 1048576.0,
+        m.from,
+        m.to,
+        s.total_ms,
+        s.downtime_ms,
+        d.final_memory_ms,
+        d.state_ms,
+        d.commit_ms,
+        s.passes,
+        s.bytes_sent as f64 / 1048576.0,
     )
 }
 
@@ -692,12 +756,14 @@ fn run_agent(a: &AgentArgs) -> Result<()> {
         networks: a.network.clone(),
         lease_ttl: Duration::from_secs(a.lease_ttl_s.max(1)),
         drain_concurrency: a.drain_concurrency.max(1),
+        commit_retry: Duration::from_secs(a.commit_retry_s.max(1)),
     };
     if let Some(p) = &cfg.cpu_limit {
         if !["host", "baseline"].contains(&p.as_str()) {
             bail!("unknown CPU profile {p:?} for --cpu-limit (host, baseline)");
         }
     }
+    let address_file = a.address_file.clone();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -706,6 +772,9 @@ fn run_agent(a: &AgentArgs) -> Result<()> {
         let listener = tokio::net::TcpListener::bind(&cfg.listen)
             .await
             .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+        // The address other agents and the CLI reach: the one bound (port 0 picks one).
+        let mut cfg = cfg;
+        cfg.listen = listener.local_addr()?.to_string();
         let agent = tokio::task::spawn_blocking(move || agent::Agent::start(cfg)).await??;
         agent.spawn_background();
         tracing::info!(
@@ -718,7 +787,13 @@ fn run_agent(a: &AgentArgs) -> Result<()> {
             libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
             libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         }
-        let app = agent::api::router(agent);
+        let app = agent::api::router(agent.clone());
+        if let Some(f) = &address_file {
+            let tmp = f.with_extension("tmp");
+            std::fs::write(&tmp, &agent.cfg.listen)
+                .and_then(|_| std::fs::rename(&tmp, f))
+                .with_context(|| format!("cannot write {}", f.display()))?;
+        }
         axum::serve(listener, app)
             .with_graceful_shutdown(async {
                 while !STOP.load(std::sync::atomic::Ordering::SeqCst) {

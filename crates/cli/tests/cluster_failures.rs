@@ -121,10 +121,10 @@ fn destination_worker_killed_mid_migration() {
     );
     c.assert_verify("node1", "vm", 1);
     let a1 = c.addr("node1");
-    let started = agent::client::post(
+    let started = post(
         &a1,
         "/v1/vms/vm/migrate",
-        &json!({ "to": "node2", "max_bandwidth_mibs": 40 }),
+        &json!({ "to": "node2", "params": { "max_bandwidth_mibs": 40 } }),
         None,
     )
     .unwrap();
@@ -135,11 +135,10 @@ fn destination_worker_killed_mid_migration() {
         sock.exists()
     });
     std::thread::sleep(Duration::from_millis(500));
-    let st = worker::api::call(&sock, &worker::api::Request::Status, None).unwrap();
-    let pid = st.data["pid"].as_u64().unwrap() as i32;
+    let pid = worker_pid(&sock);
     // SAFETY: kill(2) of the test's own grandchild process.
     unsafe { libc::kill(pid, libc::SIGKILL) };
-    let m = agent::ops::wait_migration(&a1, &id).unwrap();
+    let m = wait_migration(&a1, &id);
     assert_eq!(m["outcome"], "failed", "{m}");
     assert_eq!(c.assert_one_owner("vm"), "node1");
     assert_eq!(
@@ -164,10 +163,10 @@ fn destination_agent_killed_mid_migration() {
     );
     c.assert_verify("node1", "vm", 1);
     let a1 = c.addr("node1");
-    let started = agent::client::post(
+    let started = post(
         &a1,
         "/v1/vms/vm/migrate",
-        &json!({ "to": "node2", "max_bandwidth_mibs": 60 }),
+        &json!({ "to": "node2", "params": { "max_bandwidth_mibs": 60 } }),
         None,
     )
     .unwrap();
@@ -176,7 +175,7 @@ fn destination_agent_killed_mid_migration() {
         c.agent("node2").data_dir.join("vms/vm/api.sock").exists()
     });
     c.kill("node2");
-    let m = agent::ops::wait_migration(&a1, &id).unwrap();
+    let m = wait_migration(&a1, &id);
     // The destination's worker outlives its agent: the migration may complete (the VM then
     // runs on node2) or fail (it stays on node1). Either way exactly one copy runs, and the
     // store agrees; a restarted agent adopts what runs on its node.
@@ -200,18 +199,31 @@ fn destination_agent_killed_mid_migration() {
 #[test]
 fn source_agent_dies_right_after_the_commit_point() {
     let mut c = Cluster::new(false);
-    c.add_env("node1", &[], &[("FERRY_TEST_CRASH_AFTER_CAS", "1")]);
+    let faults = c.dir.path().join("faults");
+    std::fs::create_dir_all(&faults).unwrap();
+    c.add_env(
+        "node1",
+        &[],
+        &[
+            ("FERRY_FAULT", "agent-after-cas"),
+            ("FERRY_FAULT_DIR", faults.to_str().unwrap()),
+        ],
+    );
     c.add("node2", &[]);
     c.vm("node1", "vm", &format!("vcpus = 2\n{GUEST}"));
     c.assert_verify("node1", "vm", 1);
     let a1 = c.addr("node1");
-    let _ =
-        agent::client::post(&a1, "/v1/vms/vm/migrate", &json!({ "to": "node2" }), None).unwrap();
-    // The source agent exits right after the store CAS, before telling its worker anything:
-    // the store says node2, so node2's agent resumes the VM; the source stays paused.
-    wait_until("the source agent to die", Duration::from_secs(30), || {
-        agent::client::get(&a1, "/v1/health").is_err()
-    });
+    let _ = post(&a1, "/v1/vms/vm/migrate", &json!({ "to": "node2" }), None).unwrap();
+    // The source agent stops right after the store CAS, before telling its worker anything,
+    // and is killed there: the store says node2, so node2's agent resumes the VM; the source
+    // stays paused.
+    let marker = faults.join("agent-after-cas");
+    wait_until(
+        "the source agent at the commit point",
+        Duration::from_secs(30),
+        || marker.exists(),
+    );
+    c.kill("node1");
     wait_until("the VM to run on node2", Duration::from_secs(30), || {
         c.workers_of("vm")
             .contains(&("node2".to_string(), "running".to_string()))
@@ -225,7 +237,6 @@ fn source_agent_dies_right_after_the_commit_point() {
     c.assert_verify("node2", "vm", 2);
     c.assert_heartbeats_continuous("vm", &["node1", "node2"]);
     // The restarted source agent retires its paused worker: the store is the truth.
-    c.kill("node1");
     c.restart("node1");
     assert_eq!(c.assert_one_owner("vm"), "node2");
 }
@@ -242,10 +253,10 @@ fn etcd_stopped_briefly_during_a_migration() {
     );
     c.assert_verify("node1", "vm", 1);
     let a1 = c.addr("node1");
-    let started = agent::client::post(
+    let started = post(
         &a1,
         "/v1/vms/vm/migrate",
-        &json!({ "to": "node2", "max_bandwidth_mibs": 100 }),
+        &json!({ "to": "node2", "params": { "max_bandwidth_mibs": 100 } }),
         None,
     )
     .unwrap();
@@ -254,7 +265,7 @@ fn etcd_stopped_briefly_during_a_migration() {
     c.etcd().pause();
     std::thread::sleep(Duration::from_millis(2500));
     c.etcd().resume();
-    let m = agent::ops::wait_migration(&a1, &id).unwrap();
+    let m = wait_migration(&a1, &id);
     let owner = c.store().vm("vm").unwrap().unwrap().value.owner;
     assert_eq!(
         owner,
@@ -413,10 +424,10 @@ fn crashed_worker_is_reported_and_cancel_keeps_the_vm() {
     c.assert_verify("node1", "vm", 1);
     // Cancel a slow migration through the CLI: the VM stays on node1.
     let a1 = c.addr("node1");
-    let started = agent::client::post(
+    let started = post(
         &a1,
         "/v1/vms/vm/migrate",
-        &json!({ "to": "node2", "max_bandwidth_mibs": 20 }),
+        &json!({ "to": "node2", "params": { "max_bandwidth_mibs": 20 } }),
         None,
     )
     .unwrap();
@@ -425,18 +436,14 @@ fn crashed_worker_is_reported_and_cancel_keeps_the_vm() {
     assert!(c
         .ferry_ok("node2", &["vm", "migrate", "vm", "--cancel"])
         .contains(&id));
-    let m = agent::ops::wait_migration(&a1, &id).unwrap();
-    assert_eq!(m["outcome"], "failed");
+    let m = wait_migration(&a1, &id);
+    assert_eq!(m["outcome"], "cancelled", "{m}");
     assert!(m["reason"].as_str().unwrap().contains("cancelled"), "{m}");
     assert_eq!(c.assert_one_owner("vm"), "node1");
     c.assert_verify("node1", "vm", 1);
     // A worker that dies is reported: state crashed with the reason; start brings it back.
     let sock = c.agent("node1").data_dir.join("vms/vm/api.sock");
-    let pid = worker::api::call(&sock, &worker::api::Request::Status, None)
-        .unwrap()
-        .data["pid"]
-        .as_u64()
-        .unwrap() as i32;
+    let pid = worker_pid(&sock);
     // SAFETY: kill(2) of the test's own grandchild process.
     unsafe { libc::kill(pid, libc::SIGKILL) };
     wait_until("the crash to be reported", Duration::from_secs(10), || {

@@ -118,6 +118,11 @@ impl EtcdStore {
         self.call("/v3/kv/put", body).map(|_| ())
     }
 
+    fn delete_key(&self, key: &str) -> Result<()> {
+        self.call("/v3/kv/deleterange", json!({ "key": b64(key) }))
+            .map(|_| ())
+    }
+
     /// A transaction: if `compare` holds, run `success`. Returns whether it held.
     fn txn(&self, compare: Value, success: Value) -> Result<bool> {
         let r = self.call(
@@ -267,6 +272,10 @@ impl Store for EtcdStore {
             json!({ "key": b64(&key), "target": "MOD", "result": "EQUAL", "mod_revision": expected.to_string() }),
             json!({ "request_delete_range": { "key": b64(&key) } }),
         )
+    }
+
+    fn delete_migration(&self, id: &str) -> Result<()> {
+        self.delete_key(&format!("{MIGRATIONS}{id}"))
     }
 
     fn put_migration(&self, m: &MigrationRecord) -> Result<()> {

@@ -10,5 +10,6 @@ pub mod sqlite;
 pub mod store;
 pub mod testing;
 
+pub use contract::{MigrationParams, Phase, Summary};
 pub use model::*;
-pub use store::{open, Store, StoreError};
+pub use store::{open, prune_migrations, Store, StoreError};

@@ -241,6 +241,13 @@ impl Store for SqliteStore {
         })
     }
 
+    fn delete_migration(&self, id: &str) -> Result<()> {
+        self.write(|tx| {
+            tx.execute("DELETE FROM migrations WHERE id = ?1", params![id])
+                .map(|_| ())
+        })
+    }
+
     fn migrations(&self) -> Result<Vec<MigrationRecord>> {
         let rows: Vec<String> = self.with(|c| {
             let mut st = c.prepare(

@@ -51,8 +51,57 @@ pub trait Store: Send + Sync {
     fn delete_vm(&self, name: &str, expected: u64) -> Result<bool>;
     /// Creates or replaces a migration record.
     fn put_migration(&self, m: &MigrationRecord) -> Result<()>;
-    /// Migration records, newest first.
+    /// Migration records, newest first (at most the newest 1000 on the embedded backend; every
+    /// running one is also in [`Store::running_migrations`]).
     fn migrations(&self) -> Result<Vec<MigrationRecord>>;
+    /// One migration record.
+    fn migration(&self, id: &str) -> Result<Option<MigrationRecord>> {
+        Ok(self.migrations()?.into_iter().find(|m| m.id == id))
+    }
+    /// Every migration that has not ended, however old.
+    fn running_migrations(&self) -> Result<Vec<MigrationRecord>> {
+        Ok(self
+            .migrations()?
+            .into_iter()
+            .filter(|m| !m.finished())
+            .collect())
+    }
+    /// The newest `limit` migrations of one VM, newest first.
+    fn migrations_of(&self, vm: &str, limit: usize) -> Result<Vec<MigrationRecord>> {
+        Ok(self
+            .migrations()?
+            .into_iter()
+            .filter(|m| m.vm == vm)
+            .take(limit)
+            .collect())
+    }
+    /// Deletes a migration record (retention).
+    fn delete_migration(&self, id: &str) -> Result<()>;
+}
+
+/// Retention of migration records: finished records older than `max_age_ms` are deleted,
+/// except the newest `keep_per_vm` of each VM (the history `vm show` displays). Returns how
+/// many were deleted.
+pub fn prune_migrations(
+    store: &dyn Store,
+    now_ms: u64,
+    max_age_ms: u64,
+    keep_per_vm: usize,
+) -> Result<usize> {
+    let mut seen: std::collections::HashMap<String, usize> = Default::default();
+    let mut n = 0;
+    for m in store.migrations()? {
+        let k = seen.entry(m.vm.clone()).or_default();
+        *k += 1;
+        let old = m
+            .finished_ms
+            .is_some_and(|f| now_ms.saturating_sub(f) > max_age_ms);
+        if m.finished() && old && *k > keep_per_vm {
+            store.delete_migration(&m.id)?;
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 /// Opens a store from its URL: `sqlite:///path` (embedded) or `etcd://host:port[,...]`.

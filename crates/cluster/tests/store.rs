@@ -143,9 +143,11 @@ fn suite(s: &dyn Store, other: &dyn Store, ttl: Duration) {
             started_ms: 1000 + i as u64,
             finished_ms: None,
             outcome: MigrationOutcome::Running,
-            phase: "pre-copy".into(),
+            phase: cluster::Phase::Precopy,
             reason: None,
             summary: None,
+            params: Default::default(),
+            settled_by: None,
         };
         s.put_migration(&m).unwrap();
     }
@@ -164,6 +166,35 @@ fn suite(s: &dyn Store, other: &dyn Store, ttl: Duration) {
         vec!["m3", "m2", "m1"]
     );
     assert_eq!(ms[1].outcome, MigrationOutcome::Failed);
+    assert_eq!(other.migration("m2").unwrap().unwrap(), m2);
+    assert!(other.migration("nope").unwrap().is_none());
+    let running: Vec<String> = s
+        .running_migrations()
+        .unwrap()
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(running, vec!["m3", "m1"]);
+    assert_eq!(s.migrations_of("a", 2).unwrap().len(), 2);
+    assert!(s.migrations_of("zz", 10).unwrap().is_empty());
+    // Retention: finished and old records go, except the newest per VM; running ones stay.
+    let mut m1 = s.migration("m1").unwrap().unwrap();
+    m1.outcome = MigrationOutcome::Succeeded;
+    m1.finished_ms = Some(2000);
+    s.put_migration(&m1).unwrap();
+    m2.finished_ms = Some(2000);
+    s.put_migration(&m2).unwrap();
+    // m3 (running) is the newest: keep_per_vm = 1 keeps it; m2 and m1 are old and finished.
+    assert_eq!(prune_migrations(s, 10_000_000, 1_000, 1).unwrap(), 2);
+    let left: Vec<String> = other
+        .migrations()
+        .unwrap()
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(left, vec!["m3"]);
+    s.delete_migration("m3").unwrap();
+    assert!(other.migrations().unwrap().is_empty());
 }
 
 #[test]

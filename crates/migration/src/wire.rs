@@ -10,8 +10,19 @@
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
 
-/// Version of the protocol this build speaks. A peer with another version is refused.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// Newest version of the protocol this build speaks.
+///
+/// * v2: framed control messages, page batches, state frame; failures as `Abort`.
+/// * v3: failures as `Fail` (typed phase and kind); the destination reports the version it
+///   accepted in `HelloAck`.
+///
+/// Negotiation: the source offers its newest version in `Hello`; a destination accepts any
+/// version it speaks and refuses others (naming its own); after a refusal the source tries its
+/// next older version on a new connection, down to [`MIN_PROTOCOL_VERSION`]. Data connections
+/// use the version the control connection agreed on.
+pub const PROTOCOL_VERSION: u32 = 3;
+/// Oldest version this build still speaks (a peer one release older).
+pub const MIN_PROTOCOL_VERSION: u32 = 2;
 /// Version of the encoded VM state (`MachineState` + snapshot codec).
 pub const STATE_VERSION: u32 = vmm::snapshot::VERSION;
 
@@ -163,37 +174,7 @@ fn codec() -> impl bincode::Options {
         .reject_trailing_bytes()
 }
 
-/// Page compression.
-#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Compression {
-    #[default]
-    None,
-    Lz4,
-    Zstd,
-}
-
-impl std::str::FromStr for Compression {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "none" => Ok(Compression::None),
-            "lz4" => Ok(Compression::Lz4),
-            "zstd" => Ok(Compression::Zstd),
-            o => Err(format!("unknown compression {o:?} (none, lz4, zstd)")),
-        }
-    }
-}
-
-impl std::fmt::Display for Compression {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Compression::None => "none",
-            Compression::Lz4 => "lz4",
-            Compression::Zstd => "zstd",
-        })
-    }
-}
+pub use contract::Compression;
 
 /// Which connection a Hello opens.
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
@@ -248,6 +229,12 @@ pub enum Msg {
     Abort { phase: String, reason: String },
     /// Liveness while the control channel is otherwise quiet.
     Ping,
+    /// (v3) Either side gives up, typed; the VM stays on the source.
+    Fail {
+        phase: contract::Phase,
+        kind: contract::FailureKind,
+        message: String,
+    },
 }
 
 impl Msg {
@@ -269,7 +256,38 @@ impl Msg {
             Msg::Resumed { .. } => "Resumed",
             Msg::Abort { .. } => "Abort",
             Msg::Ping => "Ping",
+            Msg::Fail { .. } => "Fail",
         }
+    }
+}
+
+/// The message that tells the peer this side gives up, in the session's protocol version.
+pub fn failure_msg(protocol: u32, f: &contract::MigrationFailure) -> Msg {
+    if protocol >= 3 {
+        Msg::Fail {
+            phase: f.phase,
+            kind: f.kind,
+            message: f.reason(),
+        }
+    } else {
+        Msg::Abort {
+            phase: f.phase.to_string(),
+            reason: f.reason(),
+        }
+    }
+}
+
+/// What a peer's `Abort` (v2) or `Fail` (v3) says: the phase it names (as text), the kind (v3
+/// only) and its reason.
+pub fn peer_failure(m: &Msg) -> Option<(String, Option<contract::FailureKind>, String)> {
+    match m {
+        Msg::Abort { phase, reason } => Some((phase.clone(), None, reason.clone())),
+        Msg::Fail {
+            phase,
+            kind,
+            message,
+        } => Some((phase.to_string(), Some(*kind), message.clone())),
+        _ => None,
     }
 }
 

@@ -13,6 +13,7 @@ pub mod config;
 pub mod cpuid;
 pub mod devices;
 pub mod dirty;
+pub mod host;
 pub mod memory;
 pub mod persist;
 pub mod snapshot;

@@ -4,13 +4,14 @@
 
 use crate::bench::wait_serial;
 use anyhow::{anyhow, bail, Result};
+use contract::MigrationParams;
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use worker::api::{self, MigrateArgs, Request};
+use worker::api::{self, MigrateCommand, MigrateSession, Reply, Request};
 use worker::qmp::Qmp;
 
 /// One guest workload of the matrix.
@@ -102,58 +103,58 @@ pub fn ferry_once(
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
-    let mut dst = Command::new(exe)
+    let dst = Command::new(exe)
         .args(["receive", "--listen", "127.0.0.1:0", "--serial-log"])
         .arg(&dlog)
         .arg("--api-socket")
         .arg(&dsock)
-        .stdout(Stdio::piped())
+        .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
-    let mut line = String::new();
-    BufReader::new(dst.stdout.take().unwrap()).read_line(&mut line)?;
-    let addr = line
-        .trim()
-        .strip_prefix("receiving on ")
-        .ok_or_else(|| anyhow!("receive said {line:?}"))?
-        .to_string();
+    let addr = contract::worker::receiver_address(&dsock, Duration::from_secs(30))
+        .map_err(|e| anyhow!("the receiving worker: {e}"))?;
     let result = (|| -> Result<Outcome> {
         wait_serial(&slog, Duration::from_secs(30), "the guest to start", |s| {
             s.contains("\nhb ")
         })?;
         std::thread::sleep(Duration::from_secs_f64(w.warmup));
-        let req = Request::Migrate(MigrateArgs {
+        let cmd = MigrateCommand {
             to: addr,
-            max_downtime_ms,
-            streams,
-            compress: compress.into(),
-            max_bandwidth_mibs: None,
-            timeout_s: Some(120.0),
+            params: MigrationParams {
+                max_downtime_ms,
+                streams,
+                compression: compress.parse()?,
+                max_bandwidth_mibs: None,
+                timeout_s: Some(120.0),
+            },
             dry_run: false,
             external_commit: false,
-        });
-        let last = api::call_stream(&ssock, &req, |r| {
-            r.data.get("event").and_then(|e| e.as_str()) == Some("progress")
-        })?;
-        if !last.ok {
-            bail!("ferry migration failed: {}", last.error.unwrap_or_default());
-        }
-        let s = &last.data["summary"];
-        let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(0.0);
-        let d = &s["downtime"];
+        };
+        let mut session = MigrateSession::start(&ssock, cmd)?;
+        let s = loop {
+            match session.next_reply()? {
+                Reply::Progress(_) => continue,
+                Reply::Done(s) => break s,
+                other => bail!(
+                    "ferry migration failed: {}",
+                    other.error_text().unwrap_or_else(|| format!("{other:?}"))
+                ),
+            }
+        };
+        let d = &s.downtime;
         Ok(Outcome {
-            total_ms: f(s, "total_ms"),
-            downtime_ms: f(s, "downtime_ms"),
+            total_ms: s.total_ms,
+            downtime_ms: s.downtime_ms,
             phases: format!(
                 "{:.2}/{:.2}/{:.2}/{:.2}",
-                f(d, "final_memory_ms"),
-                f(d, "state_ms"),
-                f(d, "commit_ms") - f(d, "resume_ms"),
-                f(d, "resume_ms")
+                d.final_memory_ms,
+                d.state_ms,
+                d.commit_ms - d.resume_ms,
+                d.resume_ms
             ),
-            wire_mib: f(s, "bytes_sent") / (1 << 20) as f64,
-            passes: f(s, "passes"),
-            throttle: f(s, "max_throttle_pct"),
+            wire_mib: s.bytes_sent as f64 / (1 << 20) as f64,
+            passes: s.passes as f64,
+            throttle: s.max_throttle_pct as f64,
         })
     })();
     let _ = api::call(&dsock, &Request::Shutdown, Some(Duration::from_secs(5)));

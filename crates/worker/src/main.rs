@@ -2,13 +2,14 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use contract::{MigrationParams, Progress, Summary};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use vmm::{KernelSource, Vm, VmConfig};
-use worker::api::{self, Request};
+use worker::api::{self, MigrateCommand, MigrateSession, Reply, Request};
 use worker::server;
 
 mod bench;
@@ -105,6 +106,10 @@ enum Cmd {
         /// the source: a lost source then leaves the received VM paused until the agent decides.
         #[arg(long)]
         external_commit: bool,
+        /// The cluster migration this receiver serves (shown in its status, so that a
+        /// restarted agent can settle it from the store).
+        #[arg(long)]
+        migration_id: Option<String>,
         #[command(flatten)]
         host: HostArgs,
     },
@@ -125,6 +130,41 @@ enum Cmd {
     HostInfo,
     /// Run the benchmarks and print the results as Markdown.
     Bench(bench::BenchArgs),
+}
+
+/// Migration parameters (defaults: [`MigrationParams::default`]).
+#[derive(clap::Args, Debug, Clone)]
+struct ParamArgs {
+    /// Switch over once the expected downtime is below this (default 50).
+    #[arg(long)]
+    max_downtime_ms: Option<u64>,
+    /// Parallel TCP connections for memory, 1-16 (default 1).
+    #[arg(long)]
+    streams: Option<u16>,
+    /// Page compression: none, lz4 or zstd (default none).
+    #[arg(long)]
+    compress: Option<contract::Compression>,
+    /// Bandwidth cap in MiB/s.
+    #[arg(long)]
+    max_bandwidth_mibs: Option<u64>,
+    /// Give up after this many seconds (the VM stays here).
+    #[arg(long)]
+    timeout_s: Option<f64>,
+}
+
+impl ParamArgs {
+    fn params(&self) -> Result<MigrationParams> {
+        let d = MigrationParams::default();
+        let p = MigrationParams {
+            max_downtime_ms: self.max_downtime_ms.unwrap_or(d.max_downtime_ms),
+            streams: self.streams.unwrap_or(d.streams),
+            compression: self.compress.unwrap_or(d.compression),
+            max_bandwidth_mibs: self.max_bandwidth_mibs,
+            timeout_s: self.timeout_s,
+        };
+        p.validate()?;
+        Ok(p)
+    }
 }
 
 /// Host-side device backends (not part of the VM: a migration destination brings its own).
@@ -163,21 +203,8 @@ enum CtlCmd {
         /// Destination address host:port.
         #[arg(long)]
         to: String,
-        /// Switch over once the expected downtime is below this.
-        #[arg(long, default_value_t = 50)]
-        max_downtime_ms: u64,
-        /// Parallel TCP connections for memory.
-        #[arg(long, default_value_t = 1)]
-        streams: u16,
-        /// Page compression: none, lz4 or zstd.
-        #[arg(long, default_value = "none")]
-        compress: String,
-        /// Bandwidth cap in MiB/s.
-        #[arg(long)]
-        max_bandwidth_mibs: Option<u64>,
-        /// Give up after this many seconds (the VM stays here).
-        #[arg(long)]
-        timeout_s: Option<f64>,
+        #[command(flatten)]
+        params: ParamArgs,
         /// Only run the preflight checks and print the report.
         #[arg(long)]
         dry_run: bool,
@@ -314,6 +341,7 @@ fn real_main(cli: Cli) -> Result<i32> {
             max_memory_mib,
             max_vcpus,
             external_commit,
+            migration_id,
             host,
         } => {
             if let Some(p) = &host_profile {
@@ -333,10 +361,12 @@ fn real_main(cli: Cli) -> Result<i32> {
             let incoming = Arc::new(migration::recv::ReceiveControl::default());
             // The common 1-vCPU case only: measuring more here would compete with the migration
             // itself (the VM's own vCPU count is measured, if not cached, during the handshake).
-            migration::preflight::warm_restore_costs(vec![1]);
+            migration::cost::warm_restore_costs(vec![1]);
             let decision = external_commit.then(|| Arc::new(migration::recv::Decision::default()));
             let mut ctx = server::Ctx::new(None, api_socket.clone(), Some(incoming.clone()));
             ctx.decision = decision.clone();
+            ctx.listen = Some(tcp.local_addr()?.to_string());
+            ctx.migration_id = migration_id;
             let ctx = Arc::new(ctx);
             server::serve(listener, ctx.clone());
             println!("receiving on {}", tcp.local_addr()?);
@@ -350,6 +380,7 @@ fn real_main(cli: Cli) -> Result<i32> {
                     net_backends: host.net_backends.clone(),
                 },
                 external: decision,
+                ..Default::default()
             };
             let on_early = |m: &str| eprintln!("ferry-vmm: {m}; still waiting");
             match migration::recv::receive(&kvm, &tcp, &opts, serial.file()?, &incoming, &on_early)
@@ -378,11 +409,7 @@ fn real_main(cli: Cli) -> Result<i32> {
             cmd:
                 CtlCmd::Migrate {
                     to,
-                    max_downtime_ms,
-                    streams,
-                    compress,
-                    max_bandwidth_mibs,
-                    timeout_s,
+                    params,
                     dry_run,
                     output,
                 },
@@ -392,39 +419,35 @@ fn real_main(cli: Cli) -> Result<i32> {
                 "text" => false,
                 o => bail!("unknown output format {o:?} (text, json)"),
             };
-            let req = Request::Migrate(api::MigrateArgs {
+            let cmd = MigrateCommand {
                 to,
-                max_downtime_ms,
-                streams,
-                compress,
-                max_bandwidth_mibs,
-                timeout_s,
+                params: params.params()?,
                 dry_run,
                 external_commit: false,
-            });
-            let last = api::call_stream(&api_socket, &req, |r| {
-                let event = r.data.get("event").and_then(|e| e.as_str()).unwrap_or("");
+            };
+            let mut session = MigrateSession::start(&api_socket, cmd)?;
+            loop {
+                let r = session.next_reply()?;
                 if json {
-                    println!("{}", serde_json::to_string(r).unwrap_or_default());
-                } else if event == "progress" {
-                    if let Some(p) = r.data.get("progress") {
-                        println!("{}", progress_line(p));
+                    println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                }
+                match r {
+                    Reply::Progress(p) => {
+                        if !json {
+                            println!("{}", progress_line(&p));
+                        }
                     }
-                }
-                event == "progress"
-            })?;
-            if !last.ok {
-                bail!(
-                    "{}",
-                    last.error.unwrap_or_else(|| "migration failed".into())
-                );
-            }
-            if !json {
-                if let Some(s) = last.data.get("summary") {
-                    println!("{}", summary_text(s));
+                    Reply::Done(s) => {
+                        if !json {
+                            println!("{}", summary_text(&s));
+                        }
+                        return Ok(0);
+                    }
+                    Reply::Failed(f) => bail!("{f}"),
+                    Reply::Error { error } => bail!("{error}"),
+                    other => bail!("unexpected answer from the worker: {other:?}"),
                 }
             }
-            Ok(0)
         }
         Cmd::Ctl { api_socket, cmd } => {
             let req = match cmd {
@@ -438,17 +461,10 @@ fn real_main(cli: Cli) -> Result<i32> {
                 CtlCmd::Cancel => Request::Cancel,
                 CtlCmd::Commit => Request::Commit,
                 CtlCmd::Abort => Request::Abort,
-                CtlCmd::Migrate { .. } => unreachable!("handled above"),
+                CtlCmd::Migrate { .. } => bail!("internal error: migrate is handled above"),
             };
-            let resp = api::call(&api_socket, &req, Some(Duration::from_secs(600)))?;
-            if !resp.ok {
-                bail!(
-                    "{}",
-                    resp.error
-                        .unwrap_or_else(|| "the worker reported a failure".into())
-                );
-            }
-            println!("{}", serde_json::to_string_pretty(&resp.data)?);
+            let reply = api::call(&api_socket, &req, Some(Duration::from_secs(600)))?;
+            println!("{}", serde_json::to_string_pretty(&reply)?);
             Ok(0)
         }
         Cmd::ExportGuest { path } => {
@@ -536,54 +552,51 @@ extern "C" fn on_terminate(_: libc::c_int) {
     TERMINATE.store(true, Ordering::SeqCst);
 }
 
-fn f(v: &serde_json::Value, k: &str) -> f64 {
-    v.get(k).and_then(|x| x.as_f64()).unwrap_or(0.0)
-}
-
-fn progress_line(p: &serde_json::Value) -> String {
-    let mib = |b: f64| b / (1 << 20) as f64;
+fn progress_line(p: &Progress) -> String {
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
     format!(
-        "{:<24} pass {:>3}  sent {:>9.1} MiB  remaining {:>8.1} MiB  dirty {:>7.1} MiB/s  bandwidth {:>7.1} MiB/s  expected downtime {:>7.1} ms  throttle {:>2}%",
-        p.get("phase").and_then(|x| x.as_str()).unwrap_or(""),
-        f(p, "pass"),
-        mib(f(p, "bytes_sent")),
-        mib(f(p, "remaining_bytes")),
-        f(p, "dirty_rate_mibs"),
-        f(p, "bandwidth_mibs"),
-        f(p, "expected_downtime_ms"),
-        f(p, "throttle_pct"),
+        "{:<26} pass {:>3}  sent {:>9.1} MiB  remaining {:>8.1} MiB  dirty {:>7.1} MiB/s  bandwidth {:>7.1} MiB/s  expected downtime {:>7.1} ms  throttle {:>2}%",
+        p.phase.to_string(),
+        p.pass,
+        mib(p.bytes_sent),
+        mib(p.remaining_bytes),
+        p.dirty_rate_mibs,
+        p.bandwidth_mibs,
+        p.expected_downtime_ms,
+        p.throttle_pct,
     )
 }
 
-fn summary_text(s: &serde_json::Value) -> String {
-    let pre = s.get("preflight").cloned().unwrap_or_default();
-    if s.get("dry_run").and_then(|x| x.as_bool()).unwrap_or(false) {
-        let d = pre.get("destination").cloned().unwrap_or_default();
+fn summary_text(s: &Summary) -> String {
+    let pre = &s.preflight;
+    if s.dry_run {
+        let d = &pre.destination;
         return format!(
             "preflight OK (dry run, nothing moved): destination {} {}, {} CPUs, {} MiB free; measured restore cost {:.2} ms",
-            d.get("vendor").and_then(|x| x.as_str()).unwrap_or("?"),
-            d.get("model").and_then(|x| x.as_str()).unwrap_or("?"),
-            f(&d, "cpus"),
-            f(&d, "free_memory_mib"),
-            f(&pre, "restore_cost_us") / 1e3
+            d.vendor,
+            d.model,
+            d.cpus,
+            d.free_memory_mib,
+            pre.restore_cost_us as f64 / 1e3
         );
     }
-    let d = s.get("downtime").cloned().unwrap_or_default();
+    let d = &s.downtime;
     format!(
-        "migrated in {:.1} ms; downtime {:.2} ms (final memory {:.2}, state {:.2}, commit {:.2} incl. resume {:.2}); {} passes; {:.1} MiB on the wire ({} data pages, {} zero pages, state {} bytes); pass 0 at {:.0} MiB/s; max throttle {}%",
-        f(s, "total_ms"),
-        f(s, "downtime_ms"),
-        f(&d, "final_memory_ms"),
-        f(&d, "state_ms"),
-        f(&d, "commit_ms"),
-        f(&d, "resume_ms"),
-        f(s, "passes"),
-        f(s, "bytes_sent") / (1 << 20) as f64,
-        f(s, "data_pages"),
-        f(s, "zero_pages"),
-        f(s, "state_bytes"),
-        f(s, "pass0_mibs"),
-        f(s, "max_throttle_pct"),
+        "migrated in {:.1} ms; downtime {:.2} ms (final memory {:.2}, state {:.2}, commit {:.2} incl. resume {:.2}); {} passes; {:.1} MiB on the wire ({} data pages, {} zero pages, state {} bytes); pass 0 at {:.0} MiB/s; max throttle {}%; protocol v{}",
+        s.total_ms,
+        s.downtime_ms,
+        d.final_memory_ms,
+        d.state_ms,
+        d.commit_ms,
+        d.resume_ms,
+        s.passes,
+        s.bytes_sent as f64 / (1 << 20) as f64,
+        s.data_pages,
+        s.zero_pages,
+        s.state_bytes,
+        s.pass0_mibs,
+        s.max_throttle_pct,
+        s.protocol,
     )
 }
 

@@ -1,9 +1,12 @@
 //! The worker's side of the control API.
 
-use crate::api::{CommitDecision, MigrateArgs, Request, Response};
+use crate::api::{
+    CommitDecision, DecisionLine, Direction, MigrateCommand, MigrationStatus, Reply, Request,
+    SnapshotReply, WorkerState, WorkerStatus, WorkerVm, MAX_LINE,
+};
+use contract::{FailureKind, MigrationFailure, Phase};
 use migration::recv::{Decision, ReceiveControl};
-use migration::send::{CommitGate, MigrateOptions, MigrationControl, SourceDecides};
-use serde_json::json;
+use migration::send::{CommitGate, MigrationControl, SendOptions, SourceDecides};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -13,8 +16,6 @@ use std::time::{Duration, Instant};
 use vmm::vm::VmEvent;
 use vmm::Vm;
 
-/// Maximum request line length; longer lines are refused.
-const MAX_REQUEST: usize = 64 * 1024;
 /// How often a running migration reports progress to its `ctl migrate` client.
 const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 
@@ -61,6 +62,10 @@ pub struct Ctx {
     pub incoming: Option<Arc<ReceiveControl>>,
     /// Receive mode with an external commit: where `commit`/`abort` requests go.
     pub decision: Option<Arc<Decision>>,
+    /// Receive mode: where the receiver listens for the source.
+    pub listen: Option<String>,
+    /// Receive mode: the cluster migration this receiver serves.
+    pub migration_id: Option<String>,
 }
 
 impl Ctx {
@@ -73,6 +78,8 @@ impl Ctx {
             migrating: false.into(),
             incoming,
             decision: None,
+            listen: None,
+            migration_id: None,
         }
     }
 
@@ -105,12 +112,12 @@ fn client(conn: UnixStream, ctx: &Arc<Ctx>) {
     let mut r = BufReader::new(conn);
     loop {
         let mut line = String::new();
-        match (&mut r).take(MAX_REQUEST as u64 + 1).read_line(&mut line) {
+        match (&mut r).take(MAX_LINE as u64 + 1).read_line(&mut line) {
             Ok(0) | Err(_) => return,
-            Ok(n) if n > MAX_REQUEST => {
+            Ok(n) if n > MAX_LINE => {
                 let _ = reply(
                     &mut w,
-                    &Response::err(format!("request longer than {MAX_REQUEST} bytes")),
+                    &Reply::error(format!("request longer than {MAX_LINE} bytes")),
                 );
                 return;
             }
@@ -118,7 +125,7 @@ fn client(conn: UnixStream, ctx: &Arc<Ctx>) {
         }
         let resp = match serde_json::from_str::<Request>(line.trim()) {
             Ok(Request::Shutdown) => {
-                let _ = reply(&mut w, &Response::ok(json!({"state": "stopping"})));
+                let _ = reply(&mut w, &Reply::Stopping);
                 match ctx.vm() {
                     Some(vm) => vm.request_stop(),
                     None => {
@@ -134,7 +141,7 @@ fn client(conn: UnixStream, ctx: &Arc<Ctx>) {
                 return;
             }
             Ok(req) => handle(req, ctx),
-            Err(e) => Response::err(format!("bad request: {e}")),
+            Err(e) => Reply::error(format!("bad request: {e}")),
         };
         if reply(&mut w, &resp).is_err() {
             return;
@@ -142,119 +149,154 @@ fn client(conn: UnixStream, ctx: &Arc<Ctx>) {
     }
 }
 
-fn reply(w: &mut UnixStream, resp: &Response) -> std::io::Result<()> {
+fn reply(w: &mut UnixStream, resp: &Reply) -> std::io::Result<()> {
     let mut s = serde_json::to_string(resp).expect("responses always serialize");
     s.push('\n');
     w.write_all(s.as_bytes())
 }
 
-/// Status fields.
-pub fn status(ctx: &Ctx) -> serde_json::Value {
-    let mut v = match ctx.vm() {
-        Some(vm) => {
-            let c = vm.config();
-            json!({
-                "state": vm.run_state(),
-                "vcpus": c.vcpus,
-                "memory_mib": c.memory_mib,
-                "kernel": c.kernel.to_string(),
-                "cmdline": c.cmdline,
-                "cpu_profile": c.cpu_profile,
-                "throttle_pct": vm.throttle(),
-                "stop_reason": vm.event().map(|e| e.to_string()),
-            })
+fn worker_state(s: vmm::VmRunState) -> WorkerState {
+    match s {
+        vmm::VmRunState::Created => WorkerState::Created,
+        vmm::VmRunState::Running => WorkerState::Running,
+        vmm::VmRunState::Paused => WorkerState::Paused,
+        vmm::VmRunState::Stopped => WorkerState::Stopped,
+    }
+}
+
+/// The worker's status.
+pub fn status(ctx: &Ctx) -> WorkerStatus {
+    let vm = ctx.vm();
+    let state = vm
+        .as_ref()
+        .map(|v| worker_state(v.run_state()))
+        .unwrap_or(WorkerState::Receiving);
+    let vm_info = vm.as_ref().map(|vm| {
+        let c = vm.config();
+        WorkerVm {
+            vcpus: c.vcpus,
+            memory_mib: c.memory_mib,
+            kernel: c.kernel.to_string(),
+            cmdline: c.cmdline.clone(),
+            cpu_profile: c.cpu_profile.clone(),
+            throttle_pct: vm.throttle(),
+            stop_reason: vm.event().map(|e| e.to_string()),
         }
-        None => json!({"state": "receiving"}),
-    };
-    let m = v.as_object_mut().expect("object");
-    m.insert("pid".into(), json!(std::process::id()));
-    m.insert(
-        "uptime_s".into(),
-        json!(ctx.started.elapsed().as_secs_f64()),
-    );
-    if let Some(out) = ctx
+    });
+    let outgoing = ctx
         .outgoing
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .as_ref()
-    {
-        let p = out
-            .progress
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        m.insert("migration".into(), json!({"direction": "outgoing", "active": ctx.migrating.load(Ordering::SeqCst), "progress": p}));
+        .clone();
+    let migration = if let Some(out) = outgoing {
+        Some(MigrationStatus {
+            direction: Direction::Outgoing,
+            active: ctx.migrating.load(Ordering::SeqCst),
+            progress: out.snapshot(),
+            awaiting_decision: false,
+            source_connected: false,
+            failure: out
+                .failure
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        })
+    } else {
+        ctx.incoming.as_ref().map(|inc| MigrationStatus {
+            direction: Direction::Incoming,
+            active: vm.is_none(),
+            progress: inc.snapshot(),
+            awaiting_decision: inc.awaiting_decision.load(Ordering::SeqCst),
+            source_connected: inc.source_connected.load(Ordering::SeqCst),
+            failure: inc
+                .failure
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        })
+    };
+    WorkerStatus {
+        pid: std::process::id(),
+        uptime_s: ctx.started.elapsed().as_secs_f64(),
+        state,
+        vm: vm_info,
+        listen: if vm.is_none() {
+            ctx.listen.clone()
+        } else {
+            None
+        },
+        external_commit: ctx.decision.is_some(),
+        migration_id: ctx.migration_id.clone(),
+        migration,
     }
-    if let Some(inc) = &ctx.incoming {
-        let p = inc
-            .progress
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        m.insert(
-            "migration".into(),
-            json!({"direction": "incoming", "progress": p}),
-        );
-    }
-    v
 }
 
-fn handle(req: Request, ctx: &Ctx) -> Response {
-    if let Request::Status = req {
-        return Response::ok(status(ctx));
-    }
-    if let Request::Commit | Request::Abort = req {
-        return match &ctx.decision {
-            Some(d) => {
-                let commit = d.set(matches!(req, Request::Commit));
-                Response::ok(json!({"decision": if commit { "commit" } else { "abort" }}))
+fn handle(req: Request, ctx: &Ctx) -> Reply {
+    match req {
+        Request::Status => return Reply::Status(status(ctx)),
+        Request::Commit | Request::Abort => {
+            return match &ctx.decision {
+                Some(d) => {
+                    let commit = d.set(matches!(req, Request::Commit));
+                    Reply::Decided {
+                        decision: if commit {
+                            CommitDecision::Commit
+                        } else {
+                            CommitDecision::Abort
+                        },
+                    }
+                }
+                None => Reply::error("this worker does not take commit decisions (not a receive --external-commit worker)"),
             }
-            None => Response::err("this worker does not take commit decisions (not a receive --external-commit worker)"),
-        };
-    }
-    if let Request::Cancel = req {
-        return match ctx
-            .outgoing
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-        {
-            Some(m) if ctx.migrating.load(Ordering::SeqCst) => {
-                m.cancel.store(true, Ordering::SeqCst);
-                Response::ok(json!({"cancelling": true}))
+        }
+        Request::Cancel => {
+            return match ctx
+                .outgoing
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+            {
+                Some(m) if ctx.migrating.load(Ordering::SeqCst) => {
+                    m.cancel.store(true, Ordering::SeqCst);
+                    Reply::Cancelling
+                }
+                _ => Reply::error("no migration is running"),
             }
-            _ => Response::err("no migration is running"),
-        };
+        }
+        _ => {}
     }
     let Some(vm) = ctx.vm() else {
-        return Response::err("no VM here yet: this worker is waiting for an incoming migration");
+        return Reply::error("no VM here yet: this worker is waiting for an incoming migration");
     };
     if ctx.migrating.load(Ordering::SeqCst) {
-        return Response::err("a migration is running: cancel it first");
+        return Reply::error("a migration is running: cancel it first");
     }
+    let state = |vm: &Vm| Reply::State {
+        state: worker_state(vm.run_state()),
+    };
     match req {
         Request::Pause => match vm.pause() {
-            Ok(()) => Response::ok(json!({"state": vm.run_state()})),
-            Err(e) => Response::err(e.to_string()),
+            Ok(()) => state(&vm),
+            Err(e) => Reply::error(e.to_string()),
         },
         Request::Resume => match vm.resume() {
-            Ok(()) => Response::ok(json!({"state": vm.run_state()})),
-            Err(e) => Response::err(e.to_string()),
+            Ok(()) => state(&vm),
+            Err(e) => Reply::error(e.to_string()),
         },
         Request::Snapshot { path } => {
             let t0 = Instant::now();
             match vmm::snapshot::take(&vm, &path) {
-                Ok(s) => Response::ok(json!({
-                    "path": path,
-                    "file_bytes": s.file_bytes,
-                    "data_pages": s.data_pages,
-                    "total_pages": s.total_pages,
-                    "state_bytes": s.state_bytes,
-                    "write_seconds": s.seconds,
-                    "paused_seconds": t0.elapsed().as_secs_f64(),
-                    "state": vm.run_state(),
-                })),
-                Err(e) => Response::err(e.to_string()),
+                Ok(s) => Reply::Snapshot(SnapshotReply {
+                    path,
+                    file_bytes: s.file_bytes,
+                    data_pages: s.data_pages,
+                    total_pages: s.total_pages,
+                    state_bytes: s.state_bytes,
+                    write_seconds: s.seconds,
+                    paused_seconds: t0.elapsed().as_secs_f64(),
+                    state: worker_state(vm.run_state()),
+                }),
+                Err(e) => Reply::error(e.to_string()),
             }
         }
         Request::Status
@@ -262,20 +304,18 @@ fn handle(req: Request, ctx: &Ctx) -> Response {
         | Request::Shutdown
         | Request::Migrate(_)
         | Request::Commit
-        | Request::Abort => {
-            unreachable!("handled above")
-        }
+        | Request::Abort => Reply::error("internal error: request handled elsewhere"),
     }
 }
 
-/// Runs an outgoing migration, streaming progress lines to the client; the last line is the
-/// outcome. The migration belongs to the worker: it goes on if the client disconnects.
+/// What the migration thread tells the API handler.
 enum MigEvent {
-    Done(Box<Result<migration::Summary, migration::MigrationError>>),
+    Done(Box<Result<contract::Summary, MigrationFailure>>),
     Ask(std::sync::mpsc::Sender<Result<bool, String>>),
 }
 
-/// A commit gate answered by the API client (the cluster agent).
+/// A commit gate answered by the API client (the cluster agent): its decision follows the
+/// store's compare-and-swap, which is the commit point.
 struct ClientGate(Mutex<std::sync::mpsc::Sender<MigEvent>>);
 
 impl CommitGate for ClientGate {
@@ -289,93 +329,72 @@ impl CommitGate for ClientGate {
         rx.recv()
             .map_err(|_| "the API handler is gone".to_string())?
     }
+
+    fn decision_is_commit_point(&self) -> bool {
+        true
+    }
 }
 
 /// Asks the client for the commit decision on its connection.
 fn ask_client(w: &mut UnixStream, r: &mut BufReader<UnixStream>) -> Result<bool, String> {
-    reply(w, &Response::ok(json!({"event": "commit-ready"})))
-        .map_err(|e| format!("cannot ask the client: {e}"))?;
+    reply(w, &Reply::CommitReady).map_err(|e| format!("cannot ask the client: {e}"))?;
     let mut line = String::new();
-    match r.read_line(&mut line) {
+    match (&mut *r).take(MAX_LINE as u64).read_line(&mut line) {
         Ok(0) => Err("the client disconnected before deciding".into()),
-        Ok(_) => match serde_json::from_str::<serde_json::Value>(&line)
-            .ok()
-            .and_then(|v| serde_json::from_value::<CommitDecision>(v["decision"].clone()).ok())
-        {
-            Some(CommitDecision::Commit) => Ok(true),
-            Some(CommitDecision::Abort) => Ok(false),
-            None => Err(format!("the client sent no decision: {}", line.trim())),
+        Ok(_) => match serde_json::from_str::<DecisionLine>(&line) {
+            Ok(DecisionLine {
+                decision: CommitDecision::Commit,
+            }) => Ok(true),
+            Ok(DecisionLine {
+                decision: CommitDecision::Abort,
+            }) => Ok(false),
+            Err(e) => Err(format!(
+                "the client sent no decision ({e}): {}",
+                line.trim()
+            )),
         },
         Err(e) => Err(format!("cannot read the client's decision: {e}")),
     }
 }
 
-fn migrate(args: MigrateArgs, ctx: &Arc<Ctx>, w: &mut UnixStream, r: &mut BufReader<UnixStream>) {
+fn refuse(w: &mut UnixStream, msg: impl Into<String>) {
+    let f = MigrationFailure::before(Phase::Connect, FailureKind::BadRequest, msg);
+    let _ = reply(w, &Reply::Failed(f));
+}
+
+/// Runs an outgoing migration, streaming progress lines to the client; the last line is the
+/// outcome. The migration belongs to the worker: it goes on if the client disconnects.
+fn migrate(cmd: MigrateCommand, ctx: &Arc<Ctx>, w: &mut UnixStream, r: &mut BufReader<UnixStream>) {
     let Some(vm) = ctx.vm() else {
-        let _ = reply(w, &Response::err("no VM here to migrate"));
-        return;
+        return refuse(w, "no VM here to migrate");
     };
-    let compression = match args.compress.parse() {
-        Ok(c) => c,
-        Err(e) => {
-            let _ = reply(w, &Response::err(e));
-            return;
-        }
-    };
-    if args.streams == 0 || args.streams > 16 {
-        let _ = reply(
-            w,
-            &Response::err(format!(
-                "streams must be between 1 and 16, got {}",
-                args.streams
-            )),
-        );
-        return;
-    }
-    if args.max_bandwidth_mibs == Some(0) {
-        let _ = reply(w, &Response::err("max bandwidth must be at least 1 MiB/s"));
-        return;
-    }
-    if let Some(t) = args.timeout_s {
-        if !(t > 0.0 && t.is_finite()) {
-            let _ = reply(
-                w,
-                &Response::err(format!(
-                    "timeout must be a positive number of seconds, got {t}"
-                )),
-            );
-            return;
-        }
+    if let Err(e) = cmd.params.validate() {
+        return refuse(w, e.to_string());
     }
     if vm.run_state() != vmm::VmRunState::Running {
-        let _ = reply(
+        return refuse(
             w,
-            &Response::err(format!(
-                "the VM is {:?}; only a running VM can be live-migrated",
-                vm.run_state()
-            )),
+            format!(
+                "the VM is {}; only a running VM can be live-migrated",
+                worker_state(vm.run_state())
+            ),
         );
-        return;
     }
     if ctx.migrating.swap(true, Ordering::SeqCst) {
-        let _ = reply(w, &Response::err("a migration is already running"));
-        return;
+        return refuse(w, "a migration is already running");
     }
-    let opts = MigrateOptions {
-        to: args.to.clone(),
-        max_downtime: Duration::from_millis(args.max_downtime_ms),
-        streams: args.streams,
-        compression,
-        max_bandwidth: args.max_bandwidth_mibs.map(|m| m << 20),
-        timeout: args.timeout_s.map(Duration::from_secs_f64),
-        dry_run: args.dry_run,
+    let opts = SendOptions {
+        to: cmd.to.clone(),
+        params: cmd.params.clone(),
+        dry_run: cmd.dry_run,
+        max_protocol: migration::wire::PROTOCOL_VERSION,
     };
     let mctl = Arc::new(MigrationControl::default());
     *ctx.outgoing.lock().unwrap_or_else(|e| e.into_inner()) = Some(mctl.clone());
     let (tx, rx) = std::sync::mpsc::channel();
     {
         let (vm, mctl, ctx2) = (vm.clone(), mctl.clone(), ctx.clone());
-        let external = args.external_commit;
+        let external = cmd.external_commit;
         std::thread::Builder::new()
             .name("migrate".into())
             .spawn(move || {
@@ -392,7 +411,7 @@ fn migrate(args: MigrateArgs, ctx: &Arc<Ctx>, w: &mut UnixStream, r: &mut BufRea
     }
     let mut client_gone = false;
     let mut moved = false;
-    let final_resp = loop {
+    let final_reply = loop {
         match rx.recv_timeout(PROGRESS_EVERY) {
             Ok(MigEvent::Ask(answer)) => {
                 let d = if client_gone {
@@ -403,41 +422,28 @@ fn migrate(args: MigrateArgs, ctx: &Arc<Ctx>, w: &mut UnixStream, r: &mut BufRea
                 client_gone |= d.is_err();
                 let _ = answer.send(d);
             }
-            Ok(MigEvent::Done(res)) if res.is_ok() => {
-                let summary = res.expect("checked ok");
-                moved = !summary.dry_run;
-                break Response::ok(json!({"event": "done", "summary": summary}));
-            }
-            Ok(MigEvent::Done(res)) => {
-                let e = res.expect_err("checked err");
-                let mut r = Response::err(e.to_string());
-                r.data.insert("event".into(), json!("failed"));
-                r.data.insert("phase".into(), json!(e.phase));
-                r.data.insert("reason".into(), json!(e.reason));
-                r.data.insert("vm_on_source".into(), json!(e.vm_on_source));
-                break r;
-            }
+            Ok(MigEvent::Done(res)) => match *res {
+                Ok(summary) => {
+                    moved = !summary.dry_run;
+                    break Reply::Done(summary);
+                }
+                Err(f) => break Reply::Failed(f),
+            },
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                 if !client_gone {
-                    let p = mctl
-                        .progress
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .clone();
-                    let line = Response::ok(json!({"event": "progress", "progress": p}));
-                    client_gone = reply(w, &line).is_err();
+                    client_gone = reply(w, &Reply::Progress(mctl.snapshot())).is_err();
                 }
             }
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                break Response::err("the migration thread ended without a result");
+                break Reply::error("the migration thread ended without a result");
             }
         }
     };
     if !client_gone {
-        let _ = reply(w, &final_resp);
+        let _ = reply(w, &final_reply);
     }
     if moved {
         // The destination owns the VM now; this worker ends (after the client got its answer).
-        vm.request_stop_with(VmEvent::Migrated { to: args.to });
+        vm.request_stop_with(VmEvent::Migrated { to: cmd.to });
     }
 }

@@ -8,7 +8,7 @@ use common::*;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use vmm::devices::virtio::block::probe_image;
-use worker::api::{CommitDecision, MigrateArgs, MigrateSession};
+use worker::api::{CommitDecision, MigrateCommand, MigrateSession, Reply};
 
 fn image(dir: &Path, mib: u64) -> PathBuf {
     let p = dir.join("disk.img");
@@ -147,14 +147,10 @@ fn disk_log_keeps_every_acknowledged_record_across_migrations() {
     check.shutdown();
 }
 
-fn commit_args(to: &str) -> MigrateArgs {
-    MigrateArgs {
+fn commit_args(to: &str) -> MigrateCommand {
+    MigrateCommand {
         to: to.into(),
-        max_downtime_ms: 50,
-        streams: 1,
-        compress: "none".into(),
-        max_bandwidth_mibs: None,
-        timeout_s: None,
+        params: Default::default(),
         dry_run: false,
         external_commit: true,
     }
@@ -171,11 +167,10 @@ fn a_late_failure_returns_the_disk_lock_to_the_source() {
     // Run up to the point where the destination holds everything, the lock included.
     let mut s = MigrateSession::start(&src.socket, commit_args(&dst.addr)).unwrap();
     loop {
-        let r = s.next_line().unwrap();
-        match r.data.get("event").and_then(|e| e.as_str()) {
-            Some("progress") => continue,
-            Some("commit-ready") => break,
-            other => panic!("expected commit-ready, got {other:?}: {r:?}"),
+        match s.next_reply().unwrap() {
+            Reply::Progress(_) => continue,
+            Reply::CommitReady => break,
+            other => panic!("expected commit-ready, got {other:?}"),
         }
     }
     assert_eq!(src.ctl(&["status"])["state"], "paused");
@@ -185,13 +180,15 @@ fn a_late_failure_returns_the_disk_lock_to_the_source() {
     // The commit fails late (the owner did not change): the source takes the disk back and runs.
     s.decide(CommitDecision::Abort).unwrap();
     let last = loop {
-        let r = s.next_line().unwrap();
-        if r.data.get("event").and_then(|e| e.as_str()) != Some("progress") {
+        let r = s.next_reply().unwrap();
+        if !matches!(r, Reply::Progress(_)) {
             break r;
         }
     };
-    assert!(!last.ok);
-    assert_eq!(last.data["vm_on_source"], true, "{last:?}");
+    let Reply::Failed(f) = last else {
+        panic!("the migration must fail: {last:?}")
+    };
+    assert!(f.source_running, "{f:?}");
     let out = wait_with_timeout(dst.w.child.take().unwrap(), Duration::from_secs(20));
     assert!(!out.status.success(), "the destination must discard the VM");
     assert_eq!(src.ctl(&["status"])["state"], "running");
@@ -248,13 +245,13 @@ fn a_destination_that_cannot_open_the_disk_refuses_in_preflight() {
         .to_string();
     let r = src.migrate(&addr, &[]);
     assert!(!r.ok);
-    let reason = r.last()["reason"].as_str().unwrap_or_default().to_string();
+    let reason = reason(r.last());
     assert!(
         reason.contains("shared storage not reachable from here")
             && reason.contains(img.to_str().unwrap()),
         "{reason}"
     );
-    assert_eq!(r.last()["vm_on_source"], true);
+    assert_eq!(r.last()["source_running"], true);
     assert_eq!(src.ctl(&["status"])["state"], "running");
     wait_records(&src, 5);
     let _ = child.kill();

@@ -258,7 +258,7 @@ fn auto_converge_beats_a_bandwidth_cap() {
     assert!(
         r.lines
             .iter()
-            .any(|l| l["progress"]["throttle_pct"].as_f64().unwrap_or(0.0) > 0.0),
+            .any(|l| l["throttle_pct"].as_f64().unwrap_or(0.0) > 0.0),
         "progress never showed the throttle"
     );
     assert!(

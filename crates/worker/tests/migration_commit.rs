@@ -5,16 +5,12 @@
 mod common;
 use common::*;
 use std::time::{Duration, Instant};
-use worker::api::{CommitDecision, MigrateArgs, MigrateSession};
+use worker::api::{CommitDecision, MigrateCommand, MigrateSession, Reply};
 
-fn args(to: &str) -> MigrateArgs {
-    MigrateArgs {
+fn args(to: &str) -> MigrateCommand {
+    MigrateCommand {
         to: to.into(),
-        max_downtime_ms: 50,
-        streams: 1,
-        compress: "none".into(),
-        max_bandwidth_mibs: None,
-        timeout_s: None,
+        params: Default::default(),
         dry_run: false,
         external_commit: true,
     }
@@ -24,19 +20,18 @@ fn args(to: &str) -> MigrateArgs {
 fn until_ready(src: &Worker, to: &str) -> MigrateSession {
     let mut s = MigrateSession::start(&src.socket, args(to)).unwrap();
     loop {
-        let r = s.next_line().unwrap();
-        match r.data.get("event").and_then(|e| e.as_str()) {
-            Some("progress") => continue,
-            Some("commit-ready") => return s,
-            other => panic!("expected commit-ready, got {other:?}: {r:?}"),
+        match s.next_reply().unwrap() {
+            Reply::Progress(_) => continue,
+            Reply::CommitReady => return s,
+            other => panic!("expected commit-ready, got {other:?}"),
         }
     }
 }
 
-fn final_line(s: &mut MigrateSession) -> worker::api::Response {
+fn final_line(s: &mut MigrateSession) -> Reply {
     loop {
-        let r = s.next_line().unwrap();
-        if r.data.get("event").and_then(|e| e.as_str()) != Some("progress") {
+        let r = s.next_reply().unwrap();
+        if !matches!(r, Reply::Progress(_)) {
             return r;
         }
     }
@@ -77,8 +72,7 @@ fn commit_decided_by_the_client() {
     );
     s.decide(CommitDecision::Commit).unwrap();
     let last = final_line(&mut s);
-    assert!(last.ok, "{last:?}");
-    assert_eq!(last.data["event"], "done");
+    assert!(matches!(last, Reply::Done(_)), "{last:?}");
     src.shutdown();
     dst_verifies(&dst.w);
     dst.w.shutdown();
@@ -90,13 +84,12 @@ fn abort_decided_by_the_client_keeps_the_vm_on_the_source() {
     let (src, mut dst) = pair(dir.path());
     let mut s = until_ready(&src, &dst.addr);
     s.decide(CommitDecision::Abort).unwrap();
-    let last = final_line(&mut s);
-    assert!(!last.ok);
-    assert_eq!(last.data["vm_on_source"], true, "{last:?}");
-    assert!(
-        last.data["reason"].as_str().unwrap().contains("refused"),
-        "{last:?}"
-    );
+    let Reply::Failed(f) = final_line(&mut s) else {
+        panic!("the migration must fail")
+    };
+    assert!(f.source_running, "{f:?}");
+    assert_eq!(f.kind, contract::FailureKind::CommitRefused, "{f:?}");
+    assert_eq!(f.commit, contract::CommitPoint::Before, "{f:?}");
     assert_eq!(src.ctl(&["status"])["state"], "running");
     let n = Log::parse(&src.log()).verify_ok.len();
     src.wait_log(Duration::from_secs(30), "more sweeps", |l| {
@@ -123,7 +116,9 @@ fn destination_resumes_on_its_own_agents_word_when_the_source_is_gone() {
     let t0 = Instant::now();
     loop {
         let st = dst.w.ctl(&["status"]);
-        if st["migration"]["progress"]["phase"] == "awaiting commit decision" {
+        if st["migration"]["awaiting_decision"] == true
+            && st["migration"]["source_connected"] == false
+        {
             break;
         }
         assert!(
@@ -164,13 +159,8 @@ fn a_lost_decision_leaves_the_source_paused_until_told() {
         let active = st["migration"]["active"].as_bool().unwrap_or(true);
         if !active {
             assert_eq!(st["state"], "paused", "{st}");
-            assert!(
-                st["migration"]["progress"]["phase"]
-                    .as_str()
-                    .unwrap()
-                    .contains("failed in commit"),
-                "{st}"
-            );
+            assert_eq!(st["migration"]["failure"]["kind"], "commit-unknown", "{st}");
+            assert_eq!(st["migration"]["failure"]["commit"], "unknown", "{st}");
             break;
         }
         assert!(t0.elapsed() < Duration::from_secs(20), "{st}");

@@ -21,14 +21,6 @@ fn worker_bin() -> PathBuf {
     p
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 pub enum Backend {
     Sqlite,
     Etcd(cluster::testing::Etcd),
@@ -91,11 +83,10 @@ impl Cluster {
     }
 
     pub fn add_env(&mut self, name: &str, extra: &[&str], env: &[(&str, &str)]) -> &AgentProc {
-        let addr = format!("127.0.0.1:{}", free_port());
         let data_dir = self.dir.path().join(name);
         let mut a = AgentProc {
             name: name.into(),
-            addr,
+            addr: String::new(),
             data_dir,
             args: extra.iter().map(|s| s.to_string()).collect(),
             env: env
@@ -115,19 +106,24 @@ impl Cluster {
             .append(true)
             .open(self.dir.path().join(format!("{}.log", a.name)))
             .unwrap();
+        // The agent binds a free port itself and says which (no port picked here and raced
+        // for); a restarted agent gets a new one and registers it.
+        let addr_file = self.dir.path().join(format!("{}.addr", a.name));
+        let _ = std::fs::remove_file(&addr_file);
         let mut cmd = Command::new(ferry_bin());
         cmd.args([
             "agent",
             "--node",
             &a.name,
             "--listen",
-            &a.addr,
+            "127.0.0.1:0",
             "--store",
             &self.store,
             "--data-dir",
         ])
         .arg(&a.data_dir)
-        .args(["--lease-ttl-s", "3"])
+        .args(["--lease-ttl-s", "3", "--address-file"])
+        .arg(&addr_file)
         .args(&a.args)
         .stdout(Stdio::null())
         .stderr(Stdio::from(log));
@@ -136,7 +132,13 @@ impl Cluster {
         }
         a.child = Some(cmd.spawn().expect("spawn ferry agent"));
         let t0 = Instant::now();
-        while agent::client::get(&a.addr, "/v1/health").is_err() {
+        loop {
+            if let Ok(addr) = std::fs::read_to_string(&addr_file) {
+                if get(&addr, "/v1/health").is_ok_and(|h| h["node"] == a.name.as_str()) {
+                    a.addr = addr;
+                    break;
+                }
+            }
             if let Some(st) = a.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!(
                     "agent {} exited ({st}): {}",
@@ -228,11 +230,11 @@ impl Cluster {
     }
 
     pub fn get(&self, via: &str, path: &str) -> Value {
-        agent::client::get(&self.addr(via), path).unwrap_or_else(|e| panic!("GET {path}: {e}"))
+        get(&self.addr(via), path).unwrap_or_else(|e| panic!("GET {path}: {e}"))
     }
 
     pub fn post(&self, via: &str, path: &str, body: Value) -> Value {
-        agent::client::post(&self.addr(via), path, &body, Some(Duration::from_secs(300)))
+        post(&self.addr(via), path, &body, Some(Duration::from_secs(300)))
             .unwrap_or_else(|e| panic!("POST {path}: {e}"))
     }
 
@@ -261,17 +263,8 @@ impl Cluster {
         for a in &self.agents {
             let sock = a.data_dir.join("vms").join(vm).join("api.sock");
             if sock.exists() {
-                if let Ok(r) = worker::api::call(
-                    &sock,
-                    &worker::api::Request::Status,
-                    Some(Duration::from_secs(5)),
-                ) {
-                    let st = r
-                        .data
-                        .get("state")
-                        .and_then(|s| s.as_str())
-                        .unwrap_or("")
-                        .to_string();
+                if let Ok(st) = contract::worker::status(&sock, Some(Duration::from_secs(5))) {
+                    let st = st.state.to_string();
                     if st == "running" || st == "paused" {
                         out.push((a.name.clone(), st));
                     }
@@ -322,13 +315,11 @@ impl Cluster {
         }
     }
 
-    /// Migrates through the API and waits for the outcome record.
-    pub fn migrate(&self, via: &str, vm: &str, to: &str, extra: Value) -> Result<Value, String> {
-        let mut body = json!({ "to": to });
-        for (k, v) in extra.as_object().cloned().unwrap_or_default() {
-            body[k] = v;
-        }
-        let started = agent::client::post(
+    /// Migrates through the API (with `params`, the migration parameters) and waits for the
+    /// outcome record.
+    pub fn migrate(&self, via: &str, vm: &str, to: &str, params: Value) -> Result<Value, String> {
+        let body = json!({ "to": to, "params": params });
+        let started = post(
             &self.addr(via),
             &format!("/v1/vms/{vm}/migrate"),
             &body,
@@ -337,7 +328,8 @@ impl Cluster {
         .map_err(|e| e.to_string())?;
         let runner = started["agent"].as_str().unwrap().to_string();
         let id = started["migration"]["id"].as_str().unwrap().to_string();
-        let m = agent::ops::wait_migration(&runner, &id).map_err(|e| e.to_string())?;
+        let m = agent::ops::source::wait_migration(&runner, &id).map_err(|e| e.to_string())?;
+        let m = serde_json::to_value(m).unwrap();
         if m["outcome"] == "succeeded" {
             Ok(m)
         } else {
@@ -394,3 +386,30 @@ pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 
 pub const GUEST: &str =
     "memory_mib = 64\ncmdline = \"ferry.workload=verify ferry.wss_mib=8 ferry.hb_ms=20\"\n";
+
+/// GET a JSON body from an agent.
+pub fn get(addr: &str, path: &str) -> Result<Value, agent::AgentError> {
+    agent::client::get::<Value>(addr, path)
+}
+
+/// POST a JSON body to an agent.
+pub fn post(
+    addr: &str,
+    path: &str,
+    body: &Value,
+    timeout: Option<Duration>,
+) -> Result<Value, agent::AgentError> {
+    agent::client::post::<Value, Value>(addr, path, body, timeout)
+}
+
+/// Waits for migration `id` to end (through the agent at `addr`); its final record.
+pub fn wait_migration(addr: &str, id: &str) -> Value {
+    serde_json::to_value(agent::ops::source::wait_migration(addr, id).unwrap()).unwrap()
+}
+
+/// The pid of the worker behind `sock`.
+pub fn worker_pid(sock: &std::path::Path) -> i32 {
+    contract::worker::status(sock, Some(Duration::from_secs(5)))
+        .unwrap()
+        .pid as i32
+}

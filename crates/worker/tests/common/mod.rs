@@ -352,11 +352,10 @@ pub struct Receiver {
 
 impl Receiver {
     pub fn spawn(dir: &Path, name: &str, extra: &[&str]) -> Receiver {
-        use std::io::BufRead;
         require_kvm();
         let serial = dir.join(format!("{name}.serial"));
         let socket = dir.join(format!("{name}.sock"));
-        let mut child = Command::new(bin())
+        let child = Command::new(bin())
             .args(["receive", "--listen", "127.0.0.1:0"])
             .args(extra)
             .arg("--serial-log")
@@ -367,15 +366,9 @@ impl Receiver {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn ferry-vmm receive");
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("receiving on ")
-            .unwrap_or_else(|| panic!("unexpected first line from receive: {line:?}"))
-            .to_string();
+        // Where it listens comes from its typed status, not from what it prints.
+        let addr = contract::worker::receiver_address(&socket, Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("the receiver did not come up: {e}"));
         let w = Worker {
             child: Some(child),
             dir: dir.to_path_buf(),
@@ -406,12 +399,17 @@ impl MigrateResult {
             self.stderr,
             self.lines.last()
         );
-        &self.last()["summary"]
+        let last = self.last();
+        assert_eq!(last["reply"], "done", "{last}");
+        last
     }
     pub fn phases(&self) -> Vec<String> {
         let mut v: Vec<String> = Vec::new();
         for l in &self.lines {
-            if let Some(p) = l["progress"]["phase"].as_str() {
+            if let Some(p) = (l["reply"] == "progress")
+                .then(|| l["phase"].as_str())
+                .flatten()
+            {
                 if v.last().map(|x| x.as_str()) != Some(p) {
                     v.push(p.to_string());
                 }
@@ -605,4 +603,12 @@ pub fn switchover_gaps_ms(before: &str, after: &str, cpus: u32, tsc_khz: f64) ->
                 .fold(0.0, f64::max)
         })
         .collect()
+}
+
+/// The reason of a failure line of `ctl migrate --output json` (message and cause).
+pub fn reason(f: &serde_json::Value) -> String {
+    match f["cause"].as_str() {
+        Some(c) => format!("{}: {c}", f["message"].as_str().unwrap_or("")),
+        None => f["message"].as_str().unwrap_or("").to_string(),
+    }
 }

@@ -1,0 +1,202 @@
+//! A migration to this node: a receiver worker waits for the VM; once the VM is complete here
+//! (Ready), the store decides: the VM is committed here as soon as the store names this node
+//! its owner, and discarded once the store says the migration is over without it. The
+//! decision never rests on the source's connection alone, so a source that dies right after
+//! the commit point cannot lose the VM, and an agent that restarts settles its receivers from
+//! the store.
+
+use super::R;
+use crate::workers::Worker;
+use crate::{Agent, AgentError};
+use contract::api::{ReceiveReply, ReceiveRequest};
+use contract::worker::{Request, WorkerState};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How often a receiver's state is looked at.
+const WATCH_EVERY: Duration = Duration::from_millis(20);
+/// How often an idle receiver checks the store whether its migration is still on.
+const IDLE_CHECK_EVERY: Duration = Duration::from_millis(500);
+
+/// What the store says a receiver should do.
+enum Verdict {
+    Commit,
+    Abort,
+    Wait,
+}
+
+impl Agent {
+    /// Starts a worker waiting for the VM and returns where the source should connect.
+    pub fn receive(self: &Arc<Self>, req: ReceiveRequest) -> R<ReceiveReply> {
+        let name = req.vm.spec.name.clone();
+        if !cluster::valid_name(&name) {
+            return Err(AgentError::BadRequest(format!("invalid VM name {name:?}")));
+        }
+        let mine = self.node_info();
+        if !mine.schedulable {
+            return Err(AgentError::Conflict(format!(
+                "node {} is drained",
+                self.name()
+            )));
+        }
+        if self.workers.get(&name).is_some() {
+            return Err(AgentError::Conflict(format!(
+                "VM {name} already has a worker on {}",
+                self.name()
+            )));
+        }
+        // The store must agree that this migration is on, towards this node.
+        let cur = self.vm_or_404(&name)?.value;
+        if cur.migration.as_deref() != Some(req.migration.as_str()) {
+            return Err(AgentError::Conflict(format!(
+                "VM {name} is not migrating as {} in the store",
+                req.migration
+            )));
+        }
+        self.drop_stale_receiver(&name, &req.migration)?;
+        let host = self
+            .cfg
+            .listen
+            .rsplit_once(':')
+            .map(|(h, _)| h.to_string())
+            .unwrap_or_else(|| "127.0.0.1".into());
+        let mut args: Vec<String> = vec![
+            "receive".into(),
+            "--listen".into(),
+            format!("{host}:0"),
+            "--external-commit".into(),
+            "--migration-id".into(),
+            req.migration.clone(),
+        ];
+        if let Some(p) = &self.cfg.cpu_limit {
+            args.extend(["--host-profile".into(), p.clone()]);
+        }
+        args.extend(
+            self.cfg
+                .net_backend_args(&req.vm.spec)
+                .map_err(AgentError::Conflict)?,
+        );
+        let w = self
+            .workers
+            .spawn(&self.cfg.worker_bin, &self.cfg.data_dir, &name, &args)
+            .map_err(|e| AgentError::Internal(format!("{e:#}")))?;
+        let address = match contract::worker::receiver_address(&w.socket, Duration::from_secs(10)) {
+            Ok(a) => a,
+            Err(e) => {
+                w.stop();
+                return Err(AgentError::Internal(format!(
+                    "the receiving worker did not say where it listens: {e}"
+                )));
+            }
+        };
+        self.watch_receiver(&name, &req.migration, w);
+        Ok(ReceiveReply { address })
+    }
+
+    /// Registers a receiver and follows it in a thread of its own.
+    pub(crate) fn watch_receiver(self: &Arc<Self>, name: &str, id: &str, w: Arc<Worker>) {
+        self.incoming
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string(), (id.to_string(), w.clone()));
+        let a = self.clone();
+        let (name, id) = (name.to_string(), id.to_string());
+        let spawned = std::thread::Builder::new()
+            .name(format!("incoming-{name}"))
+            .spawn(move || a.watch_incoming(&name, &id, w));
+        if let Err(e) = spawned {
+            tracing::error!("cannot watch a receiver: {e}");
+        }
+    }
+
+    /// A receiver left idle by an earlier attempt for this VM (refused in preflight, its source
+    /// gone before sending anything) still holds the VM's socket: when the store shows that a
+    /// new migration `id` replaced it, that attempt is over, so stop the old receiver now.
+    fn drop_stale_receiver(&self, name: &str, id: &str) -> R<()> {
+        let old = self
+            .incoming
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned();
+        let Some((old_id, w)) = old else {
+            return Ok(());
+        };
+        if old_id == id || !w.alive() {
+            return Ok(());
+        }
+        tracing::info!(
+            vm = name,
+            old = old_id,
+            new = id,
+            "stopping the receiver of an earlier attempt"
+        );
+        w.stop();
+        Ok(())
+    }
+
+    fn watch_incoming(&self, name: &str, id: &str, w: Arc<Worker>) {
+        self.watch_incoming_inner(name, id, &w);
+        let mut inc = self.incoming.lock().unwrap_or_else(|e| e.into_inner());
+        if inc.get(name).is_some_and(|(i, _)| i == id) {
+            inc.remove(name);
+        }
+    }
+
+    /// The store's word on migration `id` of `name` to this node.
+    fn verdict(&self, name: &str, id: &str) -> Verdict {
+        match self.store.vm(name) {
+            Ok(Some(v)) if v.value.owner == self.name() && v.value.migration.is_none() => {
+                Verdict::Commit
+            }
+            Ok(Some(v)) if v.value.migration.as_deref() != Some(id) => Verdict::Abort,
+            Ok(None) => Verdict::Abort,
+            _ => Verdict::Wait, // still undecided, or the store is away
+        }
+    }
+
+    fn watch_incoming_inner(&self, name: &str, id: &str, w: &Arc<Worker>) {
+        let mut last_check = Instant::now();
+        loop {
+            std::thread::sleep(WATCH_EVERY);
+            if !w.alive() {
+                return; // the migration failed and the worker discarded the VM
+            }
+            let Some(st) = w.state() else { continue };
+            if st.state != WorkerState::Receiving {
+                // The VM runs here now: supervise it.
+                self.workers.insert(w.clone());
+                return;
+            }
+            if st.awaiting_decision() {
+                match self.verdict(name, id) {
+                    Verdict::Commit => {
+                        let _ = w.call(&Request::Commit);
+                    }
+                    Verdict::Abort => {
+                        let _ = w.call(&Request::Abort);
+                    }
+                    Verdict::Wait => {}
+                }
+                continue;
+            }
+            // A receiver refused in preflight (or whose source vanished) keeps listening; once the
+            // store says this migration is over and the VM is not ours, nothing can come of it
+            // (a commit needs the record in `migrating(id)`): stop it so the node is free for the
+            // next attempt. Until the commit decision the worker holds no running VM.
+            if last_check.elapsed() >= IDLE_CHECK_EVERY {
+                last_check = Instant::now();
+                // Final: a record never returns to `migrating(id)` once it left it.
+                if let Verdict::Abort = self.verdict(name, id) {
+                    tracing::info!(
+                        vm = name,
+                        migration = id,
+                        "migration over without this node: stopping the receiver"
+                    );
+                    w.stop();
+                    return;
+                }
+            }
+        }
+    }
+}

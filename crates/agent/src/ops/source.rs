@@ -1,0 +1,610 @@
+//! A migration from this node, as explicit phases:
+//!
+//! ```text
+//! plan      agent preflight (alive, schedulable, vendor, CPU features, capacity, storage,
+//!           networks), then the lock: store CAS  running → migrating(id)
+//! setup     the destination agent starts a receiver (POST /v1/internal/receive)
+//! transfer  this node's worker migrates (progress relayed), until it reports CommitReady
+//! commit    store CAS  owner: here → destination  — the commit point — then the worker is
+//!           told commit (or abort if the swap lost)
+//! finish    the worker reports done; the record is written
+//! ```
+//! Before the commit point every failure rolls the store back (the VM runs here again, or is
+//! `crashed` with the reason if its worker died); a store that does not answer at the commit
+//! point leaves the migration undecided, both sides paused, for reconciliation to settle from
+//! the store once it answers.
+
+use super::{new_id, reaches, usage, MigrationWatch, R};
+use crate::client;
+use crate::{Agent, AgentError};
+use cluster::{now_ms, MigrationOutcome, MigrationRecord, NodeStatus, Phase, VmRecord, VmState};
+use contract::api::{
+    CancelOutcome, CancelReply, MigrateRequest, MigrationStarted, MigrationView, ReceiveReply,
+    ReceiveRequest,
+};
+use contract::faults::{self, FaultPoint};
+use contract::worker::{CommitDecision, MigrateCommand, MigrateSession, Reply, Request};
+use contract::{CommitPoint, FailureKind, Summary};
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How a migration ended, seen from the source agent.
+enum Ended {
+    /// The VM runs on the destination.
+    Moved(Box<Summary>),
+    /// The commit point passed; then the source lost contact (the destination owns the VM).
+    MovedUnconfirmed(String),
+    /// Before the commit point.
+    Failed {
+        phase: Phase,
+        kind: FailureKind,
+        reason: String,
+    },
+    /// The store did not answer at the commit point: nobody may resume anything until it does.
+    Undecided(String),
+}
+
+impl Agent {
+    /// Checks whether `dest` can take `vm` (the agent-level preflight).
+    pub fn preflight(&self, vm: &VmRecord, dest: &NodeStatus) -> Vec<String> {
+        let mut problems = Vec::new();
+        let src = self.node_info();
+        if !dest.alive {
+            problems.push(format!(
+                "node {} is down (its lease expired)",
+                dest.info.name
+            ));
+        }
+        if !dest.info.schedulable {
+            problems.push(format!("node {} is drained", dest.info.name));
+        }
+        if dest.info.cpu_vendor != src.cpu_vendor {
+            problems.push(format!(
+                "CPU vendor differs: {} here, {} on {}",
+                src.cpu_vendor, dest.info.cpu_vendor, dest.info.name
+            ));
+        }
+        let have: BTreeSet<&String> = dest.info.cpu_features.iter().collect();
+        let missing: Vec<&str> = vm
+            .cpu_features
+            .iter()
+            .filter(|f| !have.contains(f))
+            .map(|f| f.as_str())
+            .collect();
+        if !missing.is_empty() {
+            problems.push(format!(
+                "node {} lacks CPU features the VM uses: {} (to move it there, stop the VM, set its cpu_profile to `cluster` or `baseline`, and start it again)",
+                dest.info.name,
+                missing.join(", ")
+            ));
+        }
+        if let (Ok(vms), Ok(running)) = (self.store.vms(), self.store.running_migrations()) {
+            let (cores, mem, _) = usage(&dest.info.name, &vms, &running);
+            if cores + vm.spec.vcpus as u32 > dest.info.cores {
+                problems.push(format!(
+                    "not enough cores on {}: {} free, the VM needs {}",
+                    dest.info.name,
+                    dest.info.cores.saturating_sub(cores),
+                    vm.spec.vcpus
+                ));
+            }
+            if mem + vm.spec.memory_mib > dest.info.memory_mib {
+                problems.push(format!(
+                    "not enough memory on {}: {} MiB free, the VM needs {} MiB",
+                    dest.info.name,
+                    dest.info.memory_mib.saturating_sub(mem),
+                    vm.spec.memory_mib
+                ));
+            }
+        }
+        for s in vm.spec.storage_needed() {
+            if !reaches(&dest.info.storage, &s) {
+                problems.push(format!(
+                    "node {} does not reach storage {s}",
+                    dest.info.name
+                ));
+            }
+        }
+        for n in vm.spec.networks_needed() {
+            if !dest.info.networks.contains(&n) {
+                problems.push(format!(
+                    "node {} is not attached to network {n}",
+                    dest.info.name
+                ));
+            }
+        }
+        problems
+    }
+
+    /// Starts a live migration of `name` to `req.to`; returns its record (running), or refuses
+    /// right away when preflight does. Forwarded to the VM's owner.
+    pub fn migrate(self: &Arc<Self>, name: &str, req: MigrateRequest) -> R<MigrationStarted> {
+        req.params
+            .validate()
+            .map_err(|e| AgentError::BadRequest(e.to_string()))?;
+        let v = self.vm_or_404(name)?;
+        if v.value.owner != self.name() {
+            let a = self.address_of(&v.value.owner)?;
+            return client::post(
+                &a,
+                &format!("/v1/vms/{name}/migrate"),
+                &req,
+                Some(Duration::from_secs(60)),
+            );
+        }
+        if req.to == self.name() {
+            return Err(AgentError::BadRequest(format!(
+                "VM {name} already runs on {}",
+                req.to
+            )));
+        }
+        let dest = self.node_or_404(&req.to)?;
+        if v.value.state != VmState::Running {
+            return Err(AgentError::Conflict(format!(
+                "VM {name} is {}: only a running VM can be live-migrated",
+                v.value.state
+            )));
+        }
+        if self.worker_of(name).is_none() {
+            return Err(AgentError::Conflict(format!(
+                "VM {name} has no worker on {}",
+                self.name()
+            )));
+        }
+        let id = new_id(name);
+        let mut record = MigrationRecord {
+            id: id.clone(),
+            vm: name.into(),
+            from: self.name().into(),
+            to: req.to.clone(),
+            started_ms: now_ms(),
+            finished_ms: None,
+            outcome: MigrationOutcome::Running,
+            phase: Phase::Preflight,
+            reason: None,
+            summary: None,
+            params: req.params.clone(),
+            settled_by: None,
+        };
+        let problems = self.preflight(&v.value, &dest);
+        if !problems.is_empty() {
+            record.finished_ms = Some(now_ms());
+            record.outcome = MigrationOutcome::Failed;
+            record.reason = Some(format!("preflight refused: {}", problems.join("; ")));
+            self.store.put_migration(&record)?;
+            self.metrics.inc("ferry_migrations_refused_total");
+            return Err(AgentError::Conflict(record.reason.unwrap_or_default()));
+        }
+        if req.dry_run {
+            record.finished_ms = Some(now_ms());
+            record.outcome = MigrationOutcome::Succeeded;
+            return Ok(MigrationStarted {
+                migration: record,
+                agent: self.cfg.listen.clone(),
+                dry_run: true,
+            });
+        }
+        // This agent's thread owns the migration from before the lock on: reconciliation
+        // leaves a migration alone while its thread is active.
+        let watch = Arc::new(MigrationWatch::new(record.clone()));
+        self.migrations.insert(watch.clone());
+        // The lock: no other operation or migration may start on the VM.
+        let locked = self.update_vm(name, |r| {
+            if r.state != VmState::Running || r.owner != self.name() {
+                return Err(AgentError::Conflict(format!(
+                    "VM {name} is {} on {}",
+                    r.state, r.owner
+                )));
+            }
+            r.state = VmState::Migrating;
+            r.migration = Some(id.clone());
+            Ok(())
+        });
+        if let Err(e) = locked {
+            watch.mark_done();
+            return Err(e);
+        }
+        if let Err(e) = self.store.put_migration(&record) {
+            self.roll_back(name, &id, Phase::Preflight, &e.to_string(), true);
+            watch.mark_done();
+            return Err(e.into());
+        }
+        self.metrics.inc("ferry_migrations_started_total");
+        faults::hit(FaultPoint::AgentLocked);
+        let a = self.clone();
+        let name2 = name.to_string();
+        std::thread::Builder::new()
+            .name(format!("migrate-{name}"))
+            .spawn(move || a.run_migration(&name2, req, watch, dest))
+            .map_err(|e| AgentError::Internal(e.to_string()))?;
+        Ok(MigrationStarted {
+            migration: record,
+            agent: self.cfg.listen.clone(),
+            dry_run: false,
+        })
+    }
+
+    fn set_phase(&self, w: &MigrationWatch, phase: Phase) {
+        let mut r = w.record.lock().unwrap_or_else(|e| e.into_inner());
+        if r.phase != phase {
+            r.phase = phase;
+            let _ = self.store.put_migration(&r);
+        }
+    }
+
+    /// Writes the final record; keeps trying while the store is away (it is small).
+    fn finish_migration(
+        &self,
+        w: &MigrationWatch,
+        outcome: MigrationOutcome,
+        reason: Option<String>,
+        summary: Option<Summary>,
+    ) {
+        let mut r = w.record.lock().unwrap_or_else(|e| e.into_inner());
+        r.outcome = outcome;
+        r.reason = reason;
+        r.summary = summary;
+        r.finished_ms = Some(now_ms());
+        let t0 = Instant::now();
+        while self.store.put_migration(&r).is_err() && t0.elapsed() < self.cfg.commit_retry {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        drop(r);
+        w.mark_done();
+    }
+
+    fn run_migration(
+        self: Arc<Self>,
+        name: &str,
+        req: MigrateRequest,
+        w: Arc<MigrationWatch>,
+        dest: NodeStatus,
+    ) {
+        let t0 = Instant::now();
+        let id = w.record().id;
+        let ended = self.drive(name, &id, &req, &w, &dest);
+        match ended {
+            Ended::Moved(summary) => {
+                self.metrics.observe_downtime(summary.downtime_ms);
+                self.metrics
+                    .add("ferry_migration_bytes_total", summary.bytes_sent);
+                self.metrics.inc("ferry_migrations_succeeded_total");
+                self.metrics
+                    .observe("ferry_migration_seconds", t0.elapsed().as_secs_f64());
+                if let Some(wk) = self.workers.remove(name) {
+                    wk.expected_exit.store(true, Ordering::SeqCst);
+                }
+                self.set_phase(&w, Phase::Resumed);
+                self.finish_migration(&w, MigrationOutcome::Succeeded, None, Some(*summary));
+            }
+            Ended::MovedUnconfirmed(reason) => {
+                self.metrics.inc("ferry_migrations_succeeded_total");
+                // The store says the destination owns it: this copy never runs again.
+                if let Some(wk) = self.workers.remove(name) {
+                    wk.expected_exit.store(true, Ordering::SeqCst);
+                    wk.stop();
+                }
+                self.finish_migration(&w, MigrationOutcome::Succeeded, Some(reason), None);
+            }
+            Ended::Failed {
+                phase,
+                kind,
+                reason,
+            } => {
+                self.set_phase(&w, phase);
+                let alive = self.workers.get(name).is_some_and(|wk| wk.alive());
+                self.roll_back(name, &id, phase, &reason, alive);
+                let outcome = if kind == FailureKind::Cancelled {
+                    self.metrics.inc("ferry_migrations_cancelled_total");
+                    MigrationOutcome::Cancelled
+                } else {
+                    self.metrics.inc("ferry_migrations_failed_total");
+                    MigrationOutcome::Failed
+                };
+                self.finish_migration(&w, outcome, Some(reason), None);
+            }
+            Ended::Undecided(reason) => {
+                self.metrics.inc("ferry_migrations_failed_total");
+                self.finish_migration(&w, MigrationOutcome::Failed, Some(reason), None);
+            }
+        }
+    }
+
+    /// Setup → transfer → commit, until the worker's final word.
+    fn drive(
+        &self,
+        name: &str,
+        id: &str,
+        req: &MigrateRequest,
+        w: &MigrationWatch,
+        dest: &NodeStatus,
+    ) -> Ended {
+        let failed = |phase, kind, reason: String| Ended::Failed {
+            phase,
+            kind,
+            reason,
+        };
+        // Setup: the destination agent starts a worker waiting for the VM.
+        self.set_phase(w, Phase::Setup);
+        let vm = match self.vm_or_404(name) {
+            Ok(v) => v.value,
+            Err(e) => return failed(Phase::Setup, FailureKind::Local, e.to_string()),
+        };
+        let rr = ReceiveRequest {
+            migration: id.to_string(),
+            vm,
+            from: self.name().into(),
+        };
+        let addr = match client::post::<_, ReceiveReply>(
+            &dest.info.address,
+            "/v1/internal/receive",
+            &rr,
+            Some(Duration::from_secs(60)),
+        ) {
+            Ok(r) => r.address,
+            Err(e) => {
+                return failed(
+                    Phase::Setup,
+                    FailureKind::PeerLost,
+                    format!("destination agent {}: {e}", dest.info.name),
+                )
+            }
+        };
+        let Some(worker) = self.worker_of(name) else {
+            return failed(
+                Phase::Setup,
+                FailureKind::Local,
+                "the VM's worker is gone".into(),
+            );
+        };
+        // Transfer: the worker migrates; the commit is ours to decide.
+        let cmd = MigrateCommand {
+            to: addr,
+            params: req.params.clone(),
+            dry_run: false,
+            external_commit: true,
+        };
+        let mut session = match MigrateSession::start(&worker.socket, cmd) {
+            Ok(s) => s,
+            Err(e) => {
+                return failed(
+                    Phase::Setup,
+                    FailureKind::Local,
+                    format!("cannot reach the VM's worker: {e}"),
+                )
+            }
+        };
+        let mut committed = false;
+        loop {
+            if !committed && w.cancel.swap(false, Ordering::SeqCst) {
+                let _ = worker.call(&Request::Cancel);
+            }
+            let phase = w.record().phase;
+            let reply = match session.next_reply() {
+                Ok(r) => r,
+                Err(e) if committed => {
+                    return Ended::MovedUnconfirmed(format!(
+                        "the source worker was lost after the commit: {e}"
+                    ))
+                }
+                Err(e) => {
+                    return failed(
+                        phase,
+                        FailureKind::PeerLost,
+                        format!("lost the VM's worker during the migration: {e}"),
+                    )
+                }
+            };
+            match reply {
+                Reply::Progress(p) => {
+                    self.set_phase(w, p.phase);
+                    *w.progress.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
+                }
+                Reply::CommitReady => {
+                    self.set_phase(w, Phase::Ready);
+                    match self.commit_cas(name, id, &dest.info.name) {
+                        Some(true) => {
+                            faults::hit(FaultPoint::AgentAfterCas);
+                            committed = true;
+                            self.set_phase(w, Phase::Commit);
+                            let _ = session.decide(CommitDecision::Commit);
+                        }
+                        Some(false) => {
+                            let _ = session.decide(CommitDecision::Abort);
+                        }
+                        None => {
+                            // Unknown: leave both sides paused; reconciliation settles it.
+                            return Ended::Undecided(format!(
+                                "the cluster store did not answer at the commit point for {} s; the VM stays paused until its owner is settled",
+                                self.cfg.commit_retry.as_secs()
+                            ));
+                        }
+                    }
+                }
+                Reply::Done(summary) => return Ended::Moved(Box::new(summary)),
+                Reply::Failed(f) if committed || f.commit == CommitPoint::After => {
+                    return Ended::MovedUnconfirmed(f.reason());
+                }
+                Reply::Failed(f) if f.commit == CommitPoint::Unknown => {
+                    return Ended::Undecided(f.reason());
+                }
+                Reply::Failed(f) => return failed(f.phase, f.kind, f.reason()),
+                Reply::Error { error } => {
+                    return if committed {
+                        Ended::MovedUnconfirmed(error)
+                    } else {
+                        failed(phase, FailureKind::Local, error)
+                    }
+                }
+                other => {
+                    if !committed {
+                        return failed(
+                            phase,
+                            FailureKind::Protocol,
+                            format!("unexpected answer from the VM's worker: {other:?}"),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// The commit point: compare-and-swap the VM's owner from this node to `dest`. Returns
+    /// Some(true) if the destination now owns the VM, Some(false) if the swap was refused, None
+    /// if the store could not say (then nobody may resume anything yet).
+    fn commit_cas(&self, name: &str, id: &str, dest: &str) -> Option<bool> {
+        let deadline = Instant::now() + self.cfg.commit_retry;
+        loop {
+            let attempt = (|| -> Result<bool, cluster::StoreError> {
+                let Some(cur) = self.store.vm(name)? else {
+                    return Ok(false);
+                };
+                if cur.value.owner == dest && cur.value.migration.is_none() {
+                    return Ok(true); // an earlier attempt went through
+                }
+                if cur.value.owner != self.name() || cur.value.migration.as_deref() != Some(id) {
+                    return Ok(false);
+                }
+                let mut rec = cur.value.clone();
+                rec.owner = dest.into();
+                rec.state = VmState::Running;
+                rec.migration = None;
+                rec.last_error = None;
+                rec.updated_ms = now_ms();
+                if self.store.update_vm(name, cur.version, &rec)? {
+                    return Ok(true);
+                }
+                // Lost a race: read again and decide from what is there.
+                let now = self.store.vm(name)?;
+                Ok(now.map(|n| n.value.owner == dest).unwrap_or(false))
+            })();
+            match attempt {
+                Ok(d) => return Some(d),
+                Err(e) => {
+                    tracing::warn!("commit of {name} to {dest}: store unavailable, retrying: {e}");
+                    if Instant::now() > deadline {
+                        return None;
+                    }
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+            }
+        }
+    }
+
+    /// The abort decision in the store: migration `id` of `name` did not happen. The VM runs
+    /// here again (`worker_alive`) or is marked crashed with the reason. A compare-and-swap
+    /// from `migrating(id)`, so it can never undo a commit. Returns whether it applied.
+    pub(crate) fn roll_back(
+        &self,
+        name: &str,
+        id: &str,
+        phase: Phase,
+        reason: &str,
+        worker_alive: bool,
+    ) -> bool {
+        let mut applied = false;
+        let r = self.update_vm(name, |r| {
+            applied = false;
+            if r.migration.as_deref() == Some(id) && r.owner == self.name() {
+                r.migration = None;
+                r.state = if worker_alive {
+                    VmState::Running
+                } else {
+                    VmState::Crashed
+                };
+                r.last_error = Some(if worker_alive {
+                    format!("migration {id} failed in {phase}: {reason}")
+                } else {
+                    format!("the VM's worker died during migration {id} ({phase}): {reason}")
+                });
+                applied = true;
+            }
+            Ok(())
+        });
+        if let Err(e) = r {
+            tracing::warn!("cannot roll back migration {id} of {name}: {e}");
+        }
+        applied
+    }
+
+    /// Cancels a running migration (before its commit point).
+    pub fn cancel_migration(&self, id: &str) -> R<CancelReply> {
+        if let Some(w) = self.migrations.get(id) {
+            if w.done.load(Ordering::SeqCst) {
+                let r = w.record();
+                return Err(AgentError::Conflict(format!(
+                    "migration {id} already ended: {}",
+                    r.outcome
+                )));
+            }
+            let phase = w.record().phase;
+            if phase >= Phase::Commit {
+                return Err(AgentError::Conflict(format!(
+                    "migration {id} passed its commit point; it can no longer be cancelled"
+                )));
+            }
+            w.cancel.store(true, Ordering::SeqCst);
+            return Ok(CancelReply {
+                migration: id.to_string(),
+                outcome: CancelOutcome::Cancelling,
+            });
+        }
+        let m = self
+            .store
+            .migration(id)?
+            .ok_or_else(|| AgentError::NotFound(format!("unknown migration {id:?}")))?;
+        if m.finished() {
+            return Err(AgentError::Conflict(format!(
+                "migration {id} already ended: {}",
+                m.outcome
+            )));
+        }
+        if m.from != self.name() {
+            let a = self.address_of(&m.from)?;
+            return client::post(
+                &a,
+                &format!("/v1/migrations/{id}/cancel"),
+                &serde_json::json!({}),
+                Some(Duration::from_secs(30)),
+            );
+        }
+        // Ours, but no thread runs it (this agent restarted): reconciliation settles it.
+        Err(AgentError::Conflict(format!(
+            "migration {id} is being settled by reconciliation after an agent restart; try again in a moment"
+        )))
+    }
+
+    /// A migration record (live if running here).
+    pub fn migration_view(&self, id: &str) -> R<MigrationView> {
+        if let Some(w) = self.migrations.get(id) {
+            return Ok(MigrationView {
+                migration: w.record(),
+                progress: w.progress(),
+                done: w.done.load(Ordering::SeqCst),
+            });
+        }
+        let m = self
+            .store
+            .migration(id)?
+            .ok_or_else(|| AgentError::NotFound(format!("unknown migration {id:?}")))?;
+        let done = m.finished();
+        Ok(MigrationView {
+            migration: m,
+            progress: None,
+            done,
+        })
+    }
+}
+
+/// Polls a migration on `agent` until it ends.
+pub fn wait_migration(agent: &str, id: &str) -> R<MigrationRecord> {
+    loop {
+        let v: MigrationView = client::get(agent, &format!("/v1/migrations/{id}"))?;
+        if v.done {
+            return Ok(v.migration);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

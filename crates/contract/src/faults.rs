@@ -1,0 +1,85 @@
+//! Typed fault-injection points for the fault-matrix tests. Compiled in only with the
+//! `fault-injection` feature (the test suite's builds); in every other build [`hit`] is empty.
+//!
+//! A process started with `FERRY_FAULT=<point>` (and `FERRY_FAULT_DIR=<dir>`) that reaches
+//! that point writes `<dir>/<point>` holding its pid and stops itself (SIGSTOP), once. The test
+//! then kills whichever process the row names and continues (SIGCONT) or kills the stopped
+//! one: a kill at an exact phase of a real migration, without timing guesses.
+
+use serde::{Deserialize, Serialize};
+
+/// Where a fault can be injected.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[serde(rename_all = "kebab-case")]
+pub enum FaultPoint {
+    /// Source agent: preflight passed and the VM is locked for the migration in the store.
+    AgentLocked,
+    /// Source worker: pre-copy pass 0 is under way (its first pages are sent).
+    WorkerPass0,
+    /// Source worker: pre-copy pass 2 is under way.
+    WorkerPass2,
+    /// Source worker: the VM is paused (downtime started), nothing of the switchover sent yet.
+    WorkerPaused,
+    /// Source worker: the destination holds the complete VM (Ready), the commit not decided.
+    WorkerReady,
+    /// Source agent: the store names the destination owner (the commit point), nobody told.
+    AgentAfterCas,
+    /// Source worker: `Commit` sent to the destination, `Resumed` not yet received.
+    WorkerCommitSent,
+}
+
+impl FaultPoint {
+    pub const ALL: [FaultPoint; 7] = [
+        FaultPoint::AgentLocked,
+        FaultPoint::WorkerPass0,
+        FaultPoint::WorkerPass2,
+        FaultPoint::WorkerPaused,
+        FaultPoint::WorkerReady,
+        FaultPoint::AgentAfterCas,
+        FaultPoint::WorkerCommitSent,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FaultPoint::AgentLocked => "agent-locked",
+            FaultPoint::WorkerPass0 => "worker-pass-0",
+            FaultPoint::WorkerPass2 => "worker-pass-2",
+            FaultPoint::WorkerPaused => "worker-paused",
+            FaultPoint::WorkerReady => "worker-ready",
+            FaultPoint::AgentAfterCas => "agent-after-cas",
+            FaultPoint::WorkerCommitSent => "worker-commit-sent",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<FaultPoint> {
+        FaultPoint::ALL.into_iter().find(|p| p.as_str() == s)
+    }
+}
+
+/// Reached `point`: stops here if the process was started to (only with `fault-injection`).
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+pub fn hit(_point: FaultPoint) {}
+
+/// Reached `point`: stops here if the process was started to (only with `fault-injection`).
+#[cfg(feature = "fault-injection")]
+pub fn hit(point: FaultPoint) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static FIRED: AtomicBool = AtomicBool::new(false);
+    let armed = std::env::var("FERRY_FAULT")
+        .ok()
+        .and_then(|s| FaultPoint::parse(&s))
+        == Some(point);
+    if !armed || FIRED.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    if let Some(dir) = std::env::var_os("FERRY_FAULT_DIR") {
+        let path = std::path::Path::new(&dir).join(point.as_str());
+        let _ = std::fs::write(&path, std::process::id().to_string());
+    }
+    eprintln!("ferry: fault point {} reached: stopping", point.as_str());
+    // SAFETY: raise(2) with a valid signal number has no memory-safety preconditions.
+    unsafe {
+        libc::raise(libc::SIGSTOP);
+    }
+}
