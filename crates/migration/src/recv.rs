@@ -459,7 +459,8 @@ fn session(
                 ));
             }
             let t = Instant::now();
-            let st = match vmm::snapshot::decode_state(&buf) {
+            // In the version the source announced (and preflight accepted).
+            let st = match vmm::snapshot::decode_state(req.state_version, &buf) {
                 Ok(s) => s,
                 Err(e) => break Err(err(Phase::State, e.to_string())),
             };

@@ -34,6 +34,11 @@ pub struct MigrateOptions {
     pub timeout: Option<Duration>,
     /// Only run the preflight.
     pub dry_run: bool,
+    /// Format of the VM state sent: [`wire::STATE_VERSION`]. An older one
+    /// (`wire::MIN_STATE_VERSION..`) makes this source send what the previous build sent (for
+    /// tests of mixed-version clusters); a state that version cannot express fails the
+    /// migration before the commit.
+    pub state_version: u32,
 }
 
 impl Default for MigrateOptions {
@@ -46,6 +51,7 @@ impl Default for MigrateOptions {
             max_bandwidth: None,
             timeout: None,
             dry_run: false,
+            state_version: wire::STATE_VERSION,
         }
     }
 }
@@ -502,7 +508,7 @@ impl Sender<'_> {
         self.ctl.update(|p| p.phase = Phase::Preflight.to_string());
         let kvm = vmm::open_kvm().map_err(|e| pre(fail(Phase::Preflight, e.to_string())))?;
         let req = PreflightRequest {
-            state_version: wire::STATE_VERSION,
+            state_version: self.opts.state_version,
             config: vm.config().clone(),
             layout: vm.ram().layout().clone(),
             cpuid: vm.cpuid().clone(),
@@ -760,7 +766,7 @@ impl Sender<'_> {
         let state = vm
             .save_state()
             .map_err(|e| pre(fail(Phase::State, e.to_string())))?;
-        let encoded = vmm::snapshot::encode_state(&state)
+        let encoded = vmm::snapshot::encode_state_versioned(self.opts.state_version, &state)
             .map_err(|e| pre(fail(Phase::State, e.to_string())))?;
         // Hand the disks over: everything acknowledged is flushed and the image locks are
         // released for the destination, which takes them before it reports Ready. Any failure

@@ -12,8 +12,12 @@ use std::io::{Read, Write};
 
 /// Version of the protocol this build speaks. A peer with another version is refused.
 pub const PROTOCOL_VERSION: u32 = 2;
-/// Version of the encoded VM state (`MachineState` + snapshot codec).
+/// Version of the encoded VM state (`MachineState` + snapshot codec) this build sends.
 pub const STATE_VERSION: u32 = vmm::snapshot::VERSION;
+/// Oldest state version this build receives (a source of the previous build, during an
+/// upgrade): a destination accepts `MIN_STATE_VERSION..=STATE_VERSION` and decodes the `STATE`
+/// frame in the version the source announced in its preflight request.
+pub const MIN_STATE_VERSION: u32 = vmm::snapshot::MIN_READ_VERSION;
 
 const FRAME_MAGIC: u32 = 0x4652_4d31; // "FRM1"
 /// Header length.

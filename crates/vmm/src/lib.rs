@@ -6,7 +6,7 @@
 //! (or, on hosts with hardware virtualization, a Linux bzImage + initrd); [`cpuid`] builds the
 //! guest CPUID from a named CPU profile. Every component saves and restores its own typed state
 //! through [`persist::Persist`]; [`snapshot`] writes the whole VM to one versioned, checksummed
-//! file and reads it back.
+//! file and reads it back (the current format and the previous one, [`state_v2`]).
 
 pub mod boot;
 pub mod config;
@@ -16,6 +16,7 @@ pub mod dirty;
 pub mod memory;
 pub mod persist;
 pub mod snapshot;
+pub mod state_v2;
 pub mod vcpu;
 pub mod vm;
 

@@ -293,8 +293,9 @@ fn real_main(cli: Cli) -> Result<i32> {
             serial.commit()?;
             let listener = server::bind(&api_socket)?;
             println!(
-                "restored {}: {} of {} pages, {:.1} MiB file, {:.1} ms",
+                "restored {} (format v{}): {} of {} pages, {:.1} MiB file, {:.1} ms",
                 snapshot.display(),
+                stats.format_version,
                 stats.data_pages,
                 stats.total_pages,
                 stats.file_bytes as f64 / (1 << 20) as f64,

@@ -369,6 +369,7 @@ fn migrate(args: MigrateArgs, ctx: &Arc<Ctx>, w: &mut UnixStream, r: &mut BufRea
         max_bandwidth: args.max_bandwidth_mibs.map(|m| m << 20),
         timeout: args.timeout_s.map(Duration::from_secs_f64),
         dry_run: args.dry_run,
+        ..Default::default()
     };
     let mctl = Arc::new(MigrationControl::default());
     *ctx.outgoing.lock().unwrap_or_else(|e| e.into_inner()) = Some(mctl.clone());
