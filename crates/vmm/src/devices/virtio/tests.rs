@@ -1,13 +1,20 @@
 //! Device tests with a tiny virtio driver written against the MMIO registers and a split
 //! virtqueue laid out in real (memfd) guest RAM.
 
+use super::block::Block;
+use super::devices::lock;
+use super::net::Net;
+use super::transport::*;
 use super::*;
 use crate::config::{DiskConfig, MacAddr, NicConfig};
-use crate::memory::{MemoryLayout, PAGE_SIZE};
+use crate::memory::{GuestRam, MemoryLayout, PAGE_SIZE};
 use std::io::Write as _;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::*;
 use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
 
 const DESC: u64 = 0x10000;
 const AVAIL: u64 = 0x11000;
