@@ -176,8 +176,8 @@ pub(crate) fn bsp_setup(cpu: usize, info: &BootInfo) -> Result<(), ()> {
         Workload::Idle => {}
     }
 
-    // SAFETY: the APs do not read SHARED before GO is released.
     let shared = &raw mut SHARED;
+    // SAFETY: the APs do not read SHARED before GO is released, and only this CPU writes it.
     unsafe {
         *shared = Shared {
             workload: cfg.workload,

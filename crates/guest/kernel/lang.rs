@@ -29,46 +29,63 @@ pub extern "C" fn rust_eh_personality() {
 }
 
 /// # Safety
-/// C `memcpy`.
+/// C `memcpy`: `src` is readable and `dst` writable for `n` bytes, and they do not overlap.
 #[no_mangle]
 pub unsafe extern "C" fn memcpy(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
-    asm!("rep movsb", inout("rcx") n => _, inout("rdi") dst => _, inout("rsi") src => _,
-         options(nostack, preserves_flags));
-    dst
-}
-
-/// # Safety
-/// C `memmove`.
-#[no_mangle]
-pub unsafe extern "C" fn memmove(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
-    if (dst as usize).wrapping_sub(src as usize) >= n {
-        // no overlap, or dst below src: forward copy is safe
+    // SAFETY: copies `n` bytes forward from `src` to `dst` (DF is clear: nothing in ring 3
+    // sets it but memmove, which clears it again), which the caller made valid.
+    unsafe {
         asm!("rep movsb", inout("rcx") n => _, inout("rdi") dst => _, inout("rsi") src => _,
              options(nostack, preserves_flags));
-    } else {
-        asm!("std", "rep movsb", "cld",
-             inout("rcx") n => _, inout("rdi") dst.add(n - 1) => _, inout("rsi") src.add(n - 1) => _,
-             options(nostack));
     }
     dst
 }
 
 /// # Safety
-/// C `memset`.
+/// C `memmove`: `src` is readable and `dst` writable for `n` bytes (they may overlap).
 #[no_mangle]
-pub unsafe extern "C" fn memset(dst: *mut u8, c: i32, n: usize) -> *mut u8 {
-    asm!("rep stosb", inout("rcx") n => _, inout("rdi") dst => _, in("al") c as u8,
-         options(nostack, preserves_flags));
+pub unsafe extern "C" fn memmove(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
+    if (dst as usize).wrapping_sub(src as usize) >= n {
+        // no overlap, or dst below src: forward copy is safe
+        // SAFETY: copies `n` bytes forward within ranges the caller made valid; a forward copy
+        // never reads a byte it already overwrote here.
+        unsafe {
+            asm!("rep movsb", inout("rcx") n => _, inout("rdi") dst => _, inout("rsi") src => _,
+                 options(nostack, preserves_flags));
+        }
+    } else {
+        // SAFETY: here dst is above src and the ranges overlap, so n >= 1 and `n - 1` stays
+        // inside both ranges; the backward copy (DF set, cleared again) reads every byte before
+        // overwriting it.
+        unsafe {
+            asm!("std", "rep movsb", "cld",
+                 inout("rcx") n => _, inout("rdi") dst.add(n - 1) => _, inout("rsi") src.add(n - 1) => _,
+                 options(nostack));
+        }
+    }
     dst
 }
 
 /// # Safety
-/// C `memcmp`.
+/// C `memset`: `dst` is writable for `n` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn memset(dst: *mut u8, c: i32, n: usize) -> *mut u8 {
+    // SAFETY: stores `n` bytes forward from `dst`, which the caller made valid.
+    unsafe {
+        asm!("rep stosb", inout("rcx") n => _, inout("rdi") dst => _, in("al") c as u8,
+             options(nostack, preserves_flags));
+    }
+    dst
+}
+
+/// # Safety
+/// C `memcmp`: `a` and `b` are readable for `n` bytes.
 #[no_mangle]
 pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
     let mut i = 0;
     while i < n {
-        let (x, y) = (a.add(i).read_volatile(), b.add(i).read_volatile());
+        // SAFETY: i < n, and the caller made both ranges readable for n bytes.
+        let (x, y) = unsafe { (a.add(i).read_volatile(), b.add(i).read_volatile()) };
         if x != y {
             return i32::from(x) - i32::from(y);
         }
@@ -78,8 +95,9 @@ pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
 }
 
 /// # Safety
-/// C `bcmp`.
+/// C `bcmp`: `a` and `b` are readable for `n` bytes.
 #[no_mangle]
 pub unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
-    memcmp(a, b, n)
+    // SAFETY: the caller's guarantee is memcmp's.
+    unsafe { memcmp(a, b, n) }
 }

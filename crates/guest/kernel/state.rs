@@ -94,8 +94,8 @@ pub(crate) const PERCPU_INIT: PerCpu = PerCpu {
 pub(crate) static mut PERCPU: [PerCpu; MAX_CPUS] = [PERCPU_INIT; MAX_CPUS];
 
 pub(crate) fn shared() -> &'static Shared {
-    // SAFETY: written only by the BSP before GO is released (Release/Acquire), read-only after.
     let shared = &raw const SHARED;
+    // SAFETY: written only by the BSP before GO is released (Release/Acquire), read-only after.
     unsafe { &*shared }
 }
 
