@@ -187,7 +187,7 @@ impl<W: Write> SectionWriter<W> {
     }
 }
 
-/// A source of guest pages for [`write`]: yields runs of consecutive pages by RAM page index.
+/// A source of guest pages for [`write()`]: yields runs of consecutive pages by RAM page index.
 pub trait PageSource {
     /// Total RAM pages.
     fn total_pages(&self) -> u64;
@@ -264,7 +264,7 @@ pub fn write(
     write_versioned(path, VERSION, state, pages)
 }
 
-/// Like [`write`], in format `version` (see [`encode_state_versioned`]: older versions are for
+/// Like [`write()`], in format `version` (see [`encode_state_versioned`]: older versions are for
 /// tools and tests).
 pub fn write_versioned(
     path: &Path,

@@ -6,10 +6,11 @@ use super::{kvm_err, MachineState, Platform, Vm, VmError, SERIAL_IRQ};
 use crate::boot;
 use crate::config::{KernelSource, VmConfig};
 use crate::cpuid::{self, CpuidTable};
-use crate::devices::serial::SerialDevice;
+use crate::devices::serial::{SerialArgs, SerialDevice};
 use crate::devices::virtio::{HostDevices, VirtioDevices};
 use crate::devices::Devices;
 use crate::memory::{GuestRam, MemoryLayout};
+use crate::persist::Persist;
 use crate::vcpu::Vcpu;
 use kvm_ioctls::{Kvm, VmFd};
 use std::fs::File;
@@ -80,13 +81,15 @@ impl PreparedVm {
             v.set_msr_list(state.msr_list.clone());
             v.apply(vs)?;
         }
-        self.virtio.restore(&state.devices.virtio)?;
-        let serial = SerialDevice::from_state(
+        self.virtio.apply(&state.devices.virtio)?;
+        let serial = SerialDevice::restore(
+            SerialArgs {
+                irq: self.base.serial_irq.try_clone().map_err(VmError::EventFd)?,
+                out: serial_out,
+            },
             &state.devices.serial,
-            self.base.serial_irq.try_clone().map_err(VmError::EventFd)?,
-            serial_out,
         )
-        .map_err(VmError::Serial)?;
+        .map_err(|e| VmError::Serial(e.to_string()))?;
         Ok(Vm::assemble(
             self.config,
             self.cpuid,

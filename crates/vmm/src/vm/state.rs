@@ -66,6 +66,10 @@ impl Vm {
         let platform = self.platform.save()?;
         let mut dev = self.devices.lock().unwrap_or_else(|e| e.into_inner());
         dev.serial.flush();
+        let serial = dev
+            .serial
+            .save()
+            .map_err(|e| VmError::Serial(e.to_string()))?;
         Ok(MachineState {
             config: self.config.clone(),
             layout: self.ram.layout().clone(),
@@ -74,8 +78,8 @@ impl Vm {
             platform,
             vcpus,
             devices: DevicesState {
-                virtio: self.virtio.state(),
-                ..dev.state()
+                serial,
+                virtio: self.virtio.save()?,
             },
         })
     }

@@ -8,6 +8,7 @@ use super::{
 };
 use crate::config::VmConfig;
 use crate::memory::GuestRam;
+use crate::persist::Persist;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -15,7 +16,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 /// All virtio devices of a VM.
 pub struct VirtioDevices {
-    devs: Vec<Arc<Mutex<VirtioMmio>>>,
+    pub(super) devs: Vec<Arc<Mutex<VirtioMmio>>>,
     rx_threads: Vec<net::RxThread>,
     storage_held: AtomicBool,
 }
@@ -164,13 +165,9 @@ impl VirtioDevices {
         }
     }
 
-    /// Saves every device. The VM must be paused.
-    pub fn state(&self) -> Vec<VirtioState> {
-        self.devs.iter().map(|d| lock(d).state()).collect()
-    }
-
-    /// Loads saved device state (before the VM first runs).
-    pub fn restore(&self, states: &[VirtioState]) -> Result<(), DeviceError> {
+    /// Loads saved device state into these devices (built for the same configuration, before
+    /// the VM first runs); everything is checked against the devices first.
+    pub fn apply(&self, states: &[VirtioState]) -> Result<(), DeviceError> {
         if states.len() != self.devs.len() {
             return Err(DeviceError::State(format!(
                 "{} virtio devices saved, the VM has {}",
@@ -278,6 +275,35 @@ impl VirtioDevices {
                 _ => None,
             })
             .collect()
+    }
+}
+
+/// What building a VM's virtio devices needs besides their state.
+pub struct VirtioArgs {
+    pub config: VmConfig,
+    pub host: HostDevices,
+    pub ram: Arc<GuestRam>,
+    /// The VM the interrupts are registered with (it has an irqchip).
+    pub vm: Arc<kvm_ioctls::VmFd>,
+}
+
+impl Persist for VirtioDevices {
+    type State = Vec<VirtioState>;
+    type ConstructorArgs = VirtioArgs;
+    type Error = DeviceError;
+
+    /// Saves every device, in configuration order. The VM must be paused (a NIC moves the
+    /// frames waiting in its TAP into its receive backlog first).
+    fn save(&self) -> Result<Vec<VirtioState>, DeviceError> {
+        Ok(self.devs.iter().map(|d| lock(d).state()).collect())
+    }
+
+    /// Builds the devices of `args.config` ([`VirtioDevices::build`]) and loads `states` into
+    /// them ([`VirtioDevices::apply`]).
+    fn restore(args: VirtioArgs, states: &Vec<VirtioState>) -> Result<VirtioDevices, DeviceError> {
+        let devs = VirtioDevices::build(&args.config, &args.host, args.ram, &args.vm)?;
+        devs.apply(states)?;
+        Ok(devs)
     }
 }
 

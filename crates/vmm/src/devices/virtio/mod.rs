@@ -31,7 +31,7 @@ pub mod net;
 mod state;
 mod transport;
 
-pub use devices::VirtioDevices;
+pub use devices::{VirtioArgs, VirtioDevices};
 pub use host::{HostDevices, NetBackend};
 pub use state::{DeviceSnap, QueueSnap, VirtioState};
 pub(crate) use transport::Kind;
