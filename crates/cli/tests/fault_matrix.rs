@@ -214,13 +214,12 @@ fn run_row(target: Target, point: FaultPoint) -> Result<Report, String> {
             };
             sigkill(pid);
         }
-        Target::DestinationWorker => match contract::worker::status(
-            &sock(&c, "node2"),
-            Some(Duration::from_secs(5)),
-        ) {
-            Ok(st) => sigkill(st.pid as i32),
-            Err(_) => note = "no destination worker exists yet: nothing killed".into(),
-        },
+        Target::DestinationWorker => {
+            match contract::worker::status(&sock(&c, "node2"), Some(Duration::from_secs(5))) {
+                Ok(st) => sigkill(st.pid as i32),
+                Err(_) => note = "no destination worker exists yet: nothing killed".into(),
+            }
+        }
         Target::SourceAgent => {
             c.kill("node1");
             restart = Some("node1");
@@ -286,15 +285,22 @@ fn run_row(target: Target, point: FaultPoint) -> Result<Report, String> {
             if disk {
                 let n = seqs(&std::fs::read_to_string(c.serial(&owner, "vm")).unwrap_or_default())
                     .len();
-                wait_until("disk records after the faults", Duration::from_secs(30), || {
-                    seqs(&std::fs::read_to_string(c.serial(&owner, "vm")).unwrap_or_default())
-                        .len()
-                        > n + 20
-                });
+                wait_until(
+                    "disk records after the faults",
+                    Duration::from_secs(30),
+                    || {
+                        seqs(&std::fs::read_to_string(c.serial(&owner, "vm")).unwrap_or_default())
+                            .len()
+                            > n + 20
+                    },
+                );
                 let s = seqs(&logs(&c));
                 for w in s.windows(2) {
                     if w[1] != w[0] + 1 {
-                        return Err(format!("disk records lost or repeated: {} then {}", w[0], w[1]));
+                        return Err(format!(
+                            "disk records lost or repeated: {} then {}",
+                            w[0], w[1]
+                        ));
                     }
                 }
             } else {
@@ -338,9 +344,14 @@ fn run_row(target: Target, point: FaultPoint) -> Result<Report, String> {
             .parse()
             .unwrap();
         if !(acked..=acked + 2).contains(&last) {
-            return Err(format!("the disk holds {last} records, {acked} were acknowledged"));
+            return Err(format!(
+                "the disk holds {last} records, {acked} were acknowledged"
+            ));
         }
-        note = format!("{note}{}disk: {last} records, {acked} acknowledged", if note.is_empty() { "" } else { "; " });
+        note = format!(
+            "{note}{}disk: {last} records, {acked} acknowledged",
+            if note.is_empty() { "" } else { "; " }
+        );
     } else if settled.state != cluster::VmState::Running {
         // A crashed VM can be started again.
         c.post(&settled.owner, "/v1/vms/vm/start", json!({}));
@@ -390,7 +401,10 @@ fn every_single_fault_converges() {
     rows.push((Target::Store, FaultPoint::WorkerReady));
     if let Ok(only) = std::env::var("FERRY_FAULT_ROWS") {
         // e.g. FERRY_FAULT_ROWS="source agent/worker-pass-2" to rerun one row.
-        rows.retain(|(t, p)| only.split(',').any(|o| o == format!("{}/{}", t.name(), p.as_str())));
+        rows.retain(|(t, p)| {
+            only.split(',')
+                .any(|o| o == format!("{}/{}", t.name(), p.as_str()))
+        });
     }
     let mut table = String::from(
         "| fault | phase (fault point) | outcome | settled after faults | notes |\n|---|---|---|---|---|\n",
@@ -398,14 +412,13 @@ fn every_single_fault_converges() {
     let mut failures = Vec::new();
     for (target, point) in rows {
         let t0 = Instant::now();
-        let r = std::panic::catch_unwind(|| run_row(target, point))
-            .unwrap_or_else(|p| {
-                Err(p
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "panicked".into()))
-            });
+        let r = std::panic::catch_unwind(|| run_row(target, point)).unwrap_or_else(|p| {
+            Err(p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "panicked".into()))
+        });
         match r {
             Ok(rep) => {
                 println!(
@@ -441,5 +454,10 @@ fn every_single_fault_converges() {
     let table = table.replace("kill -9 store", "store");
     println!("\n{table}");
     let _ = std::fs::write(docs_path(), &table);
-    assert!(failures.is_empty(), "{} rows failed:\n{}", failures.len(), failures.join("\n\n"));
+    assert!(
+        failures.is_empty(),
+        "{} rows failed:\n{}",
+        failures.len(),
+        failures.join("\n\n")
+    );
 }

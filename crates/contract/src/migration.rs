@@ -138,8 +138,7 @@ impl MigrationParams {
 /// ```
 /// Before `Commit` any failure leaves the VM running on its source; from `Commit` on the
 /// destination owns it.
-#[derive(Serialize, Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub enum Phase {
     /// Opening the control connection (or, in a cluster, asking the destination agent).
     #[default]
@@ -222,6 +221,14 @@ impl Phase {
                 "done" => Some(Phase::Resumed),
                 _ => None,
             })
+    }
+}
+
+/// A phase is its name in every format (JSON and the migration stream's bincode alike), so
+/// that the deserializer, which also accepts older names, reads what was written.
+impl Serialize for Phase {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
     }
 }
 

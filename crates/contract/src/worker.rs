@@ -62,6 +62,10 @@ pub struct MigrateCommand {
     /// its store compare-and-swap).
     #[serde(default)]
     pub external_commit: bool,
+    /// Offer at most this wire protocol version (default: the newest this worker speaks;
+    /// versions are negotiated down anyway, this only pins an older one).
+    #[serde(default)]
+    pub max_protocol: Option<u32>,
 }
 
 /// The client's answer to [`Reply::CommitReady`].
@@ -355,6 +359,7 @@ mod tests {
             params: Default::default(),
             dry_run: false,
             external_commit: true,
+            max_protocol: None,
         }))
         .unwrap();
         assert_eq!(r["cmd"], "migrate");

@@ -7,7 +7,11 @@ use crate::disklog::{make_record, Scan, RECORD_SIZE};
 use crate::line::Line;
 use crate::virtio::{self, dma_alloc, phys, Mmio};
 use crate::virtq::{Buf, Virtq};
-use crate::{heartbeat_if_due, idle, panic_line, rdtsc, wait_until, PerCpu, Shared};
+use crate::entry::panic_line;
+use crate::heartbeat::heartbeat_if_due;
+use crate::rt::{rdtsc, wait_until};
+use crate::state::{PerCpu, Shared};
+use crate::workload::idle;
 
 /// VIRTIO_BLK_F_FLUSH.
 const F_FLUSH: u64 = 1 << 9;

@@ -71,7 +71,7 @@ impl Line {
     /// Appends `\n` and writes the line to COM1 atomically with respect to other CPUs.
     pub fn send(&mut self) {
         self.buf[self.len] = b'\n';
-        crate::serial_write(&self.buf[..=self.len]);
+        crate::rt::serial_write(&self.buf[..=self.len]);
         self.len = 0;
     }
 }

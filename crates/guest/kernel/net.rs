@@ -7,7 +7,9 @@ use crate::line::Line;
 use crate::netpkt::{gratuitous_arp, handle_frame, Kind, Me};
 use crate::virtio::{self, dma_alloc, phys, Mmio};
 use crate::virtq::{Buf, Used, Virtq};
-use crate::{heartbeat_if_due, rdtsc, wait_until, PerCpu, Shared};
+use crate::heartbeat::heartbeat_if_due;
+use crate::rt::{rdtsc, wait_until};
+use crate::state::{PerCpu, Shared};
 
 /// VIRTIO_NET_F_MAC.
 const F_MAC: u64 = 1 << 5;

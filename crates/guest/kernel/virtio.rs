@@ -9,7 +9,7 @@
 
 use crate::cmdline::VirtioMmio;
 use crate::line::Line;
-use crate::panic_line;
+use crate::entry::panic_line;
 use crate::virtq::{Virtq, MAX_SIZE, RING_BYTES};
 
 pub const MAGIC: u32 = 0x7472_6976; // "virt"
@@ -148,7 +148,7 @@ impl Mmio {
                 .hex(u64::from(s))
                 .str(")")
                 .send();
-            crate::sys_halt();
+            crate::rt::sys_halt();
         }
     }
 

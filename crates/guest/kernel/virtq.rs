@@ -93,7 +93,8 @@ impl Virtq {
     pub unsafe fn new(mem: *mut u8, size: u16) -> Virtq {
         assert!(size.is_power_of_two() && size <= MAX_SIZE);
         assert!((mem as usize).is_multiple_of(4096));
-        core::ptr::write_bytes(mem, 0, RING_BYTES);
+        // SAFETY: the caller gives this queue `mem`, RING_BYTES long.
+        unsafe { core::ptr::write_bytes(mem, 0, RING_BYTES) };
         let q = Virtq {
             base: mem as usize,
             size,
@@ -105,7 +106,9 @@ impl Virtq {
         for i in 0..size {
             q.write_desc(i, 0, 0, 0, (i + 1) % size);
         }
-        q.avail_ptr(0).write_volatile(AVAIL_F_NO_INTERRUPT);
+        // SAFETY: the available ring's flags lie inside `mem` (the layout of `size` entries
+        // fits RING_BYTES).
+        unsafe { q.avail_ptr(0).write_volatile(AVAIL_F_NO_INTERRUPT) };
         q
     }
 
@@ -273,10 +276,12 @@ mod tests {
 
     impl Dev {
         fn u16_at(&self, off: usize) -> u16 {
+            // SAFETY: `off` is inside the test's ring memory (the layout of `size` entries).
             unsafe { ((self.base + off) as *const u16).read_volatile() }
         }
         fn desc(&self, i: u16) -> (u64, u32, u16, u16) {
             let p = self.base + 16 * usize::from(i);
+            // SAFETY: descriptor `i` (< size) lies in the test's ring memory.
             unsafe {
                 (
                     (p as *const u64).read_volatile(),
@@ -310,6 +315,8 @@ mod tests {
         fn complete(&mut self, head: u16, len: u32) {
             let (_, _, u) = layout(self.size);
             let e = usize::from(self.used_idx % self.size);
+            // SAFETY: used-ring entry `e` (< size) and the ring's index lie in the test's ring
+            // memory.
             unsafe {
                 ((self.base + u + 4 + 8 * e) as *mut u32).write_volatile(u32::from(head));
                 ((self.base + u + 8 + 8 * e) as *mut u32).write_volatile(len);
@@ -319,12 +326,15 @@ mod tests {
         }
         fn set_no_notify(&self, on: bool) {
             let (_, _, u) = layout(self.size);
+            // SAFETY: the used ring's flags lie in the test's ring memory.
             unsafe { ((self.base + u) as *mut u16).write_volatile(u16::from(on)) };
         }
     }
 
     fn setup(size: u16) -> (Box<Mem>, Virtq, Dev) {
         let mut mem = Box::new(Mem([0xa5; RING_BYTES]));
+        // SAFETY: `Mem` is 4096-byte aligned and RING_BYTES long, and the returned box keeps it
+        // alive for the queue's users (this test and its device side).
         let q = unsafe { Virtq::new(mem.0.as_mut_ptr(), size) };
         let dev = Dev {
             base: mem.0.as_ptr() as usize,

@@ -164,7 +164,10 @@ mod tests {
         let b = budget(50, 2);
         let steps = replay(&dirty, &b);
         assert_eq!(steps.last(), Some(&Step::SwitchOver));
-        assert!(!steps.iter().any(|s| matches!(s, Step::Throttle(_))), "{steps:?}");
+        assert!(
+            !steps.iter().any(|s| matches!(s, Step::Throttle(_))),
+            "{steps:?}"
+        );
         // It switched at the first pass whose memory part is within a tenth of the budget
         // (600 pages ~ 2.3 ms at 1 GiB/s; 1 900 pages ~ 7.2 ms was not).
         assert_eq!(steps.len(), 4, "{steps:?}");

@@ -1,8 +1,9 @@
 //! Preflight: before any memory moves, the destination checks it can take the VM.
 //!
-//! Checks: same protocol and state versions, same CPU vendor, every CPU feature the VM's CPUID
-//! exposes is supported by the destination (the refusal names the missing ones), enough free RAM
-//! and cores, a configuration it accepts. The destination also measures what its part of the
+//! Checks: same protocol version, a state version the destination reads (its own or the
+//! previous one), same CPU vendor, every CPU feature the VM's CPUID exposes is supported by the
+//! destination (the refusal names the missing ones), enough free RAM and cores, a configuration
+//! it accepts. The destination also measures what its part of the
 //! switchover costs (restoring and resuming a scratch VM of the same shape), so the source's
 //! downtime estimate is measured, not assumed.
 
@@ -14,6 +15,8 @@ use vmm::VmConfig;
 /// What the source tells the destination about the VM.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct PreflightRequest {
+    /// The format of the `STATE` frame the source will send (the destination decodes it in
+    /// this version).
     pub state_version: u32,
     pub config: VmConfig,
     pub layout: MemoryLayout,
@@ -82,10 +85,11 @@ pub fn check(
     let mut problems = Vec::new();
     let mut missing_features = Vec::new();
     let dest = host_summary(kvm, limits);
-    if req.state_version != crate::wire::STATE_VERSION {
+    if !vmm::snapshot::reads_version(req.state_version) {
         problems.push(format!(
-            "VM state version {} is not supported here (this destination uses {})",
+            "VM state version {} is not supported here (this destination reads versions {}-{})",
             req.state_version,
+            crate::wire::MIN_STATE_VERSION,
             crate::wire::STATE_VERSION
         ));
     }

@@ -23,8 +23,12 @@ use std::io::{Read, Write};
 pub const PROTOCOL_VERSION: u32 = 3;
 /// Oldest version this build still speaks (a peer one release older).
 pub const MIN_PROTOCOL_VERSION: u32 = 2;
-/// Version of the encoded VM state (`MachineState` + snapshot codec).
+/// Version of the encoded VM state (`MachineState` + snapshot codec) this build sends.
 pub const STATE_VERSION: u32 = vmm::snapshot::VERSION;
+/// Oldest state version this build receives (a source of the previous build, during an
+/// upgrade): a destination accepts `MIN_STATE_VERSION..=STATE_VERSION` and decodes the `STATE`
+/// frame in the version the source announced in its preflight request.
+pub const MIN_STATE_VERSION: u32 = vmm::snapshot::MIN_READ_VERSION;
 
 const FRAME_MAGIC: u32 = 0x4652_4d31; // "FRM1"
 /// Header length.
@@ -506,6 +510,55 @@ mod tests {
                 .and_then(|f| decode_msg(&f))
                 .and_then(|_| read_frame(&mut r).map(|_| Msg::Ping));
             assert!(res.is_err(), "flip at {i} went unnoticed");
+        }
+    }
+
+    #[test]
+    fn every_control_message_round_trips_in_both_versions() {
+        use contract::{FailureKind, MigrationFailure, Phase};
+        let mut msgs = vec![
+            Msg::HelloAck { protocol: 3 },
+            Msg::Refuse {
+                reason: "busy".into(),
+            },
+            Msg::Begin {
+                streams: 4,
+                compression: Compression::Zstd,
+            },
+            Msg::BeginAck { restore_us: 9 },
+            Msg::PassDone {
+                pass: 2,
+                frames: vec![1, 2],
+                pages: 3,
+            },
+            Msg::PassAck { pass: 2 },
+            Msg::Paused,
+            Msg::Ready { restore_us: 1 },
+            Msg::Commit,
+            Msg::Resumed { resume_us: 2 },
+            Msg::Ping,
+        ];
+        for phase in Phase::ALL {
+            for kind in [
+                FailureKind::Refused,
+                FailureKind::CommitUnknown,
+                FailureKind::Local,
+            ] {
+                let f = MigrationFailure::before(phase, kind, "why").caused_by("because");
+                for protocol in [MIN_PROTOCOL_VERSION, PROTOCOL_VERSION] {
+                    let m = failure_msg(protocol, &f);
+                    let (p, k, reason) = peer_failure(&m).unwrap();
+                    assert_eq!(reason, "why: because");
+                    assert_eq!(p, phase.to_string());
+                    assert_eq!(k, (protocol >= 3).then_some(kind));
+                    msgs.push(m);
+                }
+            }
+        }
+        for m in msgs {
+            let mut buf = Vec::new();
+            send_msg(&mut buf, &m).unwrap();
+            assert_eq!(recv_msg(&mut &buf[..]).unwrap(), m, "{}", m.name());
         }
     }
 

@@ -4,9 +4,10 @@
 //! vCPU ([`vcpu`]), the in-kernel irqchip/PIT/kvmclock, and the port-I/O devices ([`devices`]):
 //! a 16550 serial console and an i8042 controller for guest resets. [`boot`] loads a PVH ELF
 //! (or, on hosts with hardware virtualization, a Linux bzImage + initrd); [`cpuid`] builds the
-//! guest CPUID from a named CPU profile. Every component saves and restores its own typed state
-//! through [`persist::Persist`]; [`snapshot`] writes the whole VM to one versioned, checksummed
-//! file and reads it back.
+//! guest CPUID from a named CPU profile. Every stateful component (vCPU, platform devices, serial
+//! port, virtio devices) saves and restores its own typed state through [`persist::Persist`];
+//! [`snapshot`] writes the whole VM to one versioned, checksummed file and reads it back (the
+//! current format and the previous one, [`state_v2`]).
 
 pub mod boot;
 pub mod config;
@@ -17,6 +18,7 @@ pub mod host;
 pub mod memory;
 pub mod persist;
 pub mod snapshot;
+pub mod state_v2;
 pub mod vcpu;
 pub mod vm;
 

@@ -1,9 +1,19 @@
 //! Saving and restoring component state.
 //!
-//! Every stateful component (vCPU, the VM-wide KVM devices, the serial port, ...) implements
-//! [`Persist`]: `save` produces a plain, serializable value; `restore` builds the component
-//! again from such a value. The snapshot file and the migration stream are just containers of
-//! these values.
+//! Every stateful component implements [`Persist`]: the vCPU ([`crate::vcpu::Vcpu`]), the
+//! VM-wide KVM devices ([`crate::vm::Platform`]: irqchip, PIT, kvmclock), the serial port
+//! ([`crate::devices::serial::SerialDevice`]) and a VM's virtio devices as one set
+//! ([`crate::devices::virtio::VirtioDevices`]); the i8042 holds no state. `save` produces a
+//! plain, serializable value, and [`crate::vm::Vm::save_state`] collects them into a
+//! [`crate::vm::MachineState`]; `restore` builds the component again from such a value.
+//!
+//! A whole VM is restored in two steps instead, because a migration destination builds its KVM
+//! objects while memory is still arriving: [`crate::vm::Vm::prepare`] builds the vCPUs, the
+//! platform devices and the virtio devices from the configuration, and
+//! [`crate::vm::PreparedVm::finish`] loads the state into them with their `apply` methods
+//! (`Vcpu::apply`, `Platform::apply`, `VirtioDevices::apply`: what their `restore` does after
+//! building) and re-creates the serial port with its `restore`. The snapshot file and the
+//! migration stream are just containers of these values.
 
 use serde::{de::DeserializeOwned, Deserialize, Deserializer, Serialize, Serializer};
 

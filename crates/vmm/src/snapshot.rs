@@ -12,6 +12,14 @@
 //! truncated, bit-flipped or foreign file is refused with a message that says where and why,
 //! before a VM is created from it. Files are written to `<path>.tmp` and renamed into place, so a
 //! failed snapshot never replaces a good one.
+//!
+//! Versions: Ferry writes [`VERSION`] (3) and reads [`MIN_READ_VERSION`]`..=`[`VERSION`] (2 and
+//! 3), so that a cluster in the middle of an upgrade can restore and receive what the previous
+//! build wrote; any other version is refused by number. The container is the same in both; only
+//! the encoded state differs (version 3 added the NIC receive backlog). A state is decoded with
+//! the layout of the version it was written in ([`decode_state`] takes the version; version 2
+//! through the mirror types of [`crate::state_v2`]) and then converted to the current
+//! [`MachineState`]. The migration stream's `STATE` frame uses the same codec and versions.
 
 use crate::memory::{is_zero, GuestRam, PAGE_SIZE};
 use crate::vm::MachineState;
@@ -22,8 +30,10 @@ use std::time::Instant;
 
 /// File magic.
 pub const MAGIC: &[u8; 8] = b"FERRYSNP";
-/// Current format version.
+/// Current format version (what this build writes).
 pub const VERSION: u32 = 3;
+/// Oldest format version this build reads.
+pub const MIN_READ_VERSION: u32 = 2;
 /// Largest run of pages in one memory chunk (1 MiB).
 pub const MAX_CHUNK_PAGES: u32 = 256;
 /// Largest state section accepted (the state is a few hundred KiB even with 8 vCPUs).
@@ -43,7 +53,7 @@ pub enum SnapshotError {
     Write { path: String, err: std::io::Error },
     #[error("not a Ferry snapshot (bad magic)")]
     BadMagic,
-    #[error("snapshot format version {0} is not supported (this build reads version {VERSION})")]
+    #[error("snapshot format version {0} is not supported (this build reads versions {MIN_READ_VERSION}-{VERSION})")]
     Version(u32),
     #[error("corrupt snapshot: header checksum mismatch")]
     HeaderChecksum,
@@ -74,6 +84,8 @@ pub struct SnapshotStats {
     pub total_pages: u64,
     /// Bytes of the encoded machine state.
     pub state_bytes: u64,
+    /// Format version of the file (written: always [`VERSION`]; read: what the file holds).
+    pub format_version: u32,
     /// Wall time.
     pub seconds: f64,
 }
@@ -87,26 +99,57 @@ fn bincode_opts() -> impl bincode::Options {
         .reject_trailing_bytes()
 }
 
-/// Encodes a machine state with the snapshot's (and the migration stream's) codec.
+/// Whether this build reads format `version`.
+pub fn reads_version(version: u32) -> bool {
+    (MIN_READ_VERSION..=VERSION).contains(&version)
+}
+
+/// Encodes a machine state in the current format with the snapshot's (and the migration
+/// stream's) codec.
 pub fn encode_state(state: &MachineState) -> Result<Vec<u8>, SnapshotError> {
-    use bincode::Options;
-    bincode_opts()
-        .serialize(state)
-        .map_err(|e| SnapshotError::Encode(e.to_string()))
+    encode_state_versioned(VERSION, state)
 }
 
-/// Decodes a machine state; never panics on bad input.
-pub fn decode_state(bytes: &[u8]) -> Result<MachineState, SnapshotError> {
+/// Encodes a machine state in format `version`. Ferry writes the current version; an older
+/// one is for tools and tests that must produce what an older build wrote, and is refused if
+/// the state holds something that version cannot express.
+pub fn encode_state_versioned(
+    version: u32,
+    state: &MachineState,
+) -> Result<Vec<u8>, SnapshotError> {
     use bincode::Options;
-    bincode_opts()
-        .deserialize(bytes)
-        .map_err(|e| SnapshotError::Decode(e.to_string()))
+    let encoded = match version {
+        VERSION => bincode_opts().serialize(state),
+        crate::state_v2::VERSION => {
+            let old = crate::state_v2::MachineStateV2::try_from(state)
+                .map_err(|e| SnapshotError::Encode(e.to_string()))?;
+            bincode_opts().serialize(&old)
+        }
+        v => return Err(SnapshotError::Version(v)),
+    };
+    encoded.map_err(|e| SnapshotError::Encode(e.to_string()))
 }
 
-fn header() -> [u8; HEADER_LEN] {
+/// Decodes a machine state written in format `version` (the snapshot header's, or the one a
+/// migration source announced) and upgrades it to the current types; never panics on bad
+/// input. Refuses versions this build does not read.
+pub fn decode_state(version: u32, bytes: &[u8]) -> Result<MachineState, SnapshotError> {
+    use bincode::Options;
+    let decode_err = |e: bincode::Error| SnapshotError::Decode(e.to_string());
+    match version {
+        VERSION => bincode_opts().deserialize(bytes).map_err(decode_err),
+        crate::state_v2::VERSION => bincode_opts()
+            .deserialize::<crate::state_v2::MachineStateV2>(bytes)
+            .map(MachineState::from)
+            .map_err(decode_err),
+        v => Err(SnapshotError::Version(v)),
+    }
+}
+
+fn header(version: u32) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
     h[..8].copy_from_slice(MAGIC);
-    h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    h[8..12].copy_from_slice(&version.to_le_bytes());
     h[12..16].copy_from_slice(&0u32.to_le_bytes());
     h[16..20].copy_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
     h[20..24].copy_from_slice(&0u32.to_le_bytes());
@@ -144,7 +187,7 @@ impl<W: Write> SectionWriter<W> {
     }
 }
 
-/// A source of guest pages for [`write`]: yields runs of consecutive pages by RAM page index.
+/// A source of guest pages for [`write()`]: yields runs of consecutive pages by RAM page index.
 pub trait PageSource {
     /// Total RAM pages.
     fn total_pages(&self) -> u64;
@@ -211,9 +254,21 @@ impl PageSource for SparsePages {
     }
 }
 
-/// Writes `state` and the non-zero pages of `pages` to `path` (atomically, via a temp file).
+/// Writes `state` and the non-zero pages of `pages` to `path` (atomically, via a temp file),
+/// in the current format.
 pub fn write(
     path: &Path,
+    state: &MachineState,
+    pages: &dyn PageSource,
+) -> Result<SnapshotStats, SnapshotError> {
+    write_versioned(path, VERSION, state, pages)
+}
+
+/// Like [`write()`], in format `version` (see [`encode_state_versioned`]: older versions are for
+/// tools and tests).
+pub fn write_versioned(
+    path: &Path,
+    version: u32,
     state: &MachineState,
     pages: &dyn PageSource,
 ) -> Result<SnapshotStats, SnapshotError> {
@@ -223,11 +278,11 @@ pub fn write(
         path: path.display().to_string(),
         err,
     };
-    let encoded = encode_state(state)?;
+    let encoded = encode_state_versioned(version, state)?;
     let file = File::create(&tmp).map_err(werr)?;
     let mut sw = SectionWriter { w: file, bytes: 0 };
     let result = (|| -> std::io::Result<(u64, u64)> {
-        sw.w.write_all(&header())?;
+        sw.w.write_all(&header(version))?;
         sw.bytes += HEADER_LEN as u64;
         sw.section(TAG_STATE, &[&encoded])?;
         let (mut chunks, mut data_pages) = (0u64, 0u64);
@@ -278,6 +333,7 @@ pub fn write(
         data_pages,
         total_pages: pages.total_pages(),
         state_bytes: encoded.len() as u64,
+        format_version: version,
         seconds: t0.elapsed().as_secs_f64(),
     })
 }
@@ -289,6 +345,7 @@ pub type PageSink<'a> = dyn FnMut(u64, &[u8]) -> Result<(), SnapshotError> + 'a;
 pub struct Reader {
     r: BufReader<File>,
     offset: u64,
+    version: u32,
 }
 
 /// A verified section header.
@@ -318,6 +375,7 @@ impl Reader {
         let mut r = Reader {
             r: BufReader::with_capacity(4 << 20, f),
             offset: 0,
+            version: 0,
         };
         let mut h = [0u8; HEADER_LEN];
         let got = r.read_up_to(&mut h)?;
@@ -334,19 +392,25 @@ impl Reader {
         let crc = u32::from_le_bytes(h[24..28].try_into().unwrap());
         if crc32c::crc32c(&h[..24]) != crc {
             // A foreign version may legitimately differ in layout: report the version first.
-            if version != VERSION {
+            if !reads_version(version) {
                 return Err(SnapshotError::Version(version));
             }
             return Err(SnapshotError::HeaderChecksum);
         }
-        if version != VERSION {
+        if !reads_version(version) {
             return Err(SnapshotError::Version(version));
         }
         let psize = u32::from_le_bytes(h[16..20].try_into().unwrap());
         if psize as u64 != PAGE_SIZE {
             return Err(SnapshotError::PageSize(psize));
         }
+        r.version = version;
         Ok(r)
+    }
+
+    /// The format version of the file (one this build reads).
+    pub fn version(&self) -> u32 {
+        self.version
     }
 
     fn read_up_to(&mut self, buf: &mut [u8]) -> Result<usize, SnapshotError> {
@@ -430,7 +494,8 @@ impl Reader {
         Ok(buf)
     }
 
-    /// Reads and decodes the state section (must come first).
+    /// Reads and decodes the state section (must come first), in the file's format version,
+    /// upgraded to the current types.
     pub fn read_state(&mut self) -> Result<MachineState, SnapshotError> {
         let s = self.next_section()?;
         if &s.tag != TAG_STATE {
@@ -440,7 +505,7 @@ impl Reader {
             )));
         }
         let payload = self.read_payload(&s, MAX_STATE_BYTES)?;
-        decode_state(&payload)
+        decode_state(self.version, &payload)
     }
 
     /// Reads every memory chunk, handing each page run to `sink(first_page, bytes)` after its
@@ -686,6 +751,7 @@ pub fn restore(
             data_pages,
             total_pages: state.layout.total_pages(),
             state_bytes: 0,
+            format_version: reader.version(),
             seconds: t0.elapsed().as_secs_f64(),
         },
     ))

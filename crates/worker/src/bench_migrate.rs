@@ -129,6 +129,7 @@ pub fn ferry_once(
             },
             dry_run: false,
             external_commit: false,
+            max_protocol: None,
         };
         let mut session = MigrateSession::start(&ssock, cmd)?;
         let s = loop {

@@ -110,6 +110,10 @@ enum Cmd {
         /// restarted agent can settle it from the store).
         #[arg(long)]
         migration_id: Option<String>,
+        /// Accept wire protocol versions up to this one only (as a destination of an older
+        /// build would).
+        #[arg(long)]
+        max_protocol: Option<u32>,
         #[command(flatten)]
         host: HostArgs,
     },
@@ -211,6 +215,10 @@ enum CtlCmd {
         /// Output: text (progress lines and a summary) or json (JSON lines).
         #[arg(long, default_value = "text")]
         output: String,
+        /// Offer at most this wire protocol version (versions are negotiated down to what the
+        /// destination speaks anyway; this pins an older one).
+        #[arg(long)]
+        max_protocol: Option<u32>,
     },
     /// Cancel a running outgoing migration (the VM stays here).
     Cancel,
@@ -320,8 +328,9 @@ fn real_main(cli: Cli) -> Result<i32> {
             serial.commit()?;
             let listener = server::bind(&api_socket)?;
             println!(
-                "restored {}: {} of {} pages, {:.1} MiB file, {:.1} ms",
+                "restored {} (format v{}): {} of {} pages, {:.1} MiB file, {:.1} ms",
                 snapshot.display(),
+                stats.format_version,
                 stats.data_pages,
                 stats.total_pages,
                 stats.file_bytes as f64 / (1 << 20) as f64,
@@ -342,6 +351,7 @@ fn real_main(cli: Cli) -> Result<i32> {
             max_vcpus,
             external_commit,
             migration_id,
+            max_protocol,
             host,
         } => {
             if let Some(p) = &host_profile {
@@ -380,7 +390,8 @@ fn real_main(cli: Cli) -> Result<i32> {
                     net_backends: host.net_backends.clone(),
                 },
                 external: decision,
-                ..Default::default()
+                protocols: migration::wire::MIN_PROTOCOL_VERSION
+                    ..=max_protocol.unwrap_or(migration::wire::PROTOCOL_VERSION),
             };
             let on_early = |m: &str| eprintln!("ferry-vmm: {m}; still waiting");
             match migration::recv::receive(&kvm, &tcp, &opts, serial.file()?, &incoming, &on_early)
@@ -412,6 +423,7 @@ fn real_main(cli: Cli) -> Result<i32> {
                     params,
                     dry_run,
                     output,
+                    max_protocol,
                 },
         } => {
             let json = match output.as_str() {
@@ -424,6 +436,7 @@ fn real_main(cli: Cli) -> Result<i32> {
                 params: params.params()?,
                 dry_run,
                 external_commit: false,
+                max_protocol,
             };
             let mut session = MigrateSession::start(&api_socket, cmd)?;
             loop {

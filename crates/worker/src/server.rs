@@ -387,7 +387,10 @@ fn migrate(cmd: MigrateCommand, ctx: &Arc<Ctx>, w: &mut UnixStream, r: &mut BufR
         to: cmd.to.clone(),
         params: cmd.params.clone(),
         dry_run: cmd.dry_run,
-        max_protocol: migration::wire::PROTOCOL_VERSION,
+        max_protocol: cmd
+            .max_protocol
+            .unwrap_or(migration::wire::PROTOCOL_VERSION),
+        state_version: migration::wire::STATE_VERSION,
     };
     let mctl = Arc::new(MigrationControl::default());
     *ctx.outgoing.lock().unwrap_or_else(|e| e.into_inner()) = Some(mctl.clone());

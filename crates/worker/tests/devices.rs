@@ -153,6 +153,7 @@ fn commit_args(to: &str) -> MigrateCommand {
         params: Default::default(),
         dry_run: false,
         external_commit: true,
+        max_protocol: None,
     }
 }
 

@@ -13,6 +13,7 @@ fn args(to: &str) -> MigrateCommand {
         params: Default::default(),
         dry_run: false,
         external_commit: true,
+        max_protocol: None,
     }
 }
 

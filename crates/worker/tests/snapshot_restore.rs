@@ -229,3 +229,48 @@ fn stale_page_from_an_older_snapshot_is_reported() {
         "a stale page is self-consistent: {c:?}"
     );
 }
+
+#[test]
+fn a_version_2_snapshot_restores_in_a_fresh_process_and_the_guest_carries_on() {
+    let dir = tempdir();
+    let d = dir.path();
+    let vcpus = 2u32;
+    let w = Worker::run_guest(
+        d,
+        "src",
+        vcpus as u8,
+        64,
+        "ferry.workload=verify ferry.wss_mib=8 ferry.hb_ms=20",
+    );
+    w.wait_log(Duration::from_secs(60), "a sweep on every vCPU", |l| {
+        l.verify_ok_cpus().len() == vcpus as usize
+    });
+    let snap = d.join("v3.snap");
+    let before = paused_snapshot(&w, &snap);
+    let history = w.log();
+    w.shutdown();
+    // The same VM as the previous build (state format 2) would have saved it.
+    let (state, sparse) = vmm::snapshot::load_sparse(&snap).unwrap();
+    let v2 = d.join("v2.snap");
+    vmm::snapshot::write_versioned(&v2, 2, &state, &sparse).unwrap();
+    assert_eq!(vmm::snapshot::Reader::open(&v2).unwrap().version(), 2);
+
+    let w = Worker::restore(d, "restored", &v2);
+    let need: Vec<u64> = (0..vcpus)
+        .map(|c| before.hb_of(c).last().unwrap().counter + 3)
+        .collect();
+    let sweeps = before.verify_ok.len();
+    w.wait_log(Duration::from_secs(60), "the guest to go on", |l| {
+        l.verify_ok.len() >= 2 * vcpus as usize
+            && (0..vcpus)
+                .all(|c| l.hb_of(c).last().map(|h| h.counter).unwrap_or(0) >= need[c as usize])
+    });
+    let all = Log::parse(&(history + &w.log()));
+    all.assert_hb_continuous(vcpus);
+    all.assert_no_corruption();
+    assert!(all.verify_ok.len() >= sweeps + 2 * vcpus as usize);
+    let out = w.shutdown();
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("(format v2)"), "{stdout}");
+}

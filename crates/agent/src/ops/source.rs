@@ -365,6 +365,7 @@ impl Agent {
             params: req.params.clone(),
             dry_run: false,
             external_commit: true,
+            max_protocol: None,
         };
         let mut session = match MigrateSession::start(&worker.socket, cmd) {
             Ok(s) => s,

@@ -685,7 +685,8 @@ impl<'a> Incoming<'a> {
         let phase = Phase::DeviceState;
         self.ctl.phase(phase);
         let t = Instant::now();
-        let st = vmm::snapshot::decode_state(state)
+        // In the version the source announced (and preflight accepted).
+        let st = vmm::snapshot::decode_state(r.req.state_version, state)
             .map_err(|e| fail(phase, FailureKind::Protocol, "undecodable VM state").caused_by(e))?;
         if st.config != r.req.config || st.layout != r.req.layout {
             return Err(fail(

@@ -57,6 +57,11 @@ pub struct SendOptions {
     pub dry_run: bool,
     /// Newest wire protocol version to offer.
     pub max_protocol: u32,
+    /// Format of the VM state sent: [`wire::STATE_VERSION`]. An older one
+    /// (`wire::MIN_STATE_VERSION..`) makes this source send what the previous build sent (for
+    /// tests of mixed-version clusters); a state that version cannot express fails the
+    /// migration before the commit.
+    pub state_version: u32,
 }
 
 impl SendOptions {
@@ -66,6 +71,7 @@ impl SendOptions {
             params,
             dry_run: false,
             max_protocol: wire::PROTOCOL_VERSION,
+            state_version: wire::STATE_VERSION,
         }
     }
 }
@@ -432,7 +438,7 @@ impl Session<'_> {
                         Phase::Handshake,
                         FailureKind::Protocol,
                         format!(
-                            "offered protocol version {offer}, the destination answered {protocol}"
+                            "the destination answered with protocol version {protocol} to an offer of version {offer}"
                         ),
                     ))
                 }
@@ -465,7 +471,7 @@ impl Session<'_> {
         let kvm = vmm::open_kvm()
             .map_err(|e| fail(Phase::Preflight, FailureKind::Local, e.to_string()))?;
         let req = PreflightRequest {
-            state_version: wire::STATE_VERSION,
+            state_version: self.opts.state_version,
             config: vm.config().clone(),
             layout: vm.ram().layout().clone(),
             cpuid: vm.cpuid().clone(),
@@ -709,14 +715,15 @@ impl Session<'_> {
             )
             .caused_by(e)
         })?;
-        let encoded = vmm::snapshot::encode_state(&state).map_err(|e| {
-            fail(
-                Phase::DeviceState,
-                FailureKind::Local,
-                "cannot encode the VM state",
-            )
-            .caused_by(e)
-        })?;
+        let encoded = vmm::snapshot::encode_state_versioned(self.opts.state_version, &state)
+            .map_err(|e| {
+                fail(
+                    Phase::DeviceState,
+                    FailureKind::Local,
+                    "cannot encode the VM state",
+                )
+                .caused_by(e)
+            })?;
         // Hand the disks over: everything acknowledged is flushed and the image locks are
         // released for the destination, which takes them before it reports Ready. Any failure
         // from here until the commit makes the source take them back before it resumes.

@@ -71,14 +71,6 @@ impl Devices {
         }
     }
 
-    /// Saves all device state.
-    pub fn state(&self) -> DevicesState {
-        DevicesState {
-            serial: self.serial.state(),
-            virtio: Vec::new(),
-        }
-    }
-
     /// Handles an `in` from the guest.
     pub fn pio_read(&mut self, port: u16, data: &mut [u8]) {
         match port {

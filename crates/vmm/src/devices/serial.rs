@@ -1,6 +1,7 @@
 //! 16550 UART (vm-superio) whose output goes to a log file, line-buffered, and whose interrupt
 //! line is an eventfd registered with KVM as irqfd for GSI 4.
 
+use crate::persist::Persist;
 use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::io::{LineWriter, Write};
@@ -83,23 +84,6 @@ impl SerialDevice {
         }
     }
 
-    /// A UART re-created from saved state (restore, migration).
-    pub fn from_state(
-        state: &SerialState,
-        irq: EventFd,
-        out: File,
-    ) -> Result<SerialDevice, String> {
-        let s: vm_superio::serial::SerialState = state.into();
-        Serial::from_state(&s, IrqTrigger(irq), NoEvents, LineWriter::new(out))
-            .map(|inner| SerialDevice { inner })
-            .map_err(|e| format!("invalid serial state: {e:?}"))
-    }
-
-    /// Saves the UART registers and input FIFO.
-    pub fn state(&self) -> SerialState {
-        self.inner.state().into()
-    }
-
     pub(crate) fn read(&mut self, offset: u8) -> u8 {
         self.inner.read(offset)
     }
@@ -113,5 +97,75 @@ impl SerialDevice {
     /// Flushes buffered output to the log file.
     pub fn flush(&mut self) {
         let _ = self.inner.writer_mut().flush();
+    }
+}
+
+/// What re-creating a UART needs besides its state.
+pub struct SerialArgs {
+    /// The interrupt line (an irqfd of GSI 4).
+    pub irq: EventFd,
+    /// Where the guest's output goes.
+    pub out: File,
+}
+
+/// Saved serial state that vm-superio refuses.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid serial state: {0}")]
+pub struct SerialError(String);
+
+impl Persist for SerialDevice {
+    type State = SerialState;
+    type ConstructorArgs = SerialArgs;
+    type Error = SerialError;
+
+    /// Saves the UART registers and input FIFO (output not yet flushed stays in the log's
+    /// buffer: flush first).
+    fn save(&self) -> Result<SerialState, SerialError> {
+        Ok(self.inner.state().into())
+    }
+
+    /// A UART re-created from saved state (restore, migration).
+    fn restore(args: SerialArgs, state: &SerialState) -> Result<SerialDevice, SerialError> {
+        let s: vm_superio::serial::SerialState = state.into();
+        Serial::from_state(
+            &s,
+            IrqTrigger(args.irq),
+            NoEvents,
+            LineWriter::new(args.out),
+        )
+        .map(|inner| SerialDevice { inner })
+        .map_err(|e| SerialError(format!("{e:?}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_uart_is_re_created_from_its_saved_state() {
+        let out = || tempfile::tempfile().unwrap();
+        let irq = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut a = SerialDevice::new(irq(), out());
+        a.write(3, 0x80); // LCR: DLAB on
+        a.write(0, 0x0c); // divisor 12 (9600 baud)
+        a.write(3, 0x03); // 8N1, DLAB off
+        a.write(1, 0x01); // IER: receive interrupt
+        a.write(7, 0x5a); // scratch
+        let saved = a.save().unwrap();
+        assert_eq!(
+            (saved.baud_divisor_low, saved.line_control, saved.scratch),
+            (0x0c, 0x03, 0x5a)
+        );
+        let mut b = SerialDevice::restore(
+            SerialArgs {
+                irq: irq(),
+                out: out(),
+            },
+            &saved,
+        )
+        .unwrap();
+        assert_eq!(b.save().unwrap(), saved);
+        assert_eq!(b.read(7), 0x5a);
     }
 }

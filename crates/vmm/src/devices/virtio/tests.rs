@@ -1,13 +1,20 @@
 //! Device tests with a tiny virtio driver written against the MMIO registers and a split
 //! virtqueue laid out in real (memfd) guest RAM.
 
+use super::block::Block;
+use super::devices::lock;
+use super::net::Net;
+use super::transport::*;
 use super::*;
-use crate::config::{DiskConfig, MacAddr, NicConfig};
-use crate::memory::{MemoryLayout, PAGE_SIZE};
+use crate::config::{DiskConfig, MacAddr, NicConfig, VmConfig};
+use crate::memory::{GuestRam, MemoryLayout, PAGE_SIZE};
 use std::io::Write as _;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::*;
 use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
 
 const DESC: u64 = 0x10000;
 const AVAIL: u64 = 0x11000;
@@ -816,4 +823,49 @@ fn frames_that_arrive_while_paused_move_with_the_saved_state() {
         assert_eq!(n.stats().rx_carried, ns.rx_backlog.len() as u64);
     }
     rx_thread.stop();
+}
+
+#[test]
+fn a_vms_devices_save_and_are_rebuilt_from_their_state_through_persist() {
+    use crate::persist::Persist;
+    let kvm = kvm_ioctls::Kvm::new().unwrap();
+    let vm = Arc::new(kvm.create_vm().unwrap());
+    vm.create_irq_chip().unwrap();
+    let ram = ram();
+    let img = image(64);
+    let config = VmConfig {
+        vcpus: 1,
+        memory_mib: 32,
+        kernel: crate::config::KernelSource::TestGuest,
+        initrd: None,
+        cmdline: String::new(),
+        cpu_profile: "host".into(),
+        disks: vec![DiskConfig {
+            path: img.path().to_path_buf(),
+            read_only: false,
+        }],
+        nics: vec![],
+    };
+    let args = || VirtioArgs {
+        config: config.clone(),
+        host: HostDevices::default(),
+        ram: ram.clone(),
+        vm: vm.clone(),
+    };
+    let a = VirtioDevices::build(&config, &HostDevices::default(), ram.clone(), &vm).unwrap();
+    {
+        let mut d = lock(&a.devs[0]);
+        let mut drv = Driver::init(&mut d, blk_features(), 1).remove(0);
+        d.active = true;
+        blk_request(&mut d, &mut drv, &ram, VIRTIO_BLK_T_OUT, 3, 512);
+    }
+    let saved = a.save().unwrap();
+    assert_eq!(saved[0].queues[0].next_used, 1);
+    drop(a);
+    let b = VirtioDevices::restore(args(), &saved).unwrap();
+    assert_eq!(b.save().unwrap(), saved);
+    // A state for other devices is refused.
+    let mut bad = saved.clone();
+    bad[0].queues.pop();
+    assert!(VirtioDevices::restore(args(), &bad).is_err());
 }

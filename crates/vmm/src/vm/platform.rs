@@ -1,0 +1,111 @@
+//! The in-kernel platform devices of a VM: irqchip (PIC×2, IOAPIC), PIT and kvmclock.
+
+use super::{kvm_err, VmError};
+use crate::persist::{kvm_bytes, Persist};
+use kvm_bindings::{
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::VmFd;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+/// Where KVM puts its TSS (three pages below 4 GiB, inside the MMIO hole).
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// VM-wide KVM device state: the two PICs, the IOAPIC, the PIT and kvmclock.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct PlatformState {
+    #[serde(with = "kvm_bytes")]
+    pub pic_master: kvm_irqchip,
+    #[serde(with = "kvm_bytes")]
+    pub pic_slave: kvm_irqchip,
+    #[serde(with = "kvm_bytes")]
+    pub ioapic: kvm_irqchip,
+    #[serde(with = "kvm_bytes")]
+    pub pit: kvm_pit_state2,
+    #[serde(with = "kvm_bytes")]
+    pub clock: kvm_clock_data,
+}
+
+/// The in-kernel platform devices of one VM.
+pub struct Platform {
+    vm: Arc<VmFd>,
+}
+
+impl Platform {
+    /// Creates the in-kernel irqchip (PIC + IOAPIC + LAPICs) and PIT.
+    pub fn create(vm: Arc<VmFd>) -> Result<Platform, VmError> {
+        vm.set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        vm.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        Ok(Platform { vm })
+    }
+}
+
+impl Persist for Platform {
+    type State = PlatformState;
+    type ConstructorArgs = Arc<VmFd>;
+    type Error = VmError;
+
+    fn save(&self) -> Result<PlatformState, VmError> {
+        let chip = |id| -> Result<kvm_irqchip, VmError> {
+            let mut c = kvm_irqchip {
+                chip_id: id,
+                ..Default::default()
+            };
+            self.vm
+                .get_irqchip(&mut c)
+                .map_err(kvm_err("KVM_GET_IRQCHIP"))?;
+            Ok(c)
+        };
+        Ok(PlatformState {
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+            pit: self.vm.get_pit2().map_err(kvm_err("KVM_GET_PIT2"))?,
+            clock: self.vm.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?,
+        })
+    }
+
+    fn restore(vm: Arc<VmFd>, s: &PlatformState) -> Result<Platform, VmError> {
+        let p = Platform::create(vm)?;
+        p.apply(s)?;
+        Ok(p)
+    }
+}
+
+impl Platform {
+    /// Loads saved state into freshly created in-kernel devices.
+    pub fn apply(&self, s: &PlatformState) -> Result<(), VmError> {
+        for (c, id) in [
+            (&s.pic_master, KVM_IRQCHIP_PIC_MASTER),
+            (&s.pic_slave, KVM_IRQCHIP_PIC_SLAVE),
+            (&s.ioapic, KVM_IRQCHIP_IOAPIC),
+        ] {
+            if c.chip_id != id {
+                return Err(VmError::Incompatible(format!(
+                    "irqchip state has chip id {} where {id} belongs",
+                    c.chip_id
+                )));
+            }
+            self.vm.set_irqchip(c).map_err(kvm_err("KVM_SET_IRQCHIP"))?;
+        }
+        self.vm.set_pit2(&s.pit).map_err(kvm_err("KVM_SET_PIT2"))?;
+        // Only the clock value is restored; KVM rejects flags it did not produce here.
+        let clock = kvm_clock_data {
+            clock: s.clock.clock,
+            ..Default::default()
+        };
+        self.vm
+            .set_clock(&clock)
+            .map_err(kvm_err("KVM_SET_CLOCK"))?;
+        Ok(())
+    }
+}
