@@ -6,9 +6,11 @@ set -euo pipefail
 
 # Debian packages: QEMU is the side-by-side baseline (boot test and benchmarks); etcd-server
 # backs the cluster store tests (the tests start their own etcd; the packaged service is not used);
-# iproute2 (ip netns/link/addr, bridges, veths) and util-linux (nsenter, unshare) build the
-# network-namespace test bed of the storage/network tests and `ferry bench-net`.
-PACKAGES=(qemu-system-x86 etcd-server iproute2 util-linux)
+# iproute2 (ip netns/link/addr, bridges, veths), util-linux (nsenter, unshare) and mount
+# (mount, umount: the test bed's shared storage) build the network-namespace test bed of the
+# storage/network tests and `ferry bench-net`. Nothing pings with an external `ping`
+# (iputils-ping is not on a fresh machine): reachability is checked with Ferry's own prober.
+PACKAGES=(qemu-system-x86 etcd-server iproute2 util-linux mount)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

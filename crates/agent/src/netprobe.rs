@@ -221,6 +221,67 @@ fn icmp_send(fd: &OwnedFd, target: Ipv4Addr, id: u16, seq: u64, len: usize) -> b
     n == pkt.len() as isize
 }
 
+/// Tells the echo ids of this process's [`wait_echo`] calls apart.
+static ECHO_SEQ: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+
+/// Pings `target` (ICMP echo over a raw socket, in the calling thread's network namespace)
+/// every `interval` until one reply with the payload that was sent comes back, or `timeout`
+/// passes: `Ok(Some(time until the first reply))` or `Ok(None)`. `Err` only when it cannot
+/// probe at all (no raw ICMP socket: it needs root or CAP_NET_RAW). No external `ping`.
+pub fn wait_echo(
+    target: Ipv4Addr,
+    interval: Duration,
+    timeout: Duration,
+) -> std::io::Result<Option<Duration>> {
+    const LEN: usize = 56;
+    let fd = icmp_socket()?;
+    // Not `run`'s id (the process id), so a prober of this process is never confused with it.
+    let id = (std::process::id() as u16 ^ 0x8000).wrapping_add(
+        ECHO_SEQ
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_mul(0x0101),
+    );
+    let interval = interval.max(Duration::from_millis(1));
+    let t0 = Instant::now();
+    let mut buf = vec![0u8; 65536];
+    let mut seq: u64 = 0;
+    while t0.elapsed() < timeout {
+        // A failed send (no route yet, neighbour unresolved) is a probe without an answer.
+        icmp_send(&fd, target, id, seq, LEN);
+        seq += 1;
+        let next = (t0 + interval * seq as u32).min(t0 + timeout);
+        while Instant::now() < next {
+            // SAFETY: reads into a valid buffer; the socket has a 20 ms receive timeout.
+            let n = unsafe {
+                libc::recv(
+                    fd.as_raw_fd(),
+                    buf.as_mut_ptr() as *mut libc::c_void,
+                    buf.len(),
+                    0,
+                )
+            };
+            if n < 20 {
+                continue;
+            }
+            let p = &buf[..n as usize];
+            let ihl = (p[0] & 0xf) as usize * 4;
+            if p.len() < ihl + 8 + 8 || p[12..16] != target.octets() {
+                continue;
+            }
+            let icmp = &p[ihl..];
+            if icmp[0] != 0 || u16::from_be_bytes([icmp[4], icmp[5]]) != id {
+                continue;
+            }
+            let data = &icmp[8..];
+            let s = u64::from_le_bytes(data[..8].try_into().expect("8 bytes"));
+            if s < seq && data == payload(s, LEN).as_slice() {
+                return Ok(Some(t0.elapsed()));
+            }
+        }
+    }
+    Ok(None)
+}
+
 /// Runs the probe until the stop file appears or the duration passes.
 pub fn run(cfg: &ProbeConfig) -> std::io::Result<ProbeReport> {
     let len = cfg.payload.max(16);
@@ -389,6 +450,39 @@ mod tests {
         assert!((s.max_gap_ms - 40.0).abs() < 0.01, "{}", s.max_gap_ms);
         assert!((s.max_gap_at_ms - 31.0).abs() < 0.01);
         assert_eq!(s.gaps.len(), 1);
+    }
+
+    /// Runs `f` on a thread in a network namespace of its own (loopback down); `None` without
+    /// the privilege to make one.
+    fn in_new_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+        std::thread::spawn(move || {
+            // SAFETY: unshare(2) only moves this thread into a new network namespace.
+            (unsafe { libc::unshare(libc::CLONE_NEWNET) } == 0).then(f)
+        })
+        .join()
+        .unwrap()
+    }
+
+    #[test]
+    fn wait_echo_sees_an_answer_and_reports_none_without_one() {
+        let lo = Ipv4Addr::LOCALHOST;
+        match wait_echo(lo, Duration::from_millis(20), Duration::from_secs(5)) {
+            Ok(r) => assert!(r.is_some(), "the loopback did not answer"),
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                eprintln!("skipped: no raw ICMP socket without root ({e})");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        }
+        // In a namespace whose loopback is down, nothing answers: None after the timeout.
+        let t0 = Instant::now();
+        let r = in_new_netns(move || {
+            wait_echo(lo, Duration::from_millis(20), Duration::from_millis(300))
+        });
+        if let Some(r) = r {
+            assert_eq!(r.unwrap(), None);
+            assert!(t0.elapsed() >= Duration::from_millis(300));
+        }
     }
 
     #[test]

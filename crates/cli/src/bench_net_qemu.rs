@@ -306,26 +306,34 @@ impl Drop for Probe<'_> {
 }
 
 /// Pings `target` from the client namespace until it answers (ARP resolved, path through the
-/// switch learned), for up to `timeout`.
+/// switch learned), for up to `timeout`, with Ferry's own ICMP prober on a thread that joined
+/// the client namespace (no external `ping`). Not being able to probe at all (the namespace
+/// cannot be entered, no raw socket) is a different error from a guest that does not answer.
 fn wait_reachable(tb: &Testbed, target: &str, timeout: Duration) -> Result<()> {
-    let t0 = Instant::now();
-    loop {
-        let ok = Testbed::command_in(&tb.client_ns, Path::new("ping"))
-            .args(["-c", "1", "-W", "1", "-q", target])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .context("cannot run ping")?
-            .success();
-        if ok {
-            return Ok(());
-        }
-        if t0.elapsed() > timeout {
-            bail!("the guest under QEMU ({target}) does not answer pings from the client");
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    let ip: std::net::Ipv4Addr = target
+        .parse()
+        .with_context(|| format!("the guest address {target:?} is not an IPv4 address"))?;
+    let answered = agent::testbed::in_netns(&tb.client_ns, move || {
+        agent::netprobe::wait_echo(ip, Duration::from_millis(50), timeout)
+    })
+    .with_context(|| {
+        format!(
+            "cannot probe {target}: cannot enter the client namespace {}",
+            tb.client_ns
+        )
+    })?
+    .with_context(|| {
+        format!(
+            "cannot probe {target} from the client namespace (no raw ICMP socket; it needs root)"
+        )
+    })?;
+    if answered.is_none() {
+        bail!(
+            "the guest under QEMU ({target}) does not answer pings (ICMP echo) from the client \
+             namespace in {timeout:?}"
+        );
     }
+    Ok(())
 }
 
 /// Migrates `src` into `dst` (which waits with `-incoming defer` on node `dst_ip`), port
