@@ -69,6 +69,8 @@ fn expected(target: Target, point: FaultPoint) -> End {
         Target::SourceWorker => End::Crashed(String::new()),
         // After it, only on the destination.
         Target::DestinationWorker if committed => End::Crashed(String::new()),
+        // No receiver exists yet when the source agent has only locked the VM: nothing to kill.
+        Target::DestinationWorker if point == AgentLocked => End::Moved,
         Target::DestinationWorker => End::Stayed,
         Target::SourceAgent if committed => End::Moved,
         Target::SourceAgent => End::Stayed,
@@ -118,6 +120,23 @@ fn sigkill(pid: i32) {
     unsafe { libc::kill(pid, libc::SIGKILL) };
 }
 
+/// Waits until `pid` has exited (gone, or a zombie), and a little more: the kernel tears a
+/// killed process's sockets down asynchronously, a few ms after it became a zombie, and only
+/// then do its peers see the connection close.
+fn wait_dead(pid: i32) {
+    let t0 = Instant::now();
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat.rsplit_once(") ").and_then(|(_, r)| r.chars().next());
+        if matches!(state, None | Some('Z') | Some('X')) {
+            std::thread::sleep(Duration::from_millis(50));
+            return;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "{pid} does not die");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 fn pid_alive(pid: i32) -> bool {
     // SAFETY: signal 0 only checks for existence.
     unsafe { libc::kill(pid, 0) == 0 }
@@ -131,8 +150,29 @@ struct Report {
     note: String,
 }
 
+fn tail(s: &str, n: usize) -> String {
+    let l: Vec<&str> = s.lines().collect();
+    l[l.len().saturating_sub(n)..].join("\n")
+}
+
 fn run_row(target: Target, point: FaultPoint) -> Result<Report, String> {
     let mut c = Cluster::new(target == Target::Store);
+    let r = run_row_in(&mut c, target, point);
+    r.map_err(|e| {
+        format!(
+            "{e}\n--- node1 agent:\n{}\n--- node2 agent:\n{}\n--- node1 worker:\n{}",
+            tail(&c.agent_log("node1"), 25),
+            tail(&c.agent_log("node2"), 25),
+            tail(
+                &std::fs::read_to_string(c.agent("node1").data_dir.join("vms/vm/worker.log"))
+                    .unwrap_or_default(),
+                10
+            )
+        )
+    })
+}
+
+fn run_row_in(c: &mut Cluster, target: Target, point: FaultPoint) -> Result<Report, String> {
     let faults = c.dir.path().join("faults");
     let shared = c.dir.path().join("shared");
     std::fs::create_dir_all(&faults).unwrap();
@@ -175,18 +215,27 @@ fn run_row(target: Target, point: FaultPoint) -> Result<Report, String> {
     } else {
         json!({ "max_bandwidth_mibs": 80 })
     };
+    // Asked from a thread of its own: the answer may never come (the agent may stop at its
+    // fault point before answering, or be killed).
     let a1 = c.addr("node1");
-    post(
-        &a1,
-        "/v1/vms/vm/migrate",
-        &json!({ "to": "node2", "params": params }),
-        Some(Duration::from_secs(60)),
-    )
-    .map_err(|e| format!("migrate: {e}"))?;
+    let mut request = Some(std::thread::spawn(move || {
+        post(
+            &a1,
+            "/v1/vms/vm/migrate",
+            &json!({ "to": "node2", "params": params }),
+            Some(Duration::from_secs(60)),
+        )
+    }));
     // The process that reaches the point stops itself and says so.
     let marker = faults.join(point.as_str());
     let t0 = Instant::now();
     while !marker.exists() {
+        if request.as_ref().is_some_and(|h| h.is_finished()) {
+            // A refusal ends the request before any fault point: report it.
+            if let Some(Ok(Err(e))) = request.take().map(|h| h.join()) {
+                return Err(format!("migrate: {e}"));
+            }
+        }
         if t0.elapsed() > Duration::from_secs(90) {
             return Err(format!(
                 "fault point {} never reached\nnode1: {}",
@@ -207,16 +256,20 @@ fn run_row(target: Target, point: FaultPoint) -> Result<Report, String> {
     let mut restart = None;
     match target {
         Target::SourceWorker => {
-            let pid = if agent_pid(&c, "node1") == Some(stopped) {
-                worker_pid(&sock(&c, "node1"))
+            let pid = if agent_pid(c, "node1") == Some(stopped) {
+                worker_pid(&sock(c, "node1"))
             } else {
                 stopped
             };
             sigkill(pid);
+            wait_dead(pid);
         }
         Target::DestinationWorker => {
-            match contract::worker::status(&sock(&c, "node2"), Some(Duration::from_secs(5))) {
-                Ok(st) => sigkill(st.pid as i32),
+            match contract::worker::status(&sock(c, "node2"), Some(Duration::from_secs(5))) {
+                Ok(st) => {
+                    sigkill(st.pid as i32);
+                    wait_dead(st.pid as i32);
+                }
                 Err(_) => note = "no destination worker exists yet: nothing killed".into(),
             }
         }
@@ -240,6 +293,13 @@ fn run_row(target: Target, point: FaultPoint) -> Result<Report, String> {
     }
     if let Some(n) = restart {
         std::thread::sleep(Duration::from_millis(500));
+        if std::env::var_os("FERRY_FAULT_DEBUG").is_some() {
+            eprintln!(
+                "DEBUG before restart: stopped pid {stopped} alive {} status {:?}",
+                pid_alive(stopped),
+                contract::worker::status(&sock(c, "node1"), Some(Duration::from_secs(2)))
+            );
+        }
         c.restart(n);
     }
     // Faults are over: the cluster must settle, never with two running copies.
@@ -294,7 +354,7 @@ fn run_row(target: Target, point: FaultPoint) -> Result<Report, String> {
                             > n + 20
                     },
                 );
-                let s = seqs(&logs(&c));
+                let s = seqs(&logs(c));
                 for w in s.windows(2) {
                     if w[1] != w[0] + 1 {
                         return Err(format!(
@@ -323,7 +383,7 @@ fn run_row(target: Target, point: FaultPoint) -> Result<Report, String> {
     // Whatever happened, the disk holds every acknowledged record: stop the VM (if it runs),
     // boot it again from its disk and let its boot check count.
     if disk {
-        let acked = seqs(&logs(&c)).last().copied().unwrap_or(0);
+        let acked = seqs(&logs(c)).last().copied().unwrap_or(0);
         let owner = settled.owner.clone();
         if settled.state == cluster::VmState::Running {
             c.post(&owner, "/v1/vms/vm/stop", json!({}));

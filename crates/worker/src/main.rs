@@ -229,6 +229,13 @@ enum CtlCmd {
 }
 
 fn main() {
+    // A worker outlives its agent by design: when the agent dies, the worker's process group
+    // is orphaned, and an orphaned group with a stopped member gets SIGHUP (then SIGCONT) from
+    // the kernel. A hangup must not take the VM down.
+    // SAFETY: setting a signal's disposition to SIG_IGN has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+    }
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

@@ -212,7 +212,6 @@ impl Agent {
             return Err(e.into());
         }
         self.metrics.inc("ferry_migrations_started_total");
-        faults::hit(FaultPoint::AgentLocked);
         let a = self.clone();
         let name2 = name.to_string();
         std::thread::Builder::new()
@@ -264,6 +263,7 @@ impl Agent {
     ) {
         let t0 = Instant::now();
         let id = w.record().id;
+        faults::hit(FaultPoint::AgentLocked);
         let ended = self.drive(name, &id, &req, &w, &dest);
         match ended {
             Ended::Moved(summary) => {
@@ -294,7 +294,12 @@ impl Agent {
                 reason,
             } => {
                 self.set_phase(&w, phase);
-                let alive = self.workers.get(name).is_some_and(|wk| wk.alive());
+                // A worker that answers holds the VM (an exited one may still look alive to
+                // kill(0) until its supervisor reaped it).
+                let alive = self
+                    .workers
+                    .get(name)
+                    .is_some_and(|wk| wk.alive() && wk.state().is_some());
                 self.roll_back(name, &id, phase, &reason, alive);
                 let outcome = if kind == FailureKind::Cancelled {
                     self.metrics.inc("ferry_migrations_cancelled_total");

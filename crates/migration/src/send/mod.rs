@@ -754,6 +754,9 @@ impl Session<'_> {
         // Last chance to cancel: after this the destination owns the VM.
         self.check_abort(Phase::Ready)?;
         self.ctl.phase(Phase::Ready);
+        // A destination that died (or gave up) since it said Ready cannot take the VM: find out
+        // before deciding, so that the VM stays here instead of being committed to nobody.
+        self.destination_still_ready()?;
         match gate.decide() {
             Ok(true) => {}
             Ok(false) => {
@@ -783,6 +786,36 @@ impl Session<'_> {
         self.commit = CommitPoint::After;
         faults::hit(FaultPoint::WorkerCommitSent);
         Ok(t_decided)
+    }
+
+    /// Whether the destination's control connection is still open with nothing unexpected on
+    /// it (a cheap non-blocking peek; the destination sends nothing between Ready and Commit).
+    fn destination_still_ready(&mut self) -> Result<(), F> {
+        let phase = Phase::Ready;
+        let mut b = [0u8; 1];
+        let peeked = self
+            .control
+            .set_nonblocking(true)
+            .and_then(|_| self.control.peek(&mut b));
+        let _ = self.control.set_nonblocking(false);
+        match peeked {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+            Ok(0) => Err(fail(
+                phase,
+                FailureKind::PeerLost,
+                "the destination closed the connection after it said Ready",
+            )),
+            Ok(_) => match self.reply(phase)? {
+                Msg::Ping => Ok(()),
+                m => Err(violation(phase, "nothing after Ready", &m)),
+            },
+            Err(e) => Err(fail(
+                phase,
+                FailureKind::PeerLost,
+                "lost the destination after it said Ready",
+            )
+            .caused_by(e)),
+        }
     }
 
     /// The destination confirms the VM runs there.
