@@ -359,12 +359,46 @@ impl Store for SqliteStore {
     }
 
     fn migrations(&self) -> Result<Vec<MigrationRecord>> {
+        self.query_migrations(
+            "SELECT record FROM migrations ORDER BY started_ms DESC, id DESC LIMIT 1000",
+            [],
+        )
+    }
+
+    fn migration(&self, id: &str) -> Result<Option<MigrationRecord>> {
+        Ok(self
+            .query_migrations("SELECT record FROM migrations WHERE id = ?1", [id])?
+            .pop())
+    }
+
+    fn running_migrations(&self) -> Result<Vec<MigrationRecord>> {
+        // However old: a running migration holds capacity on its destination.
+        self.query_migrations(
+            "SELECT record FROM migrations WHERE json_extract(record, '$.outcome') = 'running'
+             ORDER BY started_ms DESC, id DESC",
+            [],
+        )
+    }
+
+    fn migrations_of(&self, vm: &str, limit: usize) -> Result<Vec<MigrationRecord>> {
+        self.query_migrations(
+            "SELECT record FROM migrations WHERE json_extract(record, '$.vm') = ?1
+             ORDER BY started_ms DESC, id DESC LIMIT ?2",
+            params![vm, limit as i64],
+        )
+    }
+}
+
+impl SqliteStore {
+    fn query_migrations(
+        &self,
+        sql: &str,
+        args: impl rusqlite::Params + Clone,
+    ) -> Result<Vec<MigrationRecord>> {
         let rows: Vec<String> = self.with(|c| {
-            let mut st = c.prepare(
-                "SELECT record FROM migrations ORDER BY started_ms DESC, id DESC LIMIT 1000",
-            )?;
+            let mut st = c.prepare(sql)?;
             let rows = st
-                .query_map([], |r| r.get(0))?
+                .query_map(args.clone(), |r| r.get(0))?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(rows)
         })?;
