@@ -6,10 +6,8 @@
 pub mod api;
 pub mod client;
 pub mod metrics;
-pub mod netprobe;
 pub mod node;
 pub mod ops;
-pub mod testbed;
 pub mod workers;
 
 use cluster::{NodeInfo, Store};

@@ -13,13 +13,13 @@
 //! same guest ELF, virtio-net on a TAP on the same bridges, its own migration and
 //! self-announce) runs the same idle and memory-load scenarios.
 
-use agent::netprobe::ProbeReport;
-use agent::testbed::{vm_ip, Testbed};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+use testbed::bed::{vm_ip, Testbed};
+use testbed::netprobe::ProbeReport;
 
 /// What to run.
 #[derive(Debug, Clone)]

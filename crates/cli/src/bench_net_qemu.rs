@@ -19,14 +19,14 @@
 //! 50, 150, 250 and 350 ms later. The switch learns the VM's new port from the first one that
 //! arrives. The guest itself sends one gratuitous ARP, at boot only.
 
-use agent::netprobe::ProbeReport;
-use agent::testbed::Testbed;
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
+use testbed::bed::Testbed;
+use testbed::netprobe::ProbeReport;
 use worker::qmp::Qmp;
 
 /// One QEMU live migration of the benchmark.
@@ -313,8 +313,8 @@ fn wait_reachable(tb: &Testbed, target: &str, timeout: Duration) -> Result<()> {
     let ip: std::net::Ipv4Addr = target
         .parse()
         .with_context(|| format!("the guest address {target:?} is not an IPv4 address"))?;
-    let answered = agent::testbed::in_netns(&tb.client_ns, move || {
-        agent::netprobe::wait_echo(ip, Duration::from_millis(50), timeout)
+    let answered = testbed::bed::in_netns(&tb.client_ns, move || {
+        testbed::netprobe::wait_echo(ip, Duration::from_millis(50), timeout)
     })
     .with_context(|| {
         format!(

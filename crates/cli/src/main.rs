@@ -300,7 +300,7 @@ fn run(cli: Cli) -> Result<()> {
             if stop_file.is_none() && duration_s.is_none() {
                 bail!("give --duration-s or --stop-file");
             }
-            let r = agent::netprobe::run(&agent::netprobe::ProbeConfig {
+            let r = testbed::netprobe::run(&testbed::netprobe::ProbeConfig {
                 target: *target,
                 interval: Duration::from_millis((*interval_ms).max(1)),
                 udp_port: *udp_port,

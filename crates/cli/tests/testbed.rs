@@ -3,10 +3,10 @@
 //! VM while it is live-migrated between nodes; a disk-log VM on shared storage keeps every
 //! acknowledged record across moves; a node that lost its storage link is refused by preflight.
 
-use agent::testbed::{vm_ip, Testbed};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+use testbed::bed::{vm_ip, Testbed};
 
 fn ferry_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_ferry"))

@@ -365,7 +365,7 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         // Stop every worker, then every agent.
         for a in &self.agents {
-            agent::testbed::shutdown_workers(&a.data_dir);
+            testbed::bed::shutdown_workers(&a.data_dir);
         }
         for a in &mut self.agents {
             if let Some(mut c) = a.child.take() {

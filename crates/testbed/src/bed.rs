@@ -298,7 +298,7 @@ impl Testbed {
         loop {
             let a = api.clone();
             if in_netns(&ns, move || {
-                crate::client::get::<contract::api::Health>(&a, "/v1/health").is_ok()
+                agent::client::get::<contract::api::Health>(&a, "/v1/health").is_ok()
             })? {
                 return Ok(());
             }
@@ -352,7 +352,7 @@ impl Testbed {
     /// Calls node `name`'s agent API (GET) from inside the client network.
     pub fn get(&self, name: &str, path: &str) -> Result<serde_json::Value> {
         let (api, p) = (self.node(name).api(), path.to_string());
-        in_netns(&self.client_ns, move || crate::client::get(&api, &p))?
+        in_netns(&self.client_ns, move || agent::client::get(&api, &p))?
             .map_err(|e| anyhow!("GET {path}: {e}"))
     }
 
@@ -365,7 +365,7 @@ impl Testbed {
     ) -> Result<serde_json::Value> {
         let (api, p) = (self.node(name).api(), path.to_string());
         in_netns(&self.client_ns, move || {
-            crate::client::post::<_, serde_json::Value>(
+            agent::client::post::<_, serde_json::Value>(
                 &api,
                 &p,
                 &body,
@@ -394,7 +394,7 @@ impl Testbed {
             serde_json::from_value(started).map_err(|e| e.to_string())?;
         let (runner, id) = (started.agent, started.migration.id);
         let m = in_netns(&self.client_ns, move || {
-            crate::ops::source::wait_migration(&runner, &id)
+            agent::ops::source::wait_migration(&runner, &id)
         })
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
@@ -407,7 +407,7 @@ impl Testbed {
 
     /// The serial log of `vm`'s worker on node `node`.
     pub fn serial(&self, node: &str, vm: &str) -> PathBuf {
-        crate::workers::vm_dir(&self.node(node).data_dir, vm).join("serial.log")
+        agent::workers::vm_dir(&self.node(node).data_dir, vm).join("serial.log")
     }
 
     /// Starts `ferry netprobe` against `target` in the client namespace; it stops (and prints

@@ -1,0 +1,12 @@
+//! Ferry's network test bed and prober — support for tests and benchmarks, kept out of the
+//! agent's production code.
+//!
+//! * [`bed`] — a multi-node test bed of real network and mount namespaces: nodes with their
+//!   agents, bridges and TAPs, a switch, a client, shared storage one node can lose.
+//! * [`netprobe`] — an ICMP + UDP echo prober at a fixed interval with verified replies, losses
+//!   and the longest gap between replies (`ferry netprobe`).
+
+pub mod bed;
+pub mod netprobe;
+
+pub use bed::{in_netns, shutdown_workers, Testbed};
