@@ -373,7 +373,7 @@ enter_user:
     lea user_stacks-8(%rax), %rax     # RSP % 16 == 8 at function entry
     pushq $SEL_UDATA
     push %rax
-    pushq $0x202                      # IF=1, IOPL=0
+    pushq $0x3202                     # IF=1, IOPL=3 (see main.rs: ports after a restore)
     pushq $SEL_UCODE64
     mov $user_main, %eax
     push %rax

@@ -41,7 +41,12 @@
 //!    in for 20 ms, at most 500 ms, then closes the window (bit 31); an AP arriving later halts
 //!    forever. APIC IDs must be 0..N-1 (both QEMU and KVM number vCPUs that way); APIC IDs >= 16
 //!    halt. Every CPU then `iretq`s to ring 3: [`entry::user_main`]`(cpu, &BOOT_INFO)` on its own
-//!    128 KiB stack (RSP % 16 == 8 at entry), RFLAGS = IF|0x2 (IOPL 0).
+//!    128 KiB stack (RSP % 16 == 8 at entry), RFLAGS = IF|IOPL3|0x2. Ring 3 reaches its ports
+//!    (COM1, the i8042) through the TSS I/O permission bitmap *and* IOPL 3: PVM honours only
+//!    the bitmap; QEMU's TCG (the CPU of the nested SVM test host) honours the bitmap only while
+//!    the cached TR type is 9 (available), and after any KVM_SET_SREGS on SVM it is 11 (busy,
+//!    as KVM reports it), so a restored or migrated vCPU there keeps its port access only
+//!    through IOPL 3.
 //! 6. Ring 3 on the BSP parses the command line, checks everything, prints the boot line (and
 //!    the `wss` line), then releases the APs (which wait in ring 3, sleeping) and every CPU runs
 //!    the workload.
