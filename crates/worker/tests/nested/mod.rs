@@ -85,11 +85,11 @@ fn cpio(root: &Path) -> Vec<u8> {
         out.extend_from_slice(hdr.as_bytes());
         out.extend_from_slice(name.as_bytes());
         out.push(0);
-        while out.len() % 4 != 0 {
+        while !out.len().is_multiple_of(4) {
             out.push(0);
         }
         out.extend_from_slice(data);
-        while out.len() % 4 != 0 {
+        while !out.len().is_multiple_of(4) {
             out.push(0);
         }
     }
@@ -143,11 +143,11 @@ result() { echo "FERRY-RESULT $*"; }
 dump() { echo "FERRY-FILE-BEGIN $1"; cat "$1"; echo; echo "FERRY-FILE-END $1"; }
 # wait_for FILE PATTERN COUNT SECONDS: until FILE has COUNT lines matching PATTERN.
 wait_for() {
-  i=0
+  local w=0 n
   while :; do
     n=$(grep -c "$2" "$1" 2>/dev/null); n=${n:-0}
     [ "$n" -ge "$3" ] && return 0
-    i=$((i+1)); [ $i -gt $(($4*10)) ] && return 1
+    w=$((w+1)); [ $w -gt $(($4*10)) ] && return 1
     grep -q PANIC "$1" 2>/dev/null && return 1
     sleep 0.1
   done
@@ -198,8 +198,23 @@ pub fn run_l1(scenario: &str, files: &[(&str, &Path)], timeout: Duration) -> L1O
     let console = dir.path().join("console.log");
     let t0 = Instant::now();
     let mut qemu = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2", "-m", "2048"])
-        .args(["-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio"])
+        .args([
+            "-accel",
+            "tcg,thread=multi",
+            "-cpu",
+            "max",
+            "-smp",
+            "2",
+            "-m",
+            "2048",
+        ])
+        .args([
+            "-nographic",
+            "-no-reboot",
+            "-nodefaults",
+            "-serial",
+            "stdio",
+        ])
         .arg("-kernel")
         .arg(c.join("vmlinuz"))
         .arg("-initrd")
@@ -221,8 +236,8 @@ pub fn run_l1(scenario: &str, files: &[(&str, &Path)], timeout: Duration) -> L1O
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    let text = String::from_utf8_lossy(&std::fs::read(&console).unwrap_or_default())
-        .replace("\r\n", "\n");
+    let text =
+        String::from_utf8_lossy(&std::fs::read(&console).unwrap_or_default()).replace("\r\n", "\n");
     parse(text, t0.elapsed().as_secs_f64())
 }
 
@@ -233,15 +248,24 @@ fn parse(console: String, seconds: f64) -> L1Output {
     let mut cur: Option<(String, String)> = None;
     for raw in console.lines() {
         // Kernel messages can land in the middle of a line: markers count wherever they start.
-        let l = ["FERRY-RESULT ", "FERRY-FILE-BEGIN ", "FERRY-FILE-END ", "FERRY-DONE"]
-            .iter()
-            .filter_map(|m| raw.find(m))
-            .min()
-            .map(|i| &raw[i..])
-            .unwrap_or(raw);
+        let l = [
+            "FERRY-RESULT ",
+            "FERRY-FILE-BEGIN ",
+            "FERRY-FILE-END ",
+            "FERRY-DONE",
+        ]
+        .iter()
+        .filter_map(|m| raw.find(m))
+        .min()
+        .map(|i| &raw[i..])
+        .unwrap_or(raw);
         if let Some((name, body)) = &mut cur {
             if l == format!("FERRY-FILE-END {name}") {
-                let (n, b) = cur.take().unwrap();
+                // `dump` ends the file with one newline of its own (so that the end marker
+                // starts a line): take it off again, so that an unfinished last line (output
+                // cut by a pause) stays unfinished.
+                let (n, mut b) = cur.take().unwrap();
+                b.pop();
                 files.insert(n, b);
             } else {
                 body.push_str(raw);
