@@ -157,7 +157,16 @@ fn tail(s: &str, n: usize) -> String {
 
 fn run_row(target: Target, point: FaultPoint) -> Result<Report, String> {
     let mut c = Cluster::new(target == Target::Store);
-    let r = run_row_in(&mut c, target, point);
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        run_row_in(&mut c, target, point)
+    }))
+    .unwrap_or_else(|p| {
+        Err(p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "panicked".into()))
+    });
     r.map_err(|e| {
         format!(
             "{e}\n--- node1 agent:\n{}\n--- node2 agent:\n{}\n--- node1 worker:\n{}",
@@ -167,7 +176,22 @@ fn run_row(target: Target, point: FaultPoint) -> Result<Report, String> {
                 &std::fs::read_to_string(c.agent("node1").data_dir.join("vms/vm/worker.log"))
                     .unwrap_or_default(),
                 10
-            )
+            ),
+        ) + &format!(
+            "\n--- node2 worker:\n{}\n--- serial node1:\n{}\n--- serial node2:\n{}",
+            tail(
+                &std::fs::read_to_string(c.agent("node2").data_dir.join("vms/vm/worker.log"))
+                    .unwrap_or_default(),
+                10
+            ),
+            tail(
+                &std::fs::read_to_string(c.serial("node1", "vm")).unwrap_or_default(),
+                5
+            ),
+            tail(
+                &std::fs::read_to_string(c.serial("node2", "vm")).unwrap_or_default(),
+                5
+            ),
         )
     })
 }

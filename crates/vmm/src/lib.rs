@@ -19,6 +19,7 @@ pub mod memory;
 pub mod persist;
 pub mod snapshot;
 pub mod state_v2;
+pub mod statecheck;
 pub mod vcpu;
 pub mod vm;
 

@@ -59,6 +59,28 @@ pub struct VcpuState {
     pub tsc_khz: Option<u32>,
 }
 
+#[cfg(test)]
+impl VcpuState {
+    /// An all-zero state (unit tests of code that compares states).
+    pub fn default_for_tests(id: u8) -> VcpuState {
+        VcpuState {
+            id,
+            cpuid: Default::default(),
+            mp_state: Default::default(),
+            regs: Default::default(),
+            sregs: Default::default(),
+            fpu: Default::default(),
+            xsave: vec![0; 1024],
+            xcrs: Default::default(),
+            debugregs: Default::default(),
+            lapic: Default::default(),
+            msrs: vec![],
+            events: Default::default(),
+            tsc_khz: None,
+        }
+    }
+}
+
 /// Legacy FPU/SSE state (KVM_GET_FPU); the XSAVE area supersedes it where KVM has XSAVE.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FpuState {

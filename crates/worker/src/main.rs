@@ -78,6 +78,11 @@ enum Cmd {
         /// Stay paused after restoring (resume through the API).
         #[arg(long)]
         paused: bool,
+        /// Read every vCPU's state back after loading it and refuse the restore if anything
+        /// differs from the snapshot (beyond a TSC that ran on and a LAPIC timer that counted
+        /// down).
+        #[arg(long)]
+        verify_state: bool,
         #[command(flatten)]
         host: HostArgs,
     },
@@ -114,6 +119,10 @@ enum Cmd {
         /// build would).
         #[arg(long)]
         max_protocol: Option<u32>,
+        /// Read every vCPU's state back after loading the received state and fail the
+        /// migration (before the commit) if anything differs from what the source sent.
+        #[arg(long)]
+        verify_state: bool,
         #[command(flatten)]
         host: HostArgs,
     },
@@ -321,8 +330,10 @@ fn real_main(cli: Cli) -> Result<i32> {
             serial_log,
             api_socket,
             paused,
+            verify_state,
             host,
         } => {
+            vmm::statecheck::enable(verify_state);
             let kvm = vmm::open_kvm()?;
             server::check_free(&api_socket)?;
             let nics = vmm::snapshot::Reader::open(&snapshot)
@@ -359,8 +370,10 @@ fn real_main(cli: Cli) -> Result<i32> {
             external_commit,
             migration_id,
             max_protocol,
+            verify_state,
             host,
         } => {
+            vmm::statecheck::enable(verify_state);
             if let Some(p) = &host_profile {
                 if !vmm::cpuid::PROFILE_NAMES.contains(&p.as_str()) {
                     bail!(

@@ -11,36 +11,41 @@ use common::Log;
 use std::time::Duration;
 
 const SCENARIO: &str = r#"
+FILES="/tmp/a.log /tmp/b.log /tmp/c.log /tmp/d.log /tmp/a.out /tmp/b.out /tmp/c.out /tmp/d.out /tmp/snap.json /tmp/m1.json /tmp/m2.json"
+# A failed step ends the scenario: what happened is in the files.
+stop_here() { result "$1" failed; for f in $FILES; do [ -e $f ] && dump $f; done; echo FERRY-DONE; poweroff -f; }
 G="ferry.workload=verify ferry.wss_mib=16 ferry.hb_ms=50"
 ferry-vmm run --kernel test-guest --vcpus 2 --memory-mib 128 --cmdline "$G" \
     --serial-log /tmp/a.log --api-socket /tmp/a.sock > /tmp/a.out 2>&1 &
-if wait_for /tmp/a.log "^verify ok" 4 120; then result boot ok; else result boot failed; fi
+wait_for /tmp/a.log "^verify ok" 4 120 && result boot ok || stop_here boot
 ferry-vmm ctl --api-socket /tmp/a.sock pause > /dev/null
-ferry-vmm ctl --api-socket /tmp/a.sock snapshot /tmp/a.snap > /tmp/snap.json 2>&1 && result snapshot ok || result snapshot failed
+ferry-vmm ctl --api-socket /tmp/a.sock snapshot /tmp/a.snap > /tmp/snap.json 2>&1 && result snapshot ok || stop_here snapshot
 ferry-vmm ctl --api-socket /tmp/a.sock shutdown > /dev/null
 sleep 0.5
-ferry-vmm restore --snapshot /tmp/a.snap --serial-log /tmp/b.log --api-socket /tmp/b.sock > /tmp/b.out 2>&1 &
-if wait_for /tmp/b.log "^verify ok" 4 120; then result restore ok; else result restore failed; fi
-ferry-vmm receive --listen 127.0.0.1:7001 --serial-log /tmp/c.log --api-socket /tmp/c.sock > /tmp/c.out 2>&1 &
+ferry-vmm restore --verify-state --snapshot /tmp/a.snap --serial-log /tmp/b.log --api-socket /tmp/b.sock > /tmp/b.out 2>&1 &
+wait_for /tmp/b.log "^verify ok" 4 120 && result restore ok || stop_here restore
+ferry-vmm receive --verify-state --listen 127.0.0.1:7001 --serial-log /tmp/c.log --api-socket /tmp/c.sock > /tmp/c.out 2>&1 &
 sleep 1
-ferry-vmm ctl --api-socket /tmp/b.sock migrate --to 127.0.0.1:7001 --output json > /tmp/m1.json 2>&1 && result migrate1 ok || result migrate1 failed
-if wait_for /tmp/c.log "^verify ok" 4 120; then result after1 ok; else result after1 failed; fi
-ferry-vmm receive --listen 127.0.0.1:7002 --serial-log /tmp/d.log --api-socket /tmp/d.sock > /tmp/d.out 2>&1 &
+ferry-vmm ctl --api-socket /tmp/b.sock migrate --to 127.0.0.1:7001 --output json > /tmp/m1.json 2>&1 && result migrate1 ok || stop_here migrate1
+wait_for /tmp/c.log "^verify ok" 4 120 && result after1 ok || stop_here after1
+ferry-vmm receive --verify-state --listen 127.0.0.1:7002 --serial-log /tmp/d.log --api-socket /tmp/d.sock > /tmp/d.out 2>&1 &
 sleep 1
-ferry-vmm ctl --api-socket /tmp/c.sock migrate --to 127.0.0.1:7002 --streams 4 --compress lz4 --output json > /tmp/m2.json 2>&1 && result migrate2 ok || result migrate2 failed
-if wait_for /tmp/d.log "^verify ok" 4 120; then result after2 ok; else result after2 failed; fi
+ferry-vmm ctl --api-socket /tmp/c.sock migrate --to 127.0.0.1:7002 --streams 4 --compress lz4 --output json > /tmp/m2.json 2>&1 && result migrate2 ok || stop_here migrate2
+wait_for /tmp/d.log "^verify ok" 4 120 && result after2 ok || stop_here after2
 ferry-vmm ctl --api-socket /tmp/d.sock shutdown > /dev/null
 sleep 0.5
-for f in /tmp/a.log /tmp/b.log /tmp/c.log /tmp/d.log /tmp/a.out /tmp/b.out /tmp/c.out /tmp/d.out /tmp/snap.json /tmp/m1.json /tmp/m2.json; do dump $f; done
+for f in $FILES; do dump $f; done
 "#;
 
 /// Run with `cargo test --release -p worker --test nested_host -- --ignored` (about 25 s).
-/// Not yet in the default suite: in about 1 run of 5 the restored guest triple-faults (or stops)
-/// some seconds after a restore on the nested SVM KVM (issue 14: the state read back after a
-/// restore is to be compared with the state saved, to find which piece differs); the other
-/// runs pass every step.
+/// Not yet in the default suite: in about 1 run of 5 a test guest vCPU triple-faults inside L1
+/// — also in a freshly booted VM that was never restored (seen 2026-12-01: vCPU 1 after 5
+/// heartbeats), so it is not the restore: the test guest's ring-3-with-TSS design under QEMU
+/// TCG's nested SVM (issue 14). Every restore now runs (`--verify-state` finds no difference
+/// in the state read back); before the IOPL fix every restored guest died at its first port
+/// write.
 #[test]
-#[ignore = "flaky on nested SVM (a restored guest triple-faults ~1 in 5): issue 14"]
+#[ignore = "a test guest vCPU triple-faults ~1 run in 5 inside the nested SVM host, fresh boots too: issue 14"]
 fn the_test_guest_survives_restore_and_migration_on_svm_kvm() {
     let out = nested::run_l1(SCENARIO, &[], Duration::from_secs(900));
     println!("L1 ran {:.0} s; results {:?}", out.seconds, out.results);

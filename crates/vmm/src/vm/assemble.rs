@@ -80,6 +80,14 @@ impl PreparedVm {
             }
             v.set_msr_list(state.msr_list.clone());
             v.apply(vs)?;
+            if crate::statecheck::enabled() {
+                // The restored machine must be the saved machine: read it back and compare.
+                let now = v.save()?;
+                let diffs = crate::statecheck::vcpu_differences(vs, &now);
+                if !diffs.is_empty() {
+                    return Err(VmError::StateMismatch(diffs.join("; ")));
+                }
+            }
         }
         self.virtio.apply(&state.devices.virtio)?;
         let serial = SerialDevice::restore(

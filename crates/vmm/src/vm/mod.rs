@@ -77,6 +77,8 @@ pub enum VmError {
     PauseTimeout(Duration),
     #[error("incompatible state: {0}")]
     Incompatible(String),
+    #[error("the state read back after the restore differs from the state saved: {0}")]
+    StateMismatch(String),
     #[error("{0}")]
     Snapshot(String),
     #[error(transparent)]

@@ -1,0 +1,218 @@
+//! The restored machine is the saved machine: after a vCPU's state was loaded, it is read back
+//! from KVM and compared with what was saved, piece by piece (registers, segments with their
+//! hidden parts, TR and LDT, control registers, EFER, FPU, XSAVE, XCRs, debug registers, LAPIC,
+//! pending events, MP state and every MSR). What may legitimately differ is named here: the
+//! TSC runs on (it must not go backwards), and the LAPIC timer's current count counts down.
+//!
+//! Used by `ferry-vmm restore/receive --verify-state` (a difference fails the restore) and as a
+//! debug assertion in the restore path.
+
+use crate::vcpu::VcpuState;
+use kvm_bindings::kvm_segment;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use zerocopy::IntoBytes;
+
+static ENABLED: AtomicBool = AtomicBool::new(cfg!(debug_assertions));
+
+/// Turns the read-back check of every restore in this process on (a worker's
+/// `--verify-state`); always on in debug builds.
+pub fn enable(on: bool) {
+    ENABLED.store(on || cfg!(debug_assertions), Ordering::SeqCst);
+}
+
+/// Whether restores are checked.
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::SeqCst)
+}
+
+/// MSR_IA32_TSC: advances between the save and the read-back.
+const MSR_TSC: u32 = 0x10;
+/// MSR_IA32_TSC_ADJUST: KVM may adjust it when it synchronizes the TSCs of a new VM's vCPUs.
+const MSR_TSC_ADJUST: u32 = 0x3b;
+/// LAPIC current-count register (offset in the LAPIC page): the timer counts down.
+const LAPIC_TMCCT: usize = 0x390;
+
+fn seg(name: &str, a: &kvm_segment, b: &kvm_segment, out: &mut Vec<String>) {
+    if a.as_bytes() != b.as_bytes() {
+        out.push(format!("{name}: saved {a:?}, now {b:?}"));
+    }
+}
+
+/// Every difference between the state `saved` and the state `now` read back after loading
+/// it, as one line each (empty: the same machine).
+pub fn vcpu_differences(saved: &VcpuState, now: &VcpuState) -> Vec<String> {
+    let mut out = Vec::new();
+    let id = saved.id;
+    let mut d = |what: &str, same: bool, detail: String| {
+        if !same {
+            out.push(format!("vCPU {id} {what}: {detail}"));
+        }
+    };
+    d(
+        "registers",
+        saved.regs.as_bytes() == now.regs.as_bytes(),
+        format!("saved {:?}, now {:?}", saved.regs, now.regs),
+    );
+    let (s, n) = (&saved.sregs, &now.sregs);
+    let mut segs = Vec::new();
+    for (name, a, b) in [
+        ("cs", &s.cs, &n.cs),
+        ("ds", &s.ds, &n.ds),
+        ("es", &s.es, &n.es),
+        ("fs", &s.fs, &n.fs),
+        ("gs", &s.gs, &n.gs),
+        ("ss", &s.ss, &n.ss),
+        ("tr", &s.tr, &n.tr),
+        ("ldt", &s.ldt, &n.ldt),
+    ] {
+        seg(name, a, b, &mut segs);
+    }
+    for sd in segs {
+        d("segment", false, sd);
+    }
+    d(
+        "descriptor tables",
+        s.gdt.as_bytes() == n.gdt.as_bytes() && s.idt.as_bytes() == n.idt.as_bytes(),
+        format!(
+            "gdt {:?} / {:?}, idt {:?} / {:?}",
+            s.gdt, n.gdt, s.idt, n.idt
+        ),
+    );
+    d(
+        "control registers",
+        (s.cr0, s.cr2, s.cr3, s.cr4, s.cr8, s.efer, s.apic_base)
+            == (n.cr0, n.cr2, n.cr3, n.cr4, n.cr8, n.efer, n.apic_base),
+        format!(
+            "saved cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} cr8 {:#x} efer {:#x} apic_base {:#x}, now {:#x} {:#x} {:#x} {:#x} {:#x} {:#x} {:#x}",
+            s.cr0, s.cr2, s.cr3, s.cr4, s.cr8, s.efer, s.apic_base,
+            n.cr0, n.cr2, n.cr3, n.cr4, n.cr8, n.efer, n.apic_base
+        ),
+    );
+    d(
+        "pending interrupt bitmap",
+        s.interrupt_bitmap == n.interrupt_bitmap,
+        format!(
+            "saved {:x?}, now {:x?}",
+            s.interrupt_bitmap, n.interrupt_bitmap
+        ),
+    );
+    d(
+        "FPU",
+        saved.fpu == now.fpu,
+        "legacy FPU/SSE state differs".into(),
+    );
+    d(
+        "XSAVE area",
+        saved.xsave == now.xsave,
+        format!(
+            "{} of {} words differ",
+            saved
+                .xsave
+                .iter()
+                .zip(&now.xsave)
+                .filter(|(a, b)| a != b)
+                .count(),
+            saved.xsave.len().max(now.xsave.len())
+        ),
+    );
+    d(
+        "XCRs",
+        saved.xcrs.as_bytes() == now.xcrs.as_bytes(),
+        format!("saved {:?}, now {:?}", saved.xcrs, now.xcrs),
+    );
+    d(
+        "debug registers",
+        saved.debugregs.as_bytes() == now.debugregs.as_bytes(),
+        format!("saved {:?}, now {:?}", saved.debugregs, now.debugregs),
+    );
+    d(
+        "vCPU events",
+        saved.events.as_bytes() == now.events.as_bytes(),
+        format!("saved {:?}, now {:?}", saved.events, now.events),
+    );
+    d(
+        "MP state",
+        saved.mp_state.mp_state == now.mp_state.mp_state,
+        format!(
+            "saved {}, now {}",
+            saved.mp_state.mp_state, now.mp_state.mp_state
+        ),
+    );
+    let (la, lb) = (saved.lapic.regs.as_bytes(), now.lapic.regs.as_bytes());
+    let lapic_diff: Vec<usize> = (0..la.len().min(lb.len()) / 4)
+        .map(|w| w * 4)
+        .filter(|&o| !(LAPIC_TMCCT..LAPIC_TMCCT + 4).contains(&o) && la[o..o + 4] != lb[o..o + 4])
+        .collect();
+    d(
+        "LAPIC",
+        lapic_diff.is_empty(),
+        format!(
+            "registers at {}",
+            lapic_diff
+                .iter()
+                .map(|o| format!(
+                    "{o:#x} (saved {:#x}, now {:#x})",
+                    u32::from_le_bytes(la[*o..*o + 4].try_into().unwrap_or_default()),
+                    u32::from_le_bytes(lb[*o..*o + 4].try_into().unwrap_or_default())
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    );
+    let a: BTreeMap<u32, u64> = saved.msrs.iter().copied().collect();
+    let b: BTreeMap<u32, u64> = now.msrs.iter().copied().collect();
+    for (idx, va) in &a {
+        match b.get(idx) {
+            None => d(
+                "MSR",
+                false,
+                format!("{idx:#x} was saved but cannot be read back"),
+            ),
+            Some(vb) if *idx == MSR_TSC => d(
+                "TSC",
+                vb >= va,
+                format!("went backwards: saved {va}, now {vb}"),
+            ),
+            Some(_) if *idx == MSR_TSC_ADJUST => {}
+            Some(vb) => d(
+                "MSR",
+                va == vb,
+                format!("{idx:#x}: saved {va:#x}, now {vb:#x}"),
+            ),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn named_differences_only() {
+        let s = VcpuState::default_for_tests(0);
+        let mut n = s.clone();
+        assert!(vcpu_differences(&s, &n).is_empty());
+        // The TSC may run on; the LAPIC timer may count down.
+        n.msrs = vec![(MSR_TSC, 2000), (0x1b, 0xfee00900)];
+        let mut s2 = s.clone();
+        s2.msrs = vec![(MSR_TSC, 1000), (0x1b, 0xfee00900)];
+        n.lapic.regs[LAPIC_TMCCT] = 5;
+        assert!(
+            vcpu_differences(&s2, &n).is_empty(),
+            "{:?}",
+            vcpu_differences(&s2, &n)
+        );
+        // A TSC that went back, a changed TR, a changed MSR: each named.
+        n.msrs = vec![(MSR_TSC, 10), (0x1b, 0xfee00800)];
+        n.sregs.tr.type_ = 9;
+        let d = vcpu_differences(&s2, &n);
+        assert_eq!(d.len(), 3, "{d:?}");
+        assert!(d
+            .iter()
+            .any(|l| l.contains("TSC") && l.contains("backwards")));
+        assert!(d.iter().any(|l| l.contains("tr:")));
+        assert!(d.iter().any(|l| l.contains("0x1b")));
+    }
+}
