@@ -333,6 +333,12 @@ impl CpuidTable {
             .find(|e| e.function == leaf && (e.index == subleaf || !significant_index(e)))
     }
 
+    /// The TSC frequency the table announces to the guest (KVM's timing leaf 0x40000010,
+    /// EAX = TSC kHz), if it has one.
+    pub fn tsc_khz(&self) -> Option<u32> {
+        self.find(0x4000_0010, 0).map(|e| e.eax).filter(|&k| k != 0)
+    }
+
     /// The named features this table exposes.
     pub fn features(&self) -> BTreeSet<String> {
         FEATURES
