@@ -36,6 +36,24 @@ struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+enum ClockCmd {
+    /// Answer timestamp requests (UDP) until killed.
+    Serve {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+    },
+    /// Measure this host's clock against a `ferry clock serve` (shortest of several round
+    /// trips); with --set, step this host's clock to it (root).
+    Offset {
+        server: std::net::SocketAddr,
+        #[arg(long, default_value_t = 20)]
+        samples: u32,
+        #[arg(long)]
+        set: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum Cmd {
     /// Run a node agent (registers the node, runs VM workers, serves the API).
     Agent(AgentArgs),
@@ -74,6 +92,13 @@ enum Cmd {
         /// Stop after this many seconds.
         #[arg(long)]
         duration_s: Option<f64>,
+    },
+    /// Wall-clock agreement between hosts without NTP (test beds): Ferry moves a migrated
+    /// guest's time on by the wall-clock time between the source's save and the
+    /// destination's load, so the two hosts' clocks must agree.
+    Clock {
+        #[command(subcommand)]
+        cmd: ClockCmd,
     },
     /// Benchmark the network-visible downtime of live migrations (root: builds a network
     /// namespace test bed), next to the engine's downtime, with QEMU measured the same way.
@@ -289,6 +314,34 @@ fn run(cli: Cli) -> Result<()> {
             qemu: !*no_qemu,
             report: report.clone(),
         }),
+        Cmd::Clock { cmd } => match cmd {
+            ClockCmd::Serve { listen } => {
+                testbed::clock::serve(*listen)?;
+                Ok(())
+            }
+            ClockCmd::Offset {
+                server,
+                samples,
+                set,
+            } => {
+                let o = testbed::clock::measure(*server, (*samples).max(1))?;
+                if *set {
+                    testbed::clock::step(o.offset_ns)?;
+                }
+                if json_out(&cli)? {
+                    println!("{}", serde_json::to_string(&o)?);
+                } else {
+                    println!(
+                        "offset {:.3} ms (server minus local), round trip {:.3} ms, {} samples{}",
+                        o.offset_ns as f64 / 1e6,
+                        o.delay_ns as f64 / 1e6,
+                        o.samples,
+                        if *set { "; clock stepped" } else { "" }
+                    );
+                }
+                Ok(())
+            }
+        },
         Cmd::Netprobe {
             target,
             interval_ms,

@@ -301,7 +301,29 @@ entry64:
     mov $LAPIC, %eax
     movl $0x000c4600 + ({TRAMPOLINE} >> 12), LAPIC_ICR_LO(%rax)   # SIPI again
 
-    # Wait for APs: at least 50 ms, until no new AP for 20 ms, at most 500 ms (or all 16 in).
+    # Wait for APs. First for every CPU that CPUID announces (leaf 1: EBX[23:16] logical
+    # processors when EDX.HTT; Ferry numbers them 0..N-1), however slow their start is (a
+    # nested or emulated host can take seconds), at most 10 s; then as before: at least 50 ms,
+    # until no new AP for 20 ms, at most 500 ms from the start (or all 16 in).
+    push %rbx
+    mov $1, %eax
+    cpuid
+    mov $1, %r10d
+    bt $28, %edx
+    jnc 1f
+    shr $16, %ebx
+    movzbl %bl, %r10d
+    cmp $1, %r10d
+    jae 1f
+    mov $1, %r10d
+1:  cmp ${MAX_CPUS}, %r10d
+    jbe 2f
+    mov ${MAX_CPUS}, %r10d
+2:  pop %rbx
+    mov %r10d, %ecx
+    mov $1, %r9d
+    shl %cl, %r9d
+    dec %r9d                          # R9D = the mask of the announced CPUs
     rdtsc
     shl $32, %rdx
     or %rdx, %rax
@@ -322,7 +344,15 @@ entry64:
     je 6f
     mov %rax, %rdx
     sub %r12, %rdx                    # elapsed
-    imul $500, %r15, %rcx
+    mov %ecx, %r10d
+    and %r9d, %r10d
+    cmp %r9d, %r10d
+    je 55f                            # every announced CPU is in
+    imul $10000, %r15, %r11
+    cmp %r11, %rdx
+    jb 4b                             # not yet, and less than 10 s
+    jmp 6f
+55: imul $500, %r15, %rcx
     cmp %rcx, %rdx
     jae 6f
     imul $50, %r15, %rcx

@@ -5,8 +5,10 @@
 //!   agents, bridges and TAPs, a switch, a client, shared storage one node can lose.
 //! * [`netprobe`] — an ICMP + UDP echo prober at a fixed interval with verified replies, losses
 //!   and the longest gap between replies (`ferry netprobe`).
+//! * [`clock`] — wall-clock agreement between test hosts that have no NTP (`ferry clock`).
 
 pub mod bed;
+pub mod clock;
 pub mod netprobe;
 
 pub use bed::{in_netns, shutdown_workers, Testbed};

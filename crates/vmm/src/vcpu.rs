@@ -380,6 +380,200 @@ impl Persist for Vcpu {
 
 /// MSR_IA32_TSC.
 const MSR_IA32_TSC: u32 = 0x10;
+/// MSR_IA32_TSC_DEADLINE.
+const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+
+const KVMIO: u32 = 0xae;
+vmm_sys_util::ioctl_iow_nr!(
+    KVM_SET_DEVICE_ATTR,
+    KVMIO,
+    0xe1,
+    kvm_bindings::kvm_device_attr
+);
+vmm_sys_util::ioctl_iow_nr!(
+    KVM_GET_DEVICE_ATTR,
+    KVMIO,
+    0xe2,
+    kvm_bindings::kvm_device_attr
+);
+vmm_sys_util::ioctl_iow_nr!(
+    KVM_HAS_DEVICE_ATTR,
+    KVMIO,
+    0xe3,
+    kvm_bindings::kvm_device_attr
+);
+
+/// The guest TSC as a saved state says it was, for placing it on a new host.
+impl VcpuState {
+    /// The saved IA32_TSC.
+    pub fn tsc(&self) -> Option<u64> {
+        self.msrs
+            .iter()
+            .find(|(i, _)| *i == MSR_IA32_TSC)
+            .map(|&(_, v)| v)
+    }
+}
+
+impl Vcpu {
+    fn tsc_attr(addr: u64) -> kvm_bindings::kvm_device_attr {
+        kvm_bindings::kvm_device_attr {
+            flags: 0,
+            group: kvm_bindings::KVM_VCPU_TSC_CTRL,
+            attr: kvm_bindings::KVM_VCPU_TSC_OFFSET as u64,
+            addr,
+        }
+    }
+
+    /// Whether KVM lets this vCPU's TSC offset be read and set (KVM_VCPU_TSC_CTRL, Linux 5.16+).
+    pub fn has_tsc_offset_control(&self) -> bool {
+        let a = Self::tsc_attr(0);
+        // SAFETY: KVM_HAS_DEVICE_ATTR only reads the attribute struct we pass by reference.
+        let rc =
+            unsafe { vmm_sys_util::ioctl::ioctl_with_ref(&self.fd, KVM_HAS_DEVICE_ATTR(), &a) };
+        rc == 0
+    }
+
+    /// The vCPU's TSC offset (guest TSC = scaled host TSC + offset).
+    pub fn tsc_offset(&self) -> Result<u64, VcpuError> {
+        let mut v: u64 = 0;
+        let a = Self::tsc_attr(&mut v as *mut u64 as u64);
+        // SAFETY: KVM_GET_DEVICE_ATTR writes 8 bytes to `addr`, which points at `v`, alive and
+        // writable for the whole call.
+        let rc =
+            unsafe { vmm_sys_util::ioctl::ioctl_with_ref(&self.fd, KVM_GET_DEVICE_ATTR(), &a) };
+        if rc != 0 {
+            return Err(VcpuError::Kvm {
+                id: self.id,
+                op: "KVM_GET_DEVICE_ATTR(TSC offset)",
+                err: kvm_ioctls::Error::last(),
+            });
+        }
+        Ok(v)
+    }
+
+    /// Sets the vCPU's TSC offset.
+    pub fn set_tsc_offset(&self, offset: u64) -> Result<(), VcpuError> {
+        let v = offset;
+        let a = Self::tsc_attr(&v as *const u64 as u64);
+        // SAFETY: KVM_SET_DEVICE_ATTR reads 8 bytes from `addr`, which points at `v`, alive for
+        // the whole call.
+        let rc =
+            unsafe { vmm_sys_util::ioctl::ioctl_with_ref(&self.fd, KVM_SET_DEVICE_ATTR(), &a) };
+        if rc != 0 {
+            return Err(VcpuError::Kvm {
+                id: self.id,
+                op: "KVM_SET_DEVICE_ATTR(TSC offset)",
+                err: kvm_ioctls::Error::last(),
+            });
+        }
+        Ok(())
+    }
+
+    fn msr(&self, index: u32) -> Result<u64, VcpuError> {
+        let mut m = Msrs::from_entries(&[kvm_msr_entry {
+            index,
+            ..Default::default()
+        }])
+        .map_err(|e| VcpuError::BadState {
+            id: self.id,
+            msg: format!("{e:?}"),
+        })?;
+        match self.fd.get_msrs(&mut m) {
+            Ok(1) => Ok(m.as_slice()[0].data),
+            Ok(_) => Err(VcpuError::Msrs {
+                id: self.id,
+                done: 0,
+                total: 1,
+                first: index,
+            }),
+            Err(err) => Err(VcpuError::Kvm {
+                id: self.id,
+                op: "KVM_GET_MSRS",
+                err,
+            }),
+        }
+    }
+
+    fn set_msr(&self, index: u32, data: u64) -> Result<(), VcpuError> {
+        let m = Msrs::from_entries(&[kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        }])
+        .map_err(|e| VcpuError::BadState {
+            id: self.id,
+            msg: format!("{e:?}"),
+        })?;
+        match self.fd.set_msrs(&m) {
+            Ok(1) => Ok(()),
+            Ok(_) => Err(VcpuError::Msrs {
+                id: self.id,
+                done: 0,
+                total: 1,
+                first: index,
+            }),
+            Err(err) => Err(VcpuError::Kvm {
+                id: self.id,
+                op: "KVM_SET_MSRS",
+                err,
+            }),
+        }
+    }
+
+    /// The guest's TSC now.
+    pub fn guest_tsc(&self) -> Result<u64, VcpuError> {
+        self.msr(MSR_IA32_TSC)
+    }
+}
+
+/// Puts the guest TSCs of freshly loaded `vcpus` exactly where `states` say they were, moved on
+/// by `advance_ns()` (evaluated at the moment of placing, see [`crate::vm::GuestTime`]).
+///
+/// Writing IA32_TSC is not enough: KVM takes a host write within one second of the value it
+/// expects (a new VM's TSC starts at 0) as an attempt to keep vCPUs in step and keeps its own
+/// value, so a VM saved less than a second after it started would restore with a TSC that went
+/// backwards. Where KVM offers the vCPU TSC offset (KVM_VCPU_TSC_CTRL), the offset is set
+/// directly, as KVM's documentation describes for migration: one offset for all vCPUs whose
+/// saved TSCs agree within a millisecond (so KVM's master clock stays usable), the saved
+/// difference kept otherwise. An armed TSC-deadline timer is written again afterwards, so it
+/// fires at its deadline on the new TSC. Without the offset control (PVM, older kernels) the
+/// IA32_TSC writes stand. Returns whether the offsets were set.
+pub fn place_tsc(
+    vcpus: &[Vcpu],
+    states: &[VcpuState],
+    advance_ns: impl Fn() -> u64,
+) -> Result<bool, VcpuError> {
+    let (Some(v0), Some(s0)) = (vcpus.first(), states.first()) else {
+        return Ok(false);
+    };
+    let Some(saved0) = s0.tsc() else {
+        return Ok(false);
+    };
+    if !v0.has_tsc_offset_control() {
+        return Ok(false);
+    }
+    let khz = s0.tsc_khz.or_else(|| v0.fd.get_tsc_khz().ok()).unwrap_or(0);
+    let offset0 = v0.tsc_offset()?;
+    let now = v0.guest_tsc()?;
+    let desired = saved0.wrapping_add(tsc_ticks(advance_ns(), khz));
+    let base = offset0.wrapping_add(desired.wrapping_sub(now));
+    let ms = (khz as u64).max(1);
+    for (v, s) in vcpus.iter().zip(states) {
+        let delta = s.tsc().unwrap_or(saved0).wrapping_sub(saved0) as i64;
+        let off = if delta.unsigned_abs() <= ms {
+            base
+        } else {
+            base.wrapping_add(delta as u64)
+        };
+        v.set_tsc_offset(off)?;
+        if let Some(&(_, deadline)) = s.msrs.iter().find(|(i, _)| *i == MSR_IA32_TSC_DEADLINE) {
+            if deadline != 0 {
+                v.set_msr(MSR_IA32_TSC_DEADLINE, deadline)?;
+            }
+        }
+    }
+    Ok(true)
+}
 
 impl Vcpu {
     /// Tells a guest that uses kvmclock that it was stopped (KVM_KVMCLOCK_CTRL sets

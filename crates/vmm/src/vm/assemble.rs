@@ -90,8 +90,15 @@ impl PreparedVm {
             v.set_msr_list(state.msr_list.clone());
             v.apply_advanced(vs, advance_ns)?;
             v.mark_stopped()?;
-            if crate::statecheck::enabled() {
-                // The restored machine must be the saved machine: read it back and compare.
+        }
+        let saved = &state.platform;
+        crate::vcpu::place_tsc(&self.vcpus, &state.vcpus, || match time {
+            GuestTime::Continue => 0,
+            GuestTime::Elapsed => saved.elapsed_since_save(super::realtime_ns()),
+        })?;
+        if crate::statecheck::enabled() {
+            // The restored machine must be the saved machine: read it back and compare.
+            for (v, vs) in self.vcpus.iter().zip(&state.vcpus) {
                 let now = v.save()?;
                 let diffs = crate::statecheck::vcpu_differences(vs, &now);
                 if !diffs.is_empty() {
