@@ -1,0 +1,538 @@
+//! `ferry-linux-guest` (crates/linux-guest), the test guest's workloads for stock Linux
+//! guests, checked with the same parser and checks as the test guest (`common::Log`), without a
+//! VM: it runs here as an ordinary process (process mode: options from `FERRY_CMDLINE`, console
+//! = its standard output, a file here). Each test also shows that its check can fail: a byte
+//! flipped in the working set from outside, a SIGSTOP, a SIGKILL mid-write, a damaged record.
+//! Every run is rate limited and short: the machine's two cores are shared.
+
+mod common;
+
+use common::{kv, tail, Log};
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[path = "../../guest/kernel/disklog.rs"]
+#[allow(dead_code)]
+mod disklog;
+
+/// A running `ferry-linux-guest` process; its console is `out`.
+struct Guest {
+    child: Option<Child>,
+    out: PathBuf,
+}
+
+impl Guest {
+    fn start(dir: &Path, name: &str, cmdline: &str) -> Guest {
+        let out = dir.join(format!("{name}.console"));
+        let child = Command::new(linux_guest::PATH)
+            .env(linux_guest::CMDLINE_ENV, cmdline)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start ferry-linux-guest");
+        Guest {
+            child: Some(child),
+            out,
+        }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    fn text(&self) -> String {
+        std::fs::read_to_string(&self.out).unwrap_or_default()
+    }
+
+    fn log(&self) -> Log {
+        Log::parse(&self.text())
+    }
+
+    /// Waits until `pred(log)` holds (fails on a PANIC line, an exit, or after `timeout`).
+    fn wait(&mut self, timeout: Duration, what: &str, pred: impl Fn(&Log) -> bool) -> Log {
+        let t0 = Instant::now();
+        loop {
+            let log = self.log();
+            if pred(&log) {
+                return log;
+            }
+            assert!(
+                log.panics.is_empty(),
+                "PANIC while waiting for {what}:\n{}",
+                tail(&self.text(), 30)
+            );
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "ferry-linux-guest exited ({st}) while waiting for {what}:\n{}",
+                    tail(&self.text(), 30)
+                );
+            }
+            assert!(
+                t0.elapsed() < timeout,
+                "timed out after {timeout:?} waiting for {what}:\n{}",
+                tail(&self.text(), 30)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child process, which has not been reaped yet.
+        assert_eq!(unsafe { libc::kill(self.pid(), sig) }, 0);
+    }
+
+    /// SIGKILL and reap; returns the console text.
+    fn kill(mut self) -> String {
+        let mut c = self.child.take().unwrap();
+        let _ = c.kill();
+        let _ = c.wait();
+        self.text()
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn boot(log: &Log) -> std::collections::BTreeMap<String, String> {
+    log.boot.clone().expect("no boot line")
+}
+
+fn cpus(log: &Log) -> u32 {
+    boot(log)["cpus"].parse().unwrap()
+}
+
+/// The `linux-wss` line: (virtual address, pages).
+fn wss(log: &Log) -> (u64, u64) {
+    let line = log
+        .other
+        .iter()
+        .find(|l| l.starts_with("linux-wss "))
+        .expect("no linux-wss line");
+    let m = kv(line);
+    let va = u64::from_str_radix(m["va"].trim_start_matches("0x"), 16).unwrap();
+    (va, m["pages"].parse().unwrap())
+}
+
+fn verify_ok_count(log: &Log, cpu: u32) -> usize {
+    let c = cpu.to_string();
+    log.verify_ok.iter().filter(|m| m["cpu"] == c).count()
+}
+
+#[test]
+fn heartbeats_and_the_verifier_run_on_every_cpu_each_thread_pinned() {
+    let dir = common::tempdir();
+    let mut g = Guest::start(
+        dir.path(),
+        "verify",
+        "console=ttyS0 ferry.workload=verify ferry.wss_mib=8 ferry.rate_mibs=64 ferry.hb_ms=50",
+    );
+    let log = g.wait(Duration::from_secs(30), "3 verify ok on every CPU", |l| {
+        l.boot.is_some() && (0..cpus(l)).all(|c| verify_ok_count(l, c) >= 3)
+    });
+    let n = cpus(&log);
+    let want = std::thread::available_parallelism().unwrap().get() as u32;
+    assert_eq!(n, want, "one CPU per CPU of the affinity mask");
+    let b = boot(&log);
+    assert_eq!(
+        (
+            b["workload"].as_str(),
+            b["wss_mib"].as_str(),
+            b["os"].as_str()
+        ),
+        ("verify", "8", "linux")
+    );
+    // Each CPU's thread is pinned to exactly one CPU, a different one each.
+    let mut pinned = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{}/task", g.pid())).unwrap() {
+        let t = t.unwrap().path();
+        let name = std::fs::read_to_string(t.join("comm")).unwrap();
+        if name.trim().starts_with("cpu") {
+            let st = std::fs::read_to_string(t.join("status")).unwrap();
+            let allowed = st
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .unwrap()
+                .trim()
+                .to_string();
+            assert!(
+                allowed.parse::<u32>().is_ok(),
+                "{name}: {allowed} is not one CPU"
+            );
+            pinned.push(allowed);
+        }
+    }
+    pinned.sort();
+    pinned.dedup();
+    assert_eq!(pinned.len(), n as usize, "threads pinned: {pinned:?}");
+
+    std::thread::sleep(Duration::from_millis(500));
+    let text = g.kill();
+    let log = Log::parse(&text);
+    log.assert_hb_continuous(n);
+    log.assert_no_corruption();
+    let all: std::collections::BTreeSet<String> = (0..n).map(|c| c.to_string()).collect();
+    assert_eq!(log.verify_ok_cpus(), all);
+    // The heartbeat period, by the TSC and the frequency the boot line gives.
+    let khz: f64 = b["tsc_khz"].parse().unwrap();
+    for c in 0..n {
+        let hb = log.hb_of(c);
+        assert!(hb.len() >= 10, "cpu {c}: {} heartbeats", hb.len());
+        let mut gaps: Vec<f64> = hb
+            .windows(2)
+            .map(|w| (w[1].tsc - w[0].tsc) as f64 / khz)
+            .collect();
+        gaps.sort_by(f64::total_cmp);
+        let median = gaps[gaps.len() / 2];
+        assert!(
+            (45.0..60.0).contains(&median),
+            "cpu {c}: median heartbeat gap {median} ms, want 50"
+        );
+    }
+    // The partitions cover the working set.
+    let (_, pages) = wss(&log);
+    let sum: u64 = (0..n)
+        .map(|c| {
+            let c = c.to_string();
+            log.verify_ok.iter().find(|m| m["cpu"] == c).unwrap()["pages"]
+                .parse::<u64>()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(sum, pages);
+}
+
+#[test]
+fn a_byte_flipped_from_outside_is_reported_for_exactly_that_page() {
+    let dir = common::tempdir();
+    let mut g = Guest::start(
+        dir.path(),
+        "flip",
+        "ferry.workload=verify ferry.wss_mib=8 ferry.rate_mibs=64 ferry.hb_ms=50",
+    );
+    let log = g.wait(Duration::from_secs(30), "verify ok on every CPU", |l| {
+        l.boot.is_some() && (0..cpus(l)).all(|c| verify_ok_count(l, c) >= 1)
+    });
+    let n = cpus(&log) as u64;
+    let (va, pages) = wss(&log);
+    // A page in the middle of the last CPU's partition, a byte in its pattern words.
+    let owner = n - 1;
+    let page = (owner * pages / n + (owner + 1) * pages / n) / 2 + 3;
+    let addr = va + page * 4096 + 1234;
+    let mut byte = [0u8; 1];
+    let local = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: 1,
+    };
+    // SAFETY: reads one byte of the child into `byte` (the iovecs describe valid memory).
+    let r = unsafe { libc::process_vm_readv(g.pid(), &local, 1, &remote, 1, 0) };
+    assert_eq!(
+        r,
+        1,
+        "process_vm_readv: {}",
+        std::io::Error::last_os_error()
+    );
+    let mut flipped = [byte[0] ^ 0x40];
+    let local = libc::iovec {
+        iov_base: flipped.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // SAFETY: writes the byte in `flipped` into the child's working set.
+    let r = unsafe { libc::process_vm_writev(g.pid(), &local, 1, &remote, 1, 0) };
+    assert_eq!(
+        r,
+        1,
+        "process_vm_writev: {}",
+        std::io::Error::last_os_error()
+    );
+
+    let before = verify_ok_count(&g.log(), owner as u32);
+    g.wait(
+        Duration::from_secs(20),
+        "the corruption report and two clean sweeps after it",
+        |l| !l.corrupt.is_empty() && verify_ok_count(l, owner as u32) >= before + 2,
+    );
+    let text = g.kill();
+    let log = Log::parse(&text);
+    assert_eq!(log.corrupt.len(), 1, "{:?}", log.corrupt);
+    let c = &log.corrupt[0];
+    assert_eq!(c["page"], page.to_string());
+    assert_eq!(c["cpu"], owner.to_string());
+    assert_eq!(c["found_index"], page.to_string());
+    assert_eq!(c["checksum"], "bad");
+    assert_eq!(log.verify_bad.len(), 1, "{:?}", log.verify_bad);
+    assert!(log.verify_bad[0].contains(&format!("cpu={owner} errors=1")));
+    log.assert_hb_continuous(n as u32);
+    assert!(log.panics.is_empty());
+}
+
+#[test]
+fn a_sigstop_shows_up_as_the_reported_pause_on_every_cpu() {
+    let dir = common::tempdir();
+    let mut g = Guest::start(dir.path(), "pause", "ferry.workload=idle ferry.hb_ms=50");
+    let log = g.wait(Duration::from_secs(30), "10 heartbeats per CPU", |l| {
+        l.boot.is_some() && l.min_hb_per_cpu(cpus(l)) >= 10
+    });
+    let n = cpus(&log);
+    let khz: f64 = boot(&log)["tsc_khz"].parse().unwrap();
+    g.signal(libc::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(300));
+    g.signal(libc::SIGCONT);
+    let seen = log.min_hb_per_cpu(n);
+    g.wait(Duration::from_secs(30), "10 more heartbeats per CPU", |l| {
+        l.min_hb_per_cpu(n) >= seen + 10
+    });
+    let log = Log::parse(&g.kill());
+    log.assert_hb_continuous(n);
+    for c in 0..n {
+        let long: Vec<(u64, u64)> = log
+            .pauses_of(c)
+            .into_iter()
+            .filter(|p| p.0 >= 250)
+            .collect();
+        assert_eq!(long.len(), 1, "cpu {c}: pauses {:?}", log.pauses_of(c));
+        let (ms, tsc_ms) = long[0];
+        assert!((290..1000).contains(&ms), "cpu {c}: pause of {ms} ms");
+        assert!(
+            ms.abs_diff(tsc_ms) <= 20,
+            "cpu {c}: {ms} ms vs {tsc_ms} by TSC"
+        );
+        // ... and it is the longest gap between two of the CPU's heartbeats.
+        let hb = log.hb_of(c);
+        let gap = hb
+            .windows(2)
+            .map(|w| (w[1].tsc - w[0].tsc) as f64 / khz)
+            .fold(0.0, f64::max);
+        assert!(
+            (gap - tsc_ms as f64).abs() <= 2.0,
+            "cpu {c}: {gap} vs {tsc_ms}"
+        );
+    }
+}
+
+/// `disk seq=N` values of the complete lines, in order.
+fn seqs(text: &str) -> Vec<u64> {
+    let complete = &text[..text.rfind('\n').map(|i| i + 1).unwrap_or(0)];
+    complete
+        .lines()
+        .filter_map(|l| l.strip_prefix("disk seq="))
+        .map(|n| n.parse().unwrap())
+        .collect()
+}
+
+fn boot_check(log: &Log) -> Option<String> {
+    log.other
+        .iter()
+        .find(|x| x.starts_with("disk ok") || x.starts_with("disk CORRUPT"))
+        .cloned()
+}
+
+/// The log on `img` as this host reads it with the test guest's record format.
+fn scan_image(img: &Path) -> disklog::Scan {
+    let data = std::fs::read(img).unwrap();
+    let recs: Vec<[u8; 512]> = data
+        .chunks_exact(512)
+        .map(|r| r.try_into().unwrap())
+        .collect();
+    disklog::Scan::START.feed(0, &recs, recs.len() as u64)
+}
+
+#[test]
+fn disk_log_keeps_every_acknowledged_record_across_a_sigkill() {
+    let dir = common::tempdir();
+    let img = dir.path().join("vda.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let opts = format!(
+        "ferry.workload=disk-log ferry.disk_rate=0 ferry.disk={} ferry.hb_ms=50",
+        img.display()
+    );
+    let mut g = Guest::start(dir.path(), "first", &opts);
+    let log = g.wait(Duration::from_secs(30), "200 records", |l| {
+        l.other
+            .iter()
+            .filter(|x| x.starts_with("disk seq="))
+            .count()
+            >= 200
+    });
+    assert_eq!(boot_check(&log).as_deref(), Some("disk ok last=0"));
+    let info = format!("linux-disk path={} sectors=2048 direct=1", img.display());
+    assert!(log.other.contains(&info), "no {info}");
+    let text = g.kill();
+    let acked = seqs(&text);
+    for (i, s) in acked.iter().enumerate() {
+        assert_eq!(*s, i as u64 + 1, "records acknowledged out of order");
+    }
+    let acked = *acked.last().unwrap();
+    // What is on the disk: every acknowledged record; at most one more (written, killed before
+    // it was printed).
+    let disklog::Scan::End { last: on_disk } = scan_image(&img) else {
+        panic!("the image is damaged: {:?}", scan_image(&img));
+    };
+    assert!(
+        (acked..=acked + 1).contains(&on_disk),
+        "{on_disk} records on disk, {acked} acknowledged"
+    );
+
+    // The boot check of the next run finds exactly what is on the disk, and appends after it.
+    let mut g = Guest::start(dir.path(), "second", &opts);
+    let log = g.wait(
+        Duration::from_secs(30),
+        "the boot check and 10 records",
+        |l| {
+            boot_check(l).is_some()
+                && l.other
+                    .iter()
+                    .filter(|x| x.starts_with("disk seq="))
+                    .count()
+                    >= 10
+        },
+    );
+    assert_eq!(boot_check(&log).unwrap(), format!("disk ok last={on_disk}"));
+    let text = g.kill();
+    assert_eq!(seqs(&text)[0], on_disk + 1);
+    assert!(!text.contains("disk ERROR") && !text.contains("PANIC"));
+
+    // A damaged record (one flipped byte in record 5) is found by the boot check, and then
+    // nothing is appended.
+    let mut data = std::fs::read(&img).unwrap();
+    data[4 * 512 + 100] ^= 1;
+    std::fs::write(&img, &data).unwrap();
+    let mut g = Guest::start(dir.path(), "third", &opts);
+    let log = g.wait(Duration::from_secs(30), "the boot check", |l| {
+        boot_check(l).is_some()
+    });
+    assert_eq!(boot_check(&log).unwrap(), "disk CORRUPT at=4");
+    std::thread::sleep(Duration::from_millis(300));
+    let text = g.kill();
+    assert!(seqs(&text).is_empty(), "appended after CORRUPT");
+    assert_eq!(std::fs::read(&img).unwrap(), data, "the image changed");
+
+    // A full disk: 8 records fit.
+    let small = dir.path().join("small.img");
+    std::fs::write(&small, vec![0u8; 8 * 512]).unwrap();
+    let mut g = Guest::start(
+        dir.path(),
+        "full",
+        &format!(
+            "ferry.workload=disk-log ferry.disk_rate=0 ferry.disk={}",
+            small.display()
+        ),
+    );
+    g.wait(Duration::from_secs(30), "disk full", |l| {
+        l.other.iter().any(|x| x == "disk full last=8")
+    });
+    let text = g.kill();
+    assert_eq!(seqs(&text), (1..=8).collect::<Vec<u64>>());
+    assert_eq!(scan_image(&small), disklog::Scan::End { last: 8 });
+}
+
+#[test]
+fn udp_echo_answers_byte_for_byte_from_the_port_it_was_sent_to() {
+    let dir = common::tempdir();
+    let port = {
+        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.local_addr().unwrap().port()
+    };
+    let mut g = Guest::start(
+        dir.path(),
+        "net",
+        &format!("ferry.workload=net-echo ferry.ip=10.77.0.5 ferry.udp_port={port} ferry.hb_ms=50"),
+    );
+    let log = g.wait(Duration::from_secs(30), "net up", |l| {
+        l.other.iter().any(|x| x.starts_with("net up "))
+    });
+    let up = kv(log.other.iter().find(|x| x.starts_with("net up ")).unwrap());
+    assert_eq!(up["ip"], "10.77.0.5");
+    assert_eq!(up["udp_port"], port.to_string());
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = vec![0u8; 65536];
+    let mut x: u32 = 0x1234_5678;
+    let count = 200u64;
+    for i in 0..count {
+        let len = 1 + (i as usize * 37) % 1472;
+        let msg: Vec<u8> = (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect();
+        client.send_to(&msg, ("127.0.0.1", port)).unwrap();
+        let (n, from) = client.recv_from(&mut buf).expect("no echo");
+        assert_eq!(from.port(), port, "reply from another port");
+        assert_eq!(&buf[..n], &msg[..], "echo {i} differs");
+    }
+    // The counters reach the console (once a second).
+    g.wait(Duration::from_secs(10), "the net counters", |l| {
+        l.other
+            .iter()
+            .any(|x| x.starts_with("net rx=") && kv(x)["udp"] == count.to_string())
+    });
+    let log = Log::parse(&g.kill());
+    log.assert_hb_continuous(cpus(&log));
+    assert!(log.panics.is_empty());
+}
+
+#[test]
+fn bad_options_are_a_boot_panic_like_the_test_guest() {
+    for (opts, want) in [
+        (
+            "ferry.workload=busy",
+            "PANIC bad cmdline: ferry.workload=busy (unknown workload; expected idle, dirty, verify, disk-log or net-echo)",
+        ),
+        (
+            "ferry.workload=net-echo",
+            "PANIC bad cmdline: ferry.workload=net-echo (net-echo requires ferry.ip=<a.b.c.d>)",
+        ),
+        (
+            "ferry.udp_port=70000",
+            "PANIC bad cmdline: ferry.udp_port=70000 (expected a port 1..=65535)",
+        ),
+        (
+            "ferry.workload=disk-log ferry.disk=/nonexistent/vda",
+            "PANIC cannot open disk /nonexistent/vda: No such file or directory (os error 2)",
+        ),
+    ] {
+        let out = Command::new(linux_guest::PATH)
+            .env(linux_guest::CMDLINE_ENV, opts)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{opts}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(text, format!("{want}\n"), "{opts}");
+        let log = Log::parse(&text);
+        assert!(log.boot.is_none() && log.hb.is_empty() && log.panics.len() == 1);
+    }
+}
+
+#[test]
+fn reset_after_ms_ends_the_process_in_process_mode() {
+    let out = Command::new(linux_guest::PATH)
+        .env(
+            linux_guest::CMDLINE_ENV,
+            "ferry.workload=idle ferry.hb_ms=20 ferry.reset_after_ms=300",
+        )
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(100));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.ends_with("reset requested\n"), "{text}");
+    let log = Log::parse(&text);
+    assert!(log.min_hb_per_cpu(cpus(&log)) >= 5, "{text}");
+}
