@@ -5,8 +5,11 @@
 //!   agents, bridges and TAPs, a switch, a client, shared storage one node can lose.
 //! * [`netprobe`] — an ICMP + UDP echo prober at a fixed interval with verified replies, losses
 //!   and the longest gap between replies (`ferry netprobe`).
+//! * [`initramfs`] — a newc cpio writer and the initramfs of a stock Linux guest running
+//!   `ferry-linux-guest` (busybox /init, kernel modules, network from the command line).
 
 pub mod bed;
+pub mod initramfs;
 pub mod netprobe;
 
 pub use bed::{in_netns, shutdown_workers, Testbed};
