@@ -228,36 +228,8 @@ fn a_byte_flipped_from_outside_is_reported_for_exactly_that_page() {
     let owner = n - 1;
     let page = (owner * pages / n + (owner + 1) * pages / n) / 2 + 3;
     let addr = va + page * 4096 + 1234;
-    let mut byte = [0u8; 1];
-    let local = libc::iovec {
-        iov_base: byte.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
-    let remote = libc::iovec {
-        iov_base: addr as *mut libc::c_void,
-        iov_len: 1,
-    };
-    // SAFETY: reads one byte of the child into `byte` (the iovecs describe valid memory).
-    let r = unsafe { libc::process_vm_readv(g.pid(), &local, 1, &remote, 1, 0) };
-    assert_eq!(
-        r,
-        1,
-        "process_vm_readv: {}",
-        std::io::Error::last_os_error()
-    );
-    let mut flipped = [byte[0] ^ 0x40];
-    let local = libc::iovec {
-        iov_base: flipped.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
-    // SAFETY: writes the byte in `flipped` into the child's working set.
-    let r = unsafe { libc::process_vm_writev(g.pid(), &local, 1, &remote, 1, 0) };
-    assert_eq!(
-        r,
-        1,
-        "process_vm_writev: {}",
-        std::io::Error::last_os_error()
-    );
+    let byte = peek(g.pid(), addr, 1)[0];
+    poke(g.pid(), addr, &[byte ^ 0x40]);
 
     let before = verify_ok_count(&g.log(), owner as u32);
     g.wait(
@@ -275,6 +247,124 @@ fn a_byte_flipped_from_outside_is_reported_for_exactly_that_page() {
     assert_eq!(c["checksum"], "bad");
     assert_eq!(log.verify_bad.len(), 1, "{:?}", log.verify_bad);
     assert!(log.verify_bad[0].contains(&format!("cpu={owner} errors=1")));
+    log.assert_hb_continuous(n as u32);
+    assert!(log.panics.is_empty());
+}
+
+/// Reads `len` bytes at `addr` of process `pid`.
+fn peek(pid: i32, addr: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    let local = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: len,
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: len,
+    };
+    // SAFETY: reads `len` bytes of the child into `buf` (the iovecs describe valid memory).
+    let r = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
+    assert_eq!(
+        r,
+        len as isize,
+        "process_vm_readv: {}",
+        std::io::Error::last_os_error()
+    );
+    buf
+}
+
+/// Writes `data` at `addr` of process `pid`.
+fn poke(pid: i32, addr: u64, data: &[u8]) {
+    let local = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: writes `data` into the child's memory; process_vm_writev only reads `data`.
+    let r = unsafe { libc::process_vm_writev(pid, &local, 1, &remote, 1, 0) };
+    assert_eq!(
+        r,
+        data.len() as isize,
+        "process_vm_writev: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// What a page a migration failed to copy looks like: an older, self-consistent version.
+#[test]
+fn a_stale_page_put_back_from_outside_is_reported_as_stale() {
+    let dir = common::tempdir();
+    let mut g = Guest::start(
+        dir.path(),
+        "stale",
+        "ferry.workload=verify ferry.wss_mib=4 ferry.rate_mibs=32 ferry.hb_ms=50",
+    );
+    let log = g.wait(Duration::from_secs(30), "verify ok on every CPU", |l| {
+        l.boot.is_some() && (0..cpus(l)).all(|c| verify_ok_count(l, c) >= 1)
+    });
+    let (va, pages) = wss(&log);
+    let page = pages / 3;
+    let owner = (0..cpus(&log) as u64)
+        .find(|&k| {
+            let n = cpus(&log) as u64;
+            (k * pages / n..(k + 1) * pages / n).contains(&page)
+        })
+        .unwrap();
+    let old = peek(g.pid(), va + page * 4096, 4096);
+    let old_gen = u64::from_le_bytes(old[8..16].try_into().unwrap());
+    assert_eq!(u64::from_le_bytes(old[0..8].try_into().unwrap()), page);
+    // Two sweeps later the writer has rewritten the page with a newer generation.
+    let seen = verify_ok_count(&g.log(), owner as u32);
+    g.wait(Duration::from_secs(30), "two more sweeps", |l| {
+        verify_ok_count(l, owner as u32) >= seen + 2
+    });
+    assert_ne!(peek(g.pid(), va + page * 4096, 4096), old);
+    poke(g.pid(), va + page * 4096, &old);
+    g.wait(Duration::from_secs(20), "the stale page report", |l| {
+        !l.corrupt.is_empty()
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let log = Log::parse(&g.kill());
+    assert_eq!(log.corrupt.len(), 1, "{:?}", log.corrupt);
+    let c = &log.corrupt[0];
+    assert_eq!(c["page"], page.to_string());
+    assert_eq!(c["cpu"], owner.to_string());
+    assert_eq!(c["checksum"], "ok", "a stale page is self-consistent");
+    assert_eq!(c["found_gen"], old_gen.to_string());
+    assert!(c["expected_gen"].parse::<u64>().unwrap() > old_gen);
+}
+
+#[test]
+fn dirty_writes_the_round_number_into_every_page_on_every_cpu() {
+    let dir = common::tempdir();
+    let mut g = Guest::start(
+        dir.path(),
+        "dirty",
+        "ferry.workload=dirty ferry.wss_mib=4 ferry.rate_mibs=32 ferry.hb_ms=50",
+    );
+    let log = g.wait(
+        Duration::from_secs(30),
+        "dirty reports with rounds on every CPU",
+        |l| {
+            l.boot.is_some()
+                && (0..cpus(l)).all(|c| {
+                    l.dirty
+                        .iter()
+                        .any(|m| m["cpu"] == c.to_string() && m["rounds"] != "0")
+                })
+        },
+    );
+    let n = cpus(&log) as u64;
+    let (va, pages) = wss(&log);
+    for k in 0..n {
+        let first = k * pages / n;
+        let round = u64::from_le_bytes(peek(g.pid(), va + first * 4096, 8).try_into().unwrap());
+        assert!(round >= 1, "cpu {k}: page {first} holds round {round}");
+    }
+    let log = Log::parse(&g.kill());
     log.assert_hb_continuous(n as u32);
     assert!(log.panics.is_empty());
 }
