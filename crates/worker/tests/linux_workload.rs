@@ -529,6 +529,84 @@ fn disk_log_keeps_every_acknowledged_record_across_a_sigkill() {
     assert_eq!(scan_image(&small), disklog::Scan::End { last: 8 });
 }
 
+/// A loop device over a file (detached on drop).
+struct Loop {
+    dev: String,
+}
+
+impl Loop {
+    fn attach(file: &Path) -> Loop {
+        let out = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(file)
+            .output()
+            .expect("losetup (util-linux; root needed)");
+        assert!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Loop {
+            dev: String::from_utf8(out.stdout).unwrap().trim().to_string(),
+        }
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
+    }
+}
+
+/// The same on a block device (a loop device standing in for /dev/vda): its size comes from
+/// BLKGETSIZE64, the writes are O_DIRECT.
+#[test]
+fn disk_log_on_a_block_device_keeps_every_acknowledged_record_across_a_sigkill() {
+    let dir = common::tempdir();
+    let img = dir.path().join("loop.img");
+    std::fs::write(&img, vec![0u8; 512 << 10]).unwrap();
+    let lo = Loop::attach(&img);
+    let opts = format!(
+        "ferry.workload=disk-log ferry.disk_rate=0 ferry.disk={} ferry.hb_ms=50",
+        lo.dev
+    );
+    let mut g = Guest::start(dir.path(), "first", &opts);
+    let log = g.wait(Duration::from_secs(30), "100 records", |l| {
+        l.other
+            .iter()
+            .filter(|x| x.starts_with("disk seq="))
+            .count()
+            >= 100
+    });
+    let info = format!("linux-disk path={} sectors=1024 direct=1", lo.dev);
+    assert!(log.other.contains(&info), "no {info}: {:?}", log.other);
+    let acked = *seqs(&g.kill()).last().unwrap();
+    let mut g = Guest::start(dir.path(), "second", &opts);
+    let log = g.wait(Duration::from_secs(30), "the boot check", |l| {
+        boot_check(l).is_some()
+    });
+    let check = boot_check(&log).unwrap();
+    let last: u64 = check
+        .strip_prefix("disk ok last=")
+        .unwrap_or_else(|| panic!("{check}"))
+        .parse()
+        .unwrap();
+    assert!(
+        (acked..=acked + 1).contains(&last),
+        "{last} records found, {acked} acknowledged"
+    );
+    drop(g.kill());
+    drop(lo);
+    // Through the backing file, with the test guest's record format.
+    let disklog::Scan::End { last: in_file } = scan_image(&img) else {
+        panic!("the image is damaged: {:?}", scan_image(&img));
+    };
+    assert!(
+        in_file >= last,
+        "{in_file} records in the file, the boot check found {last}"
+    );
+}
+
 #[test]
 fn udp_echo_answers_byte_for_byte_from_the_port_it_was_sent_to() {
     let dir = common::tempdir();
