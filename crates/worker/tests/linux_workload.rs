@@ -780,10 +780,115 @@ fn stock_linux_in_the_nested_host_runs_the_linux_workload() {
     log.assert_no_corruption();
     assert!(log.hb_of(0).len() >= 3, "{serial}");
     assert!(verify_ok_count(&log, 0) >= 4, "{serial}");
+    println!("L2 serial log (end):\n{}", tail(&serial, 25));
     assert!(
         log.other
             .iter()
             .any(|l| l == "ferry-init: starting ferry-linux-guest"),
         "{serial}"
     );
+}
+
+/// Live migration of the L2 Linux between two workers in L1 (loopback).
+const L2_MIGRATION_SCENARIO: &str = r#"
+FILES="/tmp/a.log /tmp/b.log /tmp/a.out /tmp/b.out /tmp/m.json"
+stop_here() { result "$1" failed; for f in $FILES; do [ -e $f ] && dump $f; done; echo FERRY-DONE; poweroff -f; }
+ferry-vmm run --kernel /l2/vmlinuz --initrd /l2/initrd.cpio --vcpus 1 --memory-mib 256 \
+    --cmdline "@CMDLINE@" --serial-log /tmp/a.log --api-socket /tmp/a.sock > /tmp/a.out 2>&1 &
+wait_for /tmp/a.log "^verify ok" 4 400 && result boot ok || stop_here boot
+ferry-vmm receive --listen 127.0.0.1:7001 --serial-log /tmp/b.log --api-socket /tmp/b.sock > /tmp/b.out 2>&1 &
+sleep 1
+ferry-vmm ctl --api-socket /tmp/a.sock migrate --to 127.0.0.1:7001 --output json > /tmp/m.json 2>&1 && result migrate ok || stop_here migrate
+wait_for /tmp/b.log "^verify ok" 4 300 && result after ok || stop_here after
+ferry-vmm ctl --api-socket /tmp/b.sock shutdown > /dev/null 2>&1
+sleep 0.5
+for f in $FILES; do dump $f; done
+"#;
+
+/// Run with `cargo test --release -p worker --test linux_workload -- --ignored`. The same L2
+/// Linux, live migrated between two `ferry-vmm` in L1: the checks the migration tests make on
+/// the test guest hold across both serial logs (heartbeats continuous, verifier clean on both
+/// sides, the switchover gap in the heartbeats).
+#[test]
+#[ignore = "nested: QEMU TCG, minutes of both cores; run with --ignored"]
+fn stock_linux_in_the_nested_host_keeps_the_contract_across_a_live_migration() {
+    let c = nested::cache();
+    let dir = common::tempdir();
+    let initrd = dir.path().join("initrd.cpio");
+    let image =
+        testbed::initramfs::linux_guest(&testbed::initramfs::LinuxGuest::new(c.join("busybox")))
+            .unwrap();
+    std::fs::write(&initrd, image).unwrap();
+    let khz = host_tsc_khz();
+    let cmdline = format!(
+        "console=ttyS0 quiet panic=-1 tsc_early_khz={khz} lpj={khz} no_timer_check tsc=reliable \
+         mitigations=off nokaslr ferry.workload=verify ferry.wss_mib=16 ferry.rate_mibs=8 \
+         ferry.hb_ms=200 ferry.tsc_khz={khz}"
+    );
+    let scenario = L2_MIGRATION_SCENARIO.replace("@CMDLINE@", &cmdline);
+    let kernel = c.join("vmlinuz");
+    let out = nested::run_l1(
+        &scenario,
+        &[("/l2/vmlinuz", &kernel), ("/l2/initrd.cpio", &initrd)],
+        Duration::from_secs(900),
+    );
+    println!("L1 ran {:.0} s; results {:?}", out.seconds, out.results);
+    assert!(out.done, "L1 did not finish:\n{}", out.tail(80));
+    for step in ["boot", "migrate", "after"] {
+        assert_eq!(
+            out.result(step),
+            "ok",
+            "{step} failed in L1:\n{}\nsource: {}\ndestination: {}\nmigrate: {}",
+            out.tail(40),
+            tail(
+                out.files
+                    .get("/tmp/a.log")
+                    .map(|s| s.as_str())
+                    .unwrap_or(""),
+                20
+            ),
+            tail(
+                out.files
+                    .get("/tmp/b.log")
+                    .map(|s| s.as_str())
+                    .unwrap_or(""),
+                20
+            ),
+            tail(
+                out.files
+                    .get("/tmp/m.json")
+                    .map(|s| s.as_str())
+                    .unwrap_or(""),
+                5
+            ),
+        );
+    }
+    let (a, b) = (out.file("/tmp/a.log"), out.file("/tmp/b.log"));
+    let all = Log::parse(&format!("{a}{b}"));
+    all.assert_hb_continuous(1);
+    all.assert_no_corruption();
+    let before = Log::parse(a);
+    let after = Log::parse(b);
+    assert!(verify_ok_count(&before, 0) >= 4 && verify_ok_count(&after, 0) >= 4);
+    assert!(
+        after.hb_of(0).len() >= 3,
+        "no heartbeats on the destination:\n{b}"
+    );
+    let last = out
+        .file("/tmp/m.json")
+        .lines()
+        .rfind(|l| l.starts_with('{'))
+        .unwrap_or("");
+    let v: serde_json::Value = serde_json::from_str(last).unwrap_or_default();
+    assert_eq!(v["reply"], "done", "{}", out.file("/tmp/m.json"));
+    let downtime = v["downtime_ms"].as_f64().unwrap();
+    let gap = common::switchover_gaps_ms(a, b, 1, khz as f64)[0];
+    println!(
+        "migration: total {:.0} ms, downtime {downtime:.2} ms, {} passes; heartbeat gap across \
+         the switchover {gap:.1} ms (hb_ms 200); pause lines {:?}",
+        v["total_ms"].as_f64().unwrap_or(0.0),
+        v["passes"],
+        all.pauses
+    );
+    assert!(gap > 0.0 && gap < 10_000.0, "switchover gap {gap} ms");
 }
