@@ -721,7 +721,7 @@ fn host_tsc_khz() -> u64 {
 const L2_SCENARIO: &str = r#"
 ferry-vmm run --kernel /l2/vmlinuz --initrd /l2/initrd.cpio --vcpus 1 --memory-mib 256 \
     --cmdline "@CMDLINE@" --serial-log /tmp/g.log --api-socket /tmp/g.sock > /tmp/g.out 2>&1 &
-wait_for /tmp/g.log "^verify ok" 4 400 && result l2 ok || result l2 failed
+wait_for /tmp/g.log "^verify ok" 4 400 $! && result l2 ok || result l2 failed
 ferry-vmm ctl --api-socket /tmp/g.sock shutdown > /dev/null 2>&1
 sleep 0.5
 dump /tmp/g.log
@@ -795,11 +795,12 @@ FILES="/tmp/a.log /tmp/b.log /tmp/a.out /tmp/b.out /tmp/m.json"
 stop_here() { result "$1" failed; for f in $FILES; do [ -e $f ] && dump $f; done; echo FERRY-DONE; poweroff -f; }
 ferry-vmm run --kernel /l2/vmlinuz --initrd /l2/initrd.cpio --vcpus 1 --memory-mib 256 \
     --cmdline "@CMDLINE@" --serial-log /tmp/a.log --api-socket /tmp/a.sock > /tmp/a.out 2>&1 &
-wait_for /tmp/a.log "^verify ok" 4 400 && result boot ok || stop_here boot
+wait_for /tmp/a.log "^verify ok" 4 400 $! && result boot ok || stop_here boot
 ferry-vmm receive --listen 127.0.0.1:7001 --serial-log /tmp/b.log --api-socket /tmp/b.sock > /tmp/b.out 2>&1 &
+B=$!
 sleep 1
 ferry-vmm ctl --api-socket /tmp/a.sock migrate --to 127.0.0.1:7001 --output json > /tmp/m.json 2>&1 && result migrate ok || stop_here migrate
-wait_for /tmp/b.log "^verify ok" 4 300 && result after ok || stop_here after
+wait_for /tmp/b.log "^verify ok" 4 300 $B && result after ok || stop_here after
 ferry-vmm ctl --api-socket /tmp/b.sock shutdown > /dev/null 2>&1
 sleep 0.5
 for f in $FILES; do dump $f; done
