@@ -6,9 +6,12 @@
 //! * [`netprobe`] — an ICMP + UDP echo prober at a fixed interval with verified replies, losses
 //!   and the longest gap between replies (`ferry netprobe`).
 //! * [`clock`] — wall-clock agreement between test hosts that have no NTP (`ferry clock`).
+//! * [`initramfs`] — a newc cpio writer and the initramfs of a stock Linux guest running
+//!   `ferry-linux-guest` (busybox /init, kernel modules, network from the command line).
 
 pub mod bed;
 pub mod clock;
+pub mod initramfs;
 pub mod netprobe;
 
 pub use bed::{in_netns, shutdown_workers, Testbed};

@@ -210,6 +210,9 @@ pub struct Log {
     pub dirty: Vec<BTreeMap<String, String>>,
     pub wss: Option<(u64, u64)>,
     pub panics: Vec<String>,
+    /// `pause cpu=<k> ms=<ms> tsc_ms=<ms> hb=<counter>` lines: a gap of more than two heartbeat
+    /// periods a CPU saw (printed by ferry-linux-guest; the test guest prints none).
+    pub pauses: Vec<BTreeMap<String, String>>,
     /// Lines that are none of the above (e.g. partial lines around a pause).
     pub other: Vec<String>,
 }
@@ -249,6 +252,8 @@ impl Log {
                 l.corrupt.push(kv(line));
             } else if line.starts_with("verify bad ") {
                 l.verify_bad.push(line.to_string());
+            } else if line.starts_with("pause ") {
+                l.pauses.push(kv(line));
             } else if line.starts_with("dirty ") {
                 l.dirty.push(kv(line));
             } else if line.starts_with("wss ") {
@@ -266,6 +271,15 @@ impl Log {
 
     pub fn hb_of(&self, cpu: u32) -> Vec<Hb> {
         self.hb.iter().copied().filter(|h| h.cpu == cpu).collect()
+    }
+
+    /// The `pause` lines of CPU `cpu` as (ms by CLOCK_MONOTONIC, ms by TSC).
+    pub fn pauses_of(&self, cpu: u32) -> Vec<(u64, u64)> {
+        self.pauses
+            .iter()
+            .filter(|m| m.get("cpu").and_then(|c| c.parse().ok()) == Some(cpu))
+            .filter_map(|m| Some((m.get("ms")?.parse().ok()?, m.get("tsc_ms")?.parse().ok()?)))
+            .collect()
     }
 
     pub fn min_hb_per_cpu(&self, cpus: u32) -> usize {

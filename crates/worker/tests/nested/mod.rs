@@ -54,71 +54,7 @@ fn repo() -> PathBuf {
 
 /// The cache with the L1 kernel, modules and busybox (prepared on first use).
 pub fn cache() -> PathBuf {
-    let out = Command::new(repo().join("scripts/nested/prepare.sh"))
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("run scripts/nested/prepare.sh");
-    assert!(
-        out.status.success(),
-        "scripts/nested/prepare.sh failed (see above)"
-    );
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-}
-
-/// A newc cpio archive (what the kernel unpacks as its initramfs) of every file under `root`.
-fn cpio(root: &Path) -> Vec<u8> {
-    fn entry(out: &mut Vec<u8>, name: &str, mode: u32, data: &[u8], ino: u32) {
-        let hdr = format!(
-            "070701{ino:08x}{mode:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
-            0,
-            0,
-            1,
-            0,
-            data.len(),
-            0,
-            0,
-            0,
-            0,
-            name.len() + 1,
-            0
-        );
-        out.extend_from_slice(hdr.as_bytes());
-        out.extend_from_slice(name.as_bytes());
-        out.push(0);
-        while !out.len().is_multiple_of(4) {
-            out.push(0);
-        }
-        out.extend_from_slice(data);
-        while !out.len().is_multiple_of(4) {
-            out.push(0);
-        }
-    }
-    fn walk(root: &Path, rel: &Path, out: &mut Vec<u8>, ino: &mut u32) {
-        let mut entries: Vec<_> = std::fs::read_dir(root.join(rel))
-            .unwrap()
-            .flatten()
-            .collect();
-        entries.sort_by_key(|e| e.file_name());
-        for e in entries {
-            let r = rel.join(e.file_name());
-            let name = r.to_str().unwrap().to_string();
-            let meta = std::fs::symlink_metadata(e.path()).unwrap();
-            *ino += 1;
-            if meta.is_dir() {
-                entry(out, &name, 0o040755, &[], *ino);
-                walk(root, &r, out, ino);
-            } else {
-                use std::os::unix::fs::PermissionsExt;
-                let mode = 0o100000 | (meta.permissions().mode() & 0o7777);
-                entry(out, &name, mode, &std::fs::read(e.path()).unwrap(), *ino);
-            }
-        }
-    }
-    let mut out = Vec::new();
-    let mut ino = 0;
-    walk(root, Path::new(""), &mut out, &mut ino);
-    entry(&mut out, "TRAILER!!!", 0, &[], 0);
-    out
+    testbed::initramfs::nested_cache().unwrap_or_else(|e| panic!("nested cache: {e}"))
 }
 
 /// Shared libraries `bin` needs (by `ldd`), with the loader.
@@ -282,7 +218,7 @@ impl L1 {
         let initrd = dir.path().join("l1.cpio");
         std::fs::File::create(&initrd)
             .unwrap()
-            .write_all(&cpio(&ir))
+            .write_all(&testbed::initramfs::cpio_of_dir(&ir).unwrap())
             .unwrap();
         let console = dir.path().join("console.log");
         let mut cmd = Command::new("qemu-system-x86_64");
