@@ -162,6 +162,11 @@ pub struct WorkerVm {
     pub throttle_pct: u8,
     /// Why the VM stopped, once it did.
     pub stop_reason: Option<String>,
+    /// vCPU 0's TSC minus this host's TSC (ticks), read when the VM was started or loaded:
+    /// unchanged by a migration that brings the VM back to the same host if its time travelled
+    /// exactly.
+    #[serde(default)]
+    pub guest_tsc_lead: Option<i64>,
 }
 
 /// Which way a migration goes, seen from this worker.

@@ -181,6 +181,7 @@ pub fn status(ctx: &Ctx) -> WorkerStatus {
             cpu_profile: c.cpu_profile.clone(),
             throttle_pct: vm.throttle(),
             stop_reason: vm.event().map(|e| e.to_string()),
+            guest_tsc_lead: vm.tsc_lead(),
         }
     });
     let outgoing = ctx

@@ -695,11 +695,16 @@ impl<'a> Incoming<'a> {
                 "the VM state does not match the preflighted configuration",
             ));
         }
+        let since_save_ms = st.platform.elapsed_since_save(vmm::vm::realtime_ns()) as f64 / 1e6;
         let vm = prepared
             .finish(&st, serial, vmm::vm::GuestTime::Elapsed)
             .map_err(|e| {
                 fail(phase, FailureKind::Local, "cannot restore the VM here").caused_by(e)
             })?;
+        // What the guest sees of its pause is this plus the wait for the commit.
+        eprintln!(
+            "ferry-vmm: guest clocks moved on by {since_save_ms:.1} ms (the time since the source saved them)"
+        );
         // vCPU threads exist but stay parked until the commit.
         vm.start_paused().map_err(|e| {
             fail(phase, FailureKind::Local, "cannot start vCPU threads").caused_by(e)

@@ -115,7 +115,7 @@ impl PreparedVm {
             &state.devices.serial,
         )
         .map_err(|e| VmError::Serial(e.to_string()))?;
-        Ok(Vm::assemble(
+        let vm = Vm::assemble(
             self.config,
             self.cpuid,
             state.msr_list.clone(),
@@ -123,7 +123,9 @@ impl PreparedVm {
             &mut self.base,
             Devices::new(serial),
             self.virtio,
-        ))
+        );
+        vm.note_tsc_lead();
+        Ok(vm)
     }
 }
 
@@ -327,6 +329,7 @@ impl Vm {
             }),
             joins: Mutex::new(Vec::new()),
             serial_irq: base.serial_irq.try_clone().expect("eventfd dup"),
+            tsc_lead: std::sync::OnceLock::new(),
             vm_fd: base.vm_fd.clone(),
             ram: base.ram.clone(),
         }

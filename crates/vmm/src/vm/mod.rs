@@ -159,6 +159,8 @@ pub struct Vm {
     joins: Mutex<Vec<std::thread::JoinHandle<()>>>,
     serial_irq: EventFd,
     vm_fd: Arc<VmFd>,
+    /// Guest TSC minus host TSC on vCPU 0, read when the VM was loaded or first started.
+    tsc_lead: std::sync::OnceLock<i64>,
     // Declared last: dropped after the VmFd, so KVM never holds a mapping we unmapped.
     ram: Arc<GuestRam>,
 }
@@ -167,6 +169,28 @@ impl Vm {
     /// The configuration.
     pub fn config(&self) -> &VmConfig {
         &self.config
+    }
+
+    /// How far vCPU 0's TSC is ahead of this host's TSC (ticks; negative: behind), as read
+    /// when the VM was started or loaded from saved state (the vCPUs do not run then). A
+    /// guest whose time travelled exactly keeps the same lead across moves that return it to
+    /// the same host; between hosts it changes by their TSC difference.
+    pub fn tsc_lead(&self) -> Option<i64> {
+        self.tsc_lead.get().copied()
+    }
+
+    /// Reads [`Vm::tsc_lead`] now (vCPUs must not run) unless it was read before.
+    pub(crate) fn note_tsc_lead(&self) {
+        if self.tsc_lead.get().is_some() {
+            return;
+        }
+        let Some(v) = self.vcpus.first() else { return };
+        let v = v.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: RDTSC reads a counter; it has no memory effects and every x86-64 CPU has it.
+        let host = unsafe { std::arch::x86_64::_rdtsc() };
+        if let Ok(guest) = v.guest_tsc() {
+            let _ = self.tsc_lead.set(guest.wrapping_sub(host) as i64);
+        }
     }
 
     /// Guest RAM.

@@ -67,6 +67,7 @@ impl Vm {
         // A fresh start waits only briefly: a lock held for longer belongs to a running VM.
         self.virtio.acquire_storage(Duration::from_secs(1))?;
         self.virtio.resume();
+        self.note_tsc_lead();
         self.spawn_vcpus(true)
     }
 
