@@ -369,12 +369,66 @@ fn vendor_string(ebx: u32, edx: u32, ecx: u32) -> String {
         .to_string()
 }
 
-/// What KVM on this host can virtualize.
+/// What KVM on this host can virtualize, plus what the VMM itself provides on top: the
+/// `hypervisor` bit (KVM_GET_SUPPORTED_CPUID leaves it to the VMM; without it Linux never looks
+/// at the KVM leaves, so it finds no kvmclock and must calibrate the TSC against the PIT) and
+/// the hypervisor timing leaf 0x40000010 (EAX = TSC kHz, EBX = LAPIC bus kHz) with the host's
+/// TSC frequency.
 pub fn supported(kvm: &kvm_ioctls::Kvm) -> Result<CpuidTable, CpuidError> {
     let c = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(CpuidError::Supported)?;
-    Ok(CpuidTable::from_kvm(&c))
+    let mut t = CpuidTable::from_kvm(&c);
+    add_vmm_leaves(&mut t, host_tsc_khz(kvm));
+    Ok(t)
+}
+
+/// KVM's signature leaf and the timing leaf.
+pub const KVM_SIGNATURE_LEAF: u32 = 0x4000_0000;
+/// The hypervisor timing leaf (the VMware-defined layout QEMU and others also offer).
+pub const TIMING_LEAF: u32 = 0x4000_0010;
+/// The LAPIC timer frequency KVM emulates: 1 GHz (APIC_BUS_CYCLE_NS = 1).
+pub const LAPIC_BUS_KHZ: u32 = 1_000_000;
+
+/// Sets the `hypervisor` bit and, if KVM's signature leaf is there and `tsc_khz` is known,
+/// adds the timing leaf and raises the signature leaf's maximum to cover it.
+pub fn add_vmm_leaves(t: &mut CpuidTable, tsc_khz: Option<u32>) {
+    if let Some(e) = t.find_mut(1, 0) {
+        e.ecx |= 1 << 31;
+    }
+    let Some(khz) = tsc_khz.filter(|k| *k > 0) else {
+        return;
+    };
+    let Some(sig) = t.find_mut(KVM_SIGNATURE_LEAF, 0) else {
+        return;
+    };
+    sig.eax = sig.eax.max(TIMING_LEAF);
+    t.entries.retain(|e| e.function != TIMING_LEAF);
+    t.entries.push(CpuidEntry {
+        function: TIMING_LEAF,
+        index: 0,
+        flags: 0,
+        eax: khz,
+        ebx: LAPIC_BUS_KHZ,
+        ecx: 0,
+        edx: 0,
+    });
+}
+
+/// The TSC frequency KVM gives a new vCPU on this host (KVM_GET_TSC_KHZ of a scratch vCPU),
+/// measured once per process.
+pub fn host_tsc_khz(kvm: &kvm_ioctls::Kvm) -> Option<u32> {
+    static KHZ: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    *KHZ.get_or_init(|| {
+        let vm = kvm.create_vm().ok()?;
+        let vcpu = vm.create_vcpu(0).ok()?;
+        vcpu.get_tsc_khz().ok().filter(|k| *k > 0)
+    })
+}
+
+/// The TSC frequency a CPUID table announces in its timing leaf, if any.
+pub fn timing_leaf_tsc_khz(t: &CpuidTable) -> Option<u32> {
+    t.find(TIMING_LEAF, 0).map(|e| e.eax).filter(|k| *k > 0)
 }
 
 /// The host CPU's own vendor and brand string (from the CPUID instruction, not from KVM).
@@ -546,6 +600,43 @@ mod tests {
         small.entries[1].ecx &= !(1 << 28);
         assert_eq!(missing_features(&t, &small), vec!["avx".to_string()]);
         assert!(missing_features(&small, &t).is_empty());
+    }
+
+    #[test]
+    fn vmm_leaves_hypervisor_bit_and_timing_leaf() {
+        let mut t = table();
+        t.entries[1].ecx &= !(1 << 31);
+        t.entries.push(CpuidEntry {
+            function: KVM_SIGNATURE_LEAF,
+            index: 0,
+            flags: 0,
+            eax: 0x4000_0001,
+            ebx: 0x4b4d_564b,
+            ecx: 0x564b_4d56,
+            edx: 0x4d,
+        });
+        add_vmm_leaves(&mut t, Some(2_445_405));
+        assert!(t.features().contains("hypervisor"));
+        assert_eq!(t.find(KVM_SIGNATURE_LEAF, 0).unwrap().eax, TIMING_LEAF);
+        let timing = t.find(TIMING_LEAF, 0).unwrap();
+        assert_eq!((timing.eax, timing.ebx), (2_445_405, LAPIC_BUS_KHZ));
+        assert_eq!(timing_leaf_tsc_khz(&t), Some(2_445_405));
+        // Idempotent: one timing leaf, the signature maximum unchanged.
+        add_vmm_leaves(&mut t, Some(2_445_405));
+        assert_eq!(
+            t.entries
+                .iter()
+                .filter(|e| e.function == TIMING_LEAF)
+                .count(),
+            1
+        );
+        // Profiles keep it.
+        let b = mask_to(&t, "x", &["fpu", "hypervisor"]).unwrap();
+        assert_eq!(timing_leaf_tsc_khz(&b), Some(2_445_405));
+        // No KVM signature leaf (not KVM): no timing leaf either.
+        let mut bare = table();
+        add_vmm_leaves(&mut bare, Some(1000));
+        assert_eq!(timing_leaf_tsc_khz(&bare), None);
     }
 
     #[test]

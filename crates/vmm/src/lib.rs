@@ -9,6 +9,7 @@
 //! [`snapshot`] writes the whole VM to one versioned, checksummed file and reads it back (the
 //! current format and the previous one, [`state_v2`]).
 
+pub mod acpi;
 pub mod boot;
 pub mod config;
 pub mod cpuid;

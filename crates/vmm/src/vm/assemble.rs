@@ -155,13 +155,20 @@ impl Vm {
         // The device parameters go first: a guest that keeps only a prefix of a long command
         // line still finds its devices.
         let cmdline = format!("{} {}", virtio.cmdline_params().trim(), config.cmdline);
+        let rsdp = crate::acpi::write(base.ram.memory(), config.vcpus, &virtio.acpi_devices())
+            .map_err(boot::BootError::from)?;
         let entry = boot::load(
             base.ram.memory(),
             &layout,
             &kernel,
             cmdline.trim(),
             initrd.as_deref(),
+            Some(rsdp),
         )?;
+        if matches!(entry.sregs_patch, boot::SregsPatch::Long64) {
+            // A Linux bzImage: refuse up front where it cannot run instead of hanging.
+            crate::host::check_runs_linux().map_err(boot::BootError::Platform)?;
+        }
         // Boot data was written through vm-memory; that is not a "device write" to track.
         base.ram.reset_vmm_dirty();
         let candidates = kvm
