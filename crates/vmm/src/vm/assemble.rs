@@ -6,6 +6,7 @@ use super::{kvm_err, MachineState, Platform, Vm, VmError, SERIAL_IRQ};
 use crate::boot;
 use crate::config::{KernelSource, VmConfig};
 use crate::cpuid::{self, CpuidTable};
+use crate::devices::rtc::Rtc;
 use crate::devices::serial::{SerialArgs, SerialDevice};
 use crate::devices::virtio::{HostDevices, VirtioDevices};
 use crate::devices::Devices;
@@ -98,13 +99,15 @@ impl PreparedVm {
             &state.devices.serial,
         )
         .map_err(|e| VmError::Serial(e.to_string()))?;
+        let rtc =
+            Rtc::restore(&state.devices.rtc).map_err(|e| VmError::Incompatible(e.to_string()))?;
         Ok(Vm::assemble(
             self.config,
             self.cpuid,
             state.msr_list.clone(),
             self.vcpus,
             &mut self.base,
-            Devices::new(serial),
+            Devices::new(serial, rtc),
             self.virtio,
         ))
     }
@@ -200,7 +203,7 @@ impl Vm {
             msr_list,
             vcpus,
             &mut base,
-            Devices::new(serial),
+            Devices::new(serial, Rtc::new()),
             virtio,
         ))
     }
