@@ -14,7 +14,7 @@ mkdir -p "$C"
 cd "$C"
 # The marker names the cache layout: a cache made by an older version of this script is
 # refreshed (the downloaded packages are kept).
-MARK=ready-2
+MARK=ready-3
 if [ ! -f $MARK ]; then
   echo "nested: preparing the L1 kernel and busybox in $C" >&2
   rm -rf k bb && mkdir -p pkgs
@@ -55,7 +55,7 @@ if [ ! -f $MARK ]; then
            drivers/net/virtio_net.ko drivers/net/tun.ko net/llc/llc.ko net/802/stp.ko \
            net/bridge/bridge.ko
   # L2 (a Linux guest of Ferry): virtio-mmio transport, disk and NIC drivers, in load order.
-  L2="drivers/virtio/virtio.ko drivers/virtio/virtio_ring.ko drivers/virtio/virtio_mmio.ko
+  L2="drivers/virtio/virtio_ring.ko drivers/virtio/virtio.ko drivers/virtio/virtio_mmio.ko
       drivers/block/virtio_blk.ko net/core/failover.ko drivers/net/net_failover.ko
       drivers/net/virtio_net.ko"
   take l2mods $L2

@@ -373,7 +373,8 @@ fn vendor_string(ebx: u32, edx: u32, ecx: u32) -> String {
 /// `hypervisor` bit (KVM_GET_SUPPORTED_CPUID leaves it to the VMM; without it Linux never looks
 /// at the KVM leaves, so it finds no kvmclock and must calibrate the TSC against the PIT) and
 /// the hypervisor timing leaf 0x40000010 (EAX = TSC kHz, EBX = LAPIC bus kHz) with the host's
-/// TSC frequency.
+/// TSC frequency, and `invtsc` (see [`add_vmm_leaves`]). The `baseline` profile does not keep
+/// `invtsc` (builds before this one did not offer it everywhere).
 pub fn supported(kvm: &kvm_ioctls::Kvm) -> Result<CpuidTable, CpuidError> {
     let c = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -391,7 +392,7 @@ pub const TIMING_LEAF: u32 = 0x4000_0010;
 pub const LAPIC_BUS_KHZ: u32 = 1_000_000;
 
 /// Sets the `hypervisor` bit and, if KVM's signature leaf is there and `tsc_khz` is known,
-/// adds the timing leaf and raises the signature leaf's maximum to cover it.
+/// sets `invtsc`, adds the timing leaf and raises the signature leaf's maximum to cover it.
 pub fn add_vmm_leaves(t: &mut CpuidTable, tsc_khz: Option<u32>) {
     if let Some(e) = t.find_mut(1, 0) {
         e.ecx |= 1 << 31;
@@ -399,6 +400,26 @@ pub fn add_vmm_leaves(t: &mut CpuidTable, tsc_khz: Option<u32>) {
     let Some(khz) = tsc_khz.filter(|k| *k > 0) else {
         return;
     };
+    if t.find(KVM_SIGNATURE_LEAF, 0).is_none() {
+        return;
+    }
+    // Invariant TSC: KVM runs every vCPU's TSC at the fixed rate KVM_GET/SET_TSC_KHZ names
+    // (Ferry carries it across snapshots and migrations and sets it on the destination), and
+    // keeps the vCPUs' TSCs synchronized. Without the bit an AMD guest with more than one CPU
+    // assumes unsynchronized TSCs ("Marking TSC unstable due to TSCs unsynchronized").
+    if let Some(e) = t.find_mut(0x8000_0007, 0) {
+        e.edx |= 1 << 8;
+    } else if t.find(0x8000_0000, 0).is_some_and(|e| e.eax >= 0x8000_0007) {
+        t.entries.push(CpuidEntry {
+            function: 0x8000_0007,
+            index: 0,
+            flags: 0,
+            eax: 0,
+            ebx: 0,
+            ecx: 0,
+            edx: 1 << 8,
+        });
+    }
     let Some(sig) = t.find_mut(KVM_SIGNATURE_LEAF, 0) else {
         return;
     };
@@ -615,8 +636,18 @@ mod tests {
             ecx: 0x564b_4d56,
             edx: 0x4d,
         });
+        t.entries.push(CpuidEntry {
+            function: 0x8000_0000,
+            index: 0,
+            flags: 0,
+            eax: 0x8000_0008,
+            ebx: 0,
+            ecx: 0,
+            edx: 0,
+        });
         add_vmm_leaves(&mut t, Some(2_445_405));
         assert!(t.features().contains("hypervisor"));
+        assert!(t.features().contains("invtsc"));
         assert_eq!(t.find(KVM_SIGNATURE_LEAF, 0).unwrap().eax, TIMING_LEAF);
         let timing = t.find(TIMING_LEAF, 0).unwrap();
         assert_eq!((timing.eax, timing.ebx), (2_445_405, LAPIC_BUS_KHZ));

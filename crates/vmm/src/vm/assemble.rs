@@ -171,6 +171,10 @@ impl Vm {
         if matches!(entry.sregs_patch, boot::SregsPatch::Long64) {
             // A Linux bzImage: refuse up front where it cannot run instead of hanging.
             crate::host::check_runs_linux().map_err(boot::BootError::Platform)?;
+            base.platform
+                .as_ref()
+                .expect("platform created")
+                .mask_legacy_pics()?;
         }
         // Boot data was written through vm-memory; that is not a "device write" to track.
         base.ram.reset_vmm_dirty();

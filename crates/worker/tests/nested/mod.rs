@@ -66,7 +66,7 @@ pub fn cache() -> PathBuf {
 }
 
 /// A newc cpio archive (what the kernel unpacks as its initramfs) of every file under `root`.
-fn cpio(root: &Path) -> Vec<u8> {
+pub fn cpio(root: &Path) -> Vec<u8> {
     fn entry(out: &mut Vec<u8>, name: &str, mode: u32, data: &[u8], ino: u32) {
         let hdr = format!(
             "070701{ino:08x}{mode:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
