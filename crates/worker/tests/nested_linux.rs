@@ -37,11 +37,15 @@ echo "L2-DMESG-BEGIN"; dmesg; echo "L2-DMESG-END"
 r cmdline-time $(sed -n 's/.*ferry\.l1_time=\([0-9]*\).*/\1/p' /proc/cmdline)
 r date $(date +%s)
 r done
-while :; do sleep 1000; done
+# Then the guest sets its CMOS clock a day ahead (as `hwclock --systohc` would, through
+# rtc_cmos) and ticks: L1 migrates it meanwhile.
+now=$(date +%s); date -s @$((now+86400)) > /dev/null; hwclock -w -u; date -s @$now > /dev/null
+r rtc-set $(cat /sys/class/rtc/rtc0/since_epoch)
+n=0; while :; do n=$((n+1)); echo "L2-TICK $n $(cat /sys/class/rtc/rtc0/since_epoch) $(date +%s)"; sleep 1; done
 "#;
 
 const SCENARIO: &str = r#"
-FILES="/tmp/g.log /tmp/g.out"
+FILES="/tmp/g.log /tmp/g.out /tmp/d.log /tmp/d.out /tmp/m.json"
 stop_here() { result "$1" failed; for f in $FILES; do [ -e $f ] && dump $f; done; echo FERRY-DONE; poweroff -f; }
 for m in llc stp bridge tun; do insmod /mods/$m.ko || result insmod-failed $m; done
 ip link add br0 type bridge && ip link set br0 up || stop_here bridge
@@ -53,8 +57,16 @@ ferry-vmm run --kernel /l2/vmlinuz --initrd /l2/initrd.cpio --vcpus 2 --memory-m
 result started "$(cat /proc/uptime)"
 wait_for /tmp/g.log "L2-RESULT date" 1 700 && result l1-date "$(date +%s)" || stop_here l2
 result l2-up "$(cat /proc/uptime)"
-wait_for /tmp/g.log "L2-RESULT done" 1 30
-ferry-vmm ctl --api-socket /tmp/g.sock shutdown > /dev/null
+wait_for /tmp/g.log "L2-RESULT done" 1 30 || stop_here done
+# Live migration of the running Linux guest to a second worker in L1.
+wait_for /tmp/g.log "^L2-TICK" 3 120 || stop_here ticks
+ferry-vmm receive --listen 127.0.0.1:7000 --net-backend bridge=br0 --serial-log /tmp/d.log \
+    --api-socket /tmp/d.sock > /tmp/d.out 2>&1 &
+sleep 1
+ferry-vmm ctl --api-socket /tmp/g.sock migrate --to 127.0.0.1:7000 --output json > /tmp/m.json 2>&1 \
+    && result migrate ok || stop_here migrate
+wait_for /tmp/d.log "^L2-TICK" 3 120 && result after-date "$(date +%s)" || stop_here after
+ferry-vmm ctl --api-socket /tmp/d.sock shutdown > /dev/null
 sleep 0.5
 for f in $FILES; do dump $f; done
 "#;
@@ -66,6 +78,21 @@ fn l2_results(log: &str) -> BTreeMap<String, String> {
         .map(|r| {
             let (k, v) = r.split_once(' ').unwrap_or((r, ""));
             (k.to_string(), v.trim().to_string())
+        })
+        .collect()
+}
+
+/// `L2-TICK <n> <rtc seconds> <date seconds>` lines (complete ones only).
+fn ticks(log: &str) -> Vec<(u64, i64, i64)> {
+    let complete = &log[..log.rfind('\n').map(|i| i + 1).unwrap_or(0)];
+    complete
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.strip_prefix("L2-TICK ")?.split_whitespace().collect();
+            match f[..] {
+                [n, rtc, date] => Some((n.parse().ok()?, rtc.parse().ok()?, date.parse().ok()?)),
+                _ => None,
+            }
         })
         .collect()
 }
@@ -214,7 +241,57 @@ fn stock_debian_linux_boots_with_all_vcpus_and_devices() {
         "the TSC frequency must come from kvmclock: {}",
         ctx()
     );
+    // Known: under QEMU TCG's nested SVM an L2 `xsetbv` is not intercepted (QEMU's
+    // helper_xsetbv has no SVM intercept check), so L1's KVM never updates CPUID 0xD's size
+    // and Linux warns "XSAVE consistency problem"; on hardware KVM intercepts XSETBV.
     for l in log.lines().filter(|l| l.contains("WARNING:")) {
         println!("L2 kernel warning: {l}");
     }
+
+    // Live migration of the running guest: it goes on (tick counters continuous across both
+    // serial logs) with its CMOS clock still a day ahead of the host's: the RTC offset moved
+    // with it, and its system clock still on the host's.
+    assert_eq!(
+        out.result("migrate"),
+        "ok",
+        "{}\n{}",
+        out.file("/tmp/m.json"),
+        out.file("/tmp/d.out")
+    );
+    let m = out.file("/tmp/m.json");
+    let last = m.lines().rfind(|l| l.starts_with('{')).unwrap_or("");
+    let v: serde_json::Value = serde_json::from_str(last).unwrap_or_default();
+    assert_eq!(v["reply"], "done", "{m}");
+    println!(
+        "migration: total {:.0} ms, downtime {:.2} ms, {} passes",
+        v["total_ms"].as_f64().unwrap_or(0.0),
+        v["downtime_ms"].as_f64().unwrap_or(0.0),
+        v["passes"]
+    );
+    let dst = out.file("/tmp/d.log");
+    // The source's log up to the pause, then the destination's (a line cut by the pause is
+    // completed there).
+    let (before, after) = (ticks(&log), ticks(dst));
+    let both = ticks(&(log.clone() + dst));
+    assert!(
+        before.len() >= 3 && after.len() >= 3,
+        "source ticks {before:?}, destination ticks {after:?}\n{dst}"
+    );
+    let all: Vec<u64> = both.iter().map(|t| t.0).collect();
+    assert!(
+        all.windows(2).all(|w| w[1] == w[0] + 1),
+        "tick counters not continuous: {all:?}"
+    );
+    for (n, rtc, date) in &both {
+        assert!(
+            (rtc - date - 86_400).abs() <= 2,
+            "tick {n}: RTC {rtc}, system clock {date}"
+        );
+    }
+    let after_date: i64 = out.result("after-date").parse().unwrap();
+    let (_, _, last_date) = after[after.len() - 1];
+    assert!(
+        (after_date - last_date).abs() <= 3,
+        "L2 clock {last_date}, L1 clock {after_date}"
+    );
 }
