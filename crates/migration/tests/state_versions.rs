@@ -161,12 +161,14 @@ fn old_source_migrates(state_version: u32, protocol: u32, mac_last: u8) {
     let nic = NicConfig {
         mac: MacAddr([0x02, 0xf5, 0x5c, 0, 0, mac_last]),
     };
-    let _quiet = QuietTap::new(tap_name("s"));
+    // Each version's test has TAPs of its own (the tests run in parallel).
+    let (src_side, dst_side) = (format!("s{state_version}"), format!("d{state_version}"));
+    let _quiet = QuietTap::new(tap_name(&src_side));
     let vm = Vm::create(
         &kvm,
         config(vcpus, vec![nic]),
         &HostDevices {
-            nets: vec![tap("s")],
+            nets: vec![tap(&src_side)],
         },
         std::fs::File::create(&src_log).unwrap(),
     )
@@ -186,7 +188,7 @@ fn old_source_migrates(state_version: u32, protocol: u32, mac_last: u8) {
             &listener,
             &ReceiveOptions {
                 limits: DestinationLimits {
-                    net_backends: vec![tap("d")],
+                    net_backends: vec![tap(&dst_side)],
                     ..Default::default()
                 },
                 ..Default::default()
