@@ -238,7 +238,9 @@ pub fn measure_restore_cost(kvm: &kvm_ioctls::Kvm, vcpus: u8) -> Result<u64, Str
         .map_err(|e| e.to_string())?;
     let out = devnull()?;
     let t0 = Instant::now();
-    let b = prepared.finish(&state, out).map_err(|e| e.to_string())?;
+    let b = prepared
+        .finish(&state, out, vmm::vm::GuestTime::Elapsed)
+        .map_err(|e| e.to_string())?;
     b.start().map_err(|e| e.to_string())?;
     let us = t0.elapsed().as_micros() as u64;
     b.stop();

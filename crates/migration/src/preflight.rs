@@ -132,6 +132,7 @@ pub fn check(
             req.config.vcpus, dest.cpus
         ));
     }
+    check_tsc(kvm, req, &mut problems);
     check_storage(req, &mut problems);
     check_network(req, limits, &mut problems);
     PreflightReport {
@@ -140,6 +141,23 @@ pub fn check(
         missing_features,
         destination: dest,
         restore_cost_us: 0,
+    }
+}
+
+/// The guest's TSC frequency (announced in its CPUID timing leaf) must be one this host can
+/// run its vCPUs at: the same within KVM's tolerance, or scaled by the hardware. A VM whose
+/// CPUID has no timing leaf is checked when its state is loaded (KVM_SET_TSC_KHZ).
+fn check_tsc(kvm: &kvm_ioctls::Kvm, req: &PreflightRequest, problems: &mut Vec<String>) {
+    let Some(khz) = req.cpuid.tsc_khz() else {
+        return;
+    };
+    match vmm::host::HostTsc::read(kvm) {
+        Ok(h) => {
+            if let Err(e) = h.can_run_at(khz) {
+                problems.push(e);
+            }
+        }
+        Err(e) => problems.push(format!("cannot read this host's TSC frequency: {e}")),
     }
 }
 

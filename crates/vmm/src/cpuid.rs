@@ -333,6 +333,12 @@ impl CpuidTable {
             .find(|e| e.function == leaf && (e.index == subleaf || !significant_index(e)))
     }
 
+    /// The TSC frequency the table announces to the guest (KVM's timing leaf 0x40000010,
+    /// EAX = TSC kHz), if it has one.
+    pub fn tsc_khz(&self) -> Option<u32> {
+        self.find(0x4000_0010, 0).map(|e| e.eax).filter(|&k| k != 0)
+    }
+
     /// The named features this table exposes.
     pub fn features(&self) -> BTreeSet<String> {
         FEATURES
@@ -436,20 +442,16 @@ pub fn add_vmm_leaves(t: &mut CpuidTable, tsc_khz: Option<u32>) {
     });
 }
 
-/// The TSC frequency KVM gives a new vCPU on this host (KVM_GET_TSC_KHZ of a scratch vCPU),
-/// measured once per process.
+/// The TSC frequency KVM gives a new vCPU on this host ([`crate::host::HostTsc`]), measured
+/// once per process.
 pub fn host_tsc_khz(kvm: &kvm_ioctls::Kvm) -> Option<u32> {
     static KHZ: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
     *KHZ.get_or_init(|| {
-        let vm = kvm.create_vm().ok()?;
-        let vcpu = vm.create_vcpu(0).ok()?;
-        vcpu.get_tsc_khz().ok().filter(|k| *k > 0)
+        crate::host::HostTsc::read(kvm)
+            .ok()
+            .map(|h| h.khz)
+            .filter(|k| *k > 0)
     })
-}
-
-/// The TSC frequency a CPUID table announces in its timing leaf, if any.
-pub fn timing_leaf_tsc_khz(t: &CpuidTable) -> Option<u32> {
-    t.find(TIMING_LEAF, 0).map(|e| e.eax).filter(|k| *k > 0)
 }
 
 /// The host CPU's own vendor and brand string (from the CPUID instruction, not from KVM).
@@ -651,7 +653,7 @@ mod tests {
         assert_eq!(t.find(KVM_SIGNATURE_LEAF, 0).unwrap().eax, TIMING_LEAF);
         let timing = t.find(TIMING_LEAF, 0).unwrap();
         assert_eq!((timing.eax, timing.ebx), (2_445_405, LAPIC_BUS_KHZ));
-        assert_eq!(timing_leaf_tsc_khz(&t), Some(2_445_405));
+        assert_eq!(t.tsc_khz(), Some(2_445_405));
         // Idempotent: one timing leaf, the signature maximum unchanged.
         add_vmm_leaves(&mut t, Some(2_445_405));
         assert_eq!(
@@ -663,11 +665,11 @@ mod tests {
         );
         // Profiles keep it.
         let b = mask_to(&t, "x", &["fpu", "hypervisor"]).unwrap();
-        assert_eq!(timing_leaf_tsc_khz(&b), Some(2_445_405));
+        assert_eq!(b.tsc_khz(), Some(2_445_405));
         // No KVM signature leaf (not KVM): no timing leaf either.
         let mut bare = table();
         add_vmm_leaves(&mut bare, Some(1000));
-        assert_eq!(timing_leaf_tsc_khz(&bare), None);
+        assert_eq!(bare.tsc_khz(), None);
     }
 
     #[test]

@@ -51,3 +51,66 @@ pub fn check_runs_linux() -> Result<(), String> {
     }
     Ok(())
 }
+
+/// This host's TSC as KVM offers it to guests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostTsc {
+    /// The frequency a new vCPU's TSC runs at (KVM_GET_TSC_KHZ of a scratch vCPU).
+    pub khz: u32,
+    /// KVM can run a vCPU's TSC at another frequency (KVM_CAP_TSC_CONTROL: VMX TSC scaling,
+    /// SVM TscRateMsr).
+    pub scaling: bool,
+}
+
+/// KVM accepts a requested TSC frequency within this many parts per million of the host's
+/// without scaling (its `tsc_tolerance_ppm` default).
+pub const TSC_TOLERANCE_PPM: u64 = 250;
+
+impl HostTsc {
+    /// Reads it from a scratch VM with one vCPU.
+    pub fn read(kvm: &kvm_ioctls::Kvm) -> Result<HostTsc, kvm_ioctls::Error> {
+        let vm = kvm.create_vm()?;
+        let vcpu = vm.create_vcpu(0)?;
+        Ok(HostTsc {
+            khz: vcpu.get_tsc_khz()?,
+            scaling: kvm.check_extension(kvm_ioctls::Cap::TscControl),
+        })
+    }
+
+    /// Whether a guest whose TSC runs at `khz` can keep that frequency here; otherwise why not.
+    pub fn can_run_at(&self, khz: u32) -> Result<(), String> {
+        let diff = (self.khz as i64 - khz as i64).unsigned_abs();
+        if self.scaling || diff * 1_000_000 <= TSC_TOLERANCE_PPM * khz as u64 {
+            return Ok(());
+        }
+        Err(format!(
+            "TSC frequency differs: the VM's TSC runs at {khz} kHz, this host's at {} kHz, and its KVM cannot scale a guest TSC (no TSC scaling)",
+            self.khz
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HostTsc;
+
+    #[test]
+    fn tsc_frequency_within_tolerance_or_scaled() {
+        let h = HostTsc {
+            khz: 3_000_000,
+            scaling: false,
+        };
+        assert!(h.can_run_at(3_000_000).is_ok());
+        assert!(
+            h.can_run_at(3_000_700).is_ok(),
+            "233 ppm is within KVM's tolerance"
+        );
+        let e = h.can_run_at(2_990_000).unwrap_err();
+        assert!(
+            e.contains("2990000 kHz") && e.contains("3000000 kHz"),
+            "{e}"
+        );
+        let s = HostTsc { scaling: true, ..h };
+        assert!(s.can_run_at(2_000_000).is_ok());
+    }
+}

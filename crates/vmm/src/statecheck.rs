@@ -28,6 +28,10 @@ pub fn enabled() -> bool {
 
 /// MSR_IA32_TSC: advances between the save and the read-back.
 const MSR_TSC: u32 = 0x10;
+/// Hyper-V's HV_X64_MSR_VP_RUNTIME (0x40000010, the time this vCPU ran) and
+/// HV_X64_MSR_TIME_REF_COUNT (0x40000020, the partition reference counter), which KVM lists
+/// on SVM and VMX hosts: clocks in 100 ns units that advance like the TSC.
+const MSR_HV_CLOCKS: [u32; 2] = [0x4000_0010, 0x4000_0020];
 /// MSR_IA32_TSC_ADJUST: KVM may adjust it when it synchronizes the TSCs of a new VM's vCPUs.
 const MSR_TSC_ADJUST: u32 = 0x3b;
 /// LAPIC current-count register (offset in the LAPIC page): the timer counts down.
@@ -169,10 +173,14 @@ pub fn vcpu_differences(saved: &VcpuState, now: &VcpuState) -> Vec<String> {
                 false,
                 format!("{idx:#x} was saved but cannot be read back"),
             ),
-            Some(vb) if *idx == MSR_TSC => d(
-                "TSC",
+            Some(vb) if *idx == MSR_TSC || MSR_HV_CLOCKS.contains(idx) => d(
+                if *idx == MSR_TSC {
+                    "TSC"
+                } else {
+                    "Hyper-V clock MSR"
+                },
                 vb >= va,
-                format!("went backwards: saved {va}, now {vb}"),
+                format!("{idx:#x} went backwards: saved {va}, now {vb}"),
             ),
             Some(_) if *idx == MSR_TSC_ADJUST => {}
             Some(vb) => d(

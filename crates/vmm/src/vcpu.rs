@@ -378,9 +378,43 @@ impl Persist for Vcpu {
     }
 }
 
+/// MSR_IA32_TSC.
+const MSR_IA32_TSC: u32 = 0x10;
+
+impl Vcpu {
+    /// Tells a guest that uses kvmclock that it was stopped (KVM_KVMCLOCK_CTRL sets
+    /// PVCLOCK_GUEST_STOPPED), so that its watchdogs do not count the pause as a soft lockup.
+    /// A guest that has not enabled kvmclock makes KVM answer EINVAL: nothing to tell it.
+    pub fn mark_stopped(&self) -> Result<(), VcpuError> {
+        match self.fd.kvmclock_ctrl() {
+            Ok(()) => Ok(()),
+            Err(e) if e.errno() == libc::EINVAL => Ok(()),
+            Err(err) => Err(VcpuError::Kvm {
+                id: self.id,
+                op: "KVM_KVMCLOCK_CTRL",
+                err,
+            }),
+        }
+    }
+}
+
+/// TSC ticks in `ns` nanoseconds at `khz`.
+pub fn tsc_ticks(ns: u64, khz: u32) -> u64 {
+    (ns as u128 * khz as u128 / 1_000_000) as u64
+}
+
 impl Vcpu {
     /// Loads `state` into this (fresh, never run) vCPU.
     pub fn apply(&self, state: &VcpuState) -> Result<(), VcpuError> {
+        self.apply_advanced(state, 0)
+    }
+
+    /// Loads `state` with the guest's TSC moved on by `advance_ns` of its own frequency: the
+    /// time that passed since the state was saved (a migration), so that the guest's TSC runs
+    /// on from its value at the pause plus the real pause, on any host. The TSC is written as a
+    /// value (KVM derives this host's offset from it), so a destination whose own TSC differs
+    /// from the source's changes nothing for the guest.
+    pub fn apply_advanced(&self, state: &VcpuState, advance_ns: u64) -> Result<(), VcpuError> {
         let id = self.id;
         if state.id != id {
             return Err(VcpuError::BadState {
@@ -417,12 +451,23 @@ impl Vcpu {
         self.fd
             .set_lapic(&state.lapic)
             .map_err(kvm_err(id, "KVM_SET_LAPIC"))?;
+        let khz = state.tsc_khz.or_else(|| self.fd.get_tsc_khz().ok());
+        let advance = match khz {
+            Some(khz) if advance_ns > 0 => tsc_ticks(advance_ns, khz),
+            _ => 0,
+        };
+        // The MSRs go in the order KVM listed them: IA32_TSC (0x10) before TSC_DEADLINE
+        // (0x6e0), so that an armed deadline is compared with the guest's new TSC.
         let entries: Vec<kvm_msr_entry> = state
             .msrs
             .iter()
             .map(|&(index, data)| kvm_msr_entry {
                 index,
-                data,
+                data: if index == MSR_IA32_TSC {
+                    data.wrapping_add(advance)
+                } else {
+                    data
+                },
                 ..Default::default()
             })
             .collect();

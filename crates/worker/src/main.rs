@@ -514,6 +514,19 @@ fn real_main(cli: Cli) -> Result<i32> {
                 "cpu vendor: {vendor}\ncpu model: {brand}\nkvm vendor: {}",
                 supported.vendor()
             );
+            match vmm::host::HostTsc::read(&kvm) {
+                Ok(t) => println!(
+                    "tsc: {} kHz, scaling {}",
+                    t.khz,
+                    if t.scaling { "yes" } else { "no" }
+                ),
+                Err(e) => println!("tsc: unknown: {e}"),
+            }
+            // The host's TSC and wall clock read together: two hosts' lines show how their
+            // TSCs differ.
+            // SAFETY: RDTSC reads a counter; it has no memory effects and every x86-64 CPU has it.
+            let tsc = unsafe { std::arch::x86_64::_rdtsc() };
+            println!("tsc now: {tsc} at realtime {} ns", vmm::vm::realtime_ns());
             for p in vmm::cpuid::PROFILE_NAMES {
                 match vmm::cpuid::build(&supported, p) {
                     Ok(t) => {

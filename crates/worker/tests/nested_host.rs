@@ -17,21 +17,23 @@ stop_here() { result "$1" failed; for f in $FILES; do [ -e $f ] && dump $f; done
 G="ferry.workload=verify ferry.wss_mib=16 ferry.hb_ms=50"
 ferry-vmm run --kernel test-guest --vcpus 2 --memory-mib 128 --cmdline "$G" \
     --serial-log /tmp/a.log --api-socket /tmp/a.sock > /tmp/a.out 2>&1 &
-wait_for /tmp/a.log "^verify ok" 4 120 && result boot ok || stop_here boot
+wait_for /tmp/a.log "^verify ok" 4 120 $! && result boot ok || stop_here boot
 ferry-vmm ctl --api-socket /tmp/a.sock pause > /dev/null
 ferry-vmm ctl --api-socket /tmp/a.sock snapshot /tmp/a.snap > /tmp/snap.json 2>&1 && result snapshot ok || stop_here snapshot
 ferry-vmm ctl --api-socket /tmp/a.sock shutdown > /dev/null
 sleep 0.5
 ferry-vmm restore --verify-state --snapshot /tmp/a.snap --serial-log /tmp/b.log --api-socket /tmp/b.sock > /tmp/b.out 2>&1 &
-wait_for /tmp/b.log "^verify ok" 4 120 && result restore ok || stop_here restore
+wait_for /tmp/b.log "^verify ok" 4 120 $! && result restore ok || stop_here restore
 ferry-vmm receive --verify-state --listen 127.0.0.1:7001 --serial-log /tmp/c.log --api-socket /tmp/c.sock > /tmp/c.out 2>&1 &
+C=$!
 sleep 1
 ferry-vmm ctl --api-socket /tmp/b.sock migrate --to 127.0.0.1:7001 --output json > /tmp/m1.json 2>&1 && result migrate1 ok || stop_here migrate1
-wait_for /tmp/c.log "^verify ok" 4 120 && result after1 ok || stop_here after1
+wait_for /tmp/c.log "^verify ok" 4 120 $C && result after1 ok || stop_here after1
 ferry-vmm receive --verify-state --listen 127.0.0.1:7002 --serial-log /tmp/d.log --api-socket /tmp/d.sock > /tmp/d.out 2>&1 &
+D=$!
 sleep 1
 ferry-vmm ctl --api-socket /tmp/c.sock migrate --to 127.0.0.1:7002 --streams 4 --compress lz4 --output json > /tmp/m2.json 2>&1 && result migrate2 ok || stop_here migrate2
-wait_for /tmp/d.log "^verify ok" 4 120 && result after2 ok || stop_here after2
+wait_for /tmp/d.log "^verify ok" 4 120 $D && result after2 ok || stop_here after2
 ferry-vmm ctl --api-socket /tmp/d.sock shutdown > /dev/null
 sleep 0.5
 for f in $FILES; do dump $f; done

@@ -695,9 +695,11 @@ impl<'a> Incoming<'a> {
                 "the VM state does not match the preflighted configuration",
             ));
         }
-        let vm = prepared.finish(&st, serial).map_err(|e| {
-            fail(phase, FailureKind::Local, "cannot restore the VM here").caused_by(e)
-        })?;
+        let vm = prepared
+            .finish(&st, serial, vmm::vm::GuestTime::Elapsed)
+            .map_err(|e| {
+                fail(phase, FailureKind::Local, "cannot restore the VM here").caused_by(e)
+            })?;
         // vCPU threads exist but stay parked until the commit.
         vm.start_paused().map_err(|e| {
             fail(phase, FailureKind::Local, "cannot start vCPU threads").caused_by(e)

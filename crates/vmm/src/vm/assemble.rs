@@ -2,7 +2,7 @@
 //! for a migration destination ([`Vm::prepare`], then [`PreparedVm::finish`]).
 
 use super::run::{Control, CtlState, Target};
-use super::{kvm_err, MachineState, Platform, Vm, VmError, SERIAL_IRQ};
+use super::{kvm_err, GuestTime, MachineState, Platform, Vm, VmError, SERIAL_IRQ};
 use crate::boot;
 use crate::config::{KernelSource, VmConfig};
 use crate::cpuid::{self, CpuidTable};
@@ -60,7 +60,12 @@ impl PreparedVm {
     }
 
     /// Loads `state` (which must describe the prepared VM) and returns a paused VM.
-    pub fn finish(mut self, state: &MachineState, serial_out: File) -> Result<Vm, VmError> {
+    pub fn finish(
+        mut self,
+        state: &MachineState,
+        serial_out: File,
+        time: GuestTime,
+    ) -> Result<Vm, VmError> {
         if state.config != self.config
             || state.cpuid != self.cpuid
             || self.base.ram.layout() != &state.layout
@@ -70,8 +75,12 @@ impl PreparedVm {
             ));
         }
         state.validate(u64::MAX)?;
+        let advance_ns = match time {
+            GuestTime::Continue => 0,
+            GuestTime::Elapsed => state.platform.elapsed_since_save(super::realtime_ns()),
+        };
         let platform = self.base.platform.as_ref().expect("platform created");
-        platform.apply(&state.platform)?;
+        platform.apply_advanced(&state.platform, advance_ns)?;
         for (v, vs) in self.vcpus.iter_mut().zip(&state.vcpus) {
             if vs.cpuid != cpuid::for_vcpu(&self.cpuid, v.id, self.config.vcpus) {
                 return Err(VmError::Incompatible(format!(
@@ -80,7 +89,8 @@ impl PreparedVm {
                 )));
             }
             v.set_msr_list(state.msr_list.clone());
-            v.apply(vs)?;
+            v.apply_advanced(vs, advance_ns)?;
+            v.mark_stopped()?;
             if crate::statecheck::enabled() {
                 // The restored machine must be the saved machine: read it back and compare.
                 let now = v.save()?;
@@ -234,7 +244,11 @@ impl Vm {
         serial_out: File,
     ) -> Result<Vm, VmError> {
         state.validate(host_memory_limit())?;
-        Vm::prepare(kvm, &state.config, &state.cpuid, ram, host)?.finish(state, serial_out)
+        Vm::prepare(kvm, &state.config, &state.cpuid, ram, host)?.finish(
+            state,
+            serial_out,
+            GuestTime::Continue,
+        )
     }
 
     /// Builds everything of a VM that does not depend on its run-time state — KVM VM,

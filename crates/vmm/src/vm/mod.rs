@@ -25,7 +25,20 @@ mod vcpu_loop;
 
 pub use assemble::{host_memory_limit, PreparedVm};
 pub use kick::kick_signal;
-pub use platform::{Platform, PlatformState};
+pub use platform::{realtime_ns, Platform, PlatformState};
+
+/// How a VM loaded from saved state relates its clocks to the time since the save.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestTime {
+    /// The guest's TSC and kvmclock continue from their saved values: the guest does not see
+    /// the time the state spent saved (a snapshot restored later; as QEMU's loadvm does).
+    Continue,
+    /// The guest's TSC and kvmclock move on by the wall-clock time since the state was saved
+    /// (a migration: the guest sees exactly the pause it had, whatever this host's own TSC
+    /// reads). Assumes the two hosts' CLOCK_REALTIME agree (NTP), as KVM's own
+    /// KVM_CLOCK_REALTIME protocol does; a saving host whose clock is ahead counts as no time.
+    Elapsed,
+}
 pub use state::MachineState;
 
 use crate::boot;

@@ -3,8 +3,8 @@
 use super::{kvm_err, VmError};
 use crate::persist::{kvm_bytes, Persist};
 use kvm_bindings::{
-    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, KVM_IRQCHIP_IOAPIC,
-    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, KVM_CLOCK_REALTIME,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
@@ -70,7 +70,7 @@ impl Persist for Platform {
             pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
             ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
             pit: self.vm.get_pit2().map_err(kvm_err("KVM_GET_PIT2"))?,
-            clock: self.vm.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?,
+            clock: clock_with_realtime(self.vm.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?),
         })
     }
 
@@ -78,6 +78,35 @@ impl Persist for Platform {
         let p = Platform::create(vm)?;
         p.apply(s)?;
         Ok(p)
+    }
+}
+
+/// CLOCK_REALTIME in nanoseconds.
+pub fn realtime_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// A kvmclock reading that says when it was taken: kernels with KVM_CLOCK_REALTIME fill the
+/// host's CLOCK_REALTIME at the same instant; for older ones (and PVM) it is read right after.
+fn clock_with_realtime(mut c: kvm_clock_data) -> kvm_clock_data {
+    if c.flags & KVM_CLOCK_REALTIME == 0 {
+        c.realtime = realtime_ns();
+        c.flags |= KVM_CLOCK_REALTIME;
+    }
+    c
+}
+
+impl PlatformState {
+    /// Wall-clock nanoseconds from when this state was saved until `now_ns` (0 if the saving
+    /// host's clock is ahead, or the state does not say when it was taken).
+    pub fn elapsed_since_save(&self, now_ns: u64) -> u64 {
+        if self.clock.flags & KVM_CLOCK_REALTIME == 0 {
+            return 0;
+        }
+        now_ns.saturating_sub(self.clock.realtime)
     }
 }
 
@@ -116,6 +145,11 @@ impl Platform {
 
     /// Loads saved state into freshly created in-kernel devices.
     pub fn apply(&self, s: &PlatformState) -> Result<(), VmError> {
+        self.apply_advanced(s, 0)
+    }
+
+    /// Loads saved state with kvmclock moved on by `advance_ns` (see [`super::GuestTime`]).
+    pub fn apply_advanced(&self, s: &PlatformState, advance_ns: u64) -> Result<(), VmError> {
         for (c, id) in [
             (&s.pic_master, KVM_IRQCHIP_PIC_MASTER),
             (&s.pic_slave, KVM_IRQCHIP_PIC_SLAVE),
@@ -132,7 +166,7 @@ impl Platform {
         self.vm.set_pit2(&s.pit).map_err(kvm_err("KVM_SET_PIT2"))?;
         // Only the clock value is restored; KVM rejects flags it did not produce here.
         let clock = kvm_clock_data {
-            clock: s.clock.clock,
+            clock: s.clock.clock.wrapping_add(advance_ns),
             ..Default::default()
         };
         self.vm

@@ -141,7 +141,8 @@ for m in irqbypass kvm ccp kvm-amd; do insmod /mods/$m.ko || echo "FERRY-RESULT 
 ip link set lo up
 result() { echo "FERRY-RESULT $*"; }
 dump() { echo "FERRY-FILE-BEGIN $1"; cat "$1"; echo; echo "FERRY-FILE-END $1"; }
-# wait_for FILE PATTERN COUNT SECONDS: until FILE has COUNT lines matching PATTERN.
+# wait_for FILE PATTERN COUNT SECONDS [PID]: until FILE has COUNT lines matching PATTERN
+# (fails at once on a PANIC in FILE, or when process PID has ended).
 wait_for() {
   local w=0 n
   while :; do
@@ -149,6 +150,7 @@ wait_for() {
     [ "$n" -ge "$3" ] && return 0
     w=$((w+1)); [ $w -gt $(($4*10)) ] && return 1
     grep -q PANIC "$1" 2>/dev/null && return 1
+    [ -n "$5" ] && ! kill -0 "$5" 2>/dev/null && { n=$(grep -c "$2" "$1" 2>/dev/null); [ "${n:-0}" -ge "$3" ]; return; }
     sleep 0.1
   done
 }
