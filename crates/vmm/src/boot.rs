@@ -379,6 +379,22 @@ mod tests {
         assert_eq!(info.magic, XEN_HVM_START_MAGIC);
         assert_eq!(info.memmap_entries, 3);
         assert_eq!(info.rsdp_paddr, 0xe0000);
+        // The ACPI tables' area is reserved in the memory map, not RAM.
+        let map: Vec<hvm_memmap_table_entry> = (0..info.memmap_entries as u64)
+            .map(|i| {
+                ram.memory()
+                    .read_obj(GuestAddress(MEMMAP_START + i * 24))
+                    .unwrap()
+            })
+            .collect();
+        let holding = map
+            .iter()
+            .find(|e| e.addr <= crate::acpi::ACPI_START && e.addr + e.size >= crate::acpi::ACPI_END)
+            .expect("an entry covers the ACPI tables");
+        assert_eq!(holding.type_, E820_RESERVED);
+        assert!(!map.iter().any(|e| e.type_ == E820_RAM
+            && e.addr < crate::acpi::ACPI_END
+            && e.addr + e.size > crate::acpi::ACPI_START));
         let mut cmd = [0u8; 20];
         ram.memory()
             .read_slice(&mut cmd, GuestAddress(CMDLINE_START))
