@@ -175,3 +175,22 @@ impl Platform {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn legacy_pics_are_left_initialized_and_masked() {
+        let kvm = crate::open_kvm().unwrap();
+        let vm = Arc::new(kvm.create_vm().unwrap());
+        let p = Platform::create(vm.clone()).unwrap();
+        p.mask_legacy_pics().unwrap();
+        let s = p.save().unwrap();
+        for (c, base) in [(&s.pic_master, 0x08), (&s.pic_slave, 0x70)] {
+            // SAFETY: KVM filled the `pic` member for the PIC chip ids.
+            let pic = unsafe { c.chip.pic };
+            assert_eq!((pic.imr, pic.irq_base, pic.init_state), (0xff, base, 0));
+        }
+    }
+}
