@@ -401,3 +401,42 @@ fn the_state_a_version_2_build_wrote_decodes_and_re_encodes_byte_for_byte() {
         Err(SnapshotError::Decode(_))
     ));
 }
+
+/// The state section of a snapshot written by the last version 3 build (commit c1ee94b,
+/// `ferry-vmm run --kernel test-guest --vcpus 2 --memory-mib 32 --cmdline "ferry.workload=net-echo
+/// ferry.ip=10.0.0.2 ferry.hb_ms=20" --nic 02:f5:5c:00:00:0a --net-backend tap=...`, paused,
+/// `ctl snapshot`): the version 3 mirror types must read exactly what that build wrote.
+const REAL_V3_STATE: &[u8] = include_bytes!("data/state-v3-net-echo.bin");
+
+#[test]
+fn the_state_a_version_3_build_wrote_decodes_and_re_encodes_byte_for_byte() {
+    let s = snapshot::decode_state(3, REAL_V3_STATE).unwrap();
+    assert_eq!((s.config.vcpus, s.config.memory_mib), (2, 32));
+    assert_eq!(s.config.nics[0].mac.0, [0x02, 0xf5, 0x5c, 0, 0, 0x0a]);
+    s.validate(u64::MAX).unwrap();
+    assert_eq!(
+        s.devices.rtc,
+        RtcState::default(),
+        "a version 3 VM gets a fresh RTC"
+    );
+    let [v] = &s.devices.virtio[..] else {
+        panic!("one virtio device expected")
+    };
+    assert!(v.queues.iter().all(|q| q.ready));
+    assert_eq!(
+        snapshot::encode_state_versioned(3, &s).unwrap(),
+        REAL_V3_STATE,
+        "the v3 mirror types do not have the layout the v3 build wrote"
+    );
+    let rtc_len = bincode::serialize(&RtcState::default()).unwrap().len();
+    assert_eq!(
+        snapshot::encode_state(&s).unwrap().len(),
+        REAL_V3_STATE.len() + rtc_len
+    );
+    for wrong in [2, 4] {
+        assert!(matches!(
+            snapshot::decode_state(wrong, REAL_V3_STATE),
+            Err(SnapshotError::Decode(_))
+        ));
+    }
+}
