@@ -1,6 +1,6 @@
-//! Mixed-version migrations: a destination accepts a source of the previous state format
-//! (version 2) and decodes its `STATE` frame in that version; the guest carries on. Versions
-//! outside 2..=3 are refused in preflight, by number.
+//! Mixed-version migrations: a destination accepts a source of an older state format (version
+//! 2 with wire protocol 2, version 3 with protocol 3) and decodes its `STATE` frame in that
+//! version; the guest carries on. Versions outside 2..=4 are refused in preflight, by number.
 
 use migration::preflight::{self, DestinationLimits, PreflightRequest};
 use migration::recv::{self, ReceiveControl, ReceiveOptions};
@@ -97,7 +97,7 @@ fn wait_for(log: &Path, what: &str, pred: impl Fn(&str) -> bool) -> String {
 }
 
 #[test]
-fn preflight_accepts_state_versions_2_and_3_only() {
+fn preflight_accepts_state_versions_2_to_4_only() {
     let kvm = vmm::open_kvm().unwrap();
     let vm = Vm::create(
         &kvm,
@@ -117,10 +117,10 @@ fn preflight_accepts_state_versions_2_and_3_only() {
     };
     assert_eq!(
         (wire::MIN_STATE_VERSION, wire::STATE_VERSION),
-        (2, 3),
+        (2, 4),
         "update this test with the versions"
     );
-    for v in [2, 3] {
+    for v in [2, 3, 4] {
         let r = preflight::check(&kvm, &req(v), &limits);
         assert!(
             !r.problems.iter().any(|p| p.contains("state version")),
@@ -128,12 +128,12 @@ fn preflight_accepts_state_versions_2_and_3_only() {
             r.problems
         );
     }
-    for v in [0, 1, 4, 7] {
+    for v in [0, 1, 5, 7] {
         let r = preflight::check(&kvm, &req(v), &limits);
         assert!(!r.ok);
         assert!(
             r.problems.contains(&format!(
-                "VM state version {v} is not supported here (this destination reads versions 2-3)"
+                "VM state version {v} is not supported here (this destination reads versions 2-4)"
             )),
             "version {v}: {:?}",
             r.problems
@@ -143,19 +143,32 @@ fn preflight_accepts_state_versions_2_and_3_only() {
 
 #[test]
 fn a_version_2_source_migrates_to_this_build_and_the_guest_carries_on() {
+    old_source_migrates(2, 2, 0x03);
+}
+
+#[test]
+fn a_version_3_source_migrates_to_this_build_and_the_guest_carries_on() {
+    old_source_migrates(3, 3, 0x04);
+}
+
+/// A source that sends state format `state_version` over wire protocol `protocol`, as the
+/// build that wrote that format did.
+fn old_source_migrates(state_version: u32, protocol: u32, mac_last: u8) {
     let dir = tempfile::tempdir().unwrap();
     let kvm = vmm::open_kvm().unwrap();
     let (src_log, dst_log) = (dir.path().join("src.log"), dir.path().join("dst.log"));
     let vcpus = 2u8;
     let nic = NicConfig {
-        mac: MacAddr([0x02, 0xf5, 0x5c, 0, 0, 0x03]),
+        mac: MacAddr([0x02, 0xf5, 0x5c, 0, 0, mac_last]),
     };
-    let _quiet = QuietTap::new(tap_name("s"));
+    // Each version's test has TAPs of its own (the tests run in parallel).
+    let (src_side, dst_side) = (format!("s{state_version}"), format!("d{state_version}"));
+    let _quiet = QuietTap::new(tap_name(&src_side));
     let vm = Vm::create(
         &kvm,
         config(vcpus, vec![nic]),
         &HostDevices {
-            nets: vec![tap("s")],
+            nets: vec![tap(&src_side)],
         },
         std::fs::File::create(&src_log).unwrap(),
     )
@@ -175,7 +188,7 @@ fn a_version_2_source_migrates_to_this_build_and_the_guest_carries_on() {
             &listener,
             &ReceiveOptions {
                 limits: DestinationLimits {
-                    net_backends: vec![tap("d")],
+                    net_backends: vec![tap(&dst_side)],
                     ..Default::default()
                 },
                 ..Default::default()
@@ -185,20 +198,18 @@ fn a_version_2_source_migrates_to_this_build_and_the_guest_carries_on() {
             &|why| panic!("session ended early: {why}"),
         )
     });
-    // This source speaks state format version 2 and wire protocol version 2, as the previous
-    // build did.
     let summary = send::migrate(
         &vm,
         &SendOptions {
-            state_version: 2,
-            max_protocol: 2,
+            state_version,
+            max_protocol: protocol,
             ..SendOptions::new(to, Default::default())
         },
         &MigrationControl::default(),
     )
     .unwrap();
     assert!(!summary.dry_run && summary.preflight.ok);
-    assert_eq!(summary.protocol, 2);
+    assert_eq!(summary.protocol, protocol);
     vm.stop();
     let before = std::fs::read_to_string(&src_log).unwrap();
     let moved = receiver.join().unwrap().unwrap();

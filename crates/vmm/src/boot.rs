@@ -35,6 +35,10 @@ pub const EBDA_START: u64 = 0xA_0000;
 /// Initial stack pointer for 64-bit bzImage entry.
 pub const BOOT_STACK: u64 = 0x8ff0;
 
+// The ACPI tables sit in the reserved legacy BIOS area of the e820 map.
+const _: () =
+    assert!(crate::acpi::ACPI_START >= EBDA_START && crate::acpi::ACPI_END <= HIMEM_START);
+
 const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
 const E820_RAM: u32 = 1;
 const E820_RESERVED: u32 = 2;
@@ -58,6 +62,10 @@ pub enum BootError {
     InitrdTooLarge { size: u64, avail: u64 },
     #[error("cannot write boot data into guest memory: {0}")]
     Write(String),
+    #[error(transparent)]
+    Acpi(#[from] crate::acpi::AcpiError),
+    #[error("{0}")]
+    Platform(String),
 }
 
 /// How vCPU 0 must start.
@@ -187,6 +195,7 @@ pub fn load(
     image: &[u8],
     cmdline: &str,
     initrd: Option<&[u8]>,
+    rsdp: Option<u64>,
 ) -> Result<BootEntry, BootError> {
     write_boot_gdt(mem)?;
     write_cmdline(mem, cmdline)?;
@@ -201,7 +210,7 @@ pub fn load(
                 PvhBootCapability::PvhEntryPresent(a) => a,
                 _ => return Err(BootError::NoPvhEntry),
             };
-            setup_pvh(mem, layout)?;
+            setup_pvh(mem, layout, rsdp)?;
             let regs = kvm_regs {
                 rip: entry.raw_value(),
                 rbx: PVH_INFO_START,
@@ -228,7 +237,7 @@ pub fn load(
                 elf: elf_err.to_string(),
                 bz: "no setup header".into(),
             })?;
-            setup_linux(mem, layout, hdr, cmdline, initrd)?;
+            setup_linux(mem, layout, hdr, cmdline, initrd, rsdp)?;
             write_boot_page_tables(mem)?;
             let regs = kvm_regs {
                 rip: res.kernel_load.raw_value() + KERNEL_64BIT_ENTRY_OFFSET,
@@ -246,7 +255,7 @@ pub fn load(
     }
 }
 
-fn setup_pvh(mem: &GuestMem, layout: &MemoryLayout) -> Result<(), BootError> {
+fn setup_pvh(mem: &GuestMem, layout: &MemoryLayout, rsdp: Option<u64>) -> Result<(), BootError> {
     let memmap: Vec<hvm_memmap_table_entry> = e820_map(layout)
         .into_iter()
         .map(|(addr, size, type_)| hvm_memmap_table_entry {
@@ -262,6 +271,7 @@ fn setup_pvh(mem: &GuestMem, layout: &MemoryLayout) -> Result<(), BootError> {
         cmdline_paddr: CMDLINE_START,
         memmap_paddr: MEMMAP_START,
         memmap_entries: memmap.len() as u32,
+        rsdp_paddr: rsdp.unwrap_or(0),
         ..Default::default()
     };
     let mut params = BootParams::new::<hvm_start_info>(&start_info, GuestAddress(PVH_INFO_START));
@@ -276,9 +286,11 @@ fn setup_linux(
     hdr: linux_loader::loader::bootparam::setup_header,
     cmdline: &str,
     initrd: Option<&[u8]>,
+    rsdp: Option<u64>,
 ) -> Result<(), BootError> {
     let mut params = boot_params {
         hdr,
+        acpi_rsdp_addr: rsdp.unwrap_or(0),
         ..Default::default()
     };
     params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
@@ -358,6 +370,7 @@ mod tests {
             guest::ELF,
             "ferry.workload=idle",
             None,
+            Some(0xe0000),
         )
         .unwrap();
         assert!(matches!(e.sregs_patch, SregsPatch::Protected32));
@@ -365,6 +378,23 @@ mod tests {
         let info: hvm_start_info = ram.memory().read_obj(GuestAddress(PVH_INFO_START)).unwrap();
         assert_eq!(info.magic, XEN_HVM_START_MAGIC);
         assert_eq!(info.memmap_entries, 3);
+        assert_eq!(info.rsdp_paddr, 0xe0000);
+        // The ACPI tables' area is reserved in the memory map, not RAM.
+        let map: Vec<hvm_memmap_table_entry> = (0..info.memmap_entries as u64)
+            .map(|i| {
+                ram.memory()
+                    .read_obj(GuestAddress(MEMMAP_START + i * 24))
+                    .unwrap()
+            })
+            .collect();
+        let holding = map
+            .iter()
+            .find(|e| e.addr <= crate::acpi::ACPI_START && e.addr + e.size >= crate::acpi::ACPI_END)
+            .expect("an entry covers the ACPI tables");
+        assert_eq!(holding.type_, E820_RESERVED);
+        assert!(!map.iter().any(|e| e.type_ == E820_RAM
+            && e.addr < crate::acpi::ACPI_END
+            && e.addr + e.size > crate::acpi::ACPI_START));
         let mut cmd = [0u8; 20];
         ram.memory()
             .read_slice(&mut cmd, GuestAddress(CMDLINE_START))
@@ -377,7 +407,7 @@ mod tests {
     fn garbage_is_refused_with_both_reasons() {
         let layout = MemoryLayout::for_size(64 << 20);
         let ram = GuestRam::new(layout.clone()).unwrap();
-        let err = load(ram.memory(), &layout, &[0x42; 8192], "", None).unwrap_err();
+        let err = load(ram.memory(), &layout, &[0x42; 8192], "", None, None).unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("neither a PVH ELF nor a bzImage"), "{msg}");
     }

@@ -375,12 +375,83 @@ fn vendor_string(ebx: u32, edx: u32, ecx: u32) -> String {
         .to_string()
 }
 
-/// What KVM on this host can virtualize.
+/// What KVM on this host can virtualize, plus what the VMM itself provides on top: the
+/// `hypervisor` bit (KVM_GET_SUPPORTED_CPUID leaves it to the VMM; without it Linux never looks
+/// at the KVM leaves, so it finds no kvmclock and must calibrate the TSC against the PIT) and
+/// the hypervisor timing leaf 0x40000010 (EAX = TSC kHz, EBX = LAPIC bus kHz) with the host's
+/// TSC frequency, and `invtsc` (see [`add_vmm_leaves`]). The `baseline` profile does not keep
+/// `invtsc` (builds before this one did not offer it everywhere).
 pub fn supported(kvm: &kvm_ioctls::Kvm) -> Result<CpuidTable, CpuidError> {
     let c = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(CpuidError::Supported)?;
-    Ok(CpuidTable::from_kvm(&c))
+    let mut t = CpuidTable::from_kvm(&c);
+    add_vmm_leaves(&mut t, host_tsc_khz(kvm));
+    Ok(t)
+}
+
+/// KVM's signature leaf and the timing leaf.
+pub const KVM_SIGNATURE_LEAF: u32 = 0x4000_0000;
+/// The hypervisor timing leaf (the VMware-defined layout QEMU and others also offer).
+pub const TIMING_LEAF: u32 = 0x4000_0010;
+/// The LAPIC timer frequency KVM emulates: 1 GHz (APIC_BUS_CYCLE_NS = 1).
+pub const LAPIC_BUS_KHZ: u32 = 1_000_000;
+
+/// Sets the `hypervisor` bit and, if KVM's signature leaf is there and `tsc_khz` is known,
+/// sets `invtsc`, adds the timing leaf and raises the signature leaf's maximum to cover it.
+pub fn add_vmm_leaves(t: &mut CpuidTable, tsc_khz: Option<u32>) {
+    if let Some(e) = t.find_mut(1, 0) {
+        e.ecx |= 1 << 31;
+    }
+    let Some(khz) = tsc_khz.filter(|k| *k > 0) else {
+        return;
+    };
+    if t.find(KVM_SIGNATURE_LEAF, 0).is_none() {
+        return;
+    }
+    // Invariant TSC: KVM runs every vCPU's TSC at the fixed rate KVM_GET/SET_TSC_KHZ names
+    // (Ferry carries it across snapshots and migrations and sets it on the destination), and
+    // keeps the vCPUs' TSCs synchronized. Without the bit an AMD guest with more than one CPU
+    // assumes unsynchronized TSCs ("Marking TSC unstable due to TSCs unsynchronized").
+    if let Some(e) = t.find_mut(0x8000_0007, 0) {
+        e.edx |= 1 << 8;
+    } else if t.find(0x8000_0000, 0).is_some_and(|e| e.eax >= 0x8000_0007) {
+        t.entries.push(CpuidEntry {
+            function: 0x8000_0007,
+            index: 0,
+            flags: 0,
+            eax: 0,
+            ebx: 0,
+            ecx: 0,
+            edx: 1 << 8,
+        });
+    }
+    let Some(sig) = t.find_mut(KVM_SIGNATURE_LEAF, 0) else {
+        return;
+    };
+    sig.eax = sig.eax.max(TIMING_LEAF);
+    t.entries.retain(|e| e.function != TIMING_LEAF);
+    t.entries.push(CpuidEntry {
+        function: TIMING_LEAF,
+        index: 0,
+        flags: 0,
+        eax: khz,
+        ebx: LAPIC_BUS_KHZ,
+        ecx: 0,
+        edx: 0,
+    });
+}
+
+/// The TSC frequency KVM gives a new vCPU on this host ([`crate::host::HostTsc`]), measured
+/// once per process.
+pub fn host_tsc_khz(kvm: &kvm_ioctls::Kvm) -> Option<u32> {
+    static KHZ: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    *KHZ.get_or_init(|| {
+        crate::host::HostTsc::read(kvm)
+            .ok()
+            .map(|h| h.khz)
+            .filter(|k| *k > 0)
+    })
 }
 
 /// The host CPU's own vendor and brand string (from the CPUID instruction, not from KVM).
@@ -552,6 +623,53 @@ mod tests {
         small.entries[1].ecx &= !(1 << 28);
         assert_eq!(missing_features(&t, &small), vec!["avx".to_string()]);
         assert!(missing_features(&small, &t).is_empty());
+    }
+
+    #[test]
+    fn vmm_leaves_hypervisor_bit_and_timing_leaf() {
+        let mut t = table();
+        t.entries[1].ecx &= !(1 << 31);
+        t.entries.push(CpuidEntry {
+            function: KVM_SIGNATURE_LEAF,
+            index: 0,
+            flags: 0,
+            eax: 0x4000_0001,
+            ebx: 0x4b4d_564b,
+            ecx: 0x564b_4d56,
+            edx: 0x4d,
+        });
+        t.entries.push(CpuidEntry {
+            function: 0x8000_0000,
+            index: 0,
+            flags: 0,
+            eax: 0x8000_0008,
+            ebx: 0,
+            ecx: 0,
+            edx: 0,
+        });
+        add_vmm_leaves(&mut t, Some(2_445_405));
+        assert!(t.features().contains("hypervisor"));
+        assert!(t.features().contains("invtsc"));
+        assert_eq!(t.find(KVM_SIGNATURE_LEAF, 0).unwrap().eax, TIMING_LEAF);
+        let timing = t.find(TIMING_LEAF, 0).unwrap();
+        assert_eq!((timing.eax, timing.ebx), (2_445_405, LAPIC_BUS_KHZ));
+        assert_eq!(t.tsc_khz(), Some(2_445_405));
+        // Idempotent: one timing leaf, the signature maximum unchanged.
+        add_vmm_leaves(&mut t, Some(2_445_405));
+        assert_eq!(
+            t.entries
+                .iter()
+                .filter(|e| e.function == TIMING_LEAF)
+                .count(),
+            1
+        );
+        // Profiles keep it.
+        let b = mask_to(&t, "x", &["fpu", "hypervisor"]).unwrap();
+        assert_eq!(b.tsc_khz(), Some(2_445_405));
+        // No KVM signature leaf (not KVM): no timing leaf either.
+        let mut bare = table();
+        add_vmm_leaves(&mut bare, Some(1000));
+        assert_eq!(bare.tsc_khz(), None);
     }
 
     #[test]

@@ -7,8 +7,9 @@
 //! guest CPUID from a named CPU profile. Every stateful component (vCPU, platform devices, serial
 //! port, virtio devices) saves and restores its own typed state through [`persist::Persist`];
 //! [`snapshot`] writes the whole VM to one versioned, checksummed file and reads it back (the
-//! current format and the previous one, [`state_v2`]).
+//! current format and the older ones, [`state_v3`] and [`state_v2`]).
 
+pub mod acpi;
 pub mod boot;
 pub mod config;
 pub mod cpuid;
@@ -19,6 +20,7 @@ pub mod memory;
 pub mod persist;
 pub mod snapshot;
 pub mod state_v2;
+pub mod state_v3;
 pub mod statecheck;
 pub mod vcpu;
 pub mod vm;

@@ -13,12 +13,13 @@
 //! before a VM is created from it. Files are written to `<path>.tmp` and renamed into place, so a
 //! failed snapshot never replaces a good one.
 //!
-//! Versions: Ferry writes [`VERSION`] (3) and reads [`MIN_READ_VERSION`]`..=`[`VERSION`] (2 and
-//! 3), so that a cluster in the middle of an upgrade can restore and receive what the previous
-//! build wrote; any other version is refused by number. The container is the same in both; only
-//! the encoded state differs (version 3 added the NIC receive backlog). A state is decoded with
-//! the layout of the version it was written in ([`decode_state`] takes the version; version 2
-//! through the mirror types of [`crate::state_v2`]) and then converted to the current
+//! Versions: Ferry writes [`VERSION`] (4) and reads [`MIN_READ_VERSION`]`..=`[`VERSION`] (2 to
+//! 4), so that a cluster in the middle of an upgrade can restore and receive what the previous
+//! builds wrote; any other version is refused by number. The container is the same in all; only
+//! the encoded state differs (version 3 added the NIC receive backlog, version 4 the CMOS RTC).
+//! A state is decoded with the layout of the version it was written in ([`decode_state`] takes
+//! the version; versions 3 and 2 through the mirror types of [`crate::state_v3`] and
+//! [`crate::state_v2`]) and then converted to the current
 //! [`MachineState`]. The migration stream's `STATE` frame uses the same codec and versions.
 
 use crate::memory::{is_zero, GuestRam, PAGE_SIZE};
@@ -31,7 +32,7 @@ use std::time::Instant;
 /// File magic.
 pub const MAGIC: &[u8; 8] = b"FERRYSNP";
 /// Current format version (what this build writes).
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 /// Oldest format version this build reads.
 pub const MIN_READ_VERSION: u32 = 2;
 /// Largest run of pages in one memory chunk (1 MiB).
@@ -120,6 +121,11 @@ pub fn encode_state_versioned(
     use bincode::Options;
     let encoded = match version {
         VERSION => bincode_opts().serialize(state),
+        crate::state_v3::VERSION => {
+            let old = crate::state_v3::MachineStateV3::try_from(state)
+                .map_err(|e| SnapshotError::Encode(e.to_string()))?;
+            bincode_opts().serialize(&old)
+        }
         crate::state_v2::VERSION => {
             let old = crate::state_v2::MachineStateV2::try_from(state)
                 .map_err(|e| SnapshotError::Encode(e.to_string()))?;
@@ -138,6 +144,10 @@ pub fn decode_state(version: u32, bytes: &[u8]) -> Result<MachineState, Snapshot
     let decode_err = |e: bincode::Error| SnapshotError::Decode(e.to_string());
     match version {
         VERSION => bincode_opts().deserialize(bytes).map_err(decode_err),
+        crate::state_v3::VERSION => bincode_opts()
+            .deserialize::<crate::state_v3::MachineStateV3>(bytes)
+            .map(MachineState::from)
+            .map_err(decode_err),
         crate::state_v2::VERSION => bincode_opts()
             .deserialize::<crate::state_v2::MachineStateV2>(bytes)
             .map(MachineState::from)

@@ -7,6 +7,9 @@
 //! conversion (`From<MachineStateV2> for MachineState`: every NIC gets an empty backlog, which
 //! is what a version 2 NIC carried — its waiting frames stayed in the source's TAP).
 //!
+//! Version 4 added the CMOS RTC ([`crate::state_v3`]): a version 2 state is upgraded with a
+//! freshly powered-on RTC as well, and a downgrade refuses a used one.
+//!
 //! Only the structs whose layout changed, and the structs that contain them, are mirrored:
 //! `MachineState` → `DevicesState` → `VirtioState` → `DeviceSnap` → `NetState`. Everything
 //! else (config, memory layout, CPUID, platform and vCPU state, serial, queues, disk state) is
@@ -120,6 +123,7 @@ impl From<DevicesStateV2> for DevicesState {
         DevicesState {
             serial: s.serial,
             virtio: s.virtio.into_iter().map(Into::into).collect(),
+            rtc: crate::devices::rtc::RtcState::default(),
         }
     }
 }
@@ -149,6 +153,8 @@ impl TryFrom<&MachineState> for MachineStateV2 {
     type Error = DowngradeError;
 
     fn try_from(s: &MachineState) -> Result<MachineStateV2, DowngradeError> {
+        crate::state_v3::check_rtc_unused(&s.devices.rtc, VERSION)
+            .map_err(|e| DowngradeError(e.msg))?;
         let mut virtio = Vec::with_capacity(s.devices.virtio.len());
         for (i, v) in s.devices.virtio.iter().enumerate() {
             let device = match &v.device {

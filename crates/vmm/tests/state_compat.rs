@@ -1,12 +1,13 @@
-//! State format compatibility: a snapshot in format version 2 (the previous format: no NIC
-//! receive backlog) made from a real running test-guest VM with a disk and a NIC restores, and
-//! the guest carries on; its state decodes to exactly the current state with empty backlogs;
-//! versions outside 2..=3 are refused by number; a damaged version 2 file is refused as
-//! strictly as a current one.
+//! State format compatibility: snapshots in format versions 2 (no NIC receive backlog) and 3
+//! (no CMOS RTC) made from a real running test-guest VM with a disk and a NIC restore, and the
+//! guest carries on; their states decode to exactly the current state with empty backlogs and a
+//! fresh RTC; versions outside 2..=4 are refused by number; a damaged version 2 file is refused
+//! as strictly as a current one.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 use vmm::config::{DiskConfig, MacAddr, NicConfig};
+use vmm::devices::rtc::RtcState;
 use vmm::devices::virtio::{DeviceSnap, HostDevices, NetBackend};
 use vmm::snapshot::{self, SnapshotError};
 use vmm::vm::MachineState;
@@ -102,6 +103,11 @@ fn last_hb(log: &str, cpu: u32) -> Option<u64> {
 /// snapshot in format version 2. Returns the (backlog-free) state it saved and the serial log
 /// up to the pause.
 fn make_v2_snapshot(dir: &Path, path: &Path) -> (MachineState, String) {
+    make_old_snapshot(dir, path, 2)
+}
+
+/// The same in format `version`.
+fn make_old_snapshot(dir: &Path, path: &Path, version: u32) -> (MachineState, String) {
     let kvm = vmm::open_kvm().unwrap();
     let log = dir.join("src.log");
     let vm = Vm::create(
@@ -120,26 +126,29 @@ fn make_v2_snapshot(dir: &Path, path: &Path) -> (MachineState, String) {
     );
     vm.pause().unwrap();
     let state = without_backlog(vm.save_state().unwrap());
-    let stats = snapshot::write_versioned(path, 2, &state, vm.ram().as_ref()).unwrap();
-    assert_eq!(stats.format_version, 2);
+    // The test guest never touches the RTC: its state is a fresh clock's, which versions 2
+    // and 3 (no RTC) express by leaving it out.
+    assert_eq!(state.devices.rtc, RtcState::default());
+    let stats = snapshot::write_versioned(path, version, &state, vm.ram().as_ref()).unwrap();
+    assert_eq!(stats.format_version, version);
     vm.flush_serial();
     let text = std::fs::read_to_string(&log).unwrap();
     vm.stop();
     (state, text)
 }
 
-#[test]
-fn a_version_2_snapshot_restores_and_the_guest_carries_on() {
+fn old_snapshot_restores_and_the_guest_carries_on(version: u32) {
     let dir = tempfile::tempdir().unwrap();
-    let snap = dir.path().join("v2.snap");
-    let (saved, before) = make_v2_snapshot(dir.path(), &snap);
+    let snap = dir.path().join(format!("v{version}.snap"));
+    let (saved, before) = make_old_snapshot(dir.path(), &snap, version);
     let hb: Vec<u64> = (0..VCPUS as u32)
         .map(|c| last_hb(&before, c).unwrap())
         .collect();
 
-    // The file says version 2 and its state reads back as the saved state (empty backlogs).
+    // The file says its version and its state reads back as the saved state (empty
+    // backlogs, a fresh RTC).
     let mut r = snapshot::Reader::open(&snap).unwrap();
-    assert_eq!(r.version(), 2);
+    assert_eq!(r.version(), version);
     let read = r.read_state().unwrap();
     assert_eq!(
         snapshot::encode_state(&read).unwrap(),
@@ -156,7 +165,7 @@ fn a_version_2_snapshot_restores_and_the_guest_carries_on() {
     let log = dir.path().join("dst.log");
     let (vm, stats) =
         snapshot::restore(&kvm, &snap, &host(), std::fs::File::create(&log).unwrap()).unwrap();
-    assert_eq!(stats.format_version, 2);
+    assert_eq!(stats.format_version, version);
     vm.start().unwrap();
     let text = wait_for(&log, "the guest to go on", Duration::from_secs(60), |t| {
         t.matches("verify ok ").count() >= 2 * VCPUS as usize
@@ -177,16 +186,61 @@ fn a_version_2_snapshot_restores_and_the_guest_carries_on() {
 }
 
 #[test]
+fn a_version_2_snapshot_restores_and_the_guest_carries_on() {
+    old_snapshot_restores_and_the_guest_carries_on(2);
+}
+
+#[test]
+fn a_version_3_snapshot_restores_and_the_guest_carries_on() {
+    old_snapshot_restores_and_the_guest_carries_on(3);
+}
+
+#[test]
+fn version_3_decodes_to_the_current_state_with_a_fresh_rtc() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("v3.snap");
+    let (saved, _) = make_old_snapshot(dir.path(), &snap, 3);
+    let v3 = snapshot::encode_state_versioned(3, &saved).unwrap();
+    let v4 = snapshot::encode_state(&saved).unwrap();
+    // The layouts differ exactly by the RTC at the end.
+    let rtc_len = bincode::serialize(&RtcState::default()).unwrap().len();
+    assert_eq!(v4.len(), v3.len() + rtc_len);
+    assert_eq!(&v4[..v3.len()], &v3[..]);
+    let decoded = snapshot::decode_state(3, &v3).unwrap();
+    assert_eq!(decoded.devices.rtc, RtcState::default());
+    assert_eq!(snapshot::encode_state(&decoded).unwrap(), v4);
+    assert!(matches!(
+        snapshot::decode_state(3, &v4),
+        Err(SnapshotError::Decode(_))
+    ));
+    assert!(matches!(
+        snapshot::decode_state(4, &v3),
+        Err(SnapshotError::Decode(_))
+    ));
+    // A guest that used its RTC cannot be written in a format without one.
+    let mut used = saved.clone();
+    used.devices.rtc.offset_secs = 3600;
+    for v in [2, 3] {
+        let e = snapshot::encode_state_versioned(v, &used).unwrap_err();
+        assert!(e.to_string().contains("CMOS RTC"), "{e}");
+    }
+}
+
+#[test]
 fn version_2_decodes_to_the_current_state_with_empty_backlogs() {
     let dir = tempfile::tempdir().unwrap();
     let snap = dir.path().join("v2.snap");
     let (saved, _) = make_v2_snapshot(dir.path(), &snap);
     let v2 = snapshot::encode_state_versioned(2, &saved).unwrap();
-    let v3 = snapshot::encode_state(&saved).unwrap();
+    let v3 = snapshot::encode_state_versioned(3, &saved).unwrap();
     // The layouts differ exactly by the backlog's length field (u64, one NIC).
     assert_eq!(v3.len(), v2.len() + 8);
     let decoded = snapshot::decode_state(2, &v2).unwrap();
-    assert_eq!(snapshot::encode_state(&decoded).unwrap(), v3);
+    assert_eq!(snapshot::encode_state_versioned(3, &decoded).unwrap(), v3);
+    assert_eq!(
+        snapshot::encode_state(&decoded).unwrap(),
+        snapshot::encode_state(&saved).unwrap()
+    );
     // Neither layout passes for the other.
     assert!(matches!(
         snapshot::decode_state(3, &v2),
@@ -249,12 +303,12 @@ fn other_versions_and_damaged_version_2_files_are_refused() {
     let good = std::fs::read(&snap).unwrap();
     assert_eq!(load(d, "good", &good).unwrap(), 2);
 
-    // Versions 1 and 4 (and 7): refused by number, with what this build reads.
-    for v in [1u32, 4, 7] {
+    // Versions 1 and 5 (and 7): refused by number, with what this build reads.
+    for v in [1u32, 5, 7] {
         let e = load(d, &format!("v{v}"), &relabel(&good, v)).unwrap_err();
         assert_eq!(
             e.to_string(),
-            format!("snapshot format version {v} is not supported (this build reads versions 2-3)")
+            format!("snapshot format version {v} is not supported (this build reads versions 2-4)")
         );
         let e = snapshot::decode_state(v, &snapshot::encode_state(&saved).unwrap()).unwrap_err();
         assert!(matches!(e, SnapshotError::Version(x) if x == v), "{e}");
@@ -263,14 +317,16 @@ fn other_versions_and_damaged_version_2_files_are_refused() {
             Err(SnapshotError::Version(_))
         ));
     }
-    // A version 2 label on a version 3 state is not taken at its word.
-    let v3 = d.join("v3.snap");
+    // A version 2 or 3 label on a version 4 state is not taken at its word.
+    let v4 = d.join("v4.snap");
     let sparse = snapshot::load_sparse(&snap).unwrap().1;
-    snapshot::write(&v3, &saved, &sparse).unwrap();
-    let v3_bytes = std::fs::read(&v3).unwrap();
-    assert_eq!(load(d, "v3", &v3_bytes).unwrap(), 3);
-    let e = load(d, "mislabeled", &relabel(&v3_bytes, 2)).unwrap_err();
-    assert!(matches!(e, SnapshotError::Decode(_)), "{e}");
+    snapshot::write(&v4, &saved, &sparse).unwrap();
+    let v4_bytes = std::fs::read(&v4).unwrap();
+    assert_eq!(load(d, "v4", &v4_bytes).unwrap(), 4);
+    for v in [2, 3] {
+        let e = load(d, "mislabeled", &relabel(&v4_bytes, v)).unwrap_err();
+        assert!(matches!(e, SnapshotError::Decode(_)), "{e}");
+    }
 
     // Truncated anywhere: header, state section, a memory chunk, before the end marker.
     let state_len = u64::from_le_bytes(good[32..40].try_into().unwrap()) as usize;
@@ -337,11 +393,50 @@ fn the_state_a_version_2_build_wrote_decodes_and_re_encodes_byte_for_byte() {
         "the v2 mirror types do not have the layout the v2 build wrote"
     );
     assert_eq!(
-        snapshot::encode_state(&s).unwrap().len(),
+        snapshot::encode_state_versioned(3, &s).unwrap().len(),
         REAL_V2_STATE.len() + 8
     );
     assert!(matches!(
         snapshot::decode_state(3, REAL_V2_STATE),
         Err(SnapshotError::Decode(_))
     ));
+}
+
+/// The state section of a snapshot written by the last version 3 build (commit c1ee94b,
+/// `ferry-vmm run --kernel test-guest --vcpus 2 --memory-mib 32 --cmdline "ferry.workload=net-echo
+/// ferry.ip=10.0.0.2 ferry.hb_ms=20" --nic 02:f5:5c:00:00:0a --net-backend tap=...`, paused,
+/// `ctl snapshot`): the version 3 mirror types must read exactly what that build wrote.
+const REAL_V3_STATE: &[u8] = include_bytes!("data/state-v3-net-echo.bin");
+
+#[test]
+fn the_state_a_version_3_build_wrote_decodes_and_re_encodes_byte_for_byte() {
+    let s = snapshot::decode_state(3, REAL_V3_STATE).unwrap();
+    assert_eq!((s.config.vcpus, s.config.memory_mib), (2, 32));
+    assert_eq!(s.config.nics[0].mac.0, [0x02, 0xf5, 0x5c, 0, 0, 0x0a]);
+    s.validate(u64::MAX).unwrap();
+    assert_eq!(
+        s.devices.rtc,
+        RtcState::default(),
+        "a version 3 VM gets a fresh RTC"
+    );
+    let [v] = &s.devices.virtio[..] else {
+        panic!("one virtio device expected")
+    };
+    assert!(v.queues.iter().all(|q| q.ready));
+    assert_eq!(
+        snapshot::encode_state_versioned(3, &s).unwrap(),
+        REAL_V3_STATE,
+        "the v3 mirror types do not have the layout the v3 build wrote"
+    );
+    let rtc_len = bincode::serialize(&RtcState::default()).unwrap().len();
+    assert_eq!(
+        snapshot::encode_state(&s).unwrap().len(),
+        REAL_V3_STATE.len() + rtc_len
+    );
+    for wrong in [2, 4] {
+        assert!(matches!(
+            snapshot::decode_state(wrong, REAL_V3_STATE),
+            Err(SnapshotError::Decode(_))
+        ));
+    }
 }

@@ -527,6 +527,10 @@ fn real_main(cli: Cli) -> Result<i32> {
             // SAFETY: RDTSC reads a counter; it has no memory effects and every x86-64 CPU has it.
             let tsc = unsafe { std::arch::x86_64::_rdtsc() };
             println!("tsc now: {tsc} at realtime {} ns", vmm::vm::realtime_ns());
+            match vmm::host::check_runs_linux() {
+                Ok(()) => println!("linux guests: yes"),
+                Err(e) => println!("linux guests: no: {e}"),
+            }
             for p in vmm::cpuid::PROFILE_NAMES {
                 match vmm::cpuid::build(&supported, p) {
                     Ok(t) => {

@@ -237,3 +237,52 @@ fn missing_kvm_is_a_one_line_error() {
     assert!(err.contains("/dev/kvm does not exist"), "{err}");
     assert_untouched(d);
 }
+
+/// A minimal image with a valid bzImage setup header (boot protocol 2.12) and a kernel body
+/// of `hlt` instructions: enough for the loader to take it for a Linux bzImage.
+fn tiny_bzimage(path: &Path) {
+    let setup_sects = 4u8;
+    let mut b = vec![0u8; (setup_sects as usize + 1) * 512];
+    b[0x1f1] = setup_sects;
+    b[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+    b[0x202..0x206].copy_from_slice(b"HdrS");
+    b[0x206..0x208].copy_from_slice(&0x020cu16.to_le_bytes());
+    b[0x211] = 1; // LOADED_HIGH
+    b[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes());
+    b[0x22c..0x230].copy_from_slice(&0x7fff_ffffu32.to_le_bytes());
+    b[0x230..0x234].copy_from_slice(&0x20_0000u32.to_le_bytes());
+    b.extend(std::iter::repeat_n(0xf4u8, 4096));
+    std::fs::write(path, b).unwrap();
+}
+
+/// On a host whose KVM cannot run stock Linux (PVM: no VMX/SVM), a bzImage is refused at once
+/// with one line that says why, instead of a VM that hangs in emulated ring 0.
+#[test]
+fn a_bzimage_where_linux_cannot_run_is_refused_in_one_line() {
+    let dir = tempdir();
+    let d = dir.path();
+    let kernel = d.join("bzImage");
+    tiny_bzimage(&kernel);
+    if vmm::host::kvm_is_pvm() || !vmm::host::hardware_virtualization() {
+        let args = run_args(d, &["--kernel", kernel.to_str().unwrap()]);
+        let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        let t0 = std::time::Instant::now();
+        let (code, err) = run_fail(&a);
+        assert_ne!(code, 0);
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "took {:?}",
+            t0.elapsed()
+        );
+        assert!(
+            err.contains("cannot boot a Linux bzImage here") && err.contains("VMX/SVM"),
+            "{err}"
+        );
+        assert!(!d.join("api.sock").exists());
+    } else {
+        // Hardware virtualization: the image is loaded and the VM runs (its `hlt`s).
+        let w = Worker::spawn(d, "hw", &["run", "--kernel", kernel.to_str().unwrap()]);
+        assert_eq!(w.ctl(&["status"])["state"], "running");
+        w.shutdown();
+    }
+}

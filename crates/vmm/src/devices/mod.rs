@@ -1,11 +1,14 @@
-//! Devices. Port I/O: the 16550 serial console (COM1) and the i8042 controller (guest reset);
+//! Devices. Port I/O: the 16550 serial console (COM1), the CMOS RTC ([`rtc`]) and the i8042
+//! controller (guest reset);
 //! ports nobody implements read as all-ones, like an empty ISA bus. MMIO: the virtio devices
 //! ([`virtio`]) with their host backends ([`tap`]).
 
+pub mod rtc;
 pub mod serial;
 pub mod tap;
 pub mod virtio;
 
+use rtc::{Rtc, RtcState, RTC_DATA, RTC_INDEX};
 use serial::{SerialDevice, SerialState};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -48,6 +51,7 @@ impl Trigger for FlagTrigger {
 /// All port-I/O devices of a VM.
 pub struct Devices {
     pub serial: SerialDevice,
+    pub rtc: Rtc,
     i8042: I8042Device<FlagTrigger>,
     reset: FlagTrigger,
 }
@@ -58,14 +62,17 @@ pub struct DevicesState {
     pub serial: SerialState,
     /// virtio devices in configuration order (disks, then NICs).
     pub virtio: Vec<virtio::VirtioState>,
+    /// The CMOS RTC (since state format 4).
+    pub rtc: RtcState,
 }
 
 impl Devices {
-    /// Builds the device set around a serial console.
-    pub fn new(serial: SerialDevice) -> Devices {
+    /// Builds the device set around a serial console and an RTC.
+    pub fn new(serial: SerialDevice, rtc: Rtc) -> Devices {
         let reset = FlagTrigger::default();
         Devices {
             serial,
+            rtc,
             i8042: I8042Device::new(reset.clone()),
             reset,
         }
@@ -78,6 +85,7 @@ impl Devices {
             I8042_DATA | I8042_CMD if data.len() == 1 => {
                 data[0] = self.i8042.read((port - I8042_DATA) as u8)
             }
+            RTC_INDEX | RTC_DATA if data.len() == 1 => data[0] = self.rtc.pio_read(port),
             _ => data.fill(0xff),
         }
     }
@@ -86,6 +94,7 @@ impl Devices {
     pub fn pio_write(&mut self, port: u16, data: &[u8]) -> PioAction {
         match port {
             COM1..=0x3ff if data.len() == 1 => self.serial.write((port - COM1) as u8, data[0]),
+            RTC_INDEX | RTC_DATA if data.len() == 1 => self.rtc.pio_write(port, data[0]),
             I8042_DATA | I8042_CMD if data.len() == 1 => {
                 let _ = self.i8042.write((port - I8042_DATA) as u8, data[0]);
                 if self.reset.take() {

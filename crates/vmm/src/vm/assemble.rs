@@ -6,6 +6,7 @@ use super::{kvm_err, GuestTime, MachineState, Platform, Vm, VmError, SERIAL_IRQ}
 use crate::boot;
 use crate::config::{KernelSource, VmConfig};
 use crate::cpuid::{self, CpuidTable};
+use crate::devices::rtc::Rtc;
 use crate::devices::serial::{SerialArgs, SerialDevice};
 use crate::devices::virtio::{HostDevices, VirtioDevices};
 use crate::devices::Devices;
@@ -115,13 +116,15 @@ impl PreparedVm {
             &state.devices.serial,
         )
         .map_err(|e| VmError::Serial(e.to_string()))?;
+        let rtc =
+            Rtc::restore(&state.devices.rtc).map_err(|e| VmError::Incompatible(e.to_string()))?;
         let vm = Vm::assemble(
             self.config,
             self.cpuid,
             state.msr_list.clone(),
             self.vcpus,
             &mut self.base,
-            Devices::new(serial),
+            Devices::new(serial, rtc),
             self.virtio,
         );
         vm.note_tsc_lead();
@@ -174,13 +177,24 @@ impl Vm {
         // The device parameters go first: a guest that keeps only a prefix of a long command
         // line still finds its devices.
         let cmdline = format!("{} {}", virtio.cmdline_params().trim(), config.cmdline);
+        let rsdp = crate::acpi::write(base.ram.memory(), config.vcpus, &virtio.acpi_devices())
+            .map_err(boot::BootError::from)?;
         let entry = boot::load(
             base.ram.memory(),
             &layout,
             &kernel,
             cmdline.trim(),
             initrd.as_deref(),
+            Some(rsdp),
         )?;
+        if matches!(entry.sregs_patch, boot::SregsPatch::Long64) {
+            // A Linux bzImage: refuse up front where it cannot run instead of hanging.
+            crate::host::check_runs_linux().map_err(boot::BootError::Platform)?;
+            base.platform
+                .as_ref()
+                .expect("platform created")
+                .mask_legacy_pics()?;
+        }
         // Boot data was written through vm-memory; that is not a "device write" to track.
         base.ram.reset_vmm_dirty();
         let candidates = kvm
@@ -212,7 +226,7 @@ impl Vm {
             msr_list,
             vcpus,
             &mut base,
-            Devices::new(serial),
+            Devices::new(serial, Rtc::new()),
             virtio,
         ))
     }

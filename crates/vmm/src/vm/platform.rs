@@ -111,6 +111,38 @@ impl PlatformState {
 }
 
 impl Platform {
+    /// Leaves the two 8259 PICs as a PC's firmware and the kernel's real-mode setup code do
+    /// before a kernel's 64-bit entry: initialized (vectors 0x08 and 0x70)
+    /// with every line masked. A Linux kernel entered at its 64-bit entry skips the setup code
+    /// that masks them, and with hardware-reduced ACPI it never touches the PICs; KVM routes
+    /// ISA GSIs to the PIC as well as the IOAPIC, so unmasked, uninitialized PICs would turn
+    /// every serial or virtio interrupt into a bogus ExtINT vector (4, 5, ...) on CPU 0.
+    pub fn mask_legacy_pics(&self) -> Result<(), VmError> {
+        for (id, base) in [
+            (KVM_IRQCHIP_PIC_MASTER, 0x08u8),
+            (KVM_IRQCHIP_PIC_SLAVE, 0x70),
+        ] {
+            let mut c = kvm_irqchip {
+                chip_id: id,
+                ..Default::default()
+            };
+            self.vm
+                .get_irqchip(&mut c)
+                .map_err(kvm_err("KVM_GET_IRQCHIP"))?;
+            // SAFETY: for the PIC chip ids KVM fills the `pic` member of the union, a plain
+            // struct of bytes, so reading and writing it is reading and writing those bytes.
+            let pic = unsafe { &mut c.chip.pic };
+            pic.imr = 0xff;
+            pic.irq_base = base;
+            pic.init_state = 0;
+            pic.init4 = 1;
+            self.vm
+                .set_irqchip(&c)
+                .map_err(kvm_err("KVM_SET_IRQCHIP"))?;
+        }
+        Ok(())
+    }
+
     /// Loads saved state into freshly created in-kernel devices.
     pub fn apply(&self, s: &PlatformState) -> Result<(), VmError> {
         self.apply_advanced(s, 0)
@@ -141,5 +173,24 @@ impl Platform {
             .set_clock(&clock)
             .map_err(kvm_err("KVM_SET_CLOCK"))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn legacy_pics_are_left_initialized_and_masked() {
+        let kvm = crate::open_kvm().unwrap();
+        let vm = Arc::new(kvm.create_vm().unwrap());
+        let p = Platform::create(vm.clone()).unwrap();
+        p.mask_legacy_pics().unwrap();
+        let s = p.save().unwrap();
+        for (c, base) in [(&s.pic_master, 0x08), (&s.pic_slave, 0x70)] {
+            // SAFETY: KVM filled the `pic` member for the PIC chip ids.
+            let pic = unsafe { c.chip.pic };
+            assert_eq!((pic.imr, pic.irq_base, pic.init_state), (0xff, base, 0));
+        }
     }
 }

@@ -41,6 +41,10 @@ impl MachineState {
                 self.config.vcpus
             )));
         }
+        self.devices
+            .rtc
+            .validate()
+            .map_err(|e| VmError::Incompatible(e.to_string()))?;
         for (i, v) in self.vcpus.iter().enumerate() {
             if v.id as usize != i {
                 return Err(VmError::Incompatible(format!(
@@ -80,6 +84,7 @@ impl Vm {
             devices: DevicesState {
                 serial,
                 virtio: self.virtio.save()?,
+                rtc: dev.rtc.save(),
             },
         })
     }

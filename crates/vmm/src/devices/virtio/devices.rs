@@ -4,7 +4,7 @@ use super::block::Block;
 use super::net::{self, Net};
 use super::transport::Kind;
 use super::{
-    DeviceError, HostDevices, VirtioMmio, VirtioState, FIRST_GSI, MAX_DEVICES, MMIO_BASE, MMIO_SIZE,
+    gsi, DeviceError, HostDevices, VirtioMmio, VirtioState, MAX_DEVICES, MMIO_BASE, MMIO_SIZE,
 };
 use crate::config::VmConfig;
 use crate::memory::GuestRam;
@@ -62,7 +62,7 @@ impl VirtioDevices {
                 index: i,
                 msg: e.to_string(),
             })?;
-            vm.register_irqfd(&irq, FIRST_GSI + i as u32)
+            vm.register_irqfd(&irq, gsi(i))
                 .map_err(|e| DeviceError::Irq {
                     index: i,
                     msg: format!("KVM_IRQFD: {e}"),
@@ -103,8 +103,18 @@ impl VirtioDevices {
                 format!(
                     " virtio_mmio.device=4K@{:#x}:{}",
                     MMIO_BASE + i as u64 * MMIO_SIZE,
-                    FIRST_GSI + i as u32
+                    gsi(i)
                 )
+            })
+            .collect()
+    }
+
+    /// The devices as the ACPI DSDT describes them.
+    pub fn acpi_devices(&self) -> Vec<crate::acpi::MmioDevice> {
+        (0..self.devs.len())
+            .map(|i| crate::acpi::MmioDevice {
+                base: MMIO_BASE + i as u64 * MMIO_SIZE,
+                gsi: gsi(i),
             })
             .collect()
     }

@@ -1,8 +1,9 @@
 //! virtio devices on the virtio-mmio transport (version 2, "modern"): a block device backed by
 //! a raw image on shared storage ([`block`]) and a network device backed by a TAP ([`net`]).
 //!
-//! Device `i` of a VM sits at [`MMIO_BASE`]` + i * `[`MMIO_SIZE`] and raises GSI
-//! [`FIRST_GSI`]` + i` through an irqfd; the guest learns both from
+//! Device `i` of a VM sits at [`MMIO_BASE`]` + i * `[`MMIO_SIZE`] and raises GSI [`gsi`]`(i)`
+//! (5, 6, 7, 9, 10, ...: ISA IRQ 8 belongs to the CMOS RTC) through an irqfd; the guest learns
+//! both from the ACPI DSDT (`LNRO0005` devices, see [`crate::acpi`]) and from
 //! `virtio_mmio.device=4K@<base>:<gsi>` on its command line (the syntax Linux uses).
 //! Disks come first, then NICs, in configuration order.
 //!
@@ -43,8 +44,21 @@ pub const MMIO_BASE: u64 = 0xd000_0000;
 pub const MMIO_SIZE: u64 = 0x1000;
 /// Interrupt line of the first device (the serial port has 4).
 pub const FIRST_GSI: u32 = 5;
-/// Most virtio devices one VM may have (GSIs 5..=12).
+/// Most virtio devices one VM may have (GSIs 5..=13 but 8).
 pub const MAX_DEVICES: usize = 8;
+
+/// The interrupt line (GSI = ISA IRQ = IOAPIC pin) of virtio device `index`: counting up from
+/// [`FIRST_GSI`], skipping the RTC's IRQ 8. (Builds before state format 4 used `5 + index`,
+/// i.e. GSI 8 for a fourth device; only guests that take their interrupt lines from the command
+/// line or ACPI notice, and Ferry's test guest polls its devices.)
+pub const fn gsi(index: usize) -> u32 {
+    let g = FIRST_GSI + index as u32;
+    if g >= crate::acpi::RTC_IRQ {
+        g + 1
+    } else {
+        g
+    }
+}
 
 /// The interrupt status bit for "a used buffer was added".
 pub const INT_VRING: u32 = 1;
