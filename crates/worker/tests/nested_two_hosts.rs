@@ -310,12 +310,14 @@ fn test_guest_moves_between_two_hosts_and_keeps_its_time() {
 /// migrate` through the agents A -> B -> A, then A -> B again while B's agent is killed -9
 /// (and restarted 2 s later) in the middle.
 const CLUSTER_A: &str = r#"
+FILES="/tmp/agent-a.log /tmp/etcd.out /tmp/create.out /tmp/m1.json /tmp/m2.json /tmp/m3.json /tmp/show.txt /tmp/nodes.txt"
 PEER=$B
 net_up $A || stop_here net
 ferry clock serve --listen $A:8123 &
 etcd --data-dir /tmp/etcd --name a --listen-client-urls http://$A:2379 --advertise-client-urls http://$A:2379 \
     --listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
     --initial-cluster a=http://127.0.0.1:2380 > /tmp/etcd.out 2>&1 &
+w=0; until wget -q -O /dev/null http://$A:2379/health; do w=$((w+1)); [ $w -gt 240 ] && stop_here etcd; sleep 0.5; done
 ferry agent --node host-a --listen $A:7100 --store etcd://$A:2379 --data-dir /tmp/fa > /tmp/agent-a.log 2>&1 &
 F="ferry --agent $A:7100"
 w=0; until $F node list > /dev/null 2>&1; do w=$((w+1)); [ $w -gt 240 ] && stop_here agent; sleep 0.5; done
@@ -353,6 +355,7 @@ signal done
 "#;
 
 const CLUSTER_B: &str = r#"
+FILES="/tmp/agent-b.log /tmp/clock.txt"
 PEER=$A
 net_up $B || stop_here net
 await $A up 300 || stop_here peer
