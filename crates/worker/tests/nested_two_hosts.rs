@@ -347,7 +347,7 @@ OWNER=$(sed -n 's/.*state running on \([a-z-]*\).*/\1/p' /tmp/show.txt | head -1
 result owner "$OWNER"
 signal owner "$OWNER"
 [ "$OWNER" = host-a ] && { wait_for $S "^verify ok" 2 240 && cp $S /tmp/a3.log && result after3 ok || stop_here after3; }
-result workers-a "$(pgrep -f 'vms/alpha' | wc -l)"
+result workers-a "$(grep -l 'vms/alph[a]/api.sock' /proc/[0-9]*/cmdline 2>/dev/null | wc -l)"
 await $B counted 300 || stop_here counted
 result workers-b "$(cat /tmp/await.counted)"
 for f in /tmp/a1.log /tmp/a2.log /tmp/a3.log /tmp/m1.json /tmp/m2.json /tmp/m3.json /tmp/show.txt /tmp/nodes.txt; do [ -e $f ] && dump $f; done
@@ -385,7 +385,7 @@ OWNER=$(cat /tmp/await.owner)
 [ "$OWNER" = host-b ] && { wait_for $S "^verify ok" 2 240 && cp $S /tmp/b3.log && result after3 ok || stop_here after3; }
 # Give a receiver that lost its migration time to go (reconciliation), then count.
 sleep 5
-signal counted "$(pgrep -f 'vms/alpha' | wc -l)"
+signal counted "$(grep -l 'vms/alph[a]/api.sock' /proc/[0-9]*/cmdline 2>/dev/null | wc -l)"
 await $A done 300
 for f in /tmp/b1.log /tmp/b3.log /tmp/agent-b.log; do [ -e $f ] && dump $f; done
 "#;
@@ -425,13 +425,13 @@ fn cluster_across_two_hosts_with_etcd_survives_a_destination_agent_kill() {
         "the VM does not run on its owner {owner}"
     );
     let workers: u32 = oa.result("workers-a").parse::<u32>().unwrap()
-        + ob.result("workers-b").parse::<u32>().unwrap();
+        + oa.result("workers-b").parse::<u32>().unwrap();
     assert_eq!(
         workers,
         1,
         "workers for the VM: A {}, B {} (owner {owner})",
         oa.result("workers-a"),
-        ob.result("workers-b")
+        oa.result("workers-b")
     );
     println!(
         "migration 3 with B's agent killed: exit {} , owner {owner}",
