@@ -123,10 +123,8 @@ fn l2_initramfs(cache: &Path, dir: &Path) -> std::path::PathBuf {
     out
 }
 
-/// Run with `cargo test --release -p worker --test nested_linux -- --ignored --nocapture`
-/// (a few minutes: L2 Linux boots under L1's KVM, which itself runs under QEMU TCG).
+/// About 50 s of L1 (`cargo test --release -p worker --test nested_linux -- --nocapture`).
 #[test]
-#[ignore = "nested SVM host under QEMU TCG: minutes of both cores; run with --ignored"]
 fn stock_debian_linux_boots_with_all_vcpus_and_devices() {
     let cache = nested::cache();
     let dir = tempfile::tempdir().unwrap();
