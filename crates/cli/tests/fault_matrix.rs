@@ -407,11 +407,13 @@ fn run_row_in(c: &mut Cluster, target: Target, point: FaultPoint) -> Result<Repo
     // Whatever happened, the disk holds every acknowledged record: stop the VM (if it runs),
     // boot it again from its disk and let its boot check count.
     if disk {
-        let acked = seqs(&logs(c)).last().copied().unwrap_or(0);
+        // Stopped first, then counted: a VM still running keeps writing (and acknowledging)
+        // records between a count and its stop.
         let owner = settled.owner.clone();
         if settled.state == cluster::VmState::Running {
             c.post(&owner, "/v1/vms/vm/stop", json!({}));
         }
+        let acked = seqs(&logs(c)).last().copied().unwrap_or(0);
         let _ = std::fs::remove_file(c.serial(&owner, "vm"));
         c.post(&owner, "/v1/vms/vm/start", json!({}));
         let path = c.serial(&owner, "vm");

@@ -74,8 +74,12 @@ pub fn hit(point: FaultPoint) {
         return;
     }
     if let Some(dir) = std::env::var_os("FERRY_FAULT_DIR") {
+        // Written whole under another name, then renamed: whoever sees the marker reads the pid.
         let path = std::path::Path::new(&dir).join(point.as_str());
-        let _ = std::fs::write(&path, std::process::id().to_string());
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        if std::fs::write(&tmp, std::process::id().to_string()).is_ok() {
+            let _ = std::fs::rename(&tmp, &path);
+        }
     }
     eprintln!("ferry: fault point {} reached: stopping", point.as_str());
     // SAFETY: raise(2) with a valid signal number has no memory-safety preconditions.

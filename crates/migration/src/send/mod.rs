@@ -781,10 +781,17 @@ impl Session<'_> {
             self.commit = CommitPoint::After;
         }
         self.ctl.phase(Phase::Commit);
-        self.send(Phase::Commit, &Msg::Commit)?;
-        // The Commit frame is complete on the wire: the destination may act on it.
-        self.commit = CommitPoint::After;
-        faults::hit(FaultPoint::WorkerCommitSent);
+        let sent = self.send(Phase::Commit, &Msg::Commit);
+        if sent.is_ok() {
+            // The Commit frame is complete on the wire: the destination may act on it.
+            self.commit = CommitPoint::After;
+        }
+        // Past the commit point (Commit sent, or a cluster's store already named the
+        // destination, which may have resumed on that word and closed before Commit arrived).
+        if self.commit == CommitPoint::After {
+            faults::hit(FaultPoint::WorkerCommitSent);
+        }
+        sent?;
         Ok(t_decided)
     }
 
