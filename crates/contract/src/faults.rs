@@ -87,3 +87,32 @@ pub fn hit(point: FaultPoint) {
         libc::raise(libc::SIGSTOP);
     }
 }
+
+/// The environment variable that arms [`flip_page`]: `FERRY_FAULT_FLIP=0x<gpa>` (or decimal).
+pub const FLIP_ENV: &str = "FERRY_FAULT_FLIP";
+
+/// A migration source started with `FERRY_FAULT_FLIP=<guest-physical address>` flips one bit
+/// (byte 2048, mask 0x40) of the guest page at that address in every copy of it that it sends,
+/// leaving its own guest memory alone: the destination runs with a corrupt page, which the
+/// test guest's memory verifier must report. `None` unless armed, and always `None` without
+/// the `fault-injection` feature.
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+pub fn flip_page() -> Option<u64> {
+    None
+}
+
+/// See the other [`flip_page`].
+#[cfg(feature = "fault-injection")]
+pub fn flip_page() -> Option<u64> {
+    let v = std::env::var(FLIP_ENV).ok()?;
+    let v = v.trim();
+    match v.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16).ok(),
+        None => v.parse().ok(),
+    }
+}
+
+/// Byte and mask of a page that [`flip_page`] flips.
+pub const FLIP_BYTE: usize = 2048;
+pub const FLIP_MASK: u8 = 0x40;

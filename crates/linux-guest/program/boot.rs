@@ -172,6 +172,9 @@ pub fn main() {
             std::process::id(),
             u8::from(locked)
         );
+        if let Ok(Some(pa)) = sys::physical_address(wss_base) {
+            line!("linux-wss-phys page=0 pa=0x{pa:x}");
+        }
     }
     if let Some(d) = &disk {
         line!(

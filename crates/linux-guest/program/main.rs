@@ -44,7 +44,9 @@
 //!    rate_mibs=<R> hb_ms=<H> load_mib=<L> os=linux` (`os=linux` is extra).
 //! 2. Linux only, when there is a working set: `linux-wss va=0x<hex> pages=<P> pid=<pid>
 //!    locked=<0|1>`: page `i` is at virtual address `va + 4096 * i` of process `pid`
-//!    (anonymous memory, populated and mlock'd; `locked=0` if mlock failed). disk-log:
+//!    (anonymous memory, populated and mlock'd; `locked=0` if mlock failed), then, if the
+//!    kernel tells it (/proc/self/pagemap, as root), `linux-wss-phys page=0 pa=0x<hex>`: the
+//!    guest-physical address of page 0 (mlock'd, so it stays there). disk-log:
 //!    `linux-disk path=<p> sectors=<n> direct=<0|1>` (direct=0: the file system refused
 //!    O_DIRECT, O_DSYNC still holds).
 //! 3. `hb <cpu> <counter> <tsc>` every `hb_ms` on every CPU; counter 1, 2, ...; tsc = rdtsc.

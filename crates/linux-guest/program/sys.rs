@@ -109,3 +109,16 @@ pub fn rdtsc() -> u64 {
     // SAFETY: rdtsc exists on every x86-64 CPU and has no side effects.
     unsafe { core::arch::x86_64::_rdtsc() }
 }
+
+/// The physical address of this process's page at `va` (from /proc/self/pagemap: present bit
+/// 63, frame number in bits 0-54), `None` if it is not present or the kernel hides frame
+/// numbers (they read as 0 without CAP_SYS_ADMIN).
+pub fn physical_address(va: usize) -> io::Result<Option<u64>> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open("/proc/self/pagemap")?;
+    let mut e = [0u8; 8];
+    f.read_exact_at(&mut e, (va as u64 / 4096) * 8)?;
+    let e = u64::from_le_bytes(e);
+    let pfn = e & ((1 << 55) - 1);
+    Ok((e >> 63 == 1 && pfn != 0).then_some(pfn * 4096 + va as u64 % 4096))
+}

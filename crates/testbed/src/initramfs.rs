@@ -16,7 +16,11 @@
 //!    link) and sends one gratuitous ARP (the test guest sends one at start too);
 //! 4. for `ferry.workload=disk-log` waits (≤ 10 s) for the disk (`ferry.disk`, default
 //!    /dev/vda) to appear;
-//! 5. runs `/bin/ferry-linux-guest` (which reads /proc/cmdline) with the console as its output;
+//! 5. with `ferry.kmsg_check=<seconds>` starts a background loop that reads the kernel log
+//!    every that many seconds and prints `kmsg check=<n> bad=<warnings so far> date=<date
+//!    +%s>` and each new clock/TSC/lockup/RCU-stall warning as `kmsg bad: <line>` (the
+//!    kernel's own console output is silenced by `quiet`);
+//! 6. runs `/bin/ferry-linux-guest` (which reads /proc/cmdline) with the console as its output;
 //!    if it ever ends: `PANIC ferry-linux-guest exited rc=<status>` and the script sleeps.
 //!
 //! Its own lines start with `ferry-init:` (the tests' parser files them under `other`). Pass
@@ -218,13 +222,14 @@ mount -t devtmpfs dev /dev
         ));
     }
     s.push_str(
-        r#"IP= MAC= WORKLOAD= DISK=/dev/vda
+        r#"IP= MAC= WORKLOAD= DISK=/dev/vda KMSG=
 for item in $(cat /proc/cmdline); do
   case "$item" in
     ferry.ip=*) IP=${item#ferry.ip=} ;;
     ferry.mac=*) MAC=${item#ferry.mac=} ;;
     ferry.workload=*) WORKLOAD=${item#ferry.workload=} ;;
     ferry.disk=*) DISK=${item#ferry.disk=} ;;
+    ferry.kmsg_check=*) KMSG=${item#ferry.kmsg_check=} ;;
   esac
 done
 # wait_for PATH: up to 10 s for PATH to exist (devices probe asynchronously)
@@ -244,6 +249,24 @@ if [ -n "$IP" ]; then
 fi
 if [ "$WORKLOAD" = disk-log ]; then
   wait_for "$DISK" || echo "ferry-init: no $DISK"
+fi
+# ferry.kmsg_check=<s>: every s seconds one line `kmsg check=<n> bad=<count> date=<date +%s>`
+# (the kernel log's clock, lockup and stall warnings so far; the guest's wall clock), and
+# each warning once as `kmsg bad: <line>`. One echo per line: never inside another line.
+if [ -n "$KMSG" ]; then
+  (
+    BAD='unstable|soft lockup|hard lockup|self-detected stall|rcu.*stall|blocked for more than|timekeeping watchdog|clocksource.*skew|tsc.*warp|unable to calibrate|time went backwards'
+    n=0 shown=0
+    while :; do
+      sleep "$KMSG"; n=$((n+1))
+      bad=$(dmesg | grep -ciE "$BAD")
+      echo "kmsg check=$n bad=$bad date=$(date +%s)"
+      if [ "$bad" -gt "$shown" ]; then
+        dmesg | grep -iE "$BAD" | tail -n $((bad-shown)) | while read -r l; do echo "kmsg bad: $l"; done
+        shown=$bad
+      fi
+    done
+  ) &
 fi
 echo "ferry-init: starting ferry-linux-guest"
 /bin/ferry-linux-guest

@@ -85,6 +85,9 @@ pub(super) fn stream_thread(
     let mut comp: Vec<u8> = Vec::new();
     let mut hdr: Vec<u8> = Vec::new();
     let mut entries: Vec<u64> = Vec::with_capacity(MAX_BATCH_PAGES);
+    // Test builds only (contract's `fault-injection`): the RAM page whose copies get a flipped
+    // bit, as a lost or damaged page would arrive.
+    let flip = contract::faults::flip_page().and_then(|gpa| ram.layout().page_index(gpa));
     let mut zctx = match compression {
         Compression::Zstd => zstd::bulk::Compressor::new(1).ok(),
         _ => None,
@@ -121,6 +124,9 @@ pub(super) fn stream_thread(
                             PAGE_SIZE as usize,
                         )
                     };
+                    if flip == Some(p) {
+                        raw[start + contract::faults::FLIP_BYTE] ^= contract::faults::FLIP_MASK;
+                    }
                     if vmm::memory::is_zero(&raw[start..]) {
                         raw.truncate(start);
                         entries.push(p | ZERO_PAGE);
