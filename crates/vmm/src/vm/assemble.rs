@@ -90,7 +90,8 @@ impl PreparedVm {
             }
             v.set_msr_list(state.msr_list.clone());
             v.apply_advanced(vs, advance_ns)?;
-            v.mark_stopped()?;
+            // A hint for the guest's watchdogs, never a reason to refuse the VM.
+            let _ = v.mark_stopped();
         }
         let saved = &state.platform;
         crate::vcpu::place_tsc(&self.vcpus, &state.vcpus, || match time {

@@ -216,11 +216,7 @@ impl Vm {
         // Tell a kvmclock-aware guest it was stopped (avoids soft-lockup reports); harmless if
         // the guest does not use kvmclock (KVM then returns EINVAL, which is ignored).
         for v in &self.vcpus {
-            let _ = v
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .fd
-                .kvmclock_ctrl();
+            let _ = v.lock().unwrap_or_else(|e| e.into_inner()).mark_stopped();
         }
         Ok(())
     }
@@ -242,11 +238,6 @@ impl Vm {
         // Never run without the disks: if their locks cannot be had, stay paused.
         self.virtio.acquire_storage(STORAGE_LOCK_WAIT)?;
         self.virtio.resume();
-        // Paused vCPU threads do not hold their vCPU: tell a kvmclock guest it was stopped
-        // (as QEMU does on every resume), so a long pause is not reported as a soft lockup.
-        for v in &self.vcpus {
-            v.lock().unwrap_or_else(|e| e.into_inner()).mark_stopped()?;
-        }
         self.ctl.lock().target = Target::Run;
         self.ctl.run.store(true, Ordering::SeqCst);
         self.ctl.cv.notify_all();
