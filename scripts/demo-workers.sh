@@ -10,7 +10,7 @@ DIR=$(mktemp -d /tmp/ferry-demo.XXXXXX)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$DIR"' EXIT
 
 receiver() { # name: starts a worker waiting for a VM; its address goes to $ADDR
-  $BIN receive --listen 127.0.0.1:0 --serial-log "$DIR/$1.log" --api-socket "$DIR/$1.sock" \
+  $BIN receive --insecure --listen 127.0.0.1:0 --serial-log "$DIR/$1.log" --api-socket "$DIR/$1.sock" \
     > "$DIR/$1.out" 2> "$DIR/$1.err" &
   for _ in $(seq 100); do grep -q "receiving on" "$DIR/$1.out" 2>/dev/null && break; sleep 0.05; done
   ADDR=$(sed -n 's/^receiving on //p' "$DIR/$1.out")
@@ -27,7 +27,7 @@ tail -n 3 "$DIR/A.log"
 receiver B
 echo
 echo "== live migration A -> B ($ADDR)"
-$BIN ctl --api-socket "$DIR/A.sock" migrate --to "$ADDR"
+$BIN ctl --api-socket "$DIR/A.sock" migrate --to "$ADDR" --insecure
 sleep 1
 echo "-- the guest, now on B:"
 tail -n 3 "$DIR/B.log"
@@ -35,7 +35,7 @@ tail -n 3 "$DIR/B.log"
 receiver C
 echo
 echo "== live migration B -> C ($ADDR), 4 streams, lz4"
-$BIN ctl --api-socket "$DIR/B.sock" migrate --to "$ADDR" --streams 4 --compress lz4
+$BIN ctl --api-socket "$DIR/B.sock" migrate --to "$ADDR" --insecure --streams 4 --compress lz4
 sleep 1
 echo "-- the guest, now on C:"
 tail -n 3 "$DIR/C.log"

@@ -4,7 +4,7 @@
 # It also extracts the modules an L2 Linux guest of Ferry needs from the same kernel package
 # (virtio-mmio, virtio-blk, virtio-net) into l2mods/, in load order (l2mods/order).
 # Prints the cache directory on stdout. The L1 host itself is assembled and booted by the test
-# harness (crates/worker/tests/common/nested.rs) or by scripts/nested/run.sh.
+# harness (crates/worker/tests/nested/mod.rs).
 #
 # Cache: $FERRY_NESTED_CACHE, default ${XDG_CACHE_HOME:-$HOME/.cache}/ferry-nested. Needs
 # apt-get (download only: nothing is installed) the first time.

@@ -1,6 +1,7 @@
 //! The REST API (axum). Every operation runs on a blocking thread; errors are JSON
 //! `{"error": "..."}` with 400 (bad input), 404 (unknown), 409 (state conflict), 503 (store or
-//! peer unavailable), 500.
+//! peer unavailable), 500; with `--api-tokens`, 401 (no or unknown credential) and 403 (a role
+//! that does not allow the request) before anything runs.
 
 use crate::{Agent, AgentError};
 use axum::body::Bytes;
@@ -58,6 +59,49 @@ fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, AgentError> {
     serde_json::from_slice(body).map_err(|e| AgentError::BadRequest(format!("bad JSON body: {e}")))
 }
 
+/// Checks the request's bearer token against the agent's tokens file (when it has one) and
+/// the access `contract::auth::access_for` says the request needs; answers 401/403 with a JSON
+/// body, and changes nothing, otherwise.
+async fn authorize(
+    State(a): State<Arc<Agent>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(tokens) = &a.cfg.api_tokens else {
+        return next.run(req).await;
+    };
+    let deny = |code: StatusCode, error: String| (code, Json(ErrorBody { error })).into_response();
+    let presented = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some(presented) = presented else {
+        return deny(
+            StatusCode::UNAUTHORIZED,
+            "a credential is required: `Authorization: Bearer <token>` (ferry --token, FERRY_TOKEN; ferry token issue)".into(),
+        );
+    };
+    let Some(entry) = trust::token::lookup(tokens, presented) else {
+        return deny(StatusCode::UNAUTHORIZED, "unknown token".into());
+    };
+    let access = contract::auth::access_for(req.method().as_str(), req.uri().path());
+    if !entry.role.allows(access) {
+        return deny(
+            StatusCode::FORBIDDEN,
+            format!(
+                "{} {}: token {:?} has role {}, which does not allow {access:?}",
+                req.method(),
+                req.uri().path(),
+                entry.name,
+                entry.role
+            ),
+        );
+    }
+    next.run(req).await
+}
+
 /// The router.
 pub fn router(agent: Arc<Agent>) -> Router {
     Router::new()
@@ -78,6 +122,10 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
         .fallback(|| async { AgentError::NotFound("no such API path (see /openapi.json)".into()) })
+        .layer(axum::middleware::from_fn_with_state(
+            agent.clone(),
+            authorize,
+        ))
         .with_state(agent)
 }
 
@@ -370,7 +418,7 @@ pub fn openapi_doc() -> Value {
         "components": { "schemas": {
             "Error": { "type": "object", "properties": { "error": { "type": "string" } }, "required": ["error"] },
             "CreateVm": { "type": "object", "properties": {
-                "toml": { "type": "string", "description": "VM spec as TOML (name, vcpus, memory_mib, kernel, cmdline, cpu_profile, [[disks]] path, [[nics]] network/mac)" },
+                "toml": { "type": "string", "description": "VM spec as TOML (name, vcpus, memory_mib, kernel, initrd, cmdline, cpu_profile, [[disks]] path, [[nics]] network/mac)" },
                 "spec": { "type": "object", "description": "VM spec as JSON (same fields)" },
                 "node": { "type": "string", "description": "owner node (default: the agent asked)" } } },
             "Migrate": { "type": "object", "required": ["to"], "properties": {

@@ -7,6 +7,22 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::time::Duration;
 
+/// The bearer token this process presents to agents (`ferry --token`, or an agent's node
+/// token for its peers); none: requests carry no credential.
+static TOKEN: std::sync::RwLock<Option<String>> = std::sync::RwLock::new(None);
+
+/// Sets the token every later request of this process presents.
+pub fn set_token(token: Option<String>) {
+    *TOKEN.write().unwrap_or_else(|e| e.into_inner()) = token;
+}
+
+fn with_token<B>(req: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+    match TOKEN.read().unwrap_or_else(|e| e.into_inner()).as_deref() {
+        Some(t) => req.header("Authorization", format!("Bearer {t}")),
+        None => req,
+    }
+}
+
 fn agent(timeout: Option<Duration>) -> ureq::Agent {
     ureq::Agent::config_builder()
         .timeout_global(timeout)
@@ -51,7 +67,10 @@ fn finish<T: DeserializeOwned>(
 /// GET `path` from the agent at `addr`.
 pub fn get<T: DeserializeOwned>(addr: &str, path: &str) -> Result<T, AgentError> {
     let url = format!("{}{path}", base(addr));
-    finish(&url, agent(Some(Duration::from_secs(30))).get(&url).call())
+    finish(
+        &url,
+        with_token(agent(Some(Duration::from_secs(30))).get(&url)).call(),
+    )
 }
 
 /// POST a JSON body to `path`. `timeout` None: wait as long as the operation takes (drains).
@@ -62,7 +81,7 @@ pub fn post<B: Serialize, T: DeserializeOwned>(
     timeout: Option<Duration>,
 ) -> Result<T, AgentError> {
     let url = format!("{}{path}", base(addr));
-    finish(&url, agent(timeout).post(&url).send_json(body))
+    finish(&url, with_token(agent(timeout).post(&url)).send_json(body))
 }
 
 /// DELETE `path`.
@@ -70,7 +89,7 @@ pub fn delete<T: DeserializeOwned>(addr: &str, path: &str) -> Result<T, AgentErr
     let url = format!("{}{path}", base(addr));
     finish(
         &url,
-        agent(Some(Duration::from_secs(60))).delete(&url).call(),
+        with_token(agent(Some(Duration::from_secs(60))).delete(&url)).call(),
     )
 }
 
@@ -83,8 +102,7 @@ pub fn follow_events<T: DeserializeOwned>(
 ) -> Result<(), AgentError> {
     use std::io::BufRead;
     let url = format!("{}{path}", base(addr));
-    let resp = agent(None)
-        .get(&url)
+    let resp = with_token(agent(None).get(&url))
         .call()
         .map_err(|e| AgentError::Unavailable(format!("{url}: {e}")))?;
     if resp.status().as_u16() >= 300 {

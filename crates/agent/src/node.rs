@@ -36,6 +36,15 @@ pub struct AgentConfig {
     /// the migration undecided (both sides paused; reconciliation settles it once the store
     /// is back).
     pub commit_retry: Duration,
+    /// This node's certificate and key and the cluster CA (`ferry pki issue --node`): the
+    /// migrations between this node's workers and others' run over mutual TLS, each side
+    /// checking the other is the node the plan names, with a one-time secret per receiver.
+    /// `None`: plaintext (`--insecure` workers; the agent warns at start).
+    pub tls: Option<contract::trust::TlsFiles>,
+    /// The credentials the API accepts (`--api-tokens`, digests only): every request then needs
+    /// a bearer token whose role allows it (`contract::auth`). `None`: the API is open (the
+    /// agent warns at start).
+    pub api_tokens: Option<contract::auth::TokensFile>,
 }
 
 impl AgentConfig {

@@ -90,6 +90,37 @@ pub fn run(keep: bool) -> Result<()> {
     );
     // Each agent binds a free port itself (`--listen 127.0.0.1:0`) and writes the address it
     // serves on to a file: no port is picked here and then raced for.
+    // The cluster's own PKI: a CA and a certificate per node, so that every migration runs
+    // over mutual TLS with the nodes' identities checked.
+    let pki = dir.join("pki");
+    trust::pki::init(&pki, false)?;
+    for i in 1..=3 {
+        trust::pki::issue(
+            &pki,
+            &trust::Identity::node(&format!("node{i}"))?,
+            &["127.0.0.1".into()],
+            30,
+        )?;
+    }
+    println!(
+        "   cluster CA and node certificates in {}: every migration runs over mutual TLS, each worker checking the other is the node the plan names, with a one-time secret per receiver",
+        pki.display()
+    );
+    // API tokens: one per node (grant node, for the calls agents make to each other) and an
+    // admin token for this demo's own requests; the agents accept nothing else.
+    let tokens = dir.join("tokens.json");
+    for i in 1..=3 {
+        let name = format!("node{i}");
+        let t = trust::token::issue(&tokens, &name, contract::auth::Grant::Node)?;
+        trust::secret::write_private(&dir.join(format!("{name}.token")), t.as_bytes())?;
+    }
+    let admin = trust::token::issue(&tokens, "demo-admin", contract::auth::Grant::Admin)?;
+    trust::secret::write_private(&dir.join("admin.token"), admin.as_bytes())?;
+    agent::client::set_token(Some(admin));
+    println!(
+        "   API tokens in {}: every request to an agent needs one (the admin's is admin.token there)",
+        tokens.display()
+    );
     let mut pending = Vec::new();
     for i in 1..=3 {
         let name = format!("node{i}");
@@ -107,6 +138,12 @@ pub fn run(keep: bool) -> Result<()> {
                 "--data-dir",
             ])
             .arg(dir.join(&name))
+            .arg("--pki-dir")
+            .arg(&pki)
+            .arg("--api-tokens")
+            .arg(&tokens)
+            .arg("--node-token-file")
+            .arg(dir.join(format!("{name}.token")))
             .args(["--lease-ttl-s", "3", "--address-file"])
             .arg(&addr_file)
             .stdout(Stdio::null())

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 mod bench_net;
 mod bench_net_qemu;
+mod chaos;
 mod demo;
 
 #[derive(Parser, Debug)]
@@ -31,8 +32,29 @@ struct Cli {
     /// Output: text or json.
     #[arg(long, global = true, default_value = "text")]
     output: String,
+    /// API token to present to the agent (`ferry token issue`); default $FERRY_TOKEN.
+    #[arg(long, global = true)]
+    token: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCmd {
+    /// Issue an API token: its SHA-256 goes into the tokens file FILE (created 0600; an entry of
+    /// the same name is replaced), the token is printed once and kept nowhere else. Agents
+    /// started with `--api-tokens FILE` accept it.
+    Issue {
+        #[arg(long)]
+        file: PathBuf,
+        /// The credential's name (a-z, 0-9, '-').
+        #[arg(long)]
+        name: String,
+        /// viewer (reads), operator (also start, stop, migrate, drain), admin (also create and
+        /// delete VMs), or node (a peer agent: operator and the internal endpoints).
+        #[arg(long)]
+        role: contract::auth::Grant,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -54,9 +76,54 @@ enum ClockCmd {
 }
 
 #[derive(Subcommand, Debug)]
+enum PkiCmd {
+    /// Create the cluster CA in DIR (ca.pem, and ca.key readable by root only).
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Replace an existing CA (every certificate it issued stops being accepted).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a node certificate (SAN NAME.node.ferry plus its addresses) or a user
+    /// certificate (SAN USER.ROLE.user.ferry) signed by DIR's CA; the key is written 0600.
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        /// A node's name (a DNS label: a-z, 0-9, '-').
+        #[arg(long, conflicts_with = "user", required_unless_present = "user")]
+        node: Option<String>,
+        /// The node's addresses (IP or DNS; repeatable), for clients that dial an address.
+        #[arg(long = "address", requires = "node")]
+        addresses: Vec<String>,
+        /// A user's name (a DNS label).
+        #[arg(long, requires = "role")]
+        user: Option<String>,
+        /// The user's role: viewer, operator or admin.
+        #[arg(long)]
+        role: Option<contract::trust::Role>,
+        /// Days the certificate is valid.
+        #[arg(long, default_value_t = trust::pki::CERT_DAYS)]
+        days: i64,
+    },
+}
+
+// Parsed once per process: the size of the agent's arguments does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Subcommand, Debug)]
 enum Cmd {
+    /// The cluster's PKI: a CA, node certificates and user certificates with roles.
+    Pki {
+        #[command(subcommand)]
+        cmd: PkiCmd,
+    },
     /// Run a node agent (registers the node, runs VM workers, serves the API).
     Agent(AgentArgs),
+    /// API tokens for the agents' REST API.
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCmd,
+    },
     /// Nodes of the cluster.
     Node {
         #[command(subcommand)]
@@ -116,6 +183,28 @@ enum Cmd {
         #[arg(long)]
         report: Option<PathBuf>,
     },
+    /// Seeded random faults against a local 3-node cluster (root, /dev/kvm): migrations and
+    /// drains while a random worker or agent is SIGKILLed or SIGSTOPped at a random moment,
+    /// then the invariants checked; prints outcomes per fault and phase, and the seed of any
+    /// failing trial (`--seed N --trials 1` replays it).
+    Chaos {
+        /// Seed of the first trial (trial i uses seed + i).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Trials, each on a fresh cluster.
+        #[arg(long, default_value_t = 10)]
+        trials: usize,
+        /// Then this many back-to-back migrations (a drain every tenth) without faults,
+        /// counting refusals and reporting the agents' memory and file descriptors.
+        #[arg(long, default_value_t = 0)]
+        soak: usize,
+        /// Keep the directories of failed trials (logs, store, serial output).
+        #[arg(long)]
+        keep: bool,
+        /// Also write the Markdown report to this file.
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
     /// Start a local 3-node cluster, run a VM and live-migrate it across the nodes.
     Demo {
         /// Keep the cluster's directory (logs, store) instead of deleting it.
@@ -129,6 +218,11 @@ struct AgentArgs {
     /// Node name (a-z, 0-9, '-').
     #[arg(long)]
     node: String,
+    /// The cluster PKI directory (`ferry pki init/issue`): this node's certificate
+    /// `node-NAME.pem`, its key and `ca.pem`; migrations then use mutual TLS. Without it they
+    /// run in plaintext (warned).
+    #[arg(long)]
+    pki_dir: Option<PathBuf>,
     /// Address of the HTTP API, e.g. 127.0.0.1:7100.
     #[arg(long)]
     listen: String,
@@ -171,6 +265,13 @@ struct AgentArgs {
     /// (with `--listen HOST:0` the agent picks a free port itself).
     #[arg(long)]
     address_file: Option<PathBuf>,
+    /// The tokens file (`ferry token issue`): every API request then needs one of its tokens,
+    /// with a role that allows it (401/403 otherwise). Without it the API is open (warned).
+    #[arg(long)]
+    api_tokens: Option<PathBuf>,
+    /// A file holding this node's own token (role node) that it presents to peer agents.
+    #[arg(long)]
+    node_token_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -293,16 +394,83 @@ fn api<T>(r: Result<T, agent::AgentError>) -> Result<T> {
     r.map_err(|e| anyhow!("{e}"))
 }
 
+fn run_pki(cmd: &PkiCmd) -> Result<()> {
+    match cmd {
+        PkiCmd::Init { dir, force } => {
+            let cert = trust::pki::init(dir, *force)?;
+            println!(
+                "cluster CA: {} (key {})",
+                cert.display(),
+                dir.join(trust::pki::CA_KEY).display()
+            );
+        }
+        PkiCmd::Issue {
+            dir,
+            node,
+            addresses,
+            user,
+            role,
+            days,
+        } => {
+            let id = match (node, user, role) {
+                (Some(n), None, _) => trust::Identity::node(n)?,
+                (None, Some(u), Some(r)) => trust::Identity::user(u, *r)?,
+                _ => bail!("give --node NAME, or --user NAME with --role ROLE"),
+            };
+            let files = trust::pki::issue(dir, &id, addresses, *days)?;
+            println!(
+                "{id} ({}): certificate {}, key {}, CA {}",
+                id.dns_name(),
+                files.cert.display(),
+                files.key.display(),
+                files.ca.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     let json = json_out(&cli)?;
     let addr = agent_addr(&cli);
+    agent::client::set_token(
+        cli.token
+            .clone()
+            .or_else(|| std::env::var("FERRY_TOKEN").ok())
+            .filter(|t| !t.is_empty()),
+    );
     match &cli.cmd {
         Cmd::Agent(a) => run_agent(a),
+        Cmd::Token {
+            cmd: TokenCmd::Issue { file, name, role },
+        } => {
+            let token = trust::token::issue(file, name, *role)?;
+            eprintln!(
+                "token {name:?} ({role}) added to {}; it is shown once:",
+                file.display()
+            );
+            println!("{token}");
+            Ok(())
+        }
         Cmd::Completions { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "ferry", &mut std::io::stdout());
             Ok(())
         }
         Cmd::Demo { keep } => demo::run(*keep),
+        Cmd::Chaos {
+            seed,
+            trials,
+            soak,
+            keep,
+            report,
+        } => chaos::run(&chaos::Options {
+            seed: *seed,
+            trials: *trials,
+            soak: *soak,
+            keep: *keep,
+            report: report.clone(),
+        }),
+        Cmd::Pki { cmd } => run_pki(cmd),
         Cmd::BenchNet {
             migrations,
             interval_ms,
@@ -690,6 +858,9 @@ pub fn follow_migration(
     let mut last: Option<MigrationRecord> = None;
     let mut pos = 0u64;
     let mut errors = Vec::new();
+    // Agents to fall back on: the given ones, then every node's agent.
+    let mut known: Vec<String> = agents.iter().map(|a| a.to_string()).collect();
+    known = refresh_agents(&known);
     for agent in agents {
         let r = agent::client::follow_events(
             agent,
@@ -733,10 +904,12 @@ pub fn follow_migration(
             break;
         }
         // The stream ended early (the agent restarted or died): read the record, from any
-        // agent (they share the store), until it is final.
+        // agent (they share the store), until it is final. A restarted agent listens on a new
+        // address: every node's current one is asked for again from whichever agent answers.
         let deadline = std::time::Instant::now() + Duration::from_secs(300);
         while std::time::Instant::now() < deadline {
-            let v = agents.iter().find_map(|a| {
+            known = refresh_agents(&known);
+            let v = known.iter().find_map(|a| {
                 agent::client::get::<MigrationView>(a, &format!("/v1/migrations/{id}")).ok()
             });
             match v {
@@ -754,6 +927,23 @@ pub fn follow_migration(
     }
     bar.finish_and_clear();
     last.ok_or_else(|| anyhow!("lost track of migration {id}: {}", errors.join("; ")))
+}
+
+/// `known` followed by the address of every node's agent that one of them lists (alive
+/// nodes only), without duplicates.
+fn refresh_agents(known: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = known.to_vec();
+    for a in known {
+        if let Ok(nodes) = agent::client::get::<Vec<NodeView>>(a, "/v1/nodes") {
+            for n in nodes.into_iter().filter(|n| n.alive) {
+                if !out.contains(&n.address) {
+                    out.push(n.address);
+                }
+            }
+            break;
+        }
+    }
+    out
 }
 
 /// One line describing a finished migration.
@@ -796,7 +986,51 @@ fn run_agent(a: &AgentArgs) -> Result<()> {
     if !worker_bin.is_file() {
         bail!("worker binary {} not found (build it with cargo build -p worker, or pass --worker-bin)", worker_bin.display());
     }
+    let tls = match &a.pki_dir {
+        Some(d) => {
+            let files = trust::pki::node_files(d, &a.node);
+            for f in [&files.cert, &files.key, &files.ca] {
+                if !f.is_file() {
+                    bail!(
+                        "{} is missing (ferry pki issue --dir {} --node {})",
+                        f.display(),
+                        d.display(),
+                        a.node
+                    );
+                }
+            }
+            Some(files)
+        }
+        None => {
+            eprintln!("ferry agent: WARNING: no --pki-dir: this node's migrations run in plaintext and unauthenticated (ferry-vmm --insecure)");
+            None
+        }
+    };
+    let api_tokens = match &a.api_tokens {
+        Some(p) => {
+            Some(trust::token::load(p).with_context(|| format!("--api-tokens {}", p.display()))?)
+        }
+        None => {
+            eprintln!("ferry agent: WARNING: no --api-tokens: the REST API accepts every request without a credential");
+            None
+        }
+    };
+    match &a.node_token_file {
+        Some(p) => {
+            let t = std::fs::read_to_string(p)
+                .with_context(|| format!("--node-token-file {}", p.display()))?;
+            agent::client::set_token(Some(t.trim().to_string()));
+        }
+        None => {
+            // Never a user's $FERRY_TOKEN: peers get this node's own credential or none.
+            agent::client::set_token(None);
+            if api_tokens.is_some() {
+                eprintln!("ferry agent: WARNING: --api-tokens without --node-token-file: peer agents that check tokens refuse this node's calls");
+            }
+        }
+    }
     let cfg = agent::AgentConfig {
+        api_tokens,
         node: a.node.clone(),
         listen: a.listen.clone(),
         store: a.store.clone(),
@@ -810,6 +1044,7 @@ fn run_agent(a: &AgentArgs) -> Result<()> {
         lease_ttl: Duration::from_secs(a.lease_ttl_s.max(1)),
         drain_concurrency: a.drain_concurrency.max(1),
         commit_retry: Duration::from_secs(a.commit_retry_s.max(1)),
+        tls,
     };
     if let Some(p) = &cfg.cpu_limit {
         if !["host", "baseline"].contains(&p.as_str()) {

@@ -457,3 +457,63 @@ fn crashed_worker_is_reported_and_cancel_keeps_the_vm() {
     c.ferry_ok("node2", &["vm", "start", "vm"]);
     assert_eq!(c.assert_one_owner("vm"), "node1");
 }
+
+#[test]
+fn an_undrained_node_takes_vms_again_after_its_agent_restarted_while_drained() {
+    let mut c = Cluster::new(false);
+    c.add("node1", &[]);
+    c.add("node2", &[]);
+    c.vm("node1", "vm", GUEST);
+    c.assert_verify("node1", "vm", 1);
+    // node2 drained (it owns nothing), its agent restarted meanwhile, then undrained through
+    // another agent: node2 must take VMs again.
+    c.ferry_ok("node1", &["node", "drain", "node2"]);
+    c.kill("node2");
+    c.restart("node2");
+    c.ferry_ok("node1", &["node", "undrain", "node2"]);
+    c.migrate("node1", "vm", "node2", json!({}))
+        .expect("migration to the undrained node");
+    assert_eq!(c.assert_one_owner("vm"), "node2");
+    c.assert_verify("node2", "vm", 1);
+}
+
+#[test]
+fn the_cli_follows_a_migration_whose_agent_died_through_the_others() {
+    let mut c = Cluster::new(false);
+    c.add("node1", &[]);
+    c.add("node2", &[]);
+    c.vm(
+        "node1",
+        "vm",
+        "memory_mib = 128\ncmdline = \"ferry.workload=verify ferry.wss_mib=32 ferry.hb_ms=20\"\n",
+    );
+    c.assert_verify("node1", "vm", 1);
+    // `ferry vm migrate` talks to node1's agent, which runs the migration and is then killed
+    // and restarted (on a new port): the CLI must still report the migration's real outcome,
+    // read from the other agent.
+    let cli = std::process::Command::new(ferry_bin())
+        .args(["--agent", &c.addr("node1"), "vm", "migrate", "vm"])
+        .args(["--to", "node2", "--max-bandwidth-mibs", "8"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("the destination worker", Duration::from_secs(20), || {
+        c.agent("node2").data_dir.join("vms/vm/api.sock").exists()
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    c.kill("node1");
+    std::thread::sleep(Duration::from_millis(500));
+    c.restart("node1");
+    let out = cli.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("lost track"), "{err}");
+    let owner = c.assert_one_owner("vm");
+    if out.status.success() {
+        assert_eq!(owner, "node2", "{err}");
+    } else {
+        // Rolled back by the restarted agent's reconciliation: said so, and true.
+        assert_eq!(owner, "node1", "{err}");
+        assert!(err.contains("migration of vm to node2 failed"), "{err}");
+    }
+}

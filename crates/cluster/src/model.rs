@@ -34,6 +34,13 @@ impl SpecExt for VmSpec {
         self.vm_config("host")
             .validate()
             .map_err(|e| SpecError::Field(e.to_string()))?;
+        if let Some(i) = &self.initrd {
+            if !i.starts_with('/') {
+                return Err(SpecError::Field(format!(
+                    "initrd path {i:?} must be absolute"
+                )));
+            }
+        }
         for d in &self.disks {
             if !d.path.starts_with('/') {
                 return Err(SpecError::Field(format!(
@@ -59,7 +66,7 @@ impl SpecExt for VmSpec {
             vcpus: self.vcpus,
             memory_mib: self.memory_mib,
             kernel: vmm::KernelSource::parse(&self.kernel),
-            initrd: None,
+            initrd: self.initrd.as_ref().map(Into::into),
             cmdline: self.cmdline.clone(),
             cpu_profile: profile.to_string(),
             disks: self

@@ -244,6 +244,27 @@ fn bad_urls_and_spec_errors() {
     );
     assert_eq!(s.vcpus, 1);
     assert_eq!(s.kernel, "test-guest");
+    assert_eq!(s.initrd, None);
+    // A Linux guest: kernel + initrd paths on the nodes; an initrd needs a Linux kernel.
+    let l = VmSpec::from_toml(
+        "name = \"l\"\nmemory_mib = 256\nkernel = \"/k/vmlinuz\"\ninitrd = \"/k/initrd\"",
+    )
+    .unwrap();
+    assert_eq!(l.initrd.as_deref(), Some("/k/initrd"));
+    assert!(VmSpec::from_toml(
+        "name = \"l\"\nmemory_mib = 256\nkernel = \"/k/vmlinuz\"\ninitrd = \"k/initrd\""
+    )
+    .unwrap_err()
+    .to_string()
+    .contains("absolute"));
+    assert!(
+        VmSpec::from_toml("name = \"l\"\nmemory_mib = 256\ninitrd = \"/k/initrd\"")
+            .unwrap_err()
+            .to_string()
+            .contains("initrd")
+    );
+    // A spec without an initrd serializes as before (older agents read it).
+    assert!(!serde_json::to_string(&s).unwrap().contains("initrd"));
 }
 
 #[test]

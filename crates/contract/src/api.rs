@@ -185,4 +185,7 @@ pub struct ReceiveRequest {
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct ReceiveReply {
     pub address: String,
+    /// The receiver's one-time secret, for the source's worker to present (agents with TLS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<crate::trust::MigrationSecret>,
 }

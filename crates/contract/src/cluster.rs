@@ -49,6 +49,9 @@ pub struct VmSpec {
     /// `test-guest` or a kernel path on the nodes.
     #[serde(default = "test_guest")]
     pub kernel: String,
+    /// An initrd (initramfs) path on the nodes, for a Linux kernel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
     #[serde(default)]
     pub cmdline: String,
     /// `host` (this node's CPU), `baseline`, or `cluster` (what every node offers).

@@ -8,13 +8,17 @@
 //!   replies, migration events, the typed worker status, and a small client.
 //! * [`cluster`] — what the cluster store holds: nodes, VM specs and records, migration records.
 //! * [`api`] — the agent's REST bodies.
+//! * [`trust`] — user roles, TLS identity files, how a migration channel is secured and the
+//!   one-time migration secret.
 //!
 //! This crate depends on serde only (no KVM), so every process can use it.
 
 pub mod api;
+pub mod auth;
 pub mod cluster;
 pub mod faults;
 pub mod migration;
+pub mod trust;
 pub mod worker;
 
 pub use migration::{

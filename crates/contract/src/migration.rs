@@ -381,6 +381,9 @@ pub enum FailureKind {
     PeerLost,
     /// The peer said something that breaks the protocol (corrupt, out of order, lying).
     Protocol,
+    /// The peer could not be authenticated: TLS (certificate, node identity) or the
+    /// migration's one-time secret.
+    Unauthenticated,
     /// The peer gave up and said why.
     PeerAborted,
     /// Something failed on this host (KVM, memory, disks).
@@ -402,6 +405,7 @@ impl fmt::Display for FailureKind {
             FailureKind::NotConverging => "not converging",
             FailureKind::PeerLost => "peer lost",
             FailureKind::Protocol => "protocol violation",
+            FailureKind::Unauthenticated => "not authenticated",
             FailureKind::PeerAborted => "aborted by the peer",
             FailureKind::Local => "local error",
             FailureKind::CommitRefused => "commit refused",

@@ -66,6 +66,12 @@ pub struct MigrateCommand {
     /// versions are negotiated down anyway, this only pins an older one).
     #[serde(default)]
     pub max_protocol: Option<u32>,
+    /// How the migration's connections are secured: mutual TLS naming the destination node,
+    /// or (explicitly) plaintext.
+    pub transport: crate::trust::Transport,
+    /// The one-time secret the destination was created with.
+    #[serde(default)]
+    pub secret: Option<crate::trust::MigrationSecret>,
 }
 
 /// The client's answer to [`Reply::CommitReady`].
@@ -365,9 +371,12 @@ mod tests {
             dry_run: false,
             external_commit: true,
             max_protocol: None,
+            transport: crate::trust::Transport::Insecure,
+            secret: None,
         }))
         .unwrap();
         assert_eq!(r["cmd"], "migrate");
+        assert_eq!(r["transport"]["mode"], "insecure");
         assert_eq!(r["params"]["max_downtime_ms"], 50);
         let p = serde_json::to_value(Reply::Progress(Progress {
             phase: Phase::Precopy,

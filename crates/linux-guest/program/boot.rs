@@ -37,10 +37,11 @@ thread_local! {
 
 /// `ferry.reset_after_ms` is due (CPU 0).
 pub fn reset(g: &Guest) -> ! {
-    line!("reset requested");
     if g.process {
-        std::process::exit(100);
+        // The last line: no other CPU's heartbeat may follow it.
+        crate::out::exit_after_line(format_args!("reset requested"), 100);
     }
+    line!("reset requested");
     let e = sys::restart_machine();
     line!("PANIC reset failed: {e}");
     std::process::exit(1);

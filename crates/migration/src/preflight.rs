@@ -113,7 +113,7 @@ pub fn check(
             missing_features = cpuid::missing_features(&req.cpuid, &offer);
             if !missing_features.is_empty() {
                 problems.push(format!(
-                    "destination CPU lacks features the VM uses: {}",
+                    "destination CPU lacks features the VM uses: {} (to move it here, stop the VM and start it again with a CPU profile both hosts offer: `baseline`, or `cluster` in a Ferry cluster)",
                     missing_features.join(", ")
                 ));
             }

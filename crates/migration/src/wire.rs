@@ -15,14 +15,21 @@ use std::io::{Read, Write};
 /// * v2: framed control messages, page batches, state frame; failures as `Abort`.
 /// * v3: failures as `Fail` (typed phase and kind); the destination reports the version it
 ///   accepted in `HelloAck`.
+/// * v4: authentication. After `HelloAck` the source sends `Auth` (the migration's one-time
+///   secret, if it has one) and waits for `AuthOk` (or `Refuse`) before anything else, on the
+///   control connection and on every data connection. The `Hello` itself is unchanged, so a
+///   v3 destination still decodes it and refuses the version by name. A destination created
+///   with a secret accepts v4 and newer only.
 ///
 /// Negotiation: the source offers its newest version in `Hello`; a destination accepts any
 /// version it speaks and refuses others (naming its own); after a refusal the source tries its
 /// next older version on a new connection, down to [`MIN_PROTOCOL_VERSION`]. Data connections
 /// use the version the control connection agreed on.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Oldest version this build still speaks (a peer one release older).
 pub const MIN_PROTOCOL_VERSION: u32 = 2;
+/// First version with `Auth` after the Hello.
+pub const AUTH_PROTOCOL_VERSION: u32 = 4;
 /// Version of the encoded VM state (`MachineState` + snapshot codec) this build sends.
 pub const STATE_VERSION: u32 = vmm::snapshot::VERSION;
 /// Oldest state version this build receives (a source of the previous build, during an
@@ -35,6 +42,9 @@ const FRAME_MAGIC: u32 = 0x4652_4d31; // "FRM1"
 pub const HEADER_LEN: usize = 16;
 /// Largest payload accepted (the state is far smaller; a page batch is ≤ ~1 MiB).
 pub const MAX_PAYLOAD: u32 = 64 << 20;
+/// Largest payload a destination reads from a peer that has not authenticated yet (its
+/// `Hello` and `Auth` are well under 200 bytes): nothing large is allocated for a stranger.
+pub const PRE_AUTH_MAX_PAYLOAD: u32 = 1024;
 
 /// Frame kinds.
 pub const KIND_CONTROL: u16 = 1;
@@ -52,8 +62,8 @@ pub enum WireError {
     BadMagic(u32),
     #[error("corrupt stream: frame checksum mismatch (kind {kind}, {len} bytes)")]
     Checksum { kind: u16, len: u32 },
-    #[error("corrupt stream: frame of {0} bytes exceeds the {MAX_PAYLOAD}-byte limit")]
-    TooLarge(u32),
+    #[error("corrupt stream: frame of {0} bytes exceeds the {1}-byte limit")]
+    TooLarge(u32, u32),
     #[error("corrupt stream: unknown frame kind {0}")]
     UnknownKind(u16),
     #[error("corrupt stream: undecodable {what}: {err}")]
@@ -112,6 +122,15 @@ pub fn write_frame(
 
 /// Reads one frame into `buf` (reused between calls). `Eof` only at a frame boundary.
 pub fn read_frame_into(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<(u16, u16), WireError> {
+    read_frame_limited(r, buf, MAX_PAYLOAD)
+}
+
+/// [`read_frame_into`] refusing payloads over `max` bytes before allocating anything.
+pub fn read_frame_limited(
+    r: &mut impl Read,
+    buf: &mut Vec<u8>,
+    max: u32,
+) -> Result<(u16, u16), WireError> {
     let mut h = [0u8; HEADER_LEN];
     let mut got = 0;
     while got < HEADER_LEN {
@@ -136,8 +155,8 @@ pub fn read_frame_into(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<(u16, u16
     let flags = u16::from_le_bytes(h[6..8].try_into().unwrap());
     let len = u32::from_le_bytes(h[8..12].try_into().unwrap());
     let crc = u32::from_le_bytes(h[12..16].try_into().unwrap());
-    if len > MAX_PAYLOAD {
-        return Err(WireError::TooLarge(len));
+    if len > max.min(MAX_PAYLOAD) {
+        return Err(WireError::TooLarge(len, max.min(MAX_PAYLOAD)));
     }
     if !(KIND_CONTROL..=KIND_STATE).contains(&kind) {
         return Err(WireError::UnknownKind(kind));
@@ -239,6 +258,12 @@ pub enum Msg {
         kind: contract::FailureKind,
         message: String,
     },
+    /// (v4) Source → destination after `HelloAck`: the migration's one-time secret.
+    Auth {
+        secret: Option<contract::trust::MigrationSecret>,
+    },
+    /// (v4) The destination authenticated the connection.
+    AuthOk,
 }
 
 impl Msg {
@@ -261,6 +286,8 @@ impl Msg {
             Msg::Abort { .. } => "Abort",
             Msg::Ping => "Ping",
             Msg::Fail { .. } => "Fail",
+            Msg::Auth { .. } => "Auth",
+            Msg::AuthOk => "AuthOk",
         }
     }
 }
@@ -320,6 +347,18 @@ pub fn decode_msg(f: &Frame) -> Result<Msg, WireError> {
             what: "control message",
             err: e.to_string(),
         })
+}
+
+/// Reads one control message from a peer not authenticated yet: small frames only, `Ping`
+/// not skipped (every frame counts against the handshake's time).
+pub fn recv_msg_pre_auth(r: &mut impl Read) -> Result<Msg, WireError> {
+    let mut payload = Vec::new();
+    let (kind, flags) = read_frame_limited(r, &mut payload, PRE_AUTH_MAX_PAYLOAD)?;
+    decode_msg(&Frame {
+        kind,
+        flags,
+        payload,
+    })
 }
 
 /// Reads the next control message, skipping `Ping`s.
@@ -537,6 +576,11 @@ mod tests {
             Msg::Commit,
             Msg::Resumed { resume_us: 2 },
             Msg::Ping,
+            Msg::Auth { secret: None },
+            Msg::Auth {
+                secret: Some(contract::trust::MigrationSecret([7; 32])),
+            },
+            Msg::AuthOk,
         ];
         for phase in Phase::ALL {
             for kind in [
@@ -561,6 +605,21 @@ mod tests {
             let f = read_frame(&mut &buf[..]).unwrap();
             assert_eq!(decode_msg(&f).unwrap(), m, "{}", m.name());
         }
+    }
+
+    #[test]
+    fn frames_over_the_pre_auth_limit_are_refused_from_the_header() {
+        let mut buf = Vec::new();
+        write_frame(&mut buf, KIND_CONTROL, 0, &[&[0u8; 2048]]).unwrap();
+        // Only the header is there: a refusal must not wait for (or allocate) the payload.
+        let mut r = &buf[..HEADER_LEN];
+        let mut out = Vec::new();
+        assert!(matches!(
+            read_frame_limited(&mut r, &mut out, PRE_AUTH_MAX_PAYLOAD),
+            Err(WireError::TooLarge(2048, PRE_AUTH_MAX_PAYLOAD))
+        ));
+        assert_eq!(out.capacity(), 0);
+        assert!(read_frame_into(&mut &buf[..], &mut out).is_ok());
     }
 
     #[test]

@@ -6,11 +6,19 @@
 //! LAPIC's PPR (derived from TPR and ISR, which are compared) may be stale, and
 //! SYSENTER_ESP/EIP may come back as their low 32 bits (as AMD CPUs keep them).
 //!
+//! The VM-wide platform is read back too: both PICs and the IOAPIC byte for byte (except the
+//! timer's own interrupt line, which the running PIT may raise between the load and the
+//! read-back), the PIT's channels (except when each count was loaded: KVM stamps its own
+//! host time there) and kvmclock (at least the saved value plus the time the guest is moved
+//! on by, and not seconds past it).
+//!
 //! Used by `ferry-vmm restore/receive --verify-state` (a difference fails the restore) and as a
 //! debug assertion in the restore path.
 
 use crate::vcpu::VcpuState;
+use crate::vm::PlatformState;
 use kvm_bindings::kvm_segment;
+use kvm_bindings::{kvm_pit_channel_state, KVM_IRQCHIP_IOAPIC};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use zerocopy::IntoBytes;
@@ -30,10 +38,15 @@ pub fn enabled() -> bool {
 
 /// MSR_IA32_TSC: advances between the save and the read-back.
 const MSR_TSC: u32 = 0x10;
-/// Hyper-V's HV_X64_MSR_VP_RUNTIME (0x40000010, the time this vCPU ran) and
-/// HV_X64_MSR_TIME_REF_COUNT (0x40000020, the partition reference counter), which KVM lists
-/// on SVM and VMX hosts: clocks in 100 ns units that advance like the TSC.
-const MSR_HV_CLOCKS: [u32; 2] = [0x4000_0010, 0x4000_0020];
+/// Hyper-V's HV_X64_MSR_TIME_REF_COUNT (0x40000020, the partition reference counter), which
+/// KVM lists on SVM and VMX hosts: a clock in 100 ns units that advances like the TSC.
+const MSR_HV_CLOCKS: [u32; 1] = [0x4000_0020];
+/// Hyper-V's HV_X64_MSR_VP_RUNTIME (0x40000010): KVM computes it from the run time of the
+/// host thread that reads it (`current`) plus an offset set by the thread that wrote it, so a
+/// value saved on a vCPU thread and read back on the loading thread differ by the two threads'
+/// run times, in either direction (seen in the nested host: saved 2^64-167998, read back
+/// 40435). Not compared; the guest cannot see it either (Ferry exposes no Hyper-V CPUID).
+const MSR_HV_VP_RUNTIME: u32 = 0x4000_0010;
 /// MSR_IA32_TSC_ADJUST: KVM may adjust it when it synchronizes the TSCs of a new VM's vCPUs.
 const MSR_TSC_ADJUST: u32 = 0x3b;
 /// IA32_SYSENTER_ESP and IA32_SYSENTER_EIP. AMD CPUs keep only their low 32 bits, and so does
@@ -198,7 +211,7 @@ pub fn vcpu_differences(saved: &VcpuState, now: &VcpuState) -> Vec<String> {
                 vb >= va,
                 format!("{idx:#x} went backwards: saved {va}, now {vb}"),
             ),
-            Some(_) if *idx == MSR_TSC_ADJUST => {}
+            Some(_) if *idx == MSR_TSC_ADJUST || *idx == MSR_HV_VP_RUNTIME => {}
             Some(vb) if MSR_SYSENTER_ESP_EIP.contains(idx) => d(
                 "MSR",
                 vb == va || *vb == va & 0xffff_ffff,
@@ -210,6 +223,104 @@ pub fn vcpu_differences(saved: &VcpuState, now: &VcpuState) -> Vec<String> {
                 format!("{idx:#x}: saved {va:#x}, now {vb:#x}"),
             ),
         }
+    }
+    out
+}
+
+/// The PIT's interrupt: IRQ 0 on the master PIC, GSI 2 on the IOAPIC (the MADT's override).
+const PIT_PIC_IRQ_BIT: u8 = 1 << 0;
+const PIT_IOAPIC_IRR_BIT: u32 = 1 << 2;
+/// How far past the expected value a read-back kvmclock may be: the load and the read-back
+/// are microseconds apart; a second means the clock was not restored but restarted elsewhere.
+const CLOCK_SLACK_NS: u64 = 1_000_000_000;
+
+/// Every difference between the platform state `saved` (loaded with kvmclock moved on by
+/// `advance_ns`) and the state `now` read back afterwards.
+pub fn platform_differences(
+    saved: &PlatformState,
+    now: &PlatformState,
+    advance_ns: u64,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for (name, a, b) in [
+        ("master PIC", &saved.pic_master, &now.pic_master),
+        ("slave PIC", &saved.pic_slave, &now.pic_slave),
+    ] {
+        // SAFETY: both are PIC chips (their ids were checked at load and KVM fills the `pic`
+        // member for them); the member is a plain struct of bytes.
+        let (pa, pb) = unsafe { (a.chip.pic, b.chip.pic) };
+        let timer = if name == "master PIC" {
+            PIT_PIC_IRQ_BIT
+        } else {
+            0
+        };
+        let (mut qa, mut qb) = (pa, pb);
+        for q in [&mut qa, &mut qb] {
+            q.irr &= !timer;
+            q.last_irr &= !timer;
+        }
+        if qa.as_bytes() != qb.as_bytes() || pb.irr & pa.irr != pa.irr {
+            out.push(format!("{name}: saved {pa:?}, now {pb:?}"));
+        }
+    }
+    if saved.ioapic.chip_id == KVM_IRQCHIP_IOAPIC && now.ioapic.chip_id == KVM_IRQCHIP_IOAPIC {
+        // SAFETY: the chip id says KVM filled the `ioapic` member, a plain struct of integers.
+        let (ia, ib) = unsafe { (saved.ioapic.chip.ioapic, now.ioapic.chip.ioapic) };
+        let (mut ja, mut jb) = (ia, ib);
+        ja.irr &= !PIT_IOAPIC_IRR_BIT;
+        jb.irr &= !PIT_IOAPIC_IRR_BIT;
+        if ja.as_bytes() != jb.as_bytes() {
+            let entries: Vec<String> = ia
+                .redirtbl
+                .iter()
+                .zip(&ib.redirtbl)
+                .enumerate()
+                // SAFETY: `bits` covers the whole 8-byte redirection entry.
+                .filter(|(_, (x, y))| unsafe { x.bits != y.bits })
+                // SAFETY: as above.
+                .map(|(i, (x, y))| unsafe { format!("GSI {i} {:#x} -> {:#x}", x.bits, y.bits) })
+                .collect();
+            out.push(format!(
+                "IOAPIC: saved id {} ioregsel {:#x} irr {:#x} base {:#x}, now {} {:#x} {:#x} {:#x}; {}",
+                ia.id,
+                ia.ioregsel,
+                ia.irr,
+                ia.base_address,
+                ib.id,
+                ib.ioregsel,
+                ib.irr,
+                ib.base_address,
+                if entries.is_empty() {
+                    "redirection table the same".to_string()
+                } else {
+                    entries.join(", ")
+                }
+            ));
+        }
+    } else {
+        out.push("IOAPIC: not an IOAPIC chip".into());
+    }
+    let channel = |c: &kvm_pit_channel_state| kvm_pit_channel_state {
+        count_load_time: 0,
+        ..*c
+    };
+    for (i, (a, b)) in saved.pit.channels.iter().zip(&now.pit.channels).enumerate() {
+        if channel(a).as_bytes() != channel(b).as_bytes() {
+            out.push(format!("PIT channel {i}: saved {a:?}, now {b:?}"));
+        }
+    }
+    if saved.pit.flags != now.pit.flags {
+        out.push(format!(
+            "PIT flags: saved {:#x}, now {:#x}",
+            saved.pit.flags, now.pit.flags
+        ));
+    }
+    let want = saved.clock.clock.wrapping_add(advance_ns);
+    if now.clock.clock < want || now.clock.clock - want > CLOCK_SLACK_NS {
+        out.push(format!(
+            "kvmclock: saved {} ns, moved on by {advance_ns} ns, read back {} ns",
+            saved.clock.clock, now.clock.clock
+        ));
     }
     out
 }
@@ -251,5 +362,53 @@ mod tests {
         assert!(vcpu_differences(&s2, &n2).is_empty());
         n2.msrs = vec![(0x175, 0x4000), (0x176, 0x1234)];
         assert_eq!(vcpu_differences(&s2, &n2).len(), 1);
+        // HV VP_RUNTIME depends on the reading thread: not compared; TIME_REF_COUNT must not
+        // go back.
+        s2.msrs = vec![(MSR_HV_VP_RUNTIME, u64::MAX - 167_998), (0x4000_0020, 500)];
+        n2.msrs = vec![(MSR_HV_VP_RUNTIME, 40_435), (0x4000_0020, 400)];
+        let d = vcpu_differences(&s2, &n2);
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert!(d[0].contains("0x40000020"), "{d:?}");
+    }
+
+    #[test]
+    fn platform_read_back_equals_what_was_loaded_and_names_what_does_not() {
+        use crate::persist::Persist;
+        use crate::vm::Platform;
+        use std::sync::Arc;
+        let kvm = crate::open_kvm().unwrap();
+        let vm = Arc::new(kvm.create_vm().unwrap());
+        let p = Platform::create(vm.clone()).unwrap();
+        p.mask_legacy_pics().unwrap();
+        let mut saved = p.save().unwrap();
+        // A state that is not the fresh one: an IOAPIC entry programmed, a PIT count loaded.
+        // SAFETY: chip_id is the IOAPIC's, so `ioapic` is the member KVM filled and reads.
+        unsafe { saved.ioapic.chip.ioapic.redirtbl[4].bits = 0x0000_0000_0000_0031 };
+        saved.pit.channels[2].count = 0x1234;
+        saved.pit.channels[2].mode = 2;
+        // The guest is moved on by 5 s.
+        let advance = 5_000_000_000;
+        let fresh = Platform::create(Arc::new(kvm.create_vm().unwrap())).unwrap();
+        fresh.apply_advanced(&saved, advance).unwrap();
+        let now = fresh.save().unwrap();
+        let d = platform_differences(&saved, &now, advance);
+        assert!(d.is_empty(), "{d:?}");
+        // Each kind of difference is named.
+        let mut other = now;
+        // SAFETY: as above.
+        unsafe { other.ioapic.chip.ioapic.redirtbl[4].bits = 0x0001_0000 };
+        other.pit.channels[2].count = 7;
+        other.pic_master.chip.pic.imr = 0;
+        other.clock.clock = saved.clock.clock + advance - 1;
+        let d = platform_differences(&saved, &other, advance);
+        assert_eq!(d.len(), 4, "{d:?}");
+        assert!(d.iter().any(|l| l.contains("GSI 4")), "{d:?}");
+        assert!(d.iter().any(|l| l.starts_with("PIT channel 2")), "{d:?}");
+        assert!(d.iter().any(|l| l.starts_with("master PIC")), "{d:?}");
+        assert!(d.iter().any(|l| l.starts_with("kvmclock")), "{d:?}");
+        // A clock restarted far ahead is named too.
+        other = fresh.save().unwrap();
+        other.clock.clock = saved.clock.clock + advance + 3 * CLOCK_SLACK_NS;
+        assert_eq!(platform_differences(&saved, &other, advance).len(), 1);
     }
 }

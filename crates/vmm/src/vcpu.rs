@@ -533,11 +533,10 @@ impl Vcpu {
 /// expects (a new VM's TSC starts at 0) as an attempt to keep vCPUs in step and keeps its own
 /// value, so a VM saved less than a second after it started would restore with a TSC that went
 /// backwards. Where KVM offers the vCPU TSC offset (KVM_VCPU_TSC_CTRL), the offset is set
-/// directly, as KVM's documentation describes for migration: one offset for all vCPUs whose
-/// saved TSCs agree within a millisecond (so KVM's master clock stays usable), the saved
-/// difference kept otherwise. An armed TSC-deadline timer is written again afterwards, so it
-/// fires at its deadline on the new TSC. Without the offset control (PVM, older kernels) the
-/// IA32_TSC writes stand. Returns whether the offsets were set.
+/// directly, as KVM's documentation describes for migration, to the TSCs [`tsc_targets`]
+/// chooses. An armed TSC-deadline timer is written again afterwards, so it fires at its
+/// deadline on the new TSC. Without the offset control (PVM, older kernels) the IA32_TSC
+/// writes stand. Returns whether the offsets were set.
 pub fn place_tsc(
     vcpus: &[Vcpu],
     states: &[VcpuState],
@@ -553,19 +552,14 @@ pub fn place_tsc(
         return Ok(false);
     }
     let khz = s0.tsc_khz.or_else(|| v0.fd.get_tsc_khz().ok()).unwrap_or(0);
+    let saved: Vec<u64> = states.iter().map(|s| s.tsc().unwrap_or(saved0)).collect();
     let offset0 = v0.tsc_offset()?;
     let now = v0.guest_tsc()?;
-    let desired = saved0.wrapping_add(tsc_ticks(advance_ns(), khz));
-    let base = offset0.wrapping_add(desired.wrapping_sub(now));
-    let ms = (khz as u64).max(1);
-    for (v, s) in vcpus.iter().zip(states) {
-        let delta = s.tsc().unwrap_or(saved0).wrapping_sub(saved0) as i64;
-        let off = if delta.unsigned_abs() <= ms {
-            base
-        } else {
-            base.wrapping_add(delta as u64)
-        };
-        v.set_tsc_offset(off)?;
+    let targets = tsc_targets(&saved, khz, tsc_ticks(advance_ns(), khz));
+    for ((v, s), target) in vcpus.iter().zip(states).zip(targets) {
+        // vCPU 0's guest TSC is `now` with `offset0`: each offset is that plus the distance
+        // from `now` to the vCPU's target.
+        v.set_tsc_offset(offset0.wrapping_add(target.wrapping_sub(now)))?;
         if let Some(&(_, deadline)) = s.msrs.iter().find(|(i, _)| *i == MSR_IA32_TSC_DEADLINE) {
             if deadline != 0 {
                 v.set_msr(MSR_IA32_TSC_DEADLINE, deadline)?;
@@ -573,6 +567,38 @@ pub fn place_tsc(
         }
     }
     Ok(true)
+}
+
+/// The guest TSC each vCPU gets when its state is loaded, from the TSCs `saved` (vCPU 0 first)
+/// at `khz`, moved on by `advance` ticks. vCPUs whose saved TSCs agree with vCPU 0's within a
+/// millisecond share one value (one offset, so KVM's master clock stays usable); as the vCPUs
+/// were saved one after the other, that value starts from the latest of their TSCs, so no vCPU's
+/// TSC goes backwards (the others move on by at most a millisecond, as in a short pause). A
+/// vCPU further apart keeps its saved distance from that group.
+pub fn tsc_targets(saved: &[u64], khz: u32, advance: u64) -> Vec<u64> {
+    let Some(&saved0) = saved.first() else {
+        return Vec::new();
+    };
+    let ms = (khz as u64).max(1);
+    let from0 = |t: u64| t.wrapping_sub(saved0) as i64;
+    let agrees = |t: u64| from0(t).unsigned_abs() <= ms;
+    let reference = saved
+        .iter()
+        .copied()
+        .filter(|&t| agrees(t))
+        .max_by_key(|&t| from0(t))
+        .unwrap_or(saved0);
+    let group = reference.wrapping_add(advance);
+    saved
+        .iter()
+        .map(|&t| {
+            if agrees(t) {
+                group
+            } else {
+                t.wrapping_add(advance)
+            }
+        })
+        .collect()
 }
 
 impl Vcpu {
@@ -682,5 +708,39 @@ impl Vcpu {
             .set_vcpu_events(&state.events)
             .map_err(kvm_err(id, "KVM_SET_VCPU_EVENTS"))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tsc_tests {
+    use super::tsc_targets;
+
+    const KHZ: u32 = 2_596_000; // one millisecond = 2_596_000 ticks
+
+    #[test]
+    fn vcpus_saved_one_after_the_other_share_the_latest_tsc_and_none_goes_backwards() {
+        // vCPU 1 was saved 0.4 ms after vCPU 0 (seen in the nested host: with vCPU 0's TSC
+        // for both, vCPU 1's went back by 1_058_791 ticks and the restore check refused it).
+        let saved = [32_021_086_913, 32_022_145_704];
+        let t = tsc_targets(&saved, KHZ, 0);
+        assert_eq!(t, vec![32_022_145_704; 2]);
+        let t = tsc_targets(&saved, KHZ, 5_000);
+        assert_eq!(t, vec![32_022_150_704; 2]);
+        // Whichever vCPU is later.
+        let t = tsc_targets(&[saved[1], saved[0], saved[1] - 7], KHZ, 0);
+        assert_eq!(t, vec![saved[1]; 3]);
+        for (s, t) in saved.iter().zip(tsc_targets(&saved, KHZ, 0)) {
+            assert!(t >= *s);
+        }
+    }
+
+    #[test]
+    fn a_vcpu_further_apart_keeps_its_distance() {
+        let saved = [1_000_000_000, 1_000_000_100, 1_000_000_000 + 5 * 2_596_000];
+        let t = tsc_targets(&saved, KHZ, 10);
+        assert_eq!(t, vec![1_000_000_110, 1_000_000_110, saved[2] + 10]);
+        // One vCPU, and none.
+        assert_eq!(tsc_targets(&[42], KHZ, 1), vec![43]);
+        assert!(tsc_targets(&[], KHZ, 1).is_empty());
     }
 }

@@ -64,7 +64,10 @@ pub fn run(args: BenchArgs) -> Result<i32> {
     if args.only == "all" || args.only == "migrate" {
         crate::bench_migrate::run(&dir, &args.migrate_sizes, args.max_downtime_ms)?;
     }
-    if !["all", "boot", "snapshot", "migrate"].contains(&args.only.as_str()) {
+    if args.only == "migrate-tls" {
+        crate::bench_migrate::run_tls(&dir, &args.migrate_sizes, 3, args.max_downtime_ms)?;
+    }
+    if !["all", "boot", "snapshot", "migrate", "migrate-tls"].contains(&args.only.as_str()) {
         bail!(
             "unknown benchmark {:?} (boot, snapshot, migrate, all)",
             args.only

@@ -64,6 +64,7 @@ pub struct Outcome {
     pub wire_mib: f64,
     pub passes: f64,
     pub throttle: f64,
+    pub pass0_mibs: f64,
 }
 
 fn kill(mut c: Child) {
@@ -71,7 +72,9 @@ fn kill(mut c: Child) {
     let _ = c.wait();
 }
 
-/// Migrates a Ferry VM between two `ferry-vmm` processes.
+/// Migrates a Ferry VM between two `ferry-vmm` processes (with `tls`: a PKI directory with
+/// nodes `src` and `dst`, mutual TLS; without: `--insecure`).
+#[allow(clippy::too_many_arguments)] // the benchmark matrix's axes, one argument each
 pub fn ferry_once(
     exe: &Path,
     dir: &Path,
@@ -80,6 +83,7 @@ pub fn ferry_once(
     streams: u16,
     compress: &str,
     max_downtime_ms: u64,
+    tls: Option<&Path>,
 ) -> Result<Outcome> {
     let (slog, ssock) = (dir.join("fsrc.serial"), dir.join("fsrc.sock"));
     let (dlog, dsock) = (dir.join("fdst.serial"), dir.join("fdst.sock"));
@@ -103,8 +107,41 @@ pub fn ferry_once(
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
+    // Plaintext, or mutual TLS between nodes `src` and `dst` of the PKI in `tls` with a
+    // fresh one-time secret.
+    let mut security: Vec<String> = Vec::new();
+    let (transport, secret) = match tls {
+        None => {
+            security.push("--insecure".into());
+            (contract::trust::Transport::Insecure, None)
+        }
+        Some(pki) => {
+            let f = trust::pki::node_files(pki, "dst");
+            let secret = trust::secret::generate()?;
+            let sfile = dir.join("fdst.secret");
+            std::fs::write(&sfile, secret.to_hex())?;
+            for (k, v) in [
+                ("--tls-cert", &f.cert),
+                ("--tls-key", &f.key),
+                ("--tls-ca", &f.ca),
+                ("--secret-file", &sfile),
+            ] {
+                security.extend([k.to_string(), v.display().to_string()]);
+            }
+            security.extend(["--peer-node".into(), "src".into()]);
+            (
+                contract::trust::Transport::Tls {
+                    files: trust::pki::node_files(pki, "src"),
+                    peer_node: "dst".into(),
+                },
+                Some(secret),
+            )
+        }
+    };
     let dst = Command::new(exe)
-        .args(["receive", "--listen", "127.0.0.1:0", "--serial-log"])
+        .args(["receive", "--listen", "127.0.0.1:0"])
+        .args(&security)
+        .arg("--serial-log")
         .arg(&dlog)
         .arg("--api-socket")
         .arg(&dsock)
@@ -130,6 +167,8 @@ pub fn ferry_once(
             dry_run: false,
             external_commit: false,
             max_protocol: None,
+            transport,
+            secret,
         };
         let mut session = MigrateSession::start(&ssock, cmd)?;
         let s = loop {
@@ -155,6 +194,7 @@ pub fn ferry_once(
             ),
             wire_mib: s.bytes_sent as f64 / (1 << 20) as f64,
             passes: s.passes as f64,
+            pass0_mibs: s.pass0_mibs,
             throttle: s.max_throttle_pct as f64,
         })
     })();
@@ -282,6 +322,7 @@ pub fn qemu_once(
             wire_mib: f(&info["ram"], "transferred") / (1 << 20) as f64,
             passes: f(&info["ram"], "dirty-sync-count"),
             throttle: f(&info, "cpu-throttle-percentage"),
+            pass0_mibs: 0.0,
         })
     })();
     kill(src);
@@ -385,13 +426,13 @@ pub fn run(dir: &Path, sizes: &[u64], max_downtime_ms: u64) -> Result<()> {
         println!("|---|---|---|---|---|---|---|");
         let mut ratios = Vec::new();
         for w in workloads(mem) {
-            let f1 = ferry_once(&exe, dir, mem, &w, 1, "none", max_downtime_ms);
+            let f1 = ferry_once(&exe, dir, mem, &w, 1, "none", max_downtime_ms, None);
             println!("{}", row(&format!("{}: Ferry 1 stream", w.name), &f1));
-            let f4 = ferry_once(&exe, dir, mem, &w, 4, "none", max_downtime_ms);
+            let f4 = ferry_once(&exe, dir, mem, &w, 4, "none", max_downtime_ms, None);
             println!("{}", row(&format!("{}: Ferry 4 streams", w.name), &f4));
-            let fl = ferry_once(&exe, dir, mem, &w, 1, "lz4", max_downtime_ms);
+            let fl = ferry_once(&exe, dir, mem, &w, 1, "lz4", max_downtime_ms, None);
             println!("{}", row(&format!("{}: Ferry 1 stream lz4", w.name), &fl));
-            let fz = ferry_once(&exe, dir, mem, &w, 4, "zstd", max_downtime_ms);
+            let fz = ferry_once(&exe, dir, mem, &w, 4, "zstd", max_downtime_ms, None);
             println!("{}", row(&format!("{}: Ferry 4 streams zstd", w.name), &fz));
             if have_qemu {
                 let q1 = qemu_once(&elf, dir, mem, &w, 1, max_downtime_ms);
@@ -415,6 +456,82 @@ pub fn run(dir: &Path, sizes: &[u64], max_downtime_ms: u64) -> Result<()> {
             for r in ratios {
                 println!("{r}");
             }
+        }
+        println!();
+    }
+    Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[v.len() / 2]
+}
+
+/// `ferry-vmm bench --only migrate-tls`: the same migrations with mutual TLS and in plaintext,
+/// interleaved in one run (`reps` of each, medians), 1 and 4 streams, per guest size.
+pub fn run_tls(dir: &Path, sizes: &[u64], reps: usize, max_downtime_ms: u64) -> Result<()> {
+    let exe = std::env::current_exe()?;
+    let pki = dir.join("bench-pki");
+    trust::pki::init(&pki, true)?;
+    for n in ["src", "dst"] {
+        trust::pki::issue(&pki, &trust::Identity::node(n)?, &["127.0.0.1".into()], 1)?;
+    }
+    println!("## Migration with mutual TLS against plaintext (same run, loopback)\n");
+    println!("1 vCPU test guest, downtime limit {max_downtime_ms} ms, no compression; TLS 1.3 (rustls, ring) on the control and every data connection, both node identities checked, one-time secret. Medians of {reps} runs each, TLS and plaintext interleaved.\n");
+    for &mem in sizes {
+        let size = if mem >= 1024 {
+            format!("{} GiB", mem / 1024)
+        } else {
+            format!("{mem} MiB")
+        };
+        println!("### {size} guest\n");
+        println!(
+            "| workload | streams | transport | total ms | downtime ms | pass-0 MiB/s | passes |"
+        );
+        println!("|---|---|---|---|---|---|---|");
+        let mut cost = Vec::new();
+        for w in workloads(mem).into_iter().take(2) {
+            for streams in [1u16, 4] {
+                let (mut plain, mut tls) = (Vec::new(), Vec::new());
+                for _ in 0..reps {
+                    for (secure, out) in [(false, &mut plain), (true, &mut tls)] {
+                        let pk = secure.then_some(pki.as_path());
+                        match ferry_once(&exe, dir, mem, &w, streams, "none", max_downtime_ms, pk) {
+                            Ok(o) => out.push(o),
+                            Err(e) => eprintln!("{} {streams} streams tls={secure}: {e:#}", w.name),
+                        }
+                    }
+                }
+                let med = |v: &[Outcome], f: fn(&Outcome) -> f64| median(v.iter().map(f).collect());
+                let row = |label: &str, v: &[Outcome]| {
+                    println!(
+                        "| {} | {streams} | {label} | {:.0} | {:.2} | {:.0} | {:.0} |",
+                        w.name,
+                        med(v, |o| o.total_ms),
+                        med(v, |o| o.downtime_ms),
+                        med(v, |o| o.pass0_mibs),
+                        med(v, |o| o.passes),
+                    );
+                };
+                row("plaintext", &plain);
+                row("mTLS", &tls);
+                cost.push(format!(
+                    "| {} | {streams} | {:+.1} % | {:+.2} ms | {:+.1} % |",
+                    w.name,
+                    (med(&tls, |o| o.total_ms) / med(&plain, |o| o.total_ms) - 1.0) * 100.0,
+                    med(&tls, |o| o.downtime_ms) - med(&plain, |o| o.downtime_ms),
+                    (med(&tls, |o| o.pass0_mibs) / med(&plain, |o| o.pass0_mibs) - 1.0) * 100.0,
+                ));
+            }
+        }
+        println!("\nWhat TLS costs ({size}):\n");
+        println!("| workload | streams | total time | downtime | pass-0 throughput |");
+        println!("|---|---|---|---|---|");
+        for c in cost {
+            println!("{c}");
         }
         println!();
     }

@@ -4,4 +4,5 @@
 
 pub mod api;
 pub mod qmp;
+pub mod security;
 pub mod server;

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use vmm::{KernelSource, Vm, VmConfig};
 use worker::api::{self, MigrateCommand, MigrateSession, Reply, Request};
+use worker::security::{self, TlsArgs};
 use worker::server;
 
 mod bench;
@@ -125,6 +126,13 @@ enum Cmd {
         verify_state: bool,
         #[command(flatten)]
         host: HostArgs,
+        /// Mutual TLS with the source (`--peer-node`: the source node), or --insecure.
+        #[command(flatten)]
+        tls: TlsArgs,
+        /// File with the one-time secret (64 hex digits) the source must present; required
+        /// with TLS. It admits one session: a second one presenting it is refused as a replay.
+        #[arg(long)]
+        secret_file: Option<PathBuf>,
     },
     /// Send a command to a running worker.
     Ctl {
@@ -228,6 +236,13 @@ enum CtlCmd {
         /// destination speaks anyway; this pins an older one).
         #[arg(long)]
         max_protocol: Option<u32>,
+        /// Mutual TLS with the destination (`--peer-node`: the destination node), or
+        /// --insecure. The files are read by the worker.
+        #[command(flatten)]
+        tls: Box<TlsArgs>,
+        /// File with the destination's one-time secret.
+        #[arg(long)]
+        secret_file: Option<PathBuf>,
     },
     /// Cancel a running outgoing migration (the VM stays here).
     Cancel,
@@ -372,8 +387,22 @@ fn real_main(cli: Cli) -> Result<i32> {
             max_protocol,
             verify_state,
             host,
+            tls,
+            secret_file,
         } => {
             vmm::statecheck::enable(verify_state);
+            let transport = tls.transport()?;
+            let server_tls = security::server_tls(&transport)?;
+            if server_tls.is_none() {
+                eprintln!("{}", security::INSECURE_WARNING);
+            }
+            let secret = match &secret_file {
+                Some(f) => Some(security::read_secret(f)?),
+                None if server_tls.is_some() => bail!(
+                    "--secret-file is required with TLS: the one-time secret binds the receiver to its migration"
+                ),
+                None => None,
+            };
             if let Some(p) = &host_profile {
                 if !vmm::cpuid::PROFILE_NAMES.contains(&p.as_str()) {
                     bail!(
@@ -412,6 +441,8 @@ fn real_main(cli: Cli) -> Result<i32> {
                 external: decision,
                 protocols: migration::wire::MIN_PROTOCOL_VERSION
                     ..=max_protocol.unwrap_or(migration::wire::PROTOCOL_VERSION),
+                tls: server_tls,
+                secret,
             };
             let on_early = |m: &str| eprintln!("ferry-vmm: {m}; still waiting");
             match migration::recv::receive(&kvm, &tcp, &opts, serial.file()?, &incoming, &on_early)
@@ -444,6 +475,8 @@ fn real_main(cli: Cli) -> Result<i32> {
                     dry_run,
                     output,
                     max_protocol,
+                    tls,
+                    secret_file,
                 },
         } => {
             let json = match output.as_str() {
@@ -457,6 +490,11 @@ fn real_main(cli: Cli) -> Result<i32> {
                 dry_run,
                 external_commit: false,
                 max_protocol,
+                transport: tls.transport()?,
+                secret: secret_file
+                    .as_deref()
+                    .map(security::read_secret)
+                    .transpose()?,
             };
             let mut session = MigrateSession::start(&api_socket, cmd)?;
             loop {

@@ -381,6 +381,13 @@ fn migrate(cmd: MigrateCommand, ctx: &Arc<Ctx>, w: &mut UnixStream, r: &mut BufR
             ),
         );
     }
+    let tls = match crate::security::client_tls(&cmd.transport) {
+        Ok(t) => t,
+        Err(e) => return refuse(w, format!("{e:#}")),
+    };
+    if tls.is_none() {
+        eprintln!("{}", crate::security::INSECURE_WARNING);
+    }
     if ctx.migrating.swap(true, Ordering::SeqCst) {
         return refuse(w, "a migration is already running");
     }
@@ -392,6 +399,8 @@ fn migrate(cmd: MigrateCommand, ctx: &Arc<Ctx>, w: &mut UnixStream, r: &mut BufR
             .max_protocol
             .unwrap_or(migration::wire::PROTOCOL_VERSION),
         state_version: migration::wire::STATE_VERSION,
+        tls,
+        secret: cmd.secret.clone(),
     };
     let mctl = Arc::new(MigrationControl::default());
     *ctx.outgoing.lock().unwrap_or_else(|e| e.into_inner()) = Some(mctl.clone());

@@ -154,6 +154,8 @@ fn commit_args(to: &str) -> MigrateCommand {
         dry_run: false,
         external_commit: true,
         max_protocol: None,
+        transport: contract::trust::Transport::Insecure,
+        secret: None,
     }
 }
 
@@ -219,7 +221,7 @@ fn a_destination_that_cannot_open_the_disk_refuses_in_preflight() {
     let serial = d.join("dst.serial");
     let sock = d.join("dst.sock");
     let script = format!(
-        "mount -t tmpfs none '{}' && exec '{}' receive --listen 127.0.0.1:0 --serial-log '{}' --api-socket '{}'",
+        "mount -t tmpfs none '{}' && exec '{}' receive --listen 127.0.0.1:0 --insecure --serial-log '{}' --api-socket '{}'",
         d.display(),
         bin().display(),
         serial.display(),

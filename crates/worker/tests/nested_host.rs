@@ -1,10 +1,12 @@
 //! Ferry on an ordinary KVM: the nested SVM test host (`tests/nested/mod.rs`, ../shared/NESTED.md).
 //! One L1 boot runs the test guest through everything that restores a VM there: pause +
-//! snapshot + `ferry-vmm restore` in a new process, then live migrations between workers (one
-//! stream; four streams with lz4). Each step continues the guest exactly: heartbeat counters
-//! continuous across all four serial logs, the memory verifier clean, no PANIC. (A loop of
-//! more generations paused at random moments hung once inside L1 with nothing printed: it
-//! waits until its steps are bounded and report what they were doing.)
+//! snapshot + `ferry-vmm restore` in a new process (and, in the opt-in test, twenty more
+//! generations paused at random moments), then live migrations between workers (one stream;
+//! four streams with lz4). Each step continues the guest exactly: heartbeat counters
+//! continuous across every serial log, the
+//! memory verifier clean, no PANIC, and every restore reads the loaded state back
+//! (`--verify-state`). Every step inside L1 is bounded (`timeout`, wall-clock waits) and a
+//! failed one is named with its files.
 
 mod common;
 mod nested;
@@ -13,9 +15,11 @@ use common::Log;
 use std::time::Duration;
 
 const SCENARIO: &str = r#"
-FILES="/tmp/a.log /tmp/b.log /tmp/c.log /tmp/d.log /tmp/a.out /tmp/b.out /tmp/c.out /tmp/d.out /tmp/snap.json /tmp/m1.json /tmp/m2.json"
-# A failed step ends the scenario: what happened is in the files.
-stop_here() { result "$1" failed; for f in $FILES; do [ -e $f ] && dump $f; done; echo FERRY-DONE; poweroff -f; }
+GENS="$(seq 1 $NGENS)"
+FILES="/tmp/a.log /tmp/b.log $(for g in $GENS; do echo /tmp/g$g.log /tmp/g$g.out; done) /tmp/c.log /tmp/d.log /tmp/a.out /tmp/b.out /tmp/c.out /tmp/d.out /tmp/snap.json /tmp/m1.json /tmp/m2.json /tmp/gen.out"
+# A failed step ends the scenario: what happened is in the files. Only Ferry's test guest runs
+# here (the harness reads a page fault in it as the emulator's: nested::test_guest_page_fault).
+result l2 test-guest
 G="ferry.workload=verify ferry.wss_mib=16 ferry.hb_ms=50"
 ferry-vmm run --kernel test-guest --vcpus 2 --memory-mib 128 --cmdline "$G" \
     --serial-log /tmp/a.log --api-socket /tmp/a.sock > /tmp/a.out 2>&1 &
@@ -25,16 +29,36 @@ ferry-vmm ctl --api-socket /tmp/a.sock snapshot /tmp/a.snap > /tmp/snap.json 2>&
 ferry-vmm ctl --api-socket /tmp/a.sock shutdown > /dev/null
 sleep 0.5
 ferry-vmm restore --verify-state --snapshot /tmp/a.snap --serial-log /tmp/b.log --api-socket /tmp/b.sock > /tmp/b.out 2>&1 &
-wait_for /tmp/b.log "^verify ok" 4 120 $! && result restore ok || stop_here restore
-ferry-vmm receive --verify-state --listen 127.0.0.1:7001 --serial-log /tmp/c.log --api-socket /tmp/c.sock > /tmp/c.out 2>&1 &
+B=$!
+wait_for /tmp/b.log "^verify ok" 4 120 $B && result restore ok || stop_here restore
+# Twenty more generations, each paused at a random moment (0-1.9 s after the last one
+# verified), snapshotted and restored in a new worker with the state read back. Every step
+# is bounded and says which one failed (its output and the worker's are in the files).
+P=b; PID=$B
+for g in $GENS; do
+  sleep $((RANDOM % 2)).$((RANDOM % 10))
+  kill -0 $PID 2>/dev/null || { wait $PID; result gen$g-worker-exit "$P status $?"; stop_here gen$g-worker-gone; }
+  timeout 60 ferry-vmm ctl --api-socket /tmp/$P.sock pause >> /tmp/gen.out 2>&1 || stop_here gen$g-pause
+  timeout 120 ferry-vmm ctl --api-socket /tmp/$P.sock snapshot /tmp/g$g.snap >> /tmp/gen.out 2>&1 || stop_here gen$g-snapshot
+  timeout 60 ferry-vmm ctl --api-socket /tmp/$P.sock shutdown >> /tmp/gen.out 2>&1 || stop_here gen$g-shutdown
+  gone $PID 30 || stop_here gen$g-exit
+  ferry-vmm restore --verify-state --snapshot /tmp/g$g.snap --serial-log /tmp/g$g.log --api-socket /tmp/g$g.sock > /tmp/g$g.out 2>&1 &
+  PID=$!
+  wait_for /tmp/g$g.log "^verify ok" 4 120 $PID || { dump /tmp/g$g.out; stop_here gen$g-restore; }
+  rm -f /tmp/g$g.snap
+  echo "generation $g ok" >> /tmp/gen.out
+  P=g$g
+done
+result generations ok
+ferry-vmm receive --insecure --verify-state --listen 127.0.0.1:7001 --serial-log /tmp/c.log --api-socket /tmp/c.sock > /tmp/c.out 2>&1 &
 C=$!
 sleep 1
-ferry-vmm ctl --api-socket /tmp/b.sock migrate --to 127.0.0.1:7001 --output json > /tmp/m1.json 2>&1 && result migrate1 ok || stop_here migrate1
+timeout 300 ferry-vmm ctl --api-socket /tmp/$P.sock migrate --to 127.0.0.1:7001 --insecure --output json > /tmp/m1.json 2>&1 && result migrate1 ok || stop_here migrate1
 wait_for /tmp/c.log "^verify ok" 4 120 $C && result after1 ok || stop_here after1
-ferry-vmm receive --verify-state --listen 127.0.0.1:7002 --serial-log /tmp/d.log --api-socket /tmp/d.sock > /tmp/d.out 2>&1 &
+ferry-vmm receive --insecure --verify-state --listen 127.0.0.1:7002 --serial-log /tmp/d.log --api-socket /tmp/d.sock > /tmp/d.out 2>&1 &
 D=$!
 sleep 1
-ferry-vmm ctl --api-socket /tmp/c.sock migrate --to 127.0.0.1:7002 --streams 4 --compress lz4 --output json > /tmp/m2.json 2>&1 && result migrate2 ok || stop_here migrate2
+timeout 300 ferry-vmm ctl --api-socket /tmp/c.sock migrate --to 127.0.0.1:7002 --insecure --streams 4 --compress lz4 --output json > /tmp/m2.json 2>&1 && result migrate2 ok || stop_here migrate2
 wait_for /tmp/d.log "^verify ok" 4 120 $D && result after2 ok || stop_here after2
 ferry-vmm ctl --api-socket /tmp/d.sock shutdown > /dev/null
 sleep 0.5
@@ -48,15 +72,41 @@ for f in $FILES; do dump $f; done
 /// checked in too late under a busy TCG (the guest now waits for every CPU CPUID announces).
 #[test]
 fn the_test_guest_survives_restore_and_migration_on_svm_kvm() {
-    let out = nested::run_l1(SCENARIO, &[], Duration::from_secs(900));
+    run(0);
+}
+
+/// The same with twenty snapshot generations at random moments between the restore and the
+/// migrations (about 90 s). It was out of the suite until 2026-12-02, blamed on the emulator;
+/// most of its failures were Ferry's: a restored vCPU whose TSC had been saved up to a
+/// millisecond after vCPU 0's got vCPU 0's TSC, went backwards, and `--verify-state` refused
+/// it (`vCPU 1 TSC: 0x10 went backwards`; fixed in `vcpu::tsc_targets`). Since: 3 of 3 runs
+/// passed, one after a recognised test-host failure (docs/NESTED.md).
+#[test]
+fn twenty_random_moment_generations_on_svm_kvm() {
+    run(20);
+}
+
+fn run(generations: u32) {
+    let scenario = format!("NGENS={generations}\n{SCENARIO}");
+    let out = nested::run_l1(&scenario, &[], Duration::from_secs(900));
     println!("L1 ran {:.0} s; results {:?}", out.seconds, out.results);
     assert!(out.done, "L1 did not finish:\n{}", out.tail(80));
     assert_eq!(out.result("kvm"), "present", "{}", out.tail(80));
     for step in [
-        "boot", "snapshot", "restore", "migrate1", "after1", "migrate2", "after2",
+        "boot",
+        "snapshot",
+        "restore",
+        "generations",
+        "migrate1",
+        "after1",
+        "migrate2",
+        "after2",
     ] {
         assert_eq!(
-            out.result(step),
+            out.results
+                .get(step)
+                .map(String::as_str)
+                .unwrap_or("not reached"),
             "ok",
             "{step} failed in L1:\n{}\n{:?}",
             out.tail(60),
@@ -70,7 +120,12 @@ fn the_test_guest_survives_restore_and_migration_on_svm_kvm() {
                 .collect::<Vec<_>>()
         );
     }
-    let names = ["a", "b", "c", "d"];
+    let gens: Vec<String> = (1..=generations).map(|g| format!("g{g}")).collect();
+    let names: Vec<&str> = ["a", "b"]
+        .into_iter()
+        .chain(gens.iter().map(String::as_str))
+        .chain(["c", "d"])
+        .collect();
     let logs: Vec<&str> = names
         .iter()
         .map(|n| format!("/tmp/{n}.log"))

@@ -46,7 +46,6 @@ n=0; while :; do n=$((n+1)); echo "L2-TICK $n $(cat /sys/class/rtc/rtc0/since_ep
 
 const SCENARIO: &str = r#"
 FILES="/tmp/g.log /tmp/g.out /tmp/d.log /tmp/d.out /tmp/m.json"
-stop_here() { result "$1" failed; for f in $FILES; do [ -e $f ] && dump $f; done; echo FERRY-DONE; poweroff -f; }
 for m in llc stp bridge tun; do insmod /mods/$m.ko || result insmod-failed $m; done
 ip link add br0 type bridge && ip link set br0 up || stop_here bridge
 dd if=/dev/zero of=/tmp/disk.img bs=1M count=8 2>/dev/null
@@ -54,16 +53,17 @@ ferry-vmm run --kernel /l2/vmlinuz --initrd /l2/initrd.cpio --vcpus 2 --memory-m
     --disk /tmp/disk.img --nic 52:54:00:12:34:56 --net-backend bridge=br0 \
     --cmdline "console=ttyS0 ferry.l1_time=$(date +%s)" \
     --serial-log /tmp/g.log --api-socket /tmp/g.sock > /tmp/g.out 2>&1 &
+G=$!
 result started "$(cat /proc/uptime)"
-wait_for /tmp/g.log "L2-RESULT date" 1 700 && result l1-date "$(date +%s)" || stop_here l2
+wait_for /tmp/g.log "L2-RESULT date" 1 700 $G && result l1-date "$(date +%s)" || stop_here l2
 result l2-up "$(cat /proc/uptime)"
-wait_for /tmp/g.log "L2-RESULT done" 1 30 || stop_here done
+wait_for /tmp/g.log "L2-RESULT done" 1 30 $G || stop_here done
 # Live migration of the running Linux guest to a second worker in L1.
-wait_for /tmp/g.log "^L2-TICK" 3 120 || stop_here ticks
-ferry-vmm receive --listen 127.0.0.1:7000 --net-backend bridge=br0 --serial-log /tmp/d.log \
+wait_for /tmp/g.log "^L2-TICK" 3 120 $G || stop_here ticks
+ferry-vmm receive --insecure --listen 127.0.0.1:7000 --net-backend bridge=br0 --serial-log /tmp/d.log \
     --api-socket /tmp/d.sock > /tmp/d.out 2>&1 &
 sleep 1
-ferry-vmm ctl --api-socket /tmp/g.sock migrate --to 127.0.0.1:7000 --output json > /tmp/m.json 2>&1 \
+ferry-vmm ctl --api-socket /tmp/g.sock migrate --to 127.0.0.1:7000 --insecure --output json > /tmp/m.json 2>&1 \
     && result migrate ok || stop_here migrate
 wait_for /tmp/d.log "^L2-TICK" 3 120 && result after-date "$(date +%s)" || stop_here after
 ferry-vmm ctl --api-socket /tmp/d.sock shutdown > /dev/null
@@ -148,7 +148,11 @@ fn stock_debian_linux_boots_with_all_vcpus_and_devices() {
     let r = l2_results(&log);
     assert!(
         r.contains_key("done"),
-        "L2 did not finish its report.\nferry-vmm: {vmm_out}\nL2 serial log:\n{log}"
+        "L2 did not finish its report.\nferry-vmm: {vmm_out}\nL1 results: {:?}\n\
+         L1's KVM trace (end):\n{}\nL2 serial log (end):\n{}",
+        out.results,
+        out.kvm_trace(),
+        common::tail(&log, 60)
     );
     let ctx = || format!("L2 results {r:?}\nL2 serial log:\n{log}");
     assert!(
@@ -291,5 +295,114 @@ fn stock_debian_linux_boots_with_all_vcpus_and_devices() {
     assert!(
         (after_date - last_date).abs() <= 3,
         "L2 clock {last_date}, L1 clock {after_date}"
+    );
+}
+
+/// The harness repeats a run only when the test host failed: L1's kernel locked up, a guest ran
+/// at L1's own VMRUN return address, or QEMU ended without L1 saying why; a scenario that
+/// failed (or ended `/init`) is reported as is.
+#[test]
+fn the_harness_tells_a_failed_test_host_from_a_failed_scenario() {
+    let out = |console: &str, done: bool| {
+        let mut o = nested::parse(console.to_string(), 1.0);
+        o.done = done;
+        o
+    };
+    // As the L1 of a hung run printed it (2026-12-02, right after a restore).
+    let hung = "FERRY-RESULT restore ok\n\
+        [   33.637802] rcu: INFO: rcu_preempt self-detected stall on CPU\n\
+        [   60.807895] watchdog: BUG: soft lockup - CPU#0 stuck for 48s! [swapper/0:0]\n";
+    let why = nested::host_failure(&out(hung, false), false).expect("a lockup is the host's");
+    assert!(why.contains("rcu_preempt self-detected stall"), "{why}");
+    assert!(
+        nested::host_failure(&out(hung, true), true).is_none(),
+        "a finished run stands"
+    );
+    let overflow = "FERRY-RESULT kvm present\n\
+        [   18.566351] BUG: TASK stack guard page was hit at 00000000fd3ac741 (stack is 0000000088530647..00000000734dbfbd)\n\
+        [   18.566351] RIP: 0010:exc_page_fault+0x15/0x170\n\
+        [   19.537403] Kernel panic - not syncing: corrupted stack end detected inside scheduler\n";
+    let why = nested::host_failure(&out(overflow, false), true).expect("L1's stack overflow");
+    assert!(why.contains("stack guard page"), "{why}");
+    // A guest triple fault with no known signature is not the host's (it gets one more run in
+    // run_l1_with, and a second one fails): only a failed step's worker saying so counts.
+    let tf = |result: &str, line: &str| {
+        out(
+            &format!(
+                "FERRY-RESULT {result}\nFERRY-FILE-BEGIN /tmp/v3.out\n{line}\nFERRY-FILE-END /tmp/v3.out\nFERRY-DONE\n"
+            ),
+            true,
+        )
+    };
+    let stopped = "ferry-vmm: VM stopped: vCPU 0 triple-faulted (guest reset)";
+    let o = tf("restore-v failed", stopped);
+    assert!(nested::host_failure(&o, true).is_none());
+    assert!(nested::guest_triple_fault(&o)
+        .unwrap()
+        .contains("vCPU 0 triple-faulted"));
+    assert!(nested::guest_triple_fault(&tf("restore-v ok", stopped)).is_none());
+    assert!(nested::guest_triple_fault(&tf("restore-v failed", "verify FAILED")).is_none());
+    // A Linux vCPU resumed after a serial-port write, whose next instruction's fetch faults in
+    // the page it has just executed from (CI, 2026-12-02): the host's; the same shutdown at
+    // an address elsewhere is the guest's.
+    let fetch = |rip: &str| {
+        format!(
+            "FERRY-RESULT migrate1 failed\nFERRY-FILE-BEGIN /tmp/kvm-trace\n\
+             vcpu1-144 [000] ..... 39.904931: kvm_exit: vcpu 1 reason io rip 0xffffffffb36aa496 info1 0x0000000003f80010 info2 0xffffffffb36aa497 intr_info 0x00000000 error_code 0x00000000\n\
+             vcpu0-143 [001] ..... 39.904984: kvm_exit: vcpu 0 reason npf rip 0xffffffffc035a0d3 info1 0x000000010000000e info2 0x00000000d0000050 intr_info 0x00000000 error_code 0x00000000\n\
+             vcpu1-144 [000] .N... 39.912795: kvm_exit: vcpu 1 reason shutdown rip {rip} info1 0x0000000000000000 info2 0x0000000000000000 intr_info 0x80000b0e error_code 0x00000010\n\
+             \nFERRY-FILE-END /tmp/kvm-trace\nFERRY-DONE\n"
+        )
+    };
+    let why = nested::host_failure(&out(&fetch("0xffffffffb36aa497"), true), true)
+        .expect("a fetch fault on resume is the emulator's");
+    assert!(why.contains("resumed at"), "{why}");
+    assert!(nested::host_failure(&out(&fetch("0xffffffffb36ab000"), true), true).is_none());
+    let reset = "FERRY-RESULT started 6.73 5.00\n";
+    assert!(nested::host_failure(&out(reset, false), true).is_some());
+    let died =
+        "FERRY-RESULT started 1\n[ 9.1] Kernel panic - not syncing: Attempted to kill init!\n";
+    assert!(nested::host_failure(&out(died, false), true).is_none());
+    // Killed at the test's own timeout with nothing from L1's kernel: the scenario's failure;
+    // killed because L1 stopped printing its sign of life: the host's.
+    assert!(nested::host_failure(&out(reset, false), false).is_none());
+    let mut silent = out(reset, false);
+    silent.wedged = true;
+    assert!(nested::host_failure(&silent, false).is_some());
+    // A failed step whose KVM trace shows a guest at L1's VMRUN return address (as seen
+    // 2026-12-02: kvm_amd's .noinstr.text at 0xffffffffc031f000 + 0x140f0, VMRUN + 3 at +0x11c).
+    let trace = |rip: &str| {
+        format!(
+            "FERRY-RESULT kvm-amd-noinstr 0xffffffffc03330f0\nFERRY-RESULT migrate2 failed\n\
+             FERRY-FILE-BEGIN /tmp/kvm-trace\n\
+             vcpu0-250 [000] ..... 15.022567: kvm_exit: vcpu 0 reason npf rip 0x100c91 info1 0x0000000100000007\n\
+             vcpu0-250 [000] ..... 15.023340: kvm_exit: vcpu 0 reason shutdown rip {rip} info1 0x0\n\
+             \nFERRY-FILE-END /tmp/kvm-trace\nFERRY-DONE\n"
+        )
+    };
+    let why = nested::host_failure(&out(&trace("0xffffffffc033320c"), true), true)
+        .expect("a host RIP in the guest is the emulator's");
+    assert!(why.contains("0xffffffffc033320c"), "{why}");
+    // The same failure with the guest's own RIP (an L2 Linux module, say) is the guest's.
+    assert!(nested::host_failure(&out(&trace("0xffffffffc0451000"), true), true).is_none());
+    // A shutdown delivering a page fault (CI, 2026-12-02, a restored generation): the host's
+    // when the scenario runs only the test guest (which cannot take a page fault), the guest's
+    // otherwise.
+    let pf = |l2: &str| {
+        format!(
+            "{l2}FERRY-RESULT kvm-amd-noinstr 0xffffffffc03510f0\nFERRY-RESULT gen4-restore failed\n\
+             FERRY-FILE-BEGIN /tmp/kvm-trace\n\
+             vcpu0-435 [000] ..... 21.073148: kvm_exit: vcpu 0 reason npf rip 0x108a74 info1 0x0000000100000004 info2 0x00000000015f0000 intr_info 0x00000000 error_code 0x00000000\n\
+             vcpu0-435 [000] ..... 21.075392: kvm_exit: vcpu 0 reason shutdown rip 0x108a74 info1 0x0000000000000000 info2 0x0000000000000000 intr_info 0x80000b0e error_code 0x00000004\n\
+             \nFERRY-FILE-END /tmp/kvm-trace\nFERRY-DONE\n"
+        )
+    };
+    let why = nested::host_failure(&out(&pf("FERRY-RESULT l2 test-guest\n"), true), true)
+        .expect("a page fault in the test guest is the emulator's");
+    assert!(why.contains("0x80000b0e"), "{why}");
+    assert!(nested::host_failure(&out(&pf(""), true), true).is_none());
+    assert!(
+        nested::host_failure(&out(&pf("FERRY-RESULT l2 linux\n"), true), true).is_none(),
+        "a Linux guest takes page faults"
     );
 }

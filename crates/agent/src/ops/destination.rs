@@ -32,8 +32,10 @@ impl Agent {
         if !cluster::valid_name(&name) {
             return Err(AgentError::BadRequest(format!("invalid VM name {name:?}")));
         }
-        let mine = self.node_info();
-        if !mine.schedulable {
+        // Whether this node takes VMs is the store's word (a drain or undrain through any
+        // agent changes it there; this agent's copy is only what it was at start-up).
+        let me = self.node_or_404(self.name())?;
+        if !me.info.schedulable {
             return Err(AgentError::Conflict(format!(
                 "node {} is drained",
                 self.name()
@@ -68,6 +70,37 @@ impl Agent {
             "--migration-id".into(),
             req.migration.clone(),
         ];
+        // Mutual TLS with the source node the request names, and a fresh one-time secret
+        // that only the source agent learns (in the reply); plaintext if this node has no
+        // certificate.
+        let secret = match &self.cfg.tls {
+            Some(files) => {
+                let secret = trust::secret::generate()
+                    .map_err(|e| AgentError::Internal(format!("migration secret: {e}")))?;
+                let dir = crate::workers::vm_dir(&self.cfg.data_dir, &name);
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| AgentError::Internal(format!("{}: {e}", dir.display())))?;
+                let file = dir.join("receive.secret");
+                trust::secret::write_file(&file, &secret).map_err(|e| {
+                    let cause = std::error::Error::source(&e).map(|c| format!(": {c}"));
+                    AgentError::Internal(format!("{e}{}", cause.unwrap_or_default()))
+                })?;
+                for (k, v) in [
+                    ("--tls-cert", &files.cert),
+                    ("--tls-key", &files.key),
+                    ("--tls-ca", &files.ca),
+                    ("--secret-file", &file),
+                ] {
+                    args.extend([k.to_string(), v.display().to_string()]);
+                }
+                args.extend(["--peer-node".into(), req.from.clone()]);
+                Some(secret)
+            }
+            None => {
+                args.push("--insecure".into());
+                None
+            }
+        };
         if let Some(p) = &self.cfg.cpu_limit {
             args.extend(["--host-profile".into(), p.clone()]);
         }
@@ -90,7 +123,7 @@ impl Agent {
             }
         };
         self.watch_receiver(&name, &req.migration, w);
-        Ok(ReceiveReply { address })
+        Ok(ReceiveReply { address, secret })
     }
 
     /// Registers a receiver and follows it in a thread of its own.

@@ -192,6 +192,10 @@ impl Agent {
             "--cpu-profile".into(),
             profile,
         ];
+        if let Some(i) = &spec.initrd {
+            args.push("--initrd".into());
+            args.push(i.clone());
+        }
         for d in &vm_cfg.disks {
             args.push("--disk".into());
             args.push(format!(
@@ -245,7 +249,7 @@ impl Agent {
         let _busy = self.busy.hold(name).ok_or_else(|| {
             AgentError::Conflict(format!("another operation on VM {name} is in progress"))
         })?;
-        if let Some(w) = self.worker_of(name) {
+        if let Some(w) = self.worker_for_op(name) {
             self.workers.remove(name);
             w.stop();
         }

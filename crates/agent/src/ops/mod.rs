@@ -32,6 +32,8 @@ pub(crate) type R<T> = Result<T, AgentError>;
 /// A finished migration stays in the in-memory table this long (for `GET` and SSE clients that
 /// come late); the store keeps the record.
 const KEEP_FINISHED: Duration = Duration::from_secs(600);
+/// How long an operation waits for a VM that just arrived to be handed over by its receiver.
+const HANDOVER_WAIT: Duration = Duration::from_secs(10);
 
 /// A live migration this agent runs or ran (as the source).
 pub struct MigrationWatch {
@@ -243,6 +245,29 @@ impl Agent {
             return Some(inc);
         }
         None
+    }
+
+    /// [`Agent::worker_of`] for an operation on a VM the store says runs here: a VM that has
+    /// just arrived is committed in the store (and its source reports the migration done)
+    /// a moment before its receiver says it runs, so a receiver of this VM that is still
+    /// alive is waited for (up to [`HANDOVER_WAIT`]) rather than taken for "no worker".
+    pub(crate) fn worker_for_op(&self, name: &str) -> Option<Arc<Worker>> {
+        let t0 = Instant::now();
+        loop {
+            if let Some(w) = self.worker_of(name) {
+                return Some(w);
+            }
+            let receiving = self
+                .incoming
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(name)
+                .is_some_and(|(_, w)| w.alive());
+            if !receiving || t0.elapsed() >= HANDOVER_WAIT {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 

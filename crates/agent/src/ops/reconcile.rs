@@ -16,7 +16,10 @@
 //!    migration (its disks were still held by the destination) is resumed.
 //! 6. Workers of VMs this node does not own (a source left paused by a migration that
 //!    committed, a copy that must not run) are stopped — after re-reading the store.
-//! 7. Housekeeping: old migrations leave the in-memory table; old records leave the store.
+//! 7. Migration records of this node left `running` by an agent that stopped after the VM's
+//!    record was decided (the commit point passed, or reconciliation already rolled the VM
+//!    back) are finished with the outcome the store shows.
+//! 8. Housekeeping: old migrations leave the in-memory table; old records leave the store.
 
 use crate::workers::{vm_dir, Worker};
 use crate::Agent;
@@ -34,6 +37,8 @@ const RECORD_RETENTION_MS: u64 = 7 * 24 * 3600 * 1000;
 const RECORDS_PER_VM: usize = 20;
 /// How often housekeeping runs, in reconciliation rounds (200 ms each): every 5 minutes.
 const HOUSEKEEPING_EVERY: u64 = 1500;
+/// How often migration records left `running` are looked for, in rounds: every 2 s.
+const RECORDS_EVERY: u64 = 10;
 
 impl Agent {
     /// One reconciliation round.
@@ -60,6 +65,9 @@ impl Agent {
             }
         }
         self.stop_foreign_workers(&mine);
+        if round.is_multiple_of(RECORDS_EVERY) {
+            self.finish_decided_records();
+        }
         if round.is_multiple_of(HOUSEKEEPING_EVERY) {
             self.migrations.evict();
             match cluster::prune_migrations(
@@ -257,6 +265,60 @@ impl Agent {
                     tracing::debug!(vm = name.as_str(), "resume after a failed migration: {e}")
                 }
             }
+        }
+    }
+
+    /// Rule 7: a migration record of ours that says `running` while no thread of this agent
+    /// runs it and the VM's record no longer names it: its outcome is decided; write it.
+    fn finish_decided_records(&self) {
+        let Ok(running) = self.store.running_migrations() else {
+            return;
+        };
+        for mut m in running {
+            if m.from != self.name() || self.migrations.active(&m.id) {
+                continue;
+            }
+            let vm = match self.store.vm(&m.vm) {
+                Ok(v) => v.map(|v| v.value),
+                Err(_) => continue,
+            };
+            if vm
+                .as_ref()
+                .is_some_and(|v| v.migration.as_deref() == Some(m.id.as_str()))
+            {
+                continue; // still undecided: rule 3 settles it on the owner
+            }
+            // Moved if the destination owns the VM, or if a later migration left from there.
+            let later_from_dest = || {
+                self.store.migrations_of(&m.vm, 50).is_ok_and(|ms| {
+                    ms.iter()
+                        .any(|o| o.started_ms > m.started_ms && o.from == m.to && o.id != m.id)
+                })
+            };
+            let moved = vm.as_ref().is_some_and(|v| v.owner == m.to) || later_from_dest();
+            let where_ = match &vm {
+                Some(v) => format!("the store shows it {} on {}", v.state, v.owner),
+                None => "the VM was deleted since".to_string(),
+            };
+            let why = format!("its agent stopped before recording the outcome; {where_}");
+            m.outcome = if moved {
+                MigrationOutcome::Succeeded
+            } else {
+                MigrationOutcome::Failed
+            };
+            m.finished_ms = Some(now_ms());
+            m.settled_by = Some(format!("reconciliation on {}", self.name()));
+            m.reason = Some(match m.reason.take() {
+                Some(r) => format!("{r}; {why}"),
+                None => why,
+            });
+            tracing::warn!(
+                vm = m.vm.as_str(),
+                migration = m.id.as_str(),
+                moved,
+                "finished a migration record left running"
+            );
+            let _ = self.store.put_migration(&m);
         }
     }
 

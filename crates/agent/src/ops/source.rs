@@ -147,7 +147,7 @@ impl Agent {
                 v.value.state
             )));
         }
-        if self.worker_of(name).is_none() {
+        if self.worker_for_op(name).is_none() {
             return Err(AgentError::Conflict(format!(
                 "VM {name} has no worker on {}",
                 self.name()
@@ -342,13 +342,13 @@ impl Agent {
             vm,
             from: self.name().into(),
         };
-        let addr = match client::post::<_, ReceiveReply>(
+        let (addr, secret) = match client::post::<_, ReceiveReply>(
             &dest.info.address,
             "/v1/internal/receive",
             &rr,
             Some(Duration::from_secs(60)),
         ) {
-            Ok(r) => r.address,
+            Ok(r) => (r.address, r.secret),
             Err(e) => {
                 return failed(
                     Phase::Setup,
@@ -371,6 +371,15 @@ impl Agent {
             dry_run: false,
             external_commit: true,
             max_protocol: None,
+            // Mutual TLS: the destination's worker must be the node the plan names.
+            transport: match &self.cfg.tls {
+                Some(files) => contract::trust::Transport::Tls {
+                    files: files.clone(),
+                    peer_node: dest.info.name.clone(),
+                },
+                None => contract::trust::Transport::Insecure,
+            },
+            secret,
         };
         let mut session = match MigrateSession::start(&worker.socket, cmd) {
             Ok(s) => s,

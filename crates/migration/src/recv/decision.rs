@@ -4,10 +4,10 @@
 use crate::wire::{self, Msg};
 use contract::{FailureKind, MigrationFailure, Phase};
 use std::io::BufReader;
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
+use trust::Conn;
 
 /// A commit/abort decision made outside the migration stream.
 #[derive(Debug, Default)]
@@ -44,7 +44,7 @@ impl Decision {
 /// `Ok(None)` a Ping; anything else is a failure (the connection is gone or the source broke
 /// the protocol).
 pub(super) fn read_decision(
-    reader: &mut BufReader<TcpStream>,
+    reader: &mut BufReader<Conn>,
     buf: &mut Vec<u8>,
 ) -> Result<Option<bool>, MigrationFailure> {
     let phase = Phase::Ready;
@@ -71,7 +71,7 @@ pub(super) fn read_decision(
 /// Waits, in Ready state with an external decision maker, for Commit/Abort from the source or
 /// a decision from `ext`. A lost source does not decide anything: only `ext` can then.
 pub(super) fn await_decision(
-    mut reader: BufReader<TcpStream>,
+    mut reader: BufReader<Conn>,
     ext: &Arc<Decision>,
     source_connected: &AtomicBool,
 ) -> bool {

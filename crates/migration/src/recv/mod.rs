@@ -12,23 +12,30 @@
 //! store), a VM that reached Ready waits for a decision from the agent if the source goes
 //! away: whether the commit happened is the store's to say, not the connection's.
 
+mod admit;
 mod decision;
 mod streams;
+
+pub use admit::{HANDSHAKE_TIMEOUT, MAX_PENDING};
 
 pub use decision::Decision;
 
 use crate::preflight::{self, DestinationLimits, PreflightRequest};
 use crate::wire::{self, Msg, Role, WireError};
+use admit::{Admission, Admitted};
+use contract::trust::MigrationSecret;
 use contract::{FailureKind, MigrationFailure, Phase, Progress};
 use std::fs::File;
 use std::io::BufReader;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::ops::RangeInclusive;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use streams::{stream_rx, wait_applied, StreamShared};
+use trust::tls::ServerConfig;
+use trust::Conn;
 use vmm::memory::GuestRam;
 use vmm::vm::PreparedVm;
 use vmm::Vm;
@@ -43,6 +50,11 @@ pub struct ReceiveOptions {
     pub external: Option<Arc<Decision>>,
     /// Wire protocol versions accepted.
     pub protocols: RangeInclusive<u32>,
+    /// Mutual TLS on every connection (the configuration names the source node it accepts);
+    /// `None`: plaintext (the caller asked for it explicitly).
+    pub tls: Option<Arc<ServerConfig>>,
+    /// The one-time secret the source must present (v4 `Auth`).
+    pub secret: Option<MigrationSecret>,
 }
 
 impl Default for ReceiveOptions {
@@ -51,6 +63,8 @@ impl Default for ReceiveOptions {
             limits: Default::default(),
             external: None,
             protocols: wire::MIN_PROTOCOL_VERSION..=wire::PROTOCOL_VERSION,
+            tls: None,
+            secret: None,
         }
     }
 }
@@ -120,6 +134,12 @@ fn wire_fail(phase: Phase) -> impl Fn(WireError) -> F {
             FailureKind::PeerLost,
             format!("the source sent nothing for {} s", IDLE_TIMEOUT.as_secs()),
         ),
+        WireError::Io(io) if trust::tls::is_tls_failure(&io) => fail(
+            phase,
+            FailureKind::Unauthenticated,
+            "the TLS session with the source failed",
+        )
+        .caused_by(io),
         WireError::Io(io) => fail(
             phase,
             FailureKind::PeerLost,
@@ -154,41 +174,69 @@ pub fn receive(
     ctl: &ReceiveControl,
     on_early: &dyn Fn(&str),
 ) -> Result<Vm, F> {
-    let result = loop {
-        let (sock, peer) = match listener.accept() {
-            Ok(a) => a,
-            Err(e) => {
-                break Err(fail(Phase::Connect, FailureKind::Local, "accept failed").caused_by(e))
-            }
-        };
-        let serial = match serial.try_clone() {
-            Ok(s) => s,
-            Err(e) => break Err(fail(Phase::Setup, FailureKind::Local, "serial log").caused_by(e)),
-        };
-        let mut s = match Incoming::new(kvm, listener, sock, opts, ctl) {
-            Ok(s) => s,
-            Err(e) => {
-                on_early(&format!("session from {peer} could not start: {e}"));
-                continue;
-            }
-        };
-        match s.run(serial) {
-            Ok(vm) => break Ok(vm),
-            Err(Early::Retry(why)) => {
-                ctl.source_connected.store(false, Ordering::SeqCst);
-                on_early(&format!(
-                    "session from {peer} ended before memory moved: {why}"
-                ))
-            }
-            Err(Early::Fatal(e)) => break Err(e),
-        }
+    let policy = admit::Policy {
+        tls: opts.tls.clone(),
+        secret: opts.secret.clone(),
+        protocols: opts.protocols.clone(),
     };
+    let result = match Admission::new(listener, policy) {
+        Ok(mut admission) => receive_from(kvm, &mut admission, opts, serial, ctl, on_early),
+        Err(e) => Err(fail(Phase::Connect, FailureKind::Local, "listener").caused_by(e)),
+    };
+    let _ = listener.set_nonblocking(false);
     ctl.source_connected.store(false, Ordering::SeqCst);
     ctl.awaiting_decision.store(false, Ordering::SeqCst);
     if let Err(f) = &result {
         *ctl.failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(f.clone());
     }
     result
+}
+
+fn receive_from(
+    kvm: &kvm_ioctls::Kvm,
+    admission: &mut Admission,
+    opts: &ReceiveOptions,
+    serial: File,
+    ctl: &ReceiveControl,
+    on_early: &dyn Fn(&str),
+) -> Result<Vm, F> {
+    loop {
+        let a = match admission.next(None, on_early) {
+            Ok(Some(a)) => a,
+            Ok(None) => continue,
+            Err(e) => {
+                return Err(fail(Phase::Connect, FailureKind::Local, "accept failed").caused_by(e))
+            }
+        };
+        let peer = a.peer;
+        if a.role != Role::Control {
+            on_early(&format!(
+                "data connection from {peer} refused: no migration session is open"
+            ));
+            a.refuse("no migration session is open");
+            continue;
+        }
+        let serial = serial
+            .try_clone()
+            .map_err(|e| fail(Phase::Setup, FailureKind::Local, "serial log").caused_by(e))?;
+        let mut s = match Incoming::new(kvm, admission, a, opts, ctl) {
+            Ok(s) => s,
+            Err(e) => {
+                on_early(&format!("session from {peer} could not start: {e}"));
+                continue;
+            }
+        };
+        match s.run(serial, on_early) {
+            Ok(vm) => return Ok(vm),
+            Err(Early::Retry(why)) => {
+                ctl.source_connected.store(false, Ordering::SeqCst);
+                on_early(&format!(
+                    "session from {peer} ended before memory moved: {why}"
+                ))
+            }
+            Err(Early::Fatal(e)) => return Err(e),
+        }
+    }
 }
 
 /// How the destination VM is being built: in the background during pre-copy, awaited at the
@@ -221,15 +269,17 @@ struct Receiving {
     shared: Arc<StreamShared>,
     current_pass: Arc<AtomicU64>,
     _joins: Vec<JoinHandle<()>>,
-    reader: BufReader<TcpStream>,
+    reader: BufReader<Conn>,
     buf: Vec<u8>,
 }
 
 /// One source's session.
 struct Incoming<'a> {
     kvm: &'a kvm_ioctls::Kvm,
-    listener: &'a TcpListener,
-    control: TcpStream,
+    admission: &'a mut Admission,
+    control: Conn,
+    /// The authenticated control connection, until the handshake accepts it.
+    admitted: Option<Admitted>,
     opts: &'a ReceiveOptions,
     ctl: &'a ReceiveControl,
     t0: Instant,
@@ -241,18 +291,20 @@ struct Incoming<'a> {
 impl<'a> Incoming<'a> {
     fn new(
         kvm: &'a kvm_ioctls::Kvm,
-        listener: &'a TcpListener,
-        control: TcpStream,
+        admission: &'a mut Admission,
+        admitted: Admitted,
         opts: &'a ReceiveOptions,
         ctl: &'a ReceiveControl,
     ) -> std::io::Result<Incoming<'a>> {
+        let control = admitted.conn.try_clone()?;
         control.set_nodelay(true)?;
         control.set_read_timeout(Some(IDLE_TIMEOUT))?;
         control.set_write_timeout(Some(IDLE_TIMEOUT))?;
         Ok(Incoming {
             kvm,
-            listener,
+            admission,
             control,
+            admitted: Some(admitted),
             opts,
             ctl,
             t0: Instant::now(),
@@ -261,21 +313,39 @@ impl<'a> Incoming<'a> {
         })
     }
 
-    fn run(&mut self, serial: File) -> Result<Vm, Early> {
+    fn run(&mut self, serial: File, on_early: &dyn Fn(&str)) -> Result<Vm, Early> {
         self.handshake()?;
         let req = self.preflight()?;
         let streams = self.await_begin()?;
         // From here on memory moves: every failure is final.
-        let result = self.transfer(req, streams, serial);
-        if let Err(f) = &result {
-            let _ = wire::send_msg(&mut self.control, &wire::failure_msg(self.protocol, f));
+        let result = self.transfer(req, streams, serial, on_early);
+        match &result {
+            Err(f) => {
+                let _ = wire::send_msg(&mut self.control, &wire::failure_msg(self.protocol, f));
+                let _ = self.control.shutdown(std::net::Shutdown::Both);
+            }
+            Ok(_) => {
+                // Resumed is sent. With an external decision the VM may have resumed on this
+                // node's agent's word while the source's Commit is still on its way: close only
+                // the sending side, so that the Commit arriving is taken (by the decision
+                // reader, which then ends) instead of answered with a reset that could cost
+                // the source the Resumed it has not read yet; the reader gives up after a
+                // few seconds of a silent source.
+                let _ = self.control.set_read_timeout(Some(Duration::from_secs(5)));
+                let _ = self.control.shutdown(std::net::Shutdown::Write);
+            }
         }
-        let _ = self.control.shutdown(std::net::Shutdown::Both);
         result.map_err(Early::Fatal)
     }
 
-    fn transfer(&mut self, req: PreflightRequest, streams: u16, serial: File) -> Result<Vm, F> {
-        let (r, build) = self.setup(req, streams)?;
+    fn transfer(
+        &mut self,
+        req: PreflightRequest,
+        streams: u16,
+        serial: File,
+        on_early: &dyn Fn(&str),
+    ) -> Result<Vm, F> {
+        let (r, build) = self.setup(req, streams, on_early)?;
         let shared = r.shared.clone();
         let result = self.switchover(r, build, serial);
         // Stop the data stream threads: they end on EOF; shut the sockets down to be sure.
@@ -306,16 +376,6 @@ impl<'a> Incoming<'a> {
         self.commit(vm, r.reader)
     }
 
-    fn refuse(&mut self, reason: String) -> Early {
-        let _ = wire::send_msg(
-            &mut self.control,
-            &Msg::Refuse {
-                reason: reason.clone(),
-            },
-        );
-        Early::Retry(reason)
-    }
-
     fn recv(&mut self, phase: Phase) -> Result<Msg, Early> {
         wire::recv_msg(&mut self.control).map_err(|e| Early::Retry(wire_fail(phase)(e).reason()))
     }
@@ -323,34 +383,17 @@ impl<'a> Incoming<'a> {
     // -----------------------------------------------------------------------------------------
     // Phases before memory moves (a failure here waits for the next source)
 
+    /// The connection was authenticated in admission (version, TLS identity, secret):
+    /// accept it.
     fn handshake(&mut self) -> Result<(), Early> {
         self.ctl.phase(Phase::Handshake);
         self.ctl.source_connected.store(true, Ordering::SeqCst);
-        let (protocol, session) = match self.recv(Phase::Handshake)? {
-            Msg::Hello {
-                protocol,
-                session,
-                role: Role::Control,
-            } => (protocol, session),
-            m => {
-                return Err(self.refuse(format!(
-                    "protocol violation: expected a control Hello, got {}",
-                    m.name()
-                )))
-            }
+        let Some(mut a) = self.admitted.take() else {
+            return Err(Early::Retry("no admitted connection".into()));
         };
-        let ours = self.opts.protocols.clone();
-        if !ours.contains(&protocol) {
-            return Err(self.refuse(format!(
-                "protocol version {protocol} is not supported (this destination speaks versions {}-{})",
-                ours.start(),
-                ours.end()
-            )));
-        }
-        self.protocol = protocol;
-        self.session = session;
-        wire::send_msg(&mut self.control, &Msg::HelloAck { protocol })
-            .map_err(|e| Early::Retry(e.to_string()))?;
+        self.protocol = a.protocol;
+        self.session = a.session;
+        a.accept().map_err(|e| Early::Retry(e.to_string()))?;
         Ok(())
     }
 
@@ -403,7 +446,12 @@ impl<'a> Incoming<'a> {
     // Phases while memory moves (a failure here is final)
 
     /// RAM, the VM objects (in the background) and the data streams.
-    fn setup(&mut self, req: PreflightRequest, streams: u16) -> Result<(Receiving, VmBuild), F> {
+    fn setup(
+        &mut self,
+        req: PreflightRequest,
+        streams: u16,
+        on_early: &dyn Fn(&str),
+    ) -> Result<(Receiving, VmBuild), F> {
         self.ctl.phase(Phase::Setup);
         // Measure this host's switchover share while the source opens its streams.
         let vcpus = req.config.vcpus;
@@ -446,7 +494,7 @@ impl<'a> Incoming<'a> {
             }
         };
         let shared = Arc::new(StreamShared {
-            sockets: Mutex::new(self.control.try_clone().into_iter().collect()),
+            sockets: Mutex::new(self.control.tcp().try_clone().into_iter().collect()),
             applied: (0..streams).map(|_| AtomicU64::new(0)).collect(),
             error: Mutex::new(None),
             cv: Condvar::new(),
@@ -455,7 +503,7 @@ impl<'a> Incoming<'a> {
             pages: AtomicU64::new(0),
         });
         let current_pass = Arc::new(AtomicU64::new(0));
-        let joins = self.accept_streams(streams, &ram, &shared, &current_pass)?;
+        let joins = self.accept_streams(streams, &ram, &shared, &current_pass, on_early)?;
         wire::send_msg(&mut self.control, &Msg::BeginAck { restore_us })
             .map_err(wire_fail(Phase::Setup))?;
         let reader = BufReader::with_capacity(
@@ -476,14 +524,15 @@ impl<'a> Incoming<'a> {
         Ok((r, VmBuild::Building(build)))
     }
 
-    /// Accepts the session's data connections (each Hello names this session and an unused
-    /// stream index; anything else is refused).
+    /// Accepts the session's data connections (each, authenticated in admission, names this
+    /// session and an unused stream index; anything else is refused).
     fn accept_streams(
         &mut self,
         streams: u16,
         ram: &Arc<GuestRam>,
         shared: &Arc<StreamShared>,
         current_pass: &Arc<AtomicU64>,
+        on_early: &dyn Fn(&str),
     ) -> Result<Vec<JoinHandle<()>>, F> {
         let setup_err = |what: &str, e: std::io::Error| {
             fail(Phase::Setup, FailureKind::Local, what.to_string()).caused_by(e)
@@ -491,73 +540,58 @@ impl<'a> Incoming<'a> {
         let total_pages = ram.layout().total_pages();
         let mut joins = Vec::new();
         let mut seen = vec![false; streams as usize];
-        self.listener
-            .set_nonblocking(true)
-            .map_err(|e| setup_err("listener", e))?;
         let deadline = Instant::now() + STREAMS_TIMEOUT;
-        let result = (|| -> Result<(), F> {
-            while seen.iter().any(|s| !s) {
-                let mut s = match self.listener.accept() {
-                    Ok((s, _)) => s,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        if Instant::now() > deadline {
-                            return Err(fail(
-                                Phase::Setup,
-                                FailureKind::PeerLost,
-                                "the source did not open its data streams",
-                            ));
-                        }
-                        std::thread::sleep(Duration::from_millis(2));
-                        continue;
-                    }
-                    Err(e) => return Err(setup_err("accept failed", e)),
-                };
-                s.set_nonblocking(false)
-                    .map_err(|e| setup_err("socket", e))?;
-                let _ = s.set_nodelay(true);
-                s.set_read_timeout(Some(IDLE_TIMEOUT))
-                    .map_err(|e| setup_err("socket", e))?;
-                match wire::recv_msg(&mut s).map_err(wire_fail(Phase::Setup))? {
-                    Msg::Hello {
-                        protocol,
-                        session,
-                        role: Role::Data { index },
-                    } if protocol == self.protocol
-                        && session == self.session
+        while seen.iter().any(|s| !s) {
+            let mut a = match self.admission.next(Some(deadline), on_early) {
+                Ok(Some(a)) => a,
+                Ok(None) => {
+                    return Err(fail(
+                        Phase::Setup,
+                        FailureKind::PeerLost,
+                        "the source did not open its data streams",
+                    ))
+                }
+                Err(e) => return Err(setup_err("accept failed", e)),
+            };
+            let index = match a.role {
+                Role::Data { index }
+                    if a.protocol == self.protocol
+                        && a.session == self.session
                         && (index as usize) < seen.len()
                         && !seen[index as usize] =>
-                    {
-                        wire::send_msg(&mut s, &Msg::HelloAck { protocol })
-                            .map_err(wire_fail(Phase::Setup))?;
-                        seen[index as usize] = true;
-                        if let Ok(c) = s.try_clone() {
-                            shared
-                                .sockets
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .push(c);
-                        }
-                        let (ram, sh, cp) = (ram.clone(), shared.clone(), current_pass.clone());
-                        let j = std::thread::Builder::new()
-                            .name(format!("mig-rx{index}"))
-                            .spawn(move || stream_rx(s, index as usize, ram, total_pages, sh, cp))
-                            .map_err(|e| setup_err("cannot start a stream thread", e))?;
-                        joins.push(j);
-                    }
-                    _ => {
-                        let _ = wire::send_msg(
-                            &mut s,
-                            &Msg::Refuse {
-                                reason: "busy with another migration".into(),
-                            },
-                        );
-                    }
+                {
+                    index
                 }
+                _ => {
+                    on_early(&format!(
+                        "connection from {} refused: busy with another migration",
+                        a.peer
+                    ));
+                    a.refuse("busy with another migration");
+                    continue;
+                }
+            };
+            a.conn
+                .set_read_timeout(Some(IDLE_TIMEOUT))
+                .map_err(|e| setup_err("socket", e))?;
+            a.accept().map_err(wire_fail(Phase::Setup))?;
+            seen[index as usize] = true;
+            if let Ok(c) = a.conn.tcp().try_clone() {
+                shared
+                    .sockets
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(c);
             }
-            Ok(())
-        })();
-        let _ = self.listener.set_nonblocking(false);
-        result.map(|_| joins)
+            let (ram, sh, cp) = (ram.clone(), shared.clone(), current_pass.clone());
+            let s = a.conn;
+            let j = std::thread::Builder::new()
+                .name(format!("mig-rx{index}"))
+                .spawn(move || stream_rx(s, index as usize, ram, total_pages, sh, cp))
+                .map_err(|e| setup_err("cannot start a stream thread", e))?;
+            joins.push(j);
+        }
+        Ok(joins)
     }
 
     /// The next control frame on the session reader: `Ok(None)` for a STATE frame (left in
@@ -721,7 +755,7 @@ impl<'a> Incoming<'a> {
     }
 
     /// Waits for the commit: the source's `Commit`, or (external decision) the agent's word.
-    fn commit(&mut self, vm: Vm, reader: BufReader<TcpStream>) -> Result<Vm, F> {
+    fn commit(&mut self, vm: Vm, reader: BufReader<Conn>) -> Result<Vm, F> {
         self.ctl.phase(Phase::Ready);
         let commit = match &self.opts.external {
             Some(ext) => {

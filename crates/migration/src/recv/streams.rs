@@ -54,7 +54,7 @@ pub(super) fn wait_applied(shared: &StreamShared, frames: &[u64]) -> Result<(), 
 }
 
 pub(super) fn stream_rx(
-    sock: TcpStream,
+    sock: trust::Conn,
     index: usize,
     ram: Arc<GuestRam>,
     total_pages: u64,

@@ -30,6 +30,7 @@ use crate::policy::{self, Budget, PassRecord, Step};
 use crate::preflight::{self, PreflightReport, PreflightRequest};
 use crate::wire::{self, Msg, Role, WireError, MAX_BATCH_PAGES};
 use contract::faults::{self, FaultPoint};
+use contract::trust::MigrationSecret;
 use contract::{
     CommitPoint, DowntimeBreakdown, FailureKind, MigrationFailure, MigrationParams, Phase,
     Progress, Summary,
@@ -40,6 +41,8 @@ use std::sync::mpsc::sync_channel;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use streams::{hole_bitmap, stream_thread, Counters, RateLimiter, Stream, Work};
+use trust::tls::NodeClient;
+use trust::Conn;
 use vmm::dirty::{DirtyLog, PageBitmap};
 use vmm::memory::PAGE_SIZE;
 use vmm::Vm;
@@ -62,6 +65,11 @@ pub struct SendOptions {
     /// tests of mixed-version clusters); a state that version cannot express fails the
     /// migration before the commit.
     pub state_version: u32,
+    /// Mutual TLS on every connection, the destination required to be this node; `None`:
+    /// plaintext (the caller asked for it explicitly).
+    pub tls: Option<NodeClient>,
+    /// The one-time secret the destination was created with (sent in `Auth`, v4).
+    pub secret: Option<MigrationSecret>,
 }
 
 impl SendOptions {
@@ -72,6 +80,8 @@ impl SendOptions {
             dry_run: false,
             max_protocol: wire::PROTOCOL_VERSION,
             state_version: wire::STATE_VERSION,
+            tls: None,
+            secret: None,
         }
     }
 }
@@ -133,6 +143,8 @@ impl MigrationControl {
 /// Connection timeouts.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 type F = MigrationFailure;
 
@@ -161,6 +173,12 @@ fn wire_fail(phase: Phase) -> impl Fn(WireError) -> F {
                 REPLY_TIMEOUT.as_secs()
             ),
         ),
+        WireError::Io(io) if trust::tls::is_tls_failure(&io) => fail(
+            phase,
+            FailureKind::Unauthenticated,
+            "the TLS session with the destination failed",
+        )
+        .caused_by(io),
         WireError::Io(io) => fail(
             phase,
             FailureKind::PeerLost,
@@ -196,7 +214,32 @@ fn rand_u64() -> u64 {
     u64::from_le_bytes(b) ^ (std::process::id() as u64) << 32
 }
 
-fn connect(to: &str, phase: Phase) -> Result<TcpStream, F> {
+/// Connects to the destination: TCP, then (with `tls`) the TLS handshake, in which the
+/// destination must prove it is the expected node.
+fn connect(to: &str, phase: Phase, tls: Option<&NodeClient>) -> Result<Conn, F> {
+    let tcp = connect_tcp(to, phase)?;
+    let Some(t) = tls else {
+        return Ok(Conn::plain(tcp));
+    };
+    Conn::connect_tls(tcp, t.config.clone(), t.name.clone(), TLS_HANDSHAKE_TIMEOUT).map_err(|e| {
+        let kind = if trust::tls::is_tls_failure(&e) {
+            FailureKind::Unauthenticated
+        } else {
+            FailureKind::PeerLost
+        };
+        fail(
+            phase,
+            kind,
+            format!(
+                "TLS handshake with {to} (expected node {}) failed",
+                t.peer_node
+            ),
+        )
+        .caused_by(e)
+    })
+}
+
+fn connect_tcp(to: &str, phase: Phase) -> Result<TcpStream, F> {
     let addrs: Vec<_> = to
         .to_socket_addrs()
         .map_err(|e| {
@@ -257,7 +300,7 @@ struct Session<'a> {
     vm: &'a Vm,
     opts: &'a SendOptions,
     ctl: &'a MigrationControl,
-    control: TcpStream,
+    control: Conn,
     /// Agreed in the handshake.
     protocol: u32,
     session: u64,
@@ -288,7 +331,7 @@ pub fn migrate_gated(
 ) -> Result<Summary, F> {
     *ctl.progress.lock().unwrap_or_else(|e| e.into_inner()) = Progress::default();
     *ctl.failure.lock().unwrap_or_else(|e| e.into_inner()) = None;
-    let result = match connect(&opts.to, Phase::Connect) {
+    let result = match connect(&opts.to, Phase::Connect, opts.tls.as_ref()) {
         Ok(control) => {
             let mut s = Session {
                 vm,
@@ -431,6 +474,10 @@ impl Session<'_> {
                     if (wire::MIN_PROTOCOL_VERSION..=offer).contains(&protocol) =>
                 {
                     self.protocol = protocol;
+                    let mut control = self.control.try_clone().map_err(|e| {
+                        fail(Phase::Handshake, FailureKind::Local, "socket").caused_by(e)
+                    })?;
+                    self.authenticate(&mut control, Phase::Handshake, "the control connection")?;
                     return Ok(t.elapsed());
                 }
                 Msg::HelloAck { protocol } => {
@@ -457,10 +504,34 @@ impl Session<'_> {
                         ));
                     }
                     offer -= 1;
-                    self.control = connect(&self.opts.to, Phase::Handshake)?;
+                    self.control =
+                        connect(&self.opts.to, Phase::Handshake, self.opts.tls.as_ref())?;
                 }
                 m => return Err(violation(Phase::Handshake, "HelloAck", &m)),
             }
+        }
+    }
+
+    /// (v4) Presents the secret after the HelloAck; the destination says AuthOk or refuses.
+    fn authenticate(&self, conn: &mut Conn, phase: Phase, what: &str) -> Result<(), F> {
+        if self.protocol < wire::AUTH_PROTOCOL_VERSION {
+            return Ok(());
+        }
+        wire::send_msg(
+            conn,
+            &Msg::Auth {
+                secret: self.opts.secret.clone(),
+            },
+        )
+        .map_err(wire_fail(phase))?;
+        match wire::recv_msg(conn).map_err(wire_fail(phase))? {
+            Msg::AuthOk => Ok(()),
+            Msg::Refuse { reason } => Err(fail(
+                phase,
+                FailureKind::Unauthenticated,
+                format!("the destination refused {what}: {reason}"),
+            )),
+            m => Err(violation(phase, "AuthOk", &m)),
         }
     }
 
@@ -541,7 +612,7 @@ impl Session<'_> {
             .max_bandwidth_bytes()
             .map(|b| Arc::new(RateLimiter::new(b.max(1))));
         for i in 0..n {
-            let mut sock = connect(&self.opts.to, Phase::Setup)?;
+            let mut sock = connect(&self.opts.to, Phase::Setup, self.opts.tls.as_ref())?;
             wire::send_msg(
                 &mut sock,
                 &Msg::Hello {
@@ -562,6 +633,7 @@ impl Session<'_> {
                 }
                 m => return Err(violation(Phase::Setup, "HelloAck", &m)),
             }
+            self.authenticate(&mut sock, Phase::Setup, &format!("data stream {i}"))?;
             let (tx, rx) = sync_channel(4);
             let (ram, lim, ctr) = (
                 self.vm.ram().clone(),
@@ -648,9 +720,10 @@ impl Session<'_> {
                 max_throttle = max_throttle.max(t);
             }
             let (_, expected) = policy::expected_downtime(dirty_pages, &budget);
+            let last = history.last().expect("a pass was just recorded");
             self.publish_pass(
                 dirty_pages,
-                dirty_pages as f64 * PAGE_SIZE as f64 / took.as_secs_f64().max(1e-6),
+                policy::dirty_rate(last) * PAGE_SIZE as f64,
                 budget.link_rate,
                 expected,
             );
@@ -790,6 +863,9 @@ impl Session<'_> {
         // destination, which may have resumed on that word and closed before Commit arrived).
         if self.commit == CommitPoint::After {
             faults::hit(FaultPoint::WorkerCommitSent);
+            // The store decided: a destination that resumed on that word may have closed
+            // before the Commit arrived, and its Resumed may still be there to read.
+            return Ok(t_decided);
         }
         sent?;
         Ok(t_decided)
@@ -799,13 +875,7 @@ impl Session<'_> {
     /// it (a cheap non-blocking peek; the destination sends nothing between Ready and Commit).
     fn destination_still_ready(&mut self) -> Result<(), F> {
         let phase = Phase::Ready;
-        let mut b = [0u8; 1];
-        let peeked = self
-            .control
-            .set_nonblocking(true)
-            .and_then(|_| self.control.peek(&mut b));
-        let _ = self.control.set_nonblocking(false);
-        match peeked {
+        match self.control.poll_readable() {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
             Ok(0) => Err(fail(
                 phase,
@@ -837,7 +907,7 @@ impl Session<'_> {
             Err(e) => Err(fail(
                 Phase::Commit,
                 FailureKind::PeerLost,
-                "commit sent but the destination did not confirm; the VM is left paused here so it never runs twice",
+                "past the commit point but the destination did not confirm the resume; the VM is left paused here so it never runs twice",
             )
             .caused_by(e)),
         }

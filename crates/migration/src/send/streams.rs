@@ -4,11 +4,11 @@
 
 use crate::wire::{self, Compression, MAX_BATCH_PAGES, ZERO_PAGE};
 use std::io::{BufWriter, Write};
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use trust::Conn;
 use vmm::dirty::PageBitmap;
 use vmm::memory::{GuestRam, PAGE_SIZE};
 
@@ -71,7 +71,7 @@ pub(super) struct Stream {
 }
 
 pub(super) fn stream_thread(
-    sock: TcpStream,
+    sock: Conn,
     rx: Receiver<Work>,
     ram: Arc<GuestRam>,
     compression: Compression,

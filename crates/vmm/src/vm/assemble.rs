@@ -100,13 +100,23 @@ impl PreparedVm {
         })?;
         if crate::statecheck::enabled() {
             // The restored machine must be the saved machine: read it back and compare.
+            let t = std::time::Instant::now();
+            let mut diffs = crate::statecheck::platform_differences(
+                &state.platform,
+                &platform.save()?,
+                advance_ns,
+            );
             for (v, vs) in self.vcpus.iter().zip(&state.vcpus) {
                 let now = v.save()?;
-                let diffs = crate::statecheck::vcpu_differences(vs, &now);
-                if !diffs.is_empty() {
-                    return Err(VmError::StateMismatch(diffs.join("; ")));
-                }
+                diffs.extend(crate::statecheck::vcpu_differences(vs, &now));
             }
+            if !diffs.is_empty() {
+                return Err(VmError::StateMismatch(diffs.join("; ")));
+            }
+            eprintln!(
+                "ferry-vmm: restored state read back and compared in {:.2} ms",
+                t.elapsed().as_secs_f64() * 1e3
+            );
         }
         self.virtio.apply(&state.devices.virtio)?;
         let serial = SerialDevice::restore(
