@@ -59,18 +59,45 @@ fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, AgentError> {
     serde_json::from_slice(body).map_err(|e| AgentError::BadRequest(format!("bad JSON body: {e}")))
 }
 
-/// Checks the request's bearer token against the agent's tokens file (when it has one) and
-/// the access `contract::auth::access_for` says the request needs; answers 401/403 with a JSON
-/// body, and changes nothing, otherwise.
+/// Checks the request's credential and the access `contract::auth::access_for` says it
+/// needs; answers 401/403 with a JSON body, and changes nothing, otherwise. A credential is a
+/// client certificate of the cluster CA that the HTTPS handshake verified (a node's: the
+/// `node` grant; a user's: its role), or else a bearer token from the tokens file. An agent
+/// with neither HTTPS nor a tokens file serves an open API (it warned at start).
 async fn authorize(
     State(a): State<Arc<Agent>>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
+    let deny = |code: StatusCode, error: String| (code, Json(ErrorBody { error })).into_response();
+    let access = contract::auth::access_for(req.method().as_str(), req.uri().path());
+    let peer = req.extensions().get::<crate::https::Peer>().cloned();
+    if let Some(crate::https::Peer(Some(id))) = &peer {
+        let grant = match id {
+            trust::Identity::Node(_) => contract::auth::Grant::Node,
+            trust::Identity::User { role, .. } => contract::auth::Grant::from(*role),
+        };
+        if !grant.allows(access) {
+            return deny(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "{} {}: certificate {id} has grant {grant}, which does not allow {access:?}",
+                    req.method(),
+                    req.uri().path(),
+                ),
+            );
+        }
+        return next.run(req).await;
+    }
     let Some(tokens) = &a.cfg.api_tokens else {
+        if peer.is_some() {
+            return deny(
+                StatusCode::UNAUTHORIZED,
+                "a credential is required: a client certificate of the cluster CA (ferry --cert/--key; ferry pki issue --user)".into(),
+            );
+        }
         return next.run(req).await;
     };
-    let deny = |code: StatusCode, error: String| (code, Json(ErrorBody { error })).into_response();
     let presented = req
         .headers()
         .get(axum::http::header::AUTHORIZATION)
@@ -80,13 +107,12 @@ async fn authorize(
     let Some(presented) = presented else {
         return deny(
             StatusCode::UNAUTHORIZED,
-            "a credential is required: `Authorization: Bearer <token>` (ferry --token, FERRY_TOKEN; ferry token issue)".into(),
+            "a credential is required: `Authorization: Bearer <token>` (ferry --token, FERRY_TOKEN; ferry token issue) or a client certificate of the cluster CA".into(),
         );
     };
     let Some(entry) = trust::token::lookup(tokens, presented) else {
         return deny(StatusCode::UNAUTHORIZED, "unknown token".into());
     };
-    let access = contract::auth::access_for(req.method().as_str(), req.uri().path());
     if !entry.role.allows(access) {
         return deny(
             StatusCode::FORBIDDEN,

@@ -1,15 +1,22 @@
-//! HTTP client for agent-to-agent calls (and the `ferry` CLI): typed bodies from the contract
-//! crate in both directions.
+//! HTTP(S) client for agent-to-agent calls (and the `ferry` CLI): typed bodies from the
+//! contract crate in both directions. With [`set_tls`], every request goes over HTTPS: the
+//! agent reached must present a node certificate of the cluster CA, naming the node the caller
+//! expects ([`node`]) or, when the caller only has an address, naming that address.
 
 use crate::AgentError;
 use contract::api::ErrorBody;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
+use ureq::unversioned::transport::{
+    Buffers, ConnectionDetails, Connector, Either, LazyBuffers, NextTimeout, TcpConnector,
+    Transport, TransportAdapter,
+};
 
 /// The bearer token this process presents to agents (`ferry --token`, or an agent's node
 /// token for its peers); none: requests carry no credential.
-static TOKEN: std::sync::RwLock<Option<String>> = std::sync::RwLock::new(None);
+static TOKEN: RwLock<Option<String>> = RwLock::new(None);
 
 /// Sets the token every later request of this process presents.
 pub fn set_token(token: Option<String>) {
@@ -23,20 +30,186 @@ fn with_token<B>(req: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
     }
 }
 
-fn agent(timeout: Option<Duration>) -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .timeout_global(timeout)
-        .http_status_as_error(false)
-        .build()
-        .into()
+/// HTTPS settings of this process: the cluster CA and the certificate it presents (a user's,
+/// or an agent's own node certificate), if any.
+pub struct ClientTls {
+    pub roots: Arc<rustls::RootCertStore>,
+    pub creds: Option<trust::tls::Credentials>,
 }
 
-fn base(addr: &str) -> String {
-    if addr.starts_with("http://") || addr.starts_with("https://") {
-        addr.trim_end_matches('/').to_string()
-    } else {
-        format!("http://{addr}")
+static TLS: RwLock<Option<Arc<ClientTls>>> = RwLock::new(None);
+
+/// Every later request of this process uses HTTPS with `tls` (`None`: plain HTTP).
+pub fn set_tls(tls: Option<ClientTls>) {
+    *TLS.write().unwrap_or_else(|e| e.into_inner()) = tls.map(Arc::new);
+}
+
+fn tls() -> Option<Arc<ClientTls>> {
+    TLS.read().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+/// Where a request goes: an agent's address, and the node it must be when known.
+#[derive(Debug, Clone, Copy)]
+pub struct To<'a> {
+    addr: &'a str,
+    node: Option<&'a str>,
+}
+
+/// The agent of node `name`, at `addr` (its certificate must name `name`).
+pub fn node<'a>(name: &'a str, addr: &'a str) -> To<'a> {
+    To {
+        addr,
+        node: Some(name),
     }
+}
+
+impl<'a> From<&'a str> for To<'a> {
+    fn from(addr: &'a str) -> To<'a> {
+        To { addr, node: None }
+    }
+}
+
+impl<'a> From<&'a String> for To<'a> {
+    fn from(addr: &'a String) -> To<'a> {
+        To { addr, node: None }
+    }
+}
+
+/// Wraps ureq's TCP transport in rustls with Ferry's verifiers.
+#[derive(Debug)]
+struct FerryTls {
+    config: Arc<rustls::ClientConfig>,
+    /// The name sent and checked (a node's `NAME.node.ferry`); `None`: the URL's host.
+    name: Option<rustls::pki_types::ServerName<'static>>,
+}
+
+impl<In: Transport> Connector<In> for FerryTls {
+    type Out = Either<In, TlsTransport>;
+
+    fn connect(
+        &self,
+        details: &ConnectionDetails,
+        chained: Option<In>,
+    ) -> Result<Option<Self::Out>, ureq::Error> {
+        let Some(transport) = chained else {
+            return Err(ureq::Error::ConnectionFailed);
+        };
+        if !details.needs_tls() || transport.is_tls() {
+            return Ok(Some(Either::A(transport)));
+        }
+        let name = match &self.name {
+            Some(n) => n.clone(),
+            None => {
+                let host = details.uri.host().unwrap_or_default();
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|_| {
+                    ureq::Error::Io(std::io::Error::other(format!(
+                        "{host:?} is not a host name or address a certificate can name"
+                    )))
+                })?
+            }
+        };
+        let mut conn = rustls::ClientConnection::new(self.config.clone(), name)
+            .map_err(|e| ureq::Error::Io(std::io::Error::other(trust::tls::describe(&e))))?;
+        let mut sock = TransportAdapter::new(transport.boxed(), details.current_time.clone());
+        sock.set_timeout(details.timeout);
+        conn.complete_io(&mut sock)
+            .map_err(|e| ureq::Error::Io(trust::tls::explain_io(e)))?;
+        Ok(Some(Either::B(TlsTransport {
+            buffers: LazyBuffers::new(
+                details.config.input_buffer_size(),
+                details.config.output_buffer_size(),
+            ),
+            stream: rustls::StreamOwned { conn, sock },
+        })))
+    }
+}
+
+struct TlsTransport {
+    buffers: LazyBuffers,
+    stream: rustls::StreamOwned<rustls::ClientConnection, TransportAdapter>,
+}
+
+impl std::fmt::Debug for TlsTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsTransport")
+    }
+}
+
+impl Transport for TlsTransport {
+    fn buffers(&mut self) -> &mut dyn Buffers {
+        &mut self.buffers
+    }
+
+    fn transmit_output(&mut self, amount: usize, timeout: NextTimeout) -> Result<(), ureq::Error> {
+        use std::io::Write;
+        self.stream.get_mut().set_timeout(timeout);
+        let output = &self.buffers.output()[..amount];
+        self.stream
+            .write_all(output)
+            .map_err(|e| ureq::Error::Io(trust::tls::explain_io(e)))
+    }
+
+    fn await_input(&mut self, timeout: NextTimeout) -> Result<bool, ureq::Error> {
+        use std::io::Read;
+        self.stream.get_mut().set_timeout(timeout);
+        let input = self.buffers.input_append_buf();
+        let amount = self
+            .stream
+            .read(input)
+            .map_err(|e| ureq::Error::Io(trust::tls::explain_io(e)))?;
+        self.buffers.input_appended(amount);
+        Ok(amount > 0)
+    }
+
+    fn is_open(&mut self) -> bool {
+        self.stream.get_mut().get_mut().is_open()
+    }
+
+    fn is_tls(&self) -> bool {
+        true
+    }
+}
+
+/// A ureq agent for one request to `to`, and the request's URL base.
+fn agent(to: To<'_>, timeout: Option<Duration>) -> Result<(ureq::Agent, String), AgentError> {
+    let config = ureq::Agent::config_builder()
+        .timeout_global(timeout)
+        .http_status_as_error(false)
+        .build();
+    let Some(tls) = tls() else {
+        let base = if to.addr.starts_with("http://") || to.addr.starts_with("https://") {
+            to.addr.trim_end_matches('/').to_string()
+        } else {
+            format!("http://{}", to.addr)
+        };
+        return Ok((config.into(), base));
+    };
+    let bad = |e: trust::TrustError| AgentError::Internal(format!("TLS client setup: {e}"));
+    let expect = match to.node {
+        Some(n) => trust::api::Expect::Node(n),
+        None => trust::api::Expect::AnyNodeAt,
+    };
+    let connector = FerryTls {
+        config: trust::api::client_config(tls.roots.clone(), tls.creds.as_ref(), expect)
+            .map_err(bad)?,
+        name: match to.node {
+            Some(n) => Some(trust::tls::node_server_name(n).map_err(bad)?),
+            None => None,
+        },
+    };
+    let addr = to.addr.trim_start_matches("https://").trim_end_matches('/');
+    if addr.starts_with("http://") {
+        return Err(AgentError::BadRequest(format!(
+            "{addr}: plain HTTP refused: this client is set up for HTTPS (the cluster CA)"
+        )));
+    }
+    let agent = ureq::Agent::with_parts(
+        config,
+        TcpConnector::default().chain(connector),
+        ureq::unversioned::resolver::DefaultResolver::default(),
+    );
+    Ok((agent, format!("https://{addr}")))
 }
 
 fn finish<T: DeserializeOwned>(
@@ -65,44 +238,42 @@ fn finish<T: DeserializeOwned>(
 }
 
 /// GET `path` from the agent at `addr`.
-pub fn get<T: DeserializeOwned>(addr: &str, path: &str) -> Result<T, AgentError> {
-    let url = format!("{}{path}", base(addr));
-    finish(
-        &url,
-        with_token(agent(Some(Duration::from_secs(30))).get(&url)).call(),
-    )
+pub fn get<'a, T: DeserializeOwned>(to: impl Into<To<'a>>, path: &str) -> Result<T, AgentError> {
+    let (agent, base) = agent(to.into(), Some(Duration::from_secs(30)))?;
+    let url = format!("{base}{path}");
+    finish(&url, with_token(agent.get(&url)).call())
 }
 
 /// POST a JSON body to `path`. `timeout` None: wait as long as the operation takes (drains).
-pub fn post<B: Serialize, T: DeserializeOwned>(
-    addr: &str,
+pub fn post<'a, B: Serialize, T: DeserializeOwned>(
+    to: impl Into<To<'a>>,
     path: &str,
     body: &B,
     timeout: Option<Duration>,
 ) -> Result<T, AgentError> {
-    let url = format!("{}{path}", base(addr));
-    finish(&url, with_token(agent(timeout).post(&url)).send_json(body))
+    let (agent, base) = agent(to.into(), timeout)?;
+    let url = format!("{base}{path}");
+    finish(&url, with_token(agent.post(&url)).send_json(body))
 }
 
 /// DELETE `path`.
-pub fn delete<T: DeserializeOwned>(addr: &str, path: &str) -> Result<T, AgentError> {
-    let url = format!("{}{path}", base(addr));
-    finish(
-        &url,
-        with_token(agent(Some(Duration::from_secs(60))).delete(&url)).call(),
-    )
+pub fn delete<'a, T: DeserializeOwned>(to: impl Into<To<'a>>, path: &str) -> Result<T, AgentError> {
+    let (agent, base) = agent(to.into(), Some(Duration::from_secs(60)))?;
+    let url = format!("{base}{path}");
+    finish(&url, with_token(agent.delete(&url)).call())
 }
 
 /// Follows a server-sent event stream, calling `on_event` with each `data:` event until it
 /// returns false or the stream ends.
-pub fn follow_events<T: DeserializeOwned>(
-    addr: &str,
+pub fn follow_events<'a, T: DeserializeOwned>(
+    to: impl Into<To<'a>>,
     path: &str,
     mut on_event: impl FnMut(T) -> bool,
 ) -> Result<(), AgentError> {
     use std::io::BufRead;
-    let url = format!("{}{path}", base(addr));
-    let resp = with_token(agent(None).get(&url))
+    let (agent, base) = agent(to.into(), None)?;
+    let url = format!("{base}{path}");
+    let resp = with_token(agent.get(&url))
         .call()
         .map_err(|e| AgentError::Unavailable(format!("{url}: {e}")))?;
     if resp.status().as_u16() >= 300 {

@@ -106,19 +106,26 @@ pub fn run(keep: bool) -> Result<()> {
         "   cluster CA and node certificates in {}: every migration runs over mutual TLS, each worker checking the other is the node the plan names, with a one-time secret per receiver",
         pki.display()
     );
-    // API tokens: one per node (grant node, for the calls agents make to each other) and an
-    // admin token for this demo's own requests; the agents accept nothing else.
+    // The agents' API is HTTPS with their node certificates; agents call each other with
+    // them. This demo's own requests are an admin user's, by certificate; a viewer token
+    // shows the other kind of credential (read-only).
+    let admin = trust::pki::issue(
+        &pki,
+        &trust::Identity::user("demo-admin", contract::trust::Role::Admin)?,
+        &[],
+        30,
+    )?;
+    agent::client::set_tls(Some(agent::client::ClientTls {
+        roots: trust::api::load_roots(&admin.ca)?,
+        creds: Some(trust::tls::Credentials::load(&admin)?),
+    }));
     let tokens = dir.join("tokens.json");
-    for i in 1..=3 {
-        let name = format!("node{i}");
-        let t = trust::token::issue(&tokens, &name, contract::auth::Grant::Node)?;
-        trust::secret::write_private(&dir.join(format!("{name}.token")), t.as_bytes())?;
-    }
-    let admin = trust::token::issue(&tokens, "demo-admin", contract::auth::Grant::Admin)?;
-    trust::secret::write_private(&dir.join("admin.token"), admin.as_bytes())?;
-    agent::client::set_token(Some(admin));
+    let viewer = trust::token::issue(&tokens, "demo-viewer", contract::auth::Grant::Viewer)?;
+    trust::secret::write_private(&dir.join("viewer.token"), viewer.as_bytes())?;
     println!(
-        "   API tokens in {}: every request to an agent needs one (the admin's is admin.token there)",
+        "   the API is HTTPS and needs a credential: the admin's certificate {} (ferry --ca {} --cert ...), or a token of {} (a viewer's is in viewer.token)",
+        admin.cert.display(),
+        admin.ca.display(),
         tokens.display()
     );
     let mut pending = Vec::new();
@@ -142,8 +149,6 @@ pub fn run(keep: bool) -> Result<()> {
             .arg(&pki)
             .arg("--api-tokens")
             .arg(&tokens)
-            .arg("--node-token-file")
-            .arg(dir.join(format!("{name}.token")))
             .args(["--lease-ttl-s", "3", "--address-file"])
             .arg(&addr_file)
             .stdout(Stdio::null())

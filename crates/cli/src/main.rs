@@ -35,6 +35,15 @@ struct Cli {
     /// API token to present to the agent (`ferry token issue`); default $FERRY_TOKEN.
     #[arg(long, global = true)]
     token: Option<String>,
+    /// The cluster CA (`ca.pem` of `ferry pki init`): talk HTTPS to agents started with
+    /// --pki-dir, accepting only an agent whose node certificate names the address given;
+    /// default $FERRY_CA.
+    #[arg(long, global = true)]
+    ca: Option<PathBuf>,
+    /// A user certificate to present (`ferry pki issue --user NAME --role ROLE`; its key is
+    /// the same path with `.key`); needs --ca; default $FERRY_CERT.
+    #[arg(long, global = true)]
+    cert: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -219,11 +228,13 @@ struct AgentArgs {
     #[arg(long)]
     node: String,
     /// The cluster PKI directory (`ferry pki init/issue`): this node's certificate
-    /// `node-NAME.pem`, its key and `ca.pem`; migrations then use mutual TLS. Without it they
-    /// run in plaintext (warned).
+    /// `node-NAME.pem`, its key and `ca.pem`. The REST API is then HTTPS and takes a client
+    /// certificate of the CA as a credential (a user's role, or a peer node's), calls to peer
+    /// agents and migrations use mutual TLS naming the peer node. Without it all of these run
+    /// in plaintext (warned).
     #[arg(long)]
     pki_dir: Option<PathBuf>,
-    /// Address of the HTTP API, e.g. 127.0.0.1:7100.
+    /// Address of the API (HTTP, or HTTPS with --pki-dir), e.g. 127.0.0.1:7100.
     #[arg(long)]
     listen: String,
     /// Cluster store: sqlite:///path/cluster.db (embedded) or etcd://host:port[,host:port].
@@ -430,6 +441,45 @@ fn run_pki(cmd: &PkiCmd) -> Result<()> {
     Ok(())
 }
 
+/// HTTPS for the CLI's requests when it has the cluster CA (--ca / $FERRY_CA), presenting a
+/// user certificate when given one (--cert / $FERRY_CERT).
+fn set_client_tls(cli: &Cli) -> Result<()> {
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    let ca = cli.ca.clone().or_else(|| env("FERRY_CA"));
+    let cert = cli.cert.clone().or_else(|| env("FERRY_CERT"));
+    let Some(ca) = ca else {
+        if let Some(c) = cert {
+            bail!(
+                "--cert {} needs --ca (the cluster CA that signed the agents' certificates)",
+                c.display()
+            );
+        }
+        agent::client::set_tls(None);
+        return Ok(());
+    };
+    let roots = trust::api::load_roots(&ca).with_context(|| format!("--ca {}", ca.display()))?;
+    let creds = match cert {
+        Some(c) => {
+            let files = contract::trust::TlsFiles {
+                key: c.with_extension("key"),
+                cert: c.clone(),
+                ca: ca.clone(),
+            };
+            Some(
+                trust::tls::Credentials::load(&files)
+                    .with_context(|| format!("--cert {}", c.display()))?,
+            )
+        }
+        None => None,
+    };
+    agent::client::set_tls(Some(agent::client::ClientTls { roots, creds }));
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     let json = json_out(&cli)?;
     let addr = agent_addr(&cli);
@@ -439,6 +489,9 @@ fn run(cli: Cli) -> Result<()> {
             .or_else(|| std::env::var("FERRY_TOKEN").ok())
             .filter(|t| !t.is_empty()),
     );
+    if !matches!(cli.cmd, Cmd::Agent(_)) {
+        set_client_tls(&cli)?;
+    }
     match &cli.cmd {
         Cmd::Agent(a) => run_agent(a),
         Cmd::Token {
@@ -863,7 +916,7 @@ pub fn follow_migration(
     known = refresh_agents(&known);
     for agent in agents {
         let r = agent::client::follow_events(
-            agent,
+            *agent,
             &format!("/v1/migrations/{id}/events"),
             |ev: MigrationEvent| {
                 if json {
@@ -1011,7 +1064,9 @@ fn run_agent(a: &AgentArgs) -> Result<()> {
             Some(trust::token::load(p).with_context(|| format!("--api-tokens {}", p.display()))?)
         }
         None => {
-            eprintln!("ferry agent: WARNING: no --api-tokens: the REST API accepts every request without a credential");
+            if a.pki_dir.is_none() {
+                eprintln!("ferry agent: WARNING: no --api-tokens and no --pki-dir: the REST API accepts every request without a credential");
+            }
             None
         }
     };
@@ -1024,11 +1079,29 @@ fn run_agent(a: &AgentArgs) -> Result<()> {
         None => {
             // Never a user's $FERRY_TOKEN: peers get this node's own credential or none.
             agent::client::set_token(None);
-            if api_tokens.is_some() {
+            if api_tokens.is_some() && a.pki_dir.is_none() {
                 eprintln!("ferry agent: WARNING: --api-tokens without --node-token-file: peer agents that check tokens refuse this node's calls");
             }
         }
     }
+    // With the PKI: the API is HTTPS (this node's certificate), and calls to peer agents
+    // present it and require the peer's.
+    let https = match &tls {
+        Some(files) => {
+            let creds = trust::tls::Credentials::load(files)?;
+            let server = trust::api::server_config(&creds)?;
+            agent::client::set_tls(Some(agent::client::ClientTls {
+                roots: creds.roots(),
+                creds: Some(creds),
+            }));
+            Some(server)
+        }
+        None => {
+            eprintln!("ferry agent: WARNING: no --pki-dir: the REST API is plain HTTP");
+            agent::client::set_tls(None);
+            None
+        }
+    };
     let cfg = agent::AgentConfig {
         api_tokens,
         node: a.node.clone(),
@@ -1082,13 +1155,19 @@ fn run_agent(a: &AgentArgs) -> Result<()> {
                 .and_then(|_| std::fs::rename(&tmp, f))
                 .with_context(|| format!("cannot write {}", f.display()))?;
         }
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                while !STOP.load(std::sync::atomic::Ordering::SeqCst) {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            })
-            .await?;
+        let stop = async {
+            while !STOP.load(std::sync::atomic::Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        match https {
+            Some(server) => agent::https::serve(listener, app, server, stop).await?,
+            None => {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stop)
+                    .await?
+            }
+        }
         tracing::info!("agent stopped; VM workers keep running");
         Ok::<(), anyhow::Error>(())
     })

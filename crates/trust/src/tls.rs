@@ -109,6 +109,21 @@ impl Credentials {
         })
     }
 
+    /// The CA peers must chain to.
+    pub fn roots(&self) -> Arc<rustls::RootCertStore> {
+        self.roots.clone()
+    }
+
+    /// This side's certificate chain.
+    pub fn chain(&self) -> &[CertificateDer<'static>] {
+        &self.chain
+    }
+
+    /// This side's private key.
+    pub fn key(&self) -> &PrivateKeyDer<'static> {
+        &self.key
+    }
+
     /// The Ferry identity this side's certificate names.
     pub fn identity(&self) -> Option<Identity> {
         Identity::of_cert(&self.chain[0])

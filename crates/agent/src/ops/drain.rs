@@ -114,7 +114,7 @@ impl Agent {
                 params: Default::default(),
             };
             let started: Result<MigrationStarted, _> = client::post(
-                &owner,
+                client::node(&vm.owner, &owner),
                 &format!("/v1/vms/{name}/migrate"),
                 &req,
                 Some(Duration::from_secs(60)),
@@ -131,7 +131,7 @@ impl Agent {
                 migration: Some(id.clone()),
                 ..item(false)
             };
-            return match wait_migration(&owner, &id) {
+            return match wait_migration(client::node(&vm.owner, &owner), &id) {
                 Ok(m) if m.outcome == MigrationOutcome::Succeeded => DrainItem {
                     ok: true,
                     summary: m.summary,

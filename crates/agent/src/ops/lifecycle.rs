@@ -80,7 +80,13 @@ impl Agent {
         } else {
             self.address_of(&v.value.owner)
                 .ok()
-                .and_then(|a| client::get::<VmView>(&a, &format!("/v1/vms/{name}")).ok())
+                .and_then(|a| {
+                    client::get::<VmView>(
+                        client::node(&v.value.owner, &a),
+                        &format!("/v1/vms/{name}"),
+                    )
+                    .ok()
+                })
                 .and_then(|x| x.worker)
         };
         let migrations = self.store.migrations_of(name, 10)?;
@@ -96,7 +102,7 @@ impl Agent {
     fn forward_to_owner(&self, owner: &str, path: &str) -> R<VmRecord> {
         let a = self.address_of(owner)?;
         client::post(
-            &a,
+            client::node(owner, &a),
             path,
             &serde_json::json!({}),
             Some(Duration::from_secs(60)),

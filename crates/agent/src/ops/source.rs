@@ -128,7 +128,7 @@ impl Agent {
         if v.value.owner != self.name() {
             let a = self.address_of(&v.value.owner)?;
             return client::post(
-                &a,
+                client::node(&v.value.owner, &a),
                 &format!("/v1/vms/{name}/migrate"),
                 &req,
                 Some(Duration::from_secs(60)),
@@ -343,7 +343,7 @@ impl Agent {
             from: self.name().into(),
         };
         let (addr, secret) = match client::post::<_, ReceiveReply>(
-            &dest.info.address,
+            client::node(&dest.info.name, &dest.info.address),
             "/v1/internal/receive",
             &rr,
             Some(Duration::from_secs(60)),
@@ -579,7 +579,7 @@ impl Agent {
         if m.from != self.name() {
             let a = self.address_of(&m.from)?;
             return client::post(
-                &a,
+                client::node(&m.from, &a),
                 &format!("/v1/migrations/{id}/cancel"),
                 &serde_json::json!({}),
                 Some(Duration::from_secs(30)),
@@ -614,7 +614,8 @@ impl Agent {
 }
 
 /// Polls a migration on `agent` until it ends.
-pub fn wait_migration(agent: &str, id: &str) -> R<MigrationRecord> {
+pub fn wait_migration<'a>(agent: impl Into<client::To<'a>>, id: &str) -> R<MigrationRecord> {
+    let agent = agent.into();
     loop {
         let v: MigrationView = client::get(agent, &format!("/v1/migrations/{id}"))?;
         if v.done {
