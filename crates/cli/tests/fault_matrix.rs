@@ -100,6 +100,44 @@ fn disk_vm(img: &Path) -> String {
     )
 }
 
+/// What the first `sectors` sectors of a disk-log image hold, as runs: zero sectors, records
+/// (`FERRYLOG` + their seq word) and anything else (evidence for a failed disk check).
+fn image_map(img: &std::path::Path, sectors: u64) -> String {
+    let data = match std::fs::read(img) {
+        Ok(d) => d,
+        Err(e) => return format!("image {}: {e}", img.display()),
+    };
+    let mut runs: Vec<(u64, u64, String)> = Vec::new();
+    for (i, sec) in data.chunks(512).take(sectors as usize).enumerate() {
+        let what = if sec.iter().all(|&b| b == 0) {
+            "zero".to_string()
+        } else if sec.starts_with(b"FERRYLOG") && sec.len() >= 16 {
+            let seq = u64::from_le_bytes(sec[8..16].try_into().unwrap());
+            if seq == i as u64 + 1 {
+                "records".to_string()
+            } else {
+                format!("record seq {seq}")
+            }
+        } else {
+            format!("other ({:02x?}...)", &sec[..8.min(sec.len())])
+        };
+        match runs.last_mut() {
+            Some((_, end, w)) if *w == what => *end = i as u64,
+            _ => runs.push((i as u64, i as u64, what)),
+        }
+    }
+    let runs: Vec<String> = runs
+        .iter()
+        .map(|(a, b, w)| format!("sectors {a}-{b}: {w}"))
+        .collect();
+    format!(
+        "image {} ({} bytes): {}",
+        img.display(),
+        data.len(),
+        runs.join("; ")
+    )
+}
+
 /// `disk seq=N` values of the complete lines of a serial stream.
 fn seqs(log: &str) -> Vec<u64> {
     let complete = &log[..log.rfind('\n').map(|i| i + 1).unwrap_or(0)];
@@ -414,6 +452,8 @@ fn run_row_in(c: &mut Cluster, target: Target, point: FaultPoint) -> Result<Repo
             c.post(&owner, "/v1/vms/vm/stop", json!({}));
         }
         let acked = seqs(&logs(c)).last().copied().unwrap_or(0);
+        // The image as the check boot will find it (that boot appends at once).
+        let before = image_map(&img, acked + 8);
         let _ = std::fs::remove_file(c.serial(&owner, "vm"));
         c.post(&owner, "/v1/vms/vm/start", json!({}));
         let path = c.serial(&owner, "vm");
@@ -431,7 +471,9 @@ fn run_row_in(c: &mut Cluster, target: Target, point: FaultPoint) -> Result<Repo
             .unwrap();
         if !(acked..=acked + 2).contains(&last) {
             return Err(format!(
-                "the disk holds {last} records, {acked} were acknowledged"
+                "the disk holds {last} records, {acked} were acknowledged\n{}\n--- serial node1 (whole):\n{}",
+                before,
+                std::fs::read_to_string(c.serial("node1", "vm")).unwrap_or_default()
             ));
         }
         note = format!(
