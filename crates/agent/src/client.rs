@@ -9,10 +9,6 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
-use ureq::unversioned::transport::{
-    Buffers, ConnectionDetails, Connector, Either, LazyBuffers, NextTimeout, TcpConnector,
-    Transport, TransportAdapter,
-};
 
 /// The bearer token this process presents to agents (`ferry --token`, or an agent's node
 /// token for its peers); none: requests carry no credential.
@@ -75,102 +71,6 @@ impl<'a> From<&'a String> for To<'a> {
     }
 }
 
-/// Wraps ureq's TCP transport in rustls with Ferry's verifiers.
-#[derive(Debug)]
-struct FerryTls {
-    config: Arc<rustls::ClientConfig>,
-    /// The name sent and checked (a node's `NAME.node.ferry`); `None`: the URL's host.
-    name: Option<rustls::pki_types::ServerName<'static>>,
-}
-
-impl<In: Transport> Connector<In> for FerryTls {
-    type Out = Either<In, TlsTransport>;
-
-    fn connect(
-        &self,
-        details: &ConnectionDetails,
-        chained: Option<In>,
-    ) -> Result<Option<Self::Out>, ureq::Error> {
-        let Some(transport) = chained else {
-            return Err(ureq::Error::ConnectionFailed);
-        };
-        if !details.needs_tls() || transport.is_tls() {
-            return Ok(Some(Either::A(transport)));
-        }
-        let name = match &self.name {
-            Some(n) => n.clone(),
-            None => {
-                let host = details.uri.host().unwrap_or_default();
-                let host = host.trim_start_matches('[').trim_end_matches(']');
-                rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|_| {
-                    ureq::Error::Io(std::io::Error::other(format!(
-                        "{host:?} is not a host name or address a certificate can name"
-                    )))
-                })?
-            }
-        };
-        let mut conn = rustls::ClientConnection::new(self.config.clone(), name)
-            .map_err(|e| ureq::Error::Io(std::io::Error::other(trust::tls::describe(&e))))?;
-        let mut sock = TransportAdapter::new(transport.boxed(), details.current_time.clone());
-        sock.set_timeout(details.timeout);
-        conn.complete_io(&mut sock)
-            .map_err(|e| ureq::Error::Io(trust::tls::explain_io(e)))?;
-        Ok(Some(Either::B(TlsTransport {
-            buffers: LazyBuffers::new(
-                details.config.input_buffer_size(),
-                details.config.output_buffer_size(),
-            ),
-            stream: rustls::StreamOwned { conn, sock },
-        })))
-    }
-}
-
-struct TlsTransport {
-    buffers: LazyBuffers,
-    stream: rustls::StreamOwned<rustls::ClientConnection, TransportAdapter>,
-}
-
-impl std::fmt::Debug for TlsTransport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("TlsTransport")
-    }
-}
-
-impl Transport for TlsTransport {
-    fn buffers(&mut self) -> &mut dyn Buffers {
-        &mut self.buffers
-    }
-
-    fn transmit_output(&mut self, amount: usize, timeout: NextTimeout) -> Result<(), ureq::Error> {
-        use std::io::Write;
-        self.stream.get_mut().set_timeout(timeout);
-        let output = &self.buffers.output()[..amount];
-        self.stream
-            .write_all(output)
-            .map_err(|e| ureq::Error::Io(trust::tls::explain_io(e)))
-    }
-
-    fn await_input(&mut self, timeout: NextTimeout) -> Result<bool, ureq::Error> {
-        use std::io::Read;
-        self.stream.get_mut().set_timeout(timeout);
-        let input = self.buffers.input_append_buf();
-        let amount = self
-            .stream
-            .read(input)
-            .map_err(|e| ureq::Error::Io(trust::tls::explain_io(e)))?;
-        self.buffers.input_appended(amount);
-        Ok(amount > 0)
-    }
-
-    fn is_open(&mut self) -> bool {
-        self.stream.get_mut().get_mut().is_open()
-    }
-
-    fn is_tls(&self) -> bool {
-        true
-    }
-}
-
 /// A ureq agent for one request to `to`, and the request's URL base.
 fn agent(to: To<'_>, timeout: Option<Duration>) -> Result<(ureq::Agent, String), AgentError> {
     let config = ureq::Agent::config_builder()
@@ -190,13 +90,11 @@ fn agent(to: To<'_>, timeout: Option<Duration>) -> Result<(ureq::Agent, String),
         Some(n) => trust::api::Expect::Node(n),
         None => trust::api::Expect::AnyNodeAt,
     };
-    let connector = FerryTls {
-        config: trust::api::client_config(tls.roots.clone(), tls.creds.as_ref(), expect)
-            .map_err(bad)?,
-        name: match to.node {
-            Some(n) => Some(trust::tls::node_server_name(n).map_err(bad)?),
-            None => None,
-        },
+    let tls_config =
+        trust::api::client_config(tls.roots.clone(), tls.creds.as_ref(), expect).map_err(bad)?;
+    let name = match to.node {
+        Some(n) => Some(trust::tls::node_server_name(n).map_err(bad)?),
+        None => None,
     };
     let addr = to.addr.trim_start_matches("https://").trim_end_matches('/');
     if addr.starts_with("http://") {
@@ -204,11 +102,7 @@ fn agent(to: To<'_>, timeout: Option<Duration>) -> Result<(ureq::Agent, String),
             "{addr}: plain HTTP refused: this client is set up for HTTPS (the cluster CA)"
         )));
     }
-    let agent = ureq::Agent::with_parts(
-        config,
-        TcpConnector::default().chain(connector),
-        ureq::unversioned::resolver::DefaultResolver::default(),
-    );
+    let agent = trust::https::agent(config, tls_config, name);
     Ok((agent, format!("https://{addr}")))
 }
 

@@ -79,7 +79,12 @@ impl Agent {
                 cfg.node
             );
         }
-        let store: Arc<dyn Store> = cluster::open(&cfg.store)?.into();
+        // etcd over TLS (`etcds://`) with this node's certificate.
+        let creds = match &cfg.tls {
+            Some(f) => Some(trust::tls::Credentials::load(f)?),
+            None => None,
+        };
+        let store: Arc<dyn Store> = cluster::open_with(&cfg.store, creds.as_ref())?.into();
         let mut info = node::describe(&cfg)?;
         if let Some(old) = store.node(&cfg.node)? {
             info.schedulable = old.info.schedulable; // a drain survives a restart

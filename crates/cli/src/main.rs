@@ -237,7 +237,8 @@ struct AgentArgs {
     /// Address of the API (HTTP, or HTTPS with --pki-dir), e.g. 127.0.0.1:7100.
     #[arg(long)]
     listen: String,
-    /// Cluster store: sqlite:///path/cluster.db (embedded) or etcd://host:port[,host:port].
+    /// Cluster store: sqlite:///path/cluster.db (embedded), etcd://host:port[,host:port], or
+    /// etcds://host:port[,...] (etcd over TLS, with this node's certificate from --pki-dir).
     #[arg(long)]
     store: String,
     /// Directory for VM sockets and logs.

@@ -55,18 +55,26 @@ fn prefix_end(prefix: &str) -> String {
     B64.encode(b)
 }
 
+/// The HTTP settings of every etcd request.
+pub(crate) fn agent_config() -> ureq::config::Config {
+    ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(5)))
+        .build()
+}
+
 impl EtcdStore {
     /// A client for these endpoints (`http://host:port`).
     pub fn new(endpoints: Vec<String>) -> Result<EtcdStore> {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .timeout_global(Some(Duration::from_secs(5)))
-            .build()
-            .into();
-        Ok(EtcdStore {
+        Ok(EtcdStore::with_agent(endpoints, agent_config().into()))
+    }
+
+    /// A client for these endpoints through `agent` (`https://host:port` with a TLS agent).
+    pub fn with_agent(endpoints: Vec<String>, agent: ureq::Agent) -> EtcdStore {
+        EtcdStore {
             endpoints,
             agent,
             leases: Mutex::new(HashMap::new()),
-        })
+        }
     }
 
     /// POSTs `body` to the first endpoint that answers.

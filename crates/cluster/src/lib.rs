@@ -12,4 +12,4 @@ pub mod testing;
 
 pub use contract::{MigrationParams, Phase, Summary};
 pub use model::*;
-pub use store::{open, prune_migrations, Store, StoreError};
+pub use store::{open, open_with, prune_migrations, Store, StoreError};

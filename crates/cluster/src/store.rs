@@ -18,9 +18,13 @@ pub enum StoreError {
     #[error("corrupt record in the cluster store: {0}")]
     Corrupt(String),
     #[error(
-        "invalid store URL {0:?}: use sqlite:///path/to/cluster.db or etcd://host:port[,host:port]"
+        "invalid store URL {0:?}: use sqlite:///path/to/cluster.db, etcd://host:port[,host:port] or etcds://host:port[,host:port] (TLS)"
     )]
     BadUrl(String),
+    #[error("{url}: TLS to etcd needs this node's certificate and the cluster CA (ferry agent --pki-dir)")]
+    NeedsCredentials { url: String },
+    #[error("TLS client setup for etcd")]
+    Tls(#[source] trust::TrustError),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -104,8 +108,34 @@ pub fn prune_migrations(
     Ok(n)
 }
 
-/// Opens a store from its URL: `sqlite:///path` (embedded) or `etcd://host:port[,...]`.
+/// Opens a store from its URL: `sqlite:///path` (embedded) or `etcd://host:port[,...]`
+/// (plaintext etcd). `etcds://` needs credentials: see [`open_with`].
 pub fn open(url: &str) -> Result<Box<dyn Store>> {
+    open_with(url, None)
+}
+
+/// Opens a store from its URL; `etcds://host:port[,...]` is etcd over TLS 1.3 (its server
+/// certificate must be of the cluster CA and name the host dialled; `tls` is presented as the
+/// client certificate, for etcd's `--client-cert-auth`).
+pub fn open_with(url: &str, tls: Option<&trust::tls::Credentials>) -> Result<Box<dyn Store>> {
+    if let Some(hosts) = url.strip_prefix("etcds://") {
+        let creds = tls.ok_or_else(|| StoreError::NeedsCredentials { url: url.into() })?;
+        let endpoints: Vec<String> = hosts
+            .split(',')
+            .filter(|h| !h.is_empty())
+            .map(|h| format!("https://{h}"))
+            .collect();
+        if endpoints.is_empty() {
+            return Err(StoreError::BadUrl(url.into()));
+        }
+        let config =
+            trust::api::client_config(creds.roots(), Some(creds), trust::api::Expect::Address)
+                .map_err(StoreError::Tls)?;
+        let agent = trust::https::agent(crate::etcd::agent_config(), config, None);
+        return Ok(Box::new(crate::etcd::EtcdStore::with_agent(
+            endpoints, agent,
+        )));
+    }
     if let Some(path) = url.strip_prefix("sqlite://") {
         if path.is_empty() {
             return Err(StoreError::BadUrl(url.into()));

@@ -290,3 +290,84 @@ fn etcd_unreachable_is_a_clear_error() {
         "{err}"
     );
 }
+
+/// etcd with TLS and client-certificate authentication (`etcds://`): the whole suite over it
+/// with two nodes' certificates; refused, with the reason, for a client without credentials,
+/// one whose certificate is of another CA, one that trusts another CA (etcd's certificate is
+/// then unknown), and a plaintext client on the TLS port.
+#[test]
+fn etcd_over_tls_with_client_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    trust::pki::init(&pki, false).unwrap();
+    for n in ["node1", "node2"] {
+        trust::pki::issue(
+            &pki,
+            &trust::Identity::node(n).unwrap(),
+            &["127.0.0.1".into()],
+            1,
+        )
+        .unwrap();
+    }
+    let e = cluster::testing::Etcd::start_tls(&pki, "node1");
+    assert!(e.url.starts_with("etcds://127.0.0.1:"), "{}", e.url);
+    let creds = |dir: &std::path::Path, n: &str| {
+        trust::tls::Credentials::load(&trust::pki::node_files(dir, n)).unwrap()
+    };
+    let a: Arc<dyn Store> = cluster::open_with(&e.url, Some(&creds(&pki, "node1")))
+        .unwrap()
+        .into();
+    let b: Arc<dyn Store> = cluster::open_with(&e.url, Some(&creds(&pki, "node2")))
+        .unwrap()
+        .into();
+    suite(a.as_ref(), b.as_ref(), Duration::from_secs(2));
+
+    // No credentials: refused before anything is sent.
+    let err = open(&e.url)
+        .err()
+        .expect("etcds:// without credentials")
+        .to_string();
+    assert!(err.contains("needs this node's certificate"), "{err}");
+    // Another CA's node1, presenting its certificate (etcd refuses it) and trusting its own CA
+    // (this client refuses etcd's certificate).
+    let evil = dir.path().join("evil");
+    trust::pki::init(&evil, false).unwrap();
+    trust::pki::issue(
+        &evil,
+        &trust::Identity::node("node1").unwrap(),
+        &["127.0.0.1".into()],
+        1,
+    )
+    .unwrap();
+    let s = cluster::open_with(&e.url, Some(&creds(&evil, "node1"))).unwrap();
+    let err = s.nodes().unwrap_err().to_string();
+    assert!(err.contains("not signed by this cluster's CA"), "{err}");
+    let mixed = trust::tls::Credentials::load(&contract::trust::TlsFiles {
+        ca: pki.join("ca.pem"),
+        ..trust::pki::node_files(&evil, "node1")
+    })
+    .unwrap();
+    let s = cluster::open_with(&e.url, Some(&mixed)).unwrap();
+    let err = s.nodes().unwrap_err().to_string();
+    assert!(err.contains("cluster store unavailable"), "{err}");
+    assert!(
+        s.nodes().is_err() && a.nodes().is_ok(),
+        "etcd took a certificate of another CA"
+    );
+    // A client that trusts the CA but presents no certificate: etcd requires one.
+    let roots = trust::api::load_roots(&pki.join("ca.pem")).unwrap();
+    let anonymous = trust::https::agent(
+        ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(5)))
+            .build(),
+        trust::api::client_config(roots, None, trust::api::Expect::Address).unwrap(),
+        None,
+    );
+    let endpoint = e.url.replacen("etcds://", "https://", 1);
+    let s = cluster::etcd::EtcdStore::with_agent(vec![endpoint], anonymous);
+    let err = s.nodes().unwrap_err().to_string();
+    assert!(err.contains("cluster store unavailable"), "{err}");
+    // Plaintext to the TLS port gets no store.
+    let plain = open(&e.url.replacen("etcds://", "etcd://", 1)).unwrap();
+    assert!(plain.nodes().is_err(), "plaintext answered on the TLS port");
+}

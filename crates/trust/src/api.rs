@@ -75,6 +75,9 @@ pub enum Expect<'a> {
     Node(&'a str),
     /// Any node of the cluster whose certificate names the host dialled (an IP or DNS SAN).
     AnyNodeAt,
+    /// Any server certificate of the CA that names the host dialled (a service of the
+    /// cluster that is not a node, e.g. etcd).
+    Address,
 }
 
 /// A client configuration for the HTTPS API: trusts `roots`, presents `client` (a user's
@@ -88,6 +91,7 @@ pub fn client_config(
         .build()
         .map_err(TrustError::Verifier)?;
     let verifier: Arc<dyn ServerCertVerifier> = match expect {
+        Expect::Address => inner,
         Expect::AnyNodeAt => Arc::new(AnyNodeAt { inner }),
         Expect::Node(node) => Arc::new(NamedNode {
             inner,

@@ -10,12 +10,14 @@
 //! * [`api`] — HTTPS for the agents' REST API: node certificate on the server, an optional
 //!   client certificate (a node's or a user's) checked against the CA, clients that check the
 //!   agent is the node they expect (or any node named for the address dialled).
+//! * [`https`] — ureq agents whose HTTPS runs through rustls with those verifiers.
 //! * [`conn`] — a blocking TCP connection, TLS or plaintext, that can be cloned into a reading
 //!   and a writing half used from different threads.
 //! * [`secret`] — one-time migration secrets: generation and constant-time comparison.
 
 pub mod api;
 pub mod conn;
+pub mod https;
 pub mod identity;
 pub mod pki;
 pub mod secret;
