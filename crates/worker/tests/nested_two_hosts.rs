@@ -283,7 +283,9 @@ fn check_moves(oa: &nested::L1Output, ob: &nested::L1Output, hb_ms: f64, jitter:
         // interval. It also holds what the engine cannot see: a line being printed when the
         // pause came (each character is an exit to L1 under TCG) and the destination's KVM
         // mapping the guest's memory again on first touch (thousands of nested page faults at
-        // TCG speed): 100-300 ms here, never seconds like the hosts' TSC difference.
+        // TCG speed): 100-300 ms here, once 665 ms (a run of 2026-12-02 whose bound was 400 ms
+        // over downtime and the stand-still jitter), never seconds like the hosts' TSC
+        // difference (2.2-2.7 s in this bed), which is what the bound is for: 1 s over them.
         // The longest gap between two heartbeats within one stay (by the guest's TSC).
         let still_ms = if jitter {
             [la, ll, lb, lc]
@@ -307,7 +309,7 @@ fn check_moves(oa: &nested::L1Output, ob: &nested::L1Output, hb_ms: f64, jitter:
                  longest extra gap while not moving {still_ms:.1} ms"
             );
             assert!(
-                seen < downtime + 400.0 + still_ms,
+                seen < downtime + 1000.0 + still_ms,
                 "{m}: cpu {c}: the guest saw a {seen:.1} ms pause, the engine reported {downtime:.1} ms \
                  (and {still_ms:.1} ms while not moving)"
             );

@@ -125,8 +125,15 @@ if [ -d $T/events/kvm ] && ! grep -q ferry.trace=0 /proc/cmdline; then
   echo 1 > $T/tracing_on
 fi
 # The trace sent: the 60 exits before each shutdown still in the ring (a vCPU that died minutes
-# before the step that failed, e.g. a migration source), then the last 400 lines.
-kvm_trace_dump() { [ -e $T/trace ] && { echo 0 > $T/tracing_on; cat $T/trace > /tmp/kvm-all; { grep -B 60 "reason shutdown" /tmp/kvm-all | tail -n 600; echo "-- the last 400 lines --"; tail -n 400 /tmp/kvm-all; } > /tmp/kvm-trace; rm -f /tmp/kvm-all; dump /tmp/kvm-trace; }; }
+# before the step that failed, e.g. a migration source), the last 20 events of each vCPU thread
+# that shut down (its own, whatever other threads did meanwhile), then the last 400 lines.
+kvm_trace_dump() { [ -e $T/trace ] && { echo 0 > $T/tracing_on; cat $T/trace > /tmp/kvm-all; {
+  grep -B 60 "reason shutdown" /tmp/kvm-all | tail -n 600
+  echo "-- each vCPU thread that shut down: its own last events --"
+  for th in $(grep "reason shutdown" /tmp/kvm-all | awk '{print $1}' | sort -u | tail -n 4); do
+    grep -E "^ *$th " /tmp/kvm-all | grep -B 20 "reason shutdown" | tail -n 21
+  done
+  echo "-- the last 400 lines --"; tail -n 400 /tmp/kvm-all; } > /tmp/kvm-trace; rm -f /tmp/kvm-all; dump /tmp/kvm-trace; }; }
 # stop_here STEP: reports STEP failed, sends every existing file of $FILES (globs allowed) and
 # the KVM trace, and powers L1 off (a two-host bed tells its peer first, and gives it time).
 stop_here() {
@@ -334,8 +341,17 @@ fn shutdown_context(out: &L1Output) -> String {
         .map(String::as_str)
         .unwrap_or("");
     let ctx = trace.split("-- the last 400 lines --").next().unwrap_or("");
-    let lines: Vec<&str> = ctx.lines().collect();
-    lines[lines.len().saturating_sub(80)..].join("\n")
+    let (before, own) = match ctx.split_once("-- each vCPU thread that shut down") {
+        Some((b, o)) => (b, format!("-- each vCPU thread that shut down{o}")),
+        None => (ctx, String::new()),
+    };
+    let lines: Vec<&str> = before.lines().collect();
+    let own: Vec<&str> = own.lines().take(100).collect();
+    format!(
+        "{}\n{}",
+        lines[lines.len().saturating_sub(60)..].join("\n"),
+        own.join("\n")
+    )
 }
 
 /// Prints a failed test host's evidence (the run is then repeated).
