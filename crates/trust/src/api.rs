@@ -87,17 +87,17 @@ pub fn client_config(
     client: Option<&Credentials>,
     expect: Expect<'_>,
 ) -> Result<Arc<ClientConfig>, TrustError> {
-    let inner = WebPkiServerVerifier::builder_with_provider(roots, provider())
-        .build()
-        .map_err(TrustError::Verifier)?;
+    let webpki = |roots| {
+        WebPkiServerVerifier::builder_with_provider(roots, provider())
+            .build()
+            .map_err(TrustError::Verifier)
+    };
     let verifier: Arc<dyn ServerCertVerifier> = match expect {
-        Expect::Address => inner,
-        Expect::AnyNodeAt => Arc::new(AnyNodeAt { inner }),
-        Expect::Node(node) => Arc::new(NamedNode {
-            inner,
-            name: crate::tls::node_server_name(node)?,
-            node: node.to_string(),
+        Expect::Address => webpki(roots)?,
+        Expect::AnyNodeAt => Arc::new(AnyNodeAt {
+            inner: webpki(roots)?,
         }),
+        Expect::Node(node) => crate::tls::node_server_verifier(roots, node)?,
     };
     let b = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -166,62 +166,6 @@ impl ServerCertVerifier for AnyNodeAt {
             return Err(not_a_node(ids));
         }
         Ok(ok)
-    }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
-}
-
-/// The chain and exactly node `node` (whatever address was dialled).
-#[derive(Debug)]
-struct NamedNode {
-    inner: Arc<WebPkiServerVerifier>,
-    name: ServerName<'static>,
-    node: String,
-}
-
-impl ServerCertVerifier for NamedNode {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        match self.inner.verify_server_cert(
-            end_entity,
-            intermediates,
-            &self.name,
-            ocsp_response,
-            now,
-        ) {
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => Err(rustls::Error::InvalidCertificate(CertificateError::Other(
-                rustls::OtherError(Arc::new(crate::tls::IdentityMismatch {
-                    expected: self.node.clone(),
-                    found: Identity::all_in_cert(end_entity),
-                })),
-            ))),
-            r => r,
-        }
     }
     fn verify_tls12_signature(
         &self,

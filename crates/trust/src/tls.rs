@@ -294,25 +294,32 @@ impl ServerCertVerifier for NodeServerVerifier {
     }
 }
 
+/// A server verifier: a certificate of the CA in `roots` that names node `peer_node`,
+/// whatever address was dialled.
+pub(crate) fn node_server_verifier(
+    roots: Arc<rustls::RootCertStore>,
+    peer_node: &str,
+) -> Result<Arc<dyn ServerCertVerifier>, TrustError> {
+    Ok(Arc::new(NodeServerVerifier {
+        inner: WebPkiServerVerifier::builder_with_provider(roots, provider())
+            .build()
+            .map_err(TrustError::Verifier)?,
+        name: node_server_name(peer_node)?,
+        node: peer_node.to_string(),
+    }))
+}
+
 /// A client configuration that presents `creds` and accepts only a server certificate of the
 /// CA that names node `peer_node`. Connect with [`node_server_name`]`(peer_node)`.
 pub fn node_client_config(
     creds: &Credentials,
     peer_node: &str,
 ) -> Result<Arc<ClientConfig>, TrustError> {
-    let name = node_server_name(peer_node)?;
-    let inner = WebPkiServerVerifier::builder_with_provider(creds.roots.clone(), provider())
-        .build()
-        .map_err(TrustError::Verifier)?;
-    let verifier = NodeServerVerifier {
-        inner,
-        name,
-        node: peer_node.to_string(),
-    };
+    let verifier = node_server_verifier(creds.roots.clone(), peer_node)?;
     let cfg = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(creds.chain.clone(), creds.key.clone_key())?;
     Ok(Arc::new(cfg))
 }

@@ -390,6 +390,9 @@ const HOST_LOCKUP: [&str; 4] = [
 ///   the test guest ([`test_guest_page_fault`]);
 /// - a shutdown delivering an instruction-fetch page fault at the RIP a vCPU was just resumed
 ///   at, in the page it had executed from ([`fetch_fault_on_resume`]);
+/// - a shutdown delivering an event (an interrupt or an exception) at the very RIP a vCPU was
+///   resumed at, where the same vCPU thread had taken interrupts before
+///   ([`delivery_fault_on_resume`]);
 /// - QEMU exited without the scenario finishing and without L1's kernel saying why (a reset of
 ///   the emulated machine: `-no-reboot` ends QEMU on it; a scenario that ended `/init` makes
 ///   the kernel say "Attempted to kill init").
@@ -400,6 +403,7 @@ pub fn host_failure(out: &L1Output, qemu_exited: bool) -> Option<String> {
     if let Some(why) = host_rip_in_guest(out)
         .or_else(|| test_guest_page_fault(out))
         .or_else(|| fetch_fault_on_resume(out))
+        .or_else(|| delivery_fault_on_resume(out))
     {
         return Some(why);
     }
@@ -819,4 +823,110 @@ pub fn ferry_bin() -> PathBuf {
         ferry.display()
     );
     ferry
+}
+
+/// One event of L1's KVM trace with the thread that logged it (one thread per guest vCPU, so
+/// vCPUs of different VMs are told apart) and its timestamp.
+struct Event<'a> {
+    thread: &'a str,
+    time: f64,
+    /// What follows `kvm_exit: `, `kvm_inj_virq: ` or `kvm_msr: `.
+    text: &'a str,
+    kind: &'a str,
+}
+
+/// Every `kvm_exit`, `kvm_inj_virq` and `kvm_msr` event of the trace L1 sent, once each (its
+/// sections overlap), in time order.
+fn events(out: &L1Output) -> Vec<Event<'_>> {
+    let Some(trace) = out.files.get("/tmp/kvm-trace") else {
+        return Vec::new();
+    };
+    let mut seen = std::collections::HashSet::new();
+    let mut v: Vec<Event> = trace
+        .lines()
+        .filter(|l| seen.insert(*l))
+        .filter_map(|l| {
+            let thread = l.split_whitespace().next()?;
+            let (head, rest) = ["kvm_exit: ", "kvm_inj_virq: ", "kvm_msr: "]
+                .iter()
+                .find_map(|k| {
+                    l.split_once(k)
+                        .map(|(h, r)| (h, (k.trim_end_matches(": "), r)))
+                })?;
+            let time = head
+                .trim_end()
+                .trim_end_matches(':')
+                .rsplit(' ')
+                .next()?
+                .parse()
+                .ok()?;
+            Some(Event {
+                thread,
+                time,
+                text: rest.1.trim(),
+                kind: rest.0,
+            })
+        })
+        .collect();
+    v.sort_by(|a, b| a.time.total_cmp(&b.time));
+    v
+}
+
+/// A vCPU that shut down delivering an event (`intr_info` valid: an interrupt, or an
+/// exception its instruction raised) at the very RIP it was resumed at after its previous exit,
+/// while the same vCPU thread had taken interrupts before (an interrupt injected and followed
+/// by an ordinary exit, or an x2APIC end-of-interrupt written): its IDT, GDT and stacks were in
+/// place, and a delivery fails only if the CPU's page walk during it does (the emulated SVM
+/// mishandles a nested page fault taken while delivering an event). Seen in CI, 2026-12-02: a
+/// stock Linux vCPU of a migration source in pre-copy (dirty logging write-protects its pages),
+/// `vintr rip 0xffffffffb6a59b99`, IRQ 0x21 injected, `shutdown rip 0xffffffffb6a59b99
+/// intr_info 0x80000021`; and a freshly booted one shutting down delivering a #PF right after a
+/// run of nested page faults at that RIP. A guest whose memory a migration or a restore got
+/// wrong fails its first delivery instead: that one is not this signature.
+fn delivery_fault_on_resume(out: &L1Output) -> Option<String> {
+    let ev = events(out);
+    let field = |text: &str, key: &str| -> Option<u64> {
+        let v = text
+            .split_once(&format!(" {key} 0x"))?
+            .1
+            .split_whitespace()
+            .next()?;
+        u64::from_str_radix(v, 16).ok()
+    };
+    ev.iter().enumerate().find_map(|(i, s)| {
+        if s.kind != "kvm_exit" || !s.text.contains(" reason shutdown ") {
+            return None;
+        }
+        if field(s.text, "intr_info")? & 0x8000_0000 == 0 {
+            return None;
+        }
+        let rip = field(s.text, "rip")?;
+        let mine: Vec<&Event> = ev[..i].iter().filter(|e| e.thread == s.thread).collect();
+        let (pi, prev) = mine
+            .iter()
+            .enumerate()
+            .rev()
+            .find(|(_, e)| e.kind == "kvm_exit")?;
+        let resumed = if prev.text.contains(" reason io ") {
+            field(prev.text, "info2")?
+        } else {
+            field(prev.text, "rip")?
+        };
+        if rip != resumed {
+            return None;
+        }
+        let took_before = mine[..pi].iter().enumerate().any(|(j, e)| {
+            (e.kind == "kvm_msr" && e.text.starts_with("msr_write 80b "))
+                || (e.kind == "kvm_inj_virq"
+                    && mine[j + 1..pi + 1].iter().any(|x| {
+                        x.kind == "kvm_exit" && !x.text.contains(" reason shutdown ")
+                    }))
+        });
+        took_before.then(|| {
+            format!(
+                "a guest vCPU that had taken interrupts before shut down delivering an event at                  the RIP it was resumed at: the emulated CPU's event delivery failed ({} {} | {} {})",
+                prev.thread, prev.text, s.thread, s.text
+            )
+        })
+    })
 }
