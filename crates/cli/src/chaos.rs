@@ -185,24 +185,11 @@ impl LocalCluster {
             .stderr(Stdio::from(log))
             .spawn()
             .context("cannot start an agent")?;
-        let t0 = Instant::now();
-        let addr = loop {
-            if let Ok(a) = std::fs::read_to_string(&addr_file) {
-                if agent::client::get::<contract::api::Health>(&a, "/v1/health")
-                    .is_ok_and(|h| h.node == name)
-                {
-                    break a;
-                }
-            }
-            if child.try_wait().ok().flatten().is_some() || t0.elapsed() > Duration::from_secs(30) {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!(
-                    "agent {name} did not come up: {}",
-                    self.agent_log_tail(&name, 3)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let Some(addr) = crate::wait_for_agent(&name, &addr_file, &mut child) else {
+            bail!(
+                "agent {name} did not come up: {}",
+                self.agent_log_tail(&name, 3)
+            );
         };
         self.agents[i].addr = addr;
         self.agents[i].child = Some(child);

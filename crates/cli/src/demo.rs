@@ -158,26 +158,12 @@ pub fn run(keep: bool) -> Result<()> {
         pending.push((name, addr_file, child));
     }
     for (name, addr_file, mut child) in pending {
-        let t0 = Instant::now();
-        let addr = loop {
-            if let Ok(a) = std::fs::read_to_string(&addr_file) {
-                if agent::client::get::<contract::api::Health>(&a, "/v1/health")
-                    .is_ok_and(|h| h.node == name)
-                {
-                    break a;
-                }
-            }
-            let exited = child.try_wait().ok().flatten();
-            if exited.is_some() || t0.elapsed() > Duration::from_secs(30) {
-                let log =
-                    std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default();
-                let _ = child.kill();
-                bail!(
-                    "agent {name} did not come up: {}",
-                    log.lines().last().unwrap_or("")
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        let Some(addr) = crate::wait_for_agent(&name, &addr_file, &mut child) else {
+            let log = std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default();
+            bail!(
+                "agent {name} did not come up: {}",
+                log.lines().last().unwrap_or("")
+            );
         };
         cl.agents.push((name, addr, child));
     }

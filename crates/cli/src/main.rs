@@ -1173,3 +1173,29 @@ fn run_agent(a: &AgentArgs) -> Result<()> {
         Ok::<(), anyhow::Error>(())
     })
 }
+
+/// Waits until the agent `child` (node `name`, started with `--address-file addr_file`)
+/// answers its health check as that node; its address. `None` if it exited or took longer than
+/// 30 s (it is then killed and reaped).
+pub(crate) fn wait_for_agent(
+    name: &str,
+    addr_file: &std::path::Path,
+    child: &mut std::process::Child,
+) -> Option<String> {
+    let t0 = std::time::Instant::now();
+    loop {
+        if let Ok(a) = std::fs::read_to_string(addr_file) {
+            if agent::client::get::<contract::api::Health>(&a, "/v1/health")
+                .is_ok_and(|h| h.node == name)
+            {
+                return Some(a);
+            }
+        }
+        if child.try_wait().ok().flatten().is_some() || t0.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
