@@ -3,6 +3,7 @@
 use cluster::{now_ms, NodeInfo};
 use std::path::PathBuf;
 use std::time::Duration;
+pub use vmm::confine::RootSpec;
 
 /// How an agent is configured (`ferry agent ...`).
 #[derive(Debug, Clone)]
@@ -24,8 +25,12 @@ pub struct AgentConfig {
     pub cores: Option<u32>,
     /// RAM given to VMs in MiB (default: available memory).
     pub memory_mib: Option<u64>,
-    /// Shared storage paths this node reaches.
-    pub storage: Vec<String>,
+    /// Shared storage this node reaches: a VM's disk images must lie beneath one of these
+    /// (`DIR,devices`: block devices there too), and workers open them only beneath them.
+    pub storage: Vec<vmm::confine::RootSpec>,
+    /// Where a VM's kernel and initrd may be read from on this node (none: only the built-in
+    /// test guest boots here).
+    pub boot_roots: Vec<vmm::confine::RootSpec>,
     /// Networks this node is attached to, each with the bridge its VMs' TAPs join.
     pub networks: Vec<(String, String)>,
     /// Lease TTL in the store.
@@ -48,6 +53,19 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
+    /// Worker flags that confine it to this node's storage and boot roots: it opens no other
+    /// host file for the VM ([`vmm::confine`]).
+    pub fn confinement_args(&self) -> Vec<String> {
+        let mut v = vec!["--confined".to_string()];
+        for r in &self.storage {
+            v.extend(["--storage-root".into(), r.to_string()]);
+        }
+        for r in &self.boot_roots {
+            v.extend(["--boot-root".into(), r.to_string()]);
+        }
+        v
+    }
+
     /// The bridge NICs on `network` attach to here.
     pub fn bridge_of(&self, network: &str) -> Option<&str> {
         self.networks
@@ -106,7 +124,16 @@ pub fn describe(cfg: &AgentConfig) -> anyhow::Result<NodeInfo> {
             .cores
             .unwrap_or_else(|| vmm::host::online_cpus() * VCPUS_PER_CPU),
         memory_mib: cfg.memory_mib.unwrap_or_else(vmm::host::free_memory_mib),
-        storage: cfg.storage.clone(),
+        storage: cfg
+            .storage
+            .iter()
+            .map(|r| r.dir.display().to_string())
+            .collect(),
+        boot: cfg
+            .boot_roots
+            .iter()
+            .map(|r| r.dir.display().to_string())
+            .collect(),
         networks: cfg.networks.iter().map(|(n, _)| n.clone()).collect(),
         schedulable: true,
         started_ms: now_ms(),

@@ -256,9 +256,15 @@ struct AgentArgs {
     /// RAM given to VMs in MiB (default: available memory).
     #[arg(long)]
     memory_mib: Option<u64>,
-    /// Shared storage path this node reaches (repeatable).
+    /// Shared storage this node reaches (repeatable): `DIR`, or `DIR,devices` to allow block
+    /// devices beneath it. A VM's disk images must lie beneath one of these; its workers open
+    /// no disk anywhere else.
     #[arg(long)]
-    storage: Vec<String>,
+    storage: Vec<agent::node::RootSpec>,
+    /// A directory VM kernels and initrds may be read from on this node (repeatable; none:
+    /// only the built-in test guest boots here).
+    #[arg(long = "boot-root")]
+    boot_roots: Vec<agent::node::RootSpec>,
     /// Network this node is attached to, `NAME` or `NAME=BRIDGE`: VMs' NICs on it get a TAP
     /// on that bridge (default: a bridge named like the network) (repeatable).
     #[arg(long, value_parser = agent::node::parse_network)]
@@ -1114,12 +1120,21 @@ fn run_agent(a: &AgentArgs) -> Result<()> {
         cores: a.cores,
         memory_mib: a.memory_mib,
         storage: a.storage.clone(),
+        boot_roots: a.boot_roots.clone(),
         networks: a.network.clone(),
         lease_ttl: Duration::from_secs(a.lease_ttl_s.max(1)),
         drain_concurrency: a.drain_concurrency.max(1),
         commit_retry: Duration::from_secs(a.commit_retry_s.max(1)),
         tls,
     };
+    for r in cfg.storage.iter().chain(&cfg.boot_roots) {
+        if !r.dir.is_dir() {
+            bail!(
+                "{} (--storage / --boot-root) is not a directory on this node",
+                r.dir.display()
+            );
+        }
+    }
     if let Some(p) = &cfg.cpu_limit {
         if !["host", "baseline"].contains(&p.as_str()) {
             bail!("unknown CPU profile {p:?} for --cpu-limit (host, baseline)");

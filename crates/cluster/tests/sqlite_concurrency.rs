@@ -21,6 +21,7 @@ fn node(name: &str) -> NodeInfo {
         cores: 2,
         memory_mib: 4096,
         storage: vec![],
+        boot: vec![],
         networks: vec![],
         schedulable: true,
         started_ms: now_ms(),

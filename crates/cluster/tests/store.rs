@@ -15,6 +15,7 @@ fn node(name: &str) -> NodeInfo {
         cores: 2,
         memory_mib: 4096,
         storage: vec!["/shared".into()],
+        boot: vec![],
         networks: vec!["br0".into()],
         schedulable: true,
         started_ms: now_ms(),

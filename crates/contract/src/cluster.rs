@@ -20,8 +20,11 @@ pub struct NodeInfo {
     pub cores: u32,
     /// RAM it gives to VMs, in MiB.
     pub memory_mib: u64,
-    /// Shared storage paths it reaches.
+    /// Shared storage paths it reaches; a VM's disk images must lie under one of them.
     pub storage: Vec<String>,
+    /// Directories a VM's kernel and initrd may be read from on this node.
+    #[serde(default)]
+    pub boot: Vec<String>,
     /// Networks (bridges) it is attached to.
     pub networks: Vec<String>,
     /// False while the node is drained: no VM is placed or migrated onto it.

@@ -50,6 +50,9 @@ pub struct DestinationLimits {
     pub max_vcpus: Option<u32>,
     /// Where this host attaches a VM's NICs.
     pub net_backends: Vec<vmm::devices::virtio::NetBackend>,
+    /// The only VM configuration this destination takes (its agent's plan, from the cluster
+    /// store); `None`: any the source offers (a standalone receiver).
+    pub expected: Option<VmConfig>,
 }
 
 pub use vmm::host::{free_memory_mib, online_cpus};
@@ -85,6 +88,19 @@ pub fn check(
     let mut problems = Vec::new();
     let mut missing_features = Vec::new();
     let dest = host_summary(kvm, limits);
+    if let Some(e) = &limits.expected {
+        // Not the planned VM: refused before anything on this host is opened for it.
+        let p = binding_problems(e, &req.config);
+        if !p.is_empty() {
+            return PreflightReport {
+                ok: false,
+                problems: p,
+                missing_features,
+                destination: dest,
+                restore_cost_us: 0,
+            };
+        }
+    }
     if !vmm::snapshot::reads_version(req.state_version) {
         problems.push(format!(
             "VM state version {} is not supported here (this destination reads versions {}-{})",
@@ -142,6 +158,85 @@ pub fn check(
         destination: dest,
         restore_cost_us: 0,
     }
+}
+
+/// Where the configuration a source offers differs from the one this destination's agent
+/// planned (`expected`, from the cluster store): each difference by name. Empty: bound.
+///
+/// The CPU profile's *name* is not compared (a node resolves `cluster` or a limited `host` to
+/// its own feature list); what the VM's CPU exposes is checked feature by feature against this
+/// host in [`check`] either way.
+pub fn binding_problems(expected: &VmConfig, offered: &VmConfig) -> Vec<String> {
+    let mut p = Vec::new();
+    let mut differs = |what: &str, e: String, o: String| {
+        if e != o {
+            p.push(format!(
+                "the source offers {what} {o}, this node's plan says {e}"
+            ));
+        }
+    };
+    differs(
+        "vCPUs",
+        expected.vcpus.to_string(),
+        offered.vcpus.to_string(),
+    );
+    differs(
+        "memory (MiB)",
+        expected.memory_mib.to_string(),
+        offered.memory_mib.to_string(),
+    );
+    differs(
+        "kernel",
+        format!("{:?}", expected.kernel),
+        format!("{:?}", offered.kernel),
+    );
+    differs(
+        "initrd",
+        format!("{:?}", expected.initrd),
+        format!("{:?}", offered.initrd),
+    );
+    differs(
+        "kernel command line",
+        format!("{:?}", expected.cmdline),
+        format!("{:?}", offered.cmdline),
+    );
+    let disks = |c: &VmConfig| {
+        c.disks
+            .iter()
+            .map(|d| {
+                format!(
+                    "{}{}",
+                    d.path.display(),
+                    if d.read_only { ",ro" } else { "" }
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    differs(
+        "disks",
+        format!("[{}]", disks(expected)),
+        format!("[{}]", disks(offered)),
+    );
+    let nics = |c: &VmConfig| {
+        c.nics
+            .iter()
+            .map(|n| n.mac.to_string())
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    differs(
+        "NICs",
+        format!("[{}]", nics(expected)),
+        format!("[{}]", nics(offered)),
+    );
+    if !p.is_empty() {
+        p.insert(
+            0,
+            "the offered VM is not the one this node's agent planned to receive".into(),
+        );
+    }
+    p
 }
 
 /// The guest's TSC frequency (announced in its CPUID timing leaf) must be one this host can

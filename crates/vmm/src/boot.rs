@@ -52,6 +52,8 @@ const KERNEL_64BIT_ENTRY_OFFSET: u64 = 0x200;
 pub enum BootError {
     #[error("cannot read kernel {path}: {err}")]
     ReadKernel { path: String, err: std::io::Error },
+    #[error(transparent)]
+    Confined(#[from] crate::confine::ConfineError),
     #[error("kernel image is neither a PVH ELF nor a bzImage: ELF: {elf}; bzImage: {bz}")]
     UnknownFormat { elf: String, bz: String },
     #[error("ELF kernel has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY); Ferry boots ELF kernels only through PVH")]
@@ -342,12 +344,17 @@ fn write_boot_page_tables(mem: &GuestMem) -> Result<(), BootError> {
     Ok(())
 }
 
-/// Reads a kernel file named by the user.
-pub fn read_file(path: &std::path::Path) -> Result<Vec<u8>, BootError> {
-    std::fs::read(path).map_err(|err| BootError::ReadKernel {
+/// Reads a kernel (or initrd) file named by a VM's configuration, under this process's
+/// storage policy ([`crate::confine`]).
+pub fn read_file(path: &std::path::Path, what: crate::confine::Use) -> Result<Vec<u8>, BootError> {
+    use std::io::Read;
+    let mut f = crate::confine::open(path, false, what)?;
+    let mut v = Vec::new();
+    f.read_to_end(&mut v).map_err(|err| BootError::ReadKernel {
         path: path.display().to_string(),
         err,
-    })
+    })?;
+    Ok(v)
 }
 
 /// The guest-physical end of the loaded data structures, for sanity checks.

@@ -12,6 +12,7 @@
 pub mod acpi;
 pub mod boot;
 pub mod config;
+pub mod confine;
 pub mod cpuid;
 pub mod devices;
 pub mod dirty;

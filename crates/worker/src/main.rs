@@ -133,6 +133,11 @@ enum Cmd {
         /// with TLS. It admits one session: a second one presenting it is refused as a replay.
         #[arg(long)]
         secret_file: Option<PathBuf>,
+        /// File with the VM configuration (JSON) this receiver may take, as its agent
+        /// planned it: a source offering any other (disks, NICs, memory, vCPUs, kernel) is
+        /// refused in preflight, before anything is opened.
+        #[arg(long)]
+        expect_config: Option<PathBuf>,
     },
     /// Send a command to a running worker.
     Ctl {
@@ -195,9 +200,37 @@ struct HostArgs {
     /// (repeatable, one per NIC in order; a single `bridge=` serves every NIC).
     #[arg(long = "net-backend")]
     net_backends: Vec<vmm::devices::virtio::NetBackend>,
+    /// Disk images only beneath this directory: `DIR`, or `DIR,devices` to allow block
+    /// devices there (repeatable).
+    #[arg(long = "storage-root")]
+    storage_roots: Vec<vmm::confine::RootSpec>,
+    /// Kernels and initrds only beneath this directory (repeatable).
+    #[arg(long = "boot-root")]
+    boot_roots: Vec<vmm::confine::RootSpec>,
+    /// Open host files for the VM only beneath `--storage-root` / `--boot-root` (implied by
+    /// either, and by a TLS receiver); with no root of a kind, no file of that kind at all.
+    #[arg(long)]
+    confined: bool,
 }
 
 impl HostArgs {
+    /// Sets this process's storage policy ([`vmm::confine`]), before anything is opened:
+    /// confined if asked, if any root was given, or if `closed` (a receiver whose VM
+    /// configuration comes from the network).
+    fn confine(&self, closed: bool) -> Result<()> {
+        let p = if self.confined
+            || closed
+            || !self.storage_roots.is_empty()
+            || !self.boot_roots.is_empty()
+        {
+            vmm::confine::Policy::roots(&self.storage_roots, &self.boot_roots)?
+        } else {
+            vmm::confine::Policy::Unconfined
+        };
+        vmm::confine::install(p)?;
+        Ok(())
+    }
+
     fn devices(&self, nics: usize) -> Result<vmm::devices::virtio::HostDevices> {
         vmm::devices::virtio::HostDevices::for_nics(&self.net_backends, nics)
             .map_err(|e| anyhow::anyhow!("{e} (--net-backend)"))
@@ -293,6 +326,17 @@ fn main() {
     }
 }
 
+/// The configuration a receiver may take (`--expect-config`), checked as a configuration.
+fn read_expected_config(f: &std::path::Path) -> Result<VmConfig> {
+    let text =
+        std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?;
+    let c: VmConfig = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a VM configuration", f.display()))?;
+    c.validate()
+        .with_context(|| format!("{}: invalid VM configuration", f.display()))?;
+    Ok(c)
+}
+
 fn real_main(cli: Cli) -> Result<i32> {
     match cli.cmd {
         Cmd::Run {
@@ -322,12 +366,8 @@ fn real_main(cli: Cli) -> Result<i32> {
                     .collect(),
             };
             config.validate()?;
+            host.confine(false)?;
             let host = host.devices(config.nics.len())?;
-            if let KernelSource::Path(p) = &config.kernel {
-                if !p.is_file() {
-                    bail!("kernel {} does not exist or is not a file", p.display());
-                }
-            }
             let kvm = vmm::open_kvm()?;
             server::check_free(&api_socket)?;
             let serial = SerialLog::create(&serial_log)?;
@@ -349,6 +389,7 @@ fn real_main(cli: Cli) -> Result<i32> {
             host,
         } => {
             vmm::statecheck::enable(verify_state);
+            host.confine(false)?;
             let kvm = vmm::open_kvm()?;
             server::check_free(&api_socket)?;
             let nics = vmm::snapshot::Reader::open(&snapshot)
@@ -389,6 +430,7 @@ fn real_main(cli: Cli) -> Result<i32> {
             host,
             tls,
             secret_file,
+            expect_config,
         } => {
             vmm::statecheck::enable(verify_state);
             let transport = tls.transport()?;
@@ -396,6 +438,11 @@ fn real_main(cli: Cli) -> Result<i32> {
             if server_tls.is_none() {
                 eprintln!("{}", security::INSECURE_WARNING);
             }
+            host.confine(server_tls.is_some())?;
+            let expected = match &expect_config {
+                Some(f) => Some(read_expected_config(f)?),
+                None => None,
+            };
             let secret = match &secret_file {
                 Some(f) => Some(security::read_secret(f)?),
                 None if server_tls.is_some() => bail!(
@@ -437,6 +484,7 @@ fn real_main(cli: Cli) -> Result<i32> {
                     max_memory_mib,
                     max_vcpus,
                     net_backends: host.net_backends.clone(),
+                    expected,
                 },
                 external: decision,
                 protocols: migration::wire::MIN_PROTOCOL_VERSION

@@ -309,3 +309,110 @@ fn plaintext_receiver_survives_garbage_and_its_secret_admits_one_session() {
     let src_log = std::fs::read_to_string(d.join("src.serial")).unwrap();
     check_after_move(&src_log, &second.w);
 }
+
+/// A receiver bound to its agent's plan (`--expect-config`) and confined to its storage
+/// roots refuses a source that offers another VM (here one with a host file as its disk) and
+/// a disk that leads out of its root through a symlink, each in preflight with the reason,
+/// opening nothing of it; then it takes the planned VM.
+#[test]
+fn receiver_takes_only_the_planned_vm_and_opens_disks_only_beneath_its_roots() {
+    let dir = tempdir();
+    let d = dir.path();
+    let store = d.join("store");
+    std::fs::create_dir(&store).unwrap();
+    // A "host file" the attacker names as its disk, and a symlink to it inside the root.
+    let host_file = d.join("host-file");
+    std::fs::write(&host_file, vec![0x5au8; 1 << 20]).unwrap();
+    std::os::unix::fs::symlink(&host_file, store.join("escape.img")).unwrap();
+
+    let cmdline = "ferry.workload=verify ferry.wss_mib=16 ferry.hb_ms=5";
+    let planned = vmm::VmConfig {
+        vcpus: 1,
+        memory_mib: 128,
+        kernel: vmm::KernelSource::TestGuest,
+        initrd: None,
+        cmdline: cmdline.into(),
+        cpu_profile: "host".into(),
+        disks: vec![],
+        nics: vec![],
+    };
+    let plan = d.join("plan.json");
+    std::fs::write(&plan, serde_json::to_vec(&planned).unwrap()).unwrap();
+    let root = store.to_str().unwrap();
+    let dst = Receiver::spawn(
+        d,
+        "dst",
+        &[
+            "--expect-config",
+            plan.to_str().unwrap(),
+            "--storage-root",
+            root,
+        ],
+    );
+
+    // Another VM: same guest, plus the host file as a read-write disk.
+    let disk = format!("{}", host_file.display());
+    let intruder = Worker::spawn(
+        d,
+        "intruder",
+        &[
+            "run",
+            "--kernel",
+            "test-guest",
+            "--memory-mib",
+            "128",
+            "--cmdline",
+            cmdline,
+            "--disk",
+            &disk,
+        ],
+    );
+    let (kind, why) = refused(&intruder, &intruder.migrate(&dst.addr, &[]));
+    assert_eq!(kind, "refused", "{why}");
+    assert!(
+        why.contains("not the one this node's agent planned")
+            && why.contains(&format!(
+                "the source offers disks [{disk}], this node's plan says []"
+            )),
+        "{why}"
+    );
+    intruder.shutdown();
+    assert_eq!(std::fs::read(&host_file).unwrap(), vec![0x5au8; 1 << 20]);
+
+    // The planned VM, but with its disk a symlink out of the root (a plan may name it: the
+    // open beneath the root refuses it).
+    let dst2 = Receiver::spawn(d, "dst2", &["--storage-root", root]);
+    let escape = format!("{}/escape.img", root);
+    let sneaky = Worker::spawn(
+        d,
+        "sneaky",
+        &[
+            "run",
+            "--kernel",
+            "test-guest",
+            "--memory-mib",
+            "128",
+            "--cmdline",
+            cmdline,
+            "--disk",
+            &format!("{escape},ro"),
+        ],
+    );
+    let (kind, why) = refused(&sneaky, &sneaky.migrate(&dst2.addr, &[]));
+    assert_eq!(kind, "refused", "{why}");
+    assert!(
+        why.contains(&format!(
+            "disk image {escape} leads out of storage root {root}"
+        )),
+        "{why}"
+    );
+    sneaky.shutdown();
+    drop(dst2);
+
+    // The planned VM moves, verified, to the receiver that refused the intruder.
+    let src = guest(d);
+    src.migrate(&dst.addr, &[]).summary();
+    src.shutdown();
+    let src_log = std::fs::read_to_string(d.join("src.serial")).unwrap();
+    check_after_move(&src_log, &dst.w);
+}

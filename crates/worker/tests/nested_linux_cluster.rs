@@ -24,7 +24,7 @@ mkdir -p /tmp/shared
 dd if=/dev/zero of=/tmp/shared/disk.img bs=1M count=8 2>/dev/null
 for n in 1 2; do
   ferry agent --node node$n --listen 127.0.0.1:710$n --store sqlite:///tmp/cluster.db \
-      --data-dir /tmp/n$n --storage /tmp/shared > /tmp/n$n.log 2>&1 &
+      --data-dir /tmp/n$n --storage /tmp/shared --boot-root /l2 > /tmp/n$n.log 2>&1 &
 done
 F="ferry --agent 127.0.0.1:7101"
 w=0; until $F node list 2>/dev/null | grep -q node2; do w=$((w+1)); [ $w -gt 240 ] && stop_here agents; sleep 0.5; done

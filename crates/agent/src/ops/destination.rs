@@ -8,6 +8,7 @@
 use super::R;
 use crate::workers::Worker;
 use crate::{Agent, AgentError};
+use cluster::SpecExt;
 use contract::api::{ReceiveReply, ReceiveRequest};
 use contract::worker::{Request, WorkerState};
 use std::sync::Arc;
@@ -55,7 +56,23 @@ impl Agent {
                 req.migration
             )));
         }
+        // The VM this node takes is the one in the store, not what the request (or later the
+        // source's stream) says: the receiver gets the store's configuration and refuses any
+        // other in preflight, and opens host files only beneath this node's roots.
+        let spec = cur.spec.clone();
+        let mine = self.node_info();
+        super::spec_paths_allowed(&spec, self.name(), &mine.storage, &mine.boot)
+            .map_err(AgentError::Conflict)?;
         self.drop_stale_receiver(&name, &req.migration)?;
+        let dir = crate::workers::vm_dir(&self.cfg.data_dir, &name);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| AgentError::Internal(format!("{}: {e}", dir.display())))?;
+        let expect = dir.join("receive.config.json");
+        write_private(
+            &expect,
+            &serde_json::to_vec(&spec.vm_config("host")).unwrap_or_default(),
+        )
+        .map_err(|e| AgentError::Internal(format!("{}: {e}", expect.display())))?;
         let host = self
             .cfg
             .listen
@@ -69,7 +86,10 @@ impl Agent {
             "--external-commit".into(),
             "--migration-id".into(),
             req.migration.clone(),
+            "--expect-config".into(),
+            expect.display().to_string(),
         ];
+        args.extend(self.cfg.confinement_args());
         // Mutual TLS with the source node the request names, and a fresh one-time secret
         // that only the source agent learns (in the reply); plaintext if this node has no
         // certificate.
@@ -77,9 +97,6 @@ impl Agent {
             Some(files) => {
                 let secret = trust::secret::generate()
                     .map_err(|e| AgentError::Internal(format!("migration secret: {e}")))?;
-                let dir = crate::workers::vm_dir(&self.cfg.data_dir, &name);
-                std::fs::create_dir_all(&dir)
-                    .map_err(|e| AgentError::Internal(format!("{}: {e}", dir.display())))?;
                 let file = dir.join("receive.secret");
                 trust::secret::write_file(&file, &secret).map_err(|e| {
                     let cause = std::error::Error::source(&e).map(|c| format!(": {c}"));
@@ -106,7 +123,7 @@ impl Agent {
         }
         args.extend(
             self.cfg
-                .net_backend_args(&req.vm.spec)
+                .net_backend_args(&spec)
                 .map_err(AgentError::Conflict)?,
         );
         let w = self
@@ -232,4 +249,23 @@ impl Agent {
             }
         }
     }
+}
+
+/// Writes a file only this user reads, created anew (`O_EXCL`, after removing an old one, so
+/// a planted symlink is replaced, never followed).
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
 }

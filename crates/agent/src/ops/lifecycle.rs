@@ -57,7 +57,9 @@ impl Agent {
         spec.validate()
             .map_err(|e| AgentError::BadRequest(e.to_string()))?;
         let owner = node.unwrap_or_else(|| self.name().to_string());
-        self.node_or_404(&owner)?;
+        let n = self.node_or_404(&owner)?;
+        super::spec_paths_allowed(&spec, &owner, &n.info.storage, &n.info.boot)
+            .map_err(AgentError::BadRequest)?;
         let rec = VmRecord {
             spec,
             owner,
@@ -143,6 +145,9 @@ impl Agent {
             AgentError::Conflict(format!("another operation on VM {name} is in progress"))
         })?;
         let spec = v.value.spec.clone();
+        let mine = self.node_info();
+        super::spec_paths_allowed(&spec, self.name(), &mine.storage, &mine.boot)
+            .map_err(AgentError::Conflict)?;
         let profile = self.worker_profile(&spec)?;
         let features = {
             let kvm = vmm::open_kvm().map_err(|e| AgentError::Internal(e.to_string()))?;
@@ -154,7 +159,6 @@ impl Agent {
                 .into_iter()
                 .collect::<Vec<_>>()
         };
-        let mine = self.node_info();
         let (cores, mem, _) = usage(
             self.name(),
             &self.store.vms()?,
@@ -215,6 +219,7 @@ impl Agent {
             args.push(n.mac.to_string());
         }
         args.extend(backends);
+        args.extend(self.cfg.confinement_args());
         match self
             .workers
             .spawn(&self.cfg.worker_bin, &self.cfg.data_dir, name, &args)

@@ -172,6 +172,33 @@ pub(crate) fn new_id(vm: &str) -> String {
 }
 
 /// Whether `path` lies under one of `roots`.
+/// Whether every host file `spec` names (disk images, kernel, initrd) lies beneath the roots
+/// node `node` was given (`storage` for disks, `boot` for kernels and initrds): checked as
+/// written, where the VM is defined, started and received; the worker then opens each one
+/// beneath its root ([`vmm::confine`]).
+pub(crate) fn spec_paths_allowed(
+    spec: &cluster::VmSpec,
+    node: &str,
+    storage: &[String],
+    boot: &[String],
+) -> Result<(), String> {
+    use std::path::{Path, PathBuf};
+    use vmm::confine::{check_lexical, Use};
+    let storage: Vec<PathBuf> = storage.iter().map(PathBuf::from).collect();
+    let boot: Vec<PathBuf> = boot.iter().map(PathBuf::from).collect();
+    let on = |e: vmm::confine::ConfineError| format!("node {node}: {e}");
+    for d in &spec.disks {
+        check_lexical(&storage, Path::new(&d.path), Use::Disk).map_err(on)?;
+    }
+    if let vmm::KernelSource::Path(k) = vmm::KernelSource::parse(&spec.kernel) {
+        check_lexical(&boot, &k, Use::Kernel).map_err(on)?;
+    }
+    if let Some(i) = &spec.initrd {
+        check_lexical(&boot, Path::new(i), Use::Initrd).map_err(on)?;
+    }
+    Ok(())
+}
+
 pub(crate) fn reaches(roots: &[String], path: &str) -> bool {
     roots.iter().any(|r| {
         let r = r.trim_end_matches('/');

@@ -171,13 +171,10 @@ impl Vm {
         }
         let kernel = match &config.kernel {
             KernelSource::TestGuest => guest::ELF.to_vec(),
-            KernelSource::Path(p) => boot::read_file(p)?,
+            KernelSource::Path(p) => boot::read_file(p, crate::confine::Use::Kernel)?,
         };
         let initrd = match &config.initrd {
-            Some(p) => Some(std::fs::read(p).map_err(|e| boot::BootError::Initrd {
-                path: p.display().to_string(),
-                err: e.to_string(),
-            })?),
+            Some(p) => Some(boot::read_file(p, crate::confine::Use::Initrd)?),
             None => None,
         };
         let supported = cpuid::supported(kvm)?;

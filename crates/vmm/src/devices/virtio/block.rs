@@ -13,10 +13,10 @@ use super::{DeviceError, Kind, VirtioMmio};
 use crate::config::DiskConfig;
 use crate::memory::GuestMem;
 use serde::{Deserialize, Serialize};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use virtio_bindings::virtio_blk::{
@@ -69,12 +69,9 @@ fn disk_err(path: &Path, msg: impl Into<String>) -> DeviceError {
 
 /// Opens an image and returns it with its size in bytes.
 fn open_image(path: &Path, write: bool) -> Result<(File, u64), DeviceError> {
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(write)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|e| disk_err(path, format!("cannot open: {e}")))?;
+    // Under this process's storage policy: beneath a storage root, a regular file or (if
+    // the root allows it) a block device, nothing else.
+    let mut file = crate::confine::open(path, write, crate::confine::Use::Disk)?;
     let meta = file
         .metadata()
         .map_err(|e| disk_err(path, format!("cannot stat: {e}")))?;

@@ -72,6 +72,8 @@ pub enum DeviceError {
     Disk { path: String, msg: String },
     #[error("disk {path} is in use by another VM (its image lock is held elsewhere)")]
     DiskLocked { path: String },
+    #[error(transparent)]
+    Confined(#[from] crate::confine::ConfineError),
     #[error("NIC {index}: {msg}")]
     Nic { index: usize, msg: String },
     #[error("{0}")]
