@@ -517,3 +517,90 @@ fn the_cli_follows_a_migration_whose_agent_died_through_the_others() {
         assert!(err.contains("migration of vm to node2 failed"), "{err}");
     }
 }
+
+/// A VM's host files stay beneath its nodes' roots: a disk outside `--storage`, a path with
+/// `..` and a kernel on a node without `--boot-root` are refused when the VM is defined; a
+/// disk that is a symlink out of the storage is refused when the VM starts (the worker opens
+/// beneath the root); a disk swapped for such a symlink while the VM runs stops its
+/// migration with the VM still running on its source; the file outside is never written.
+#[test]
+fn host_paths_stay_beneath_the_nodes_roots() {
+    let mut c = Cluster::new(false);
+    let shared = c.dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    let outside = c.dir.path().join("outside.img");
+    std::fs::write(&outside, vec![0xa5u8; 1 << 20]).unwrap();
+    let img = |n: &str| {
+        let p = shared.join(n);
+        std::fs::File::create(&p).unwrap().set_len(1 << 20).unwrap();
+        p
+    };
+    let sh = shared.to_str().unwrap().to_string();
+    c.add("node1", &["--storage", &sh]);
+    c.add("node2", &["--storage", &sh]);
+    let create = |name: &str, extra: &str| {
+        let toml = c.dir.path().join(format!("{name}.toml"));
+        std::fs::write(&toml, format!("name = \"{name}\"\n{GUEST}{extra}")).unwrap();
+        c.ferry(
+            "node1",
+            &["vm", "create", toml.to_str().unwrap(), "--node", "node1"],
+        )
+    };
+    let disk = |p: &str| format!("[[disks]]\npath = \"{p}\"\n");
+    let refused = |name: &str, extra: &str| {
+        let o = create(name, extra);
+        assert!(!o.status.success(), "{name} was created");
+        String::from_utf8_lossy(&o.stderr).to_string()
+    };
+
+    let e = refused("shadow", &disk("/etc/shadow"));
+    assert!(
+        e.contains(&format!(
+            "node node1: disk image /etc/shadow is not under this host's storage roots ({sh})"
+        )),
+        "{e}"
+    );
+    let e = refused("dots", &disk(&format!("{sh}/../outside.img")));
+    assert!(e.contains("must not contain `..`"), "{e}");
+    let e = refused("linux", "kernel = \"/boot/vmlinuz\"\n");
+    assert!(
+        e.contains("kernel /boot/vmlinuz: this host was given no roots for it (--boot-root)"),
+        "{e}"
+    );
+    for n in ["shadow", "dots", "linux"] {
+        assert!(c.store().vm(n).unwrap().is_none(), "{n} is in the store");
+    }
+
+    // A symlink inside the storage that leads out of it: defined (its path is fine as
+    // written), refused when the worker opens it.
+    std::os::unix::fs::symlink(&outside, shared.join("evil.img")).unwrap();
+    let o = create("evil", &disk(&format!("{sh}/evil.img")));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let e = c.ferry_err("node1", &["vm", "start", "evil"]);
+    assert!(
+        e.contains(&format!(
+            "disk image {sh}/evil.img leads out of storage root {sh}"
+        )),
+        "{e}"
+    );
+    assert!(c.workers_of("evil").is_empty());
+
+    // A running VM whose image is swapped for such a symlink: its migration is refused, it
+    // runs on; with its image back, it moves.
+    let good = img("good.img");
+    let o = create("good", &disk(good.to_str().unwrap()));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    c.ferry_ok("node1", &["vm", "start", "good"]);
+    c.assert_verify("node1", "good", 2);
+    std::fs::rename(&good, shared.join("moved.img")).unwrap();
+    std::os::unix::fs::symlink(&outside, &good).unwrap();
+    let e = c.ferry_err("node1", &["vm", "migrate", "good", "--to", "node2"]);
+    assert!(e.contains("leads out of storage root"), "{e}");
+    assert_eq!(c.assert_one_owner("good"), "node1");
+    std::fs::remove_file(&good).unwrap();
+    std::fs::rename(shared.join("moved.img"), &good).unwrap();
+    c.ferry_ok("node1", &["vm", "migrate", "good", "--to", "node2"]);
+    assert_eq!(c.assert_one_owner("good"), "node2");
+    c.assert_verify("node2", "good", 2);
+    assert_eq!(std::fs::read(&outside).unwrap(), vec![0xa5u8; 1 << 20]);
+}

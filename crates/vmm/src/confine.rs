@@ -77,23 +77,31 @@ pub enum ConfineError {
         kind: &'static str,
         devices: &'static str,
     },
-    #[error("{what} {path}: cannot open: {source}")]
+    #[error("{what} {path} does not exist")]
+    Missing { what: Use, path: String },
+    /// The OS error is part of the message (not a `source`), so that error-chain printers
+    /// do not show it twice.
+    #[error("{what} {path}: cannot open: {err}")]
     Open {
         what: Use,
         path: String,
-        #[source]
-        source: io::Error,
+        err: io::Error,
     },
-    #[error("storage root {root}: {source}")]
-    Root {
-        root: String,
-        #[source]
-        source: io::Error,
-    },
+    #[error("storage root {root}: {err}")]
+    Root { root: String, err: io::Error },
     #[error("invalid storage root {0:?}: use DIR or DIR,devices (an absolute directory)")]
     RootSpec(String),
     #[error("the storage policy was already set")]
     AlreadySet,
+}
+
+/// The error for a failed open: a missing file is said so plainly.
+fn opening(what: Use, path: String, err: io::Error) -> ConfineError {
+    if err.kind() == io::ErrorKind::NotFound {
+        ConfineError::Missing { what, path }
+    } else {
+        ConfineError::Open { what, path, err }
+    }
 }
 
 /// `DIR` or `DIR,devices`, as given on a command line.
@@ -205,7 +213,7 @@ impl Policy {
             f.metadata().map_err(|source| ConfineError::Open {
                 what,
                 path: shown(),
-                source,
+                err: source,
             })
         };
         let file = match self {
@@ -216,11 +224,7 @@ impl Policy {
                     .write(write)
                     .custom_flags(libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NONBLOCK)
                     .open(path)
-                    .map_err(|source| ConfineError::Open {
-                        what,
-                        path: shown(),
-                        source,
-                    })?;
+                    .map_err(|source| opening(what, shown(), source))?;
                 check_type(&stat(&f)?, path, what, true)?;
                 f
             }
@@ -233,11 +237,7 @@ impl Policy {
                             path: shown(),
                             root: root.given.display().to_string(),
                         },
-                        _ => ConfineError::Open {
-                            what,
-                            path: shown(),
-                            source: e,
-                        },
+                        _ => opening(what, shown(), e),
                     })
                 };
                 // What it is, before opening it for I/O (an O_PATH descriptor opens nothing:
@@ -308,9 +308,9 @@ fn check_type(
 fn open_roots(specs: &[RootSpec]) -> Result<Vec<Root>, ConfineError> {
     let mut roots = Vec::new();
     for s in specs {
-        let err = |source| ConfineError::Root {
+        let err = |err| ConfineError::Root {
             root: s.dir.display().to_string(),
-            source,
+            err,
         };
         let canonical = std::fs::canonicalize(&s.dir).map_err(err)?;
         let c = std::ffi::CString::new(canonical.as_os_str().as_encoded_bytes())
@@ -510,7 +510,7 @@ mod tests {
         assert!(e(Path::new("vm/disk.img")).contains("absolute"));
         assert!(e(&root).contains("is a storage root itself"));
         assert!(e(&root.join("dir")).contains("is a directory"));
-        assert!(e(&root.join("vm/missing")).contains("No such file"));
+        assert!(e(&root.join("vm/missing")).contains("does not exist"));
         assert!(e(Path::new("/etc/shadow")).contains("not under"));
         assert!(e(Path::new("/dev/sda")).contains("not under"));
         // Lexically fine, checked the same way without opening.

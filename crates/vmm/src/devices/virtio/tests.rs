@@ -454,7 +454,7 @@ fn missing_or_tiny_images_are_refused_clearly() {
     .err()
     .unwrap();
     assert!(e.to_string().contains("/nonexistent/ferry.img"), "{e}");
-    assert!(e.to_string().contains("cannot open"), "{e}");
+    assert!(e.to_string().contains("does not exist"), "{e}");
     let tiny = tempfile::NamedTempFile::new().unwrap();
     let e = Block::open(&DiskConfig {
         path: tiny.path().into(),
