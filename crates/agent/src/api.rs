@@ -172,6 +172,7 @@ async fn drain(
     Path(name): Path<String>,
     body: Bytes,
 ) -> ApiResult<contract::api::DrainReport> {
+    check_node(&name)?;
     let req: DrainRequest = parse(&body)?;
     blocking(move || {
         let c = req.concurrency.unwrap_or(a.cfg.drain_concurrency);
@@ -181,6 +182,7 @@ async fn drain(
 }
 
 async fn undrain(State(a): State<Arc<Agent>>, Path(name): Path<String>) -> ApiResult<Schedulable> {
+    check_node(&name)?;
     blocking(move || {
         a.node_or_404(&name)?;
         a.store.set_schedulable(&name, true)?;
@@ -213,6 +215,9 @@ async fn create_vm(
             ))
         }
     };
+    if let Some(n) = &req.node {
+        check_node(n)?;
+    }
     let rec = blocking(move || a.create_vm(spec, req.node)).await?;
     Ok((StatusCode::CREATED, Json(rec)))
 }
@@ -222,6 +227,26 @@ fn check_name(name: &str) -> Result<(), AgentError> {
         Ok(())
     } else {
         Err(AgentError::BadRequest(format!("invalid VM name {name:?}")))
+    }
+}
+
+fn check_node(name: &str) -> Result<(), AgentError> {
+    if cluster::valid_name(name) {
+        Ok(())
+    } else {
+        Err(AgentError::BadRequest(format!(
+            "invalid node name {name:?}"
+        )))
+    }
+}
+
+fn check_id(id: &str) -> Result<(), AgentError> {
+    if cluster::valid_migration_id(id) {
+        Ok(())
+    } else {
+        Err(AgentError::BadRequest(format!(
+            "invalid migration id {id:?}"
+        )))
     }
 }
 
@@ -261,6 +286,7 @@ async fn migrate(
 ) -> ApiResult<contract::api::MigrationStarted> {
     check_name(&name)?;
     let req: MigrateRequest = parse(&body)?;
+    check_node(&req.to)?;
     blocking(move || a.migrate(&name, req).map(Json)).await
 }
 
@@ -272,6 +298,7 @@ async fn migration(
     State(a): State<Arc<Agent>>,
     Path(id): Path<String>,
 ) -> ApiResult<contract::api::MigrationView> {
+    check_id(&id)?;
     blocking(move || a.migration_view(&id).map(Json)).await
 }
 
@@ -279,6 +306,7 @@ async fn cancel(
     State(a): State<Arc<Agent>>,
     Path(id): Path<String>,
 ) -> ApiResult<contract::api::CancelReply> {
+    check_id(&id)?;
     blocking(move || a.cancel_migration(&id).map(Json)).await
 }
 
@@ -296,6 +324,7 @@ async fn migration_events(
     State(a): State<Arc<Agent>>,
     Path(id): Path<String>,
 ) -> Result<Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>>, AgentError> {
+    check_id(&id)?;
     let watch = a.migrations.get(&id);
     if watch.is_none() {
         // Not running here: it must at least exist.

@@ -42,6 +42,7 @@ impl From<cluster::StoreError> for AgentError {
             cluster::StoreError::Exists(_) => AgentError::Conflict(e.to_string()),
             cluster::StoreError::UnknownNode(_) => AgentError::NotFound(e.to_string()),
             cluster::StoreError::Unavailable(_) => AgentError::Unavailable(e.to_string()),
+            cluster::StoreError::InvalidName { .. } => AgentError::BadRequest(e.to_string()),
             _ => AgentError::Internal(e.to_string()),
         }
     }

@@ -402,6 +402,98 @@ fn bad_input_gets_clear_errors_and_4xx() {
             serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
         assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
     }
+    // A name with `/` or `..` is refused with 400 on every entry point, before anything runs.
+    let expect_400 = |r: Result<ureq::http::Response<ureq::Body>, ureq::Error>, what: &str| {
+        let mut r = r.unwrap();
+        assert_eq!(r.status().as_u16(), 400, "{what}");
+        let v: serde_json::Value =
+            serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+        let e = v["error"].as_str().unwrap_or_default().to_string();
+        assert!(e.contains("invalid"), "{what}: {v}");
+    };
+    let post = |path: &str, body: &str| {
+        agent
+            .post(&format!("{base}{path}"))
+            .header("content-type", "application/json")
+            .send(body)
+    };
+    for bad in [
+        "%2E%2E",
+        "a%2Fb",
+        "..%2Fetc",
+        "%2Fetc%2Fshadow",
+        "real%2F..%2F..",
+    ] {
+        for path in [
+            format!("/v1/vms/{bad}"),
+            format!("/v1/migrations/{bad}"),
+            format!("/v1/migrations/{bad}/events"),
+        ] {
+            expect_400(agent.get(&format!("{base}{path}")).call(), &path);
+        }
+        let path = format!("/v1/vms/{bad}");
+        expect_400(agent.delete(&format!("{base}{path}")).call(), &path);
+        for path in [
+            format!("/v1/vms/{bad}/start"),
+            format!("/v1/vms/{bad}/stop"),
+            format!("/v1/nodes/{bad}/drain"),
+            format!("/v1/nodes/{bad}/undrain"),
+            format!("/v1/migrations/{bad}/cancel"),
+        ] {
+            expect_400(post(&path, "{}"), &path);
+        }
+        let path = format!("/v1/vms/{bad}/migrate");
+        expect_400(post(&path, "{\"to\": \"node1\"}"), &path);
+    }
+    let real = serde_json::to_value(c.store().vm("real").unwrap().unwrap().value).unwrap();
+    for bad in ["..", "a/b", "../etc", "/etc/shadow", "."] {
+        let body = json!({ "toml": format!("name = {bad:?}\nmemory_mib = 64") }).to_string();
+        expect_400(post("/v1/vms", &body), &format!("create toml {bad}"));
+        let mut spec = real["spec"].clone();
+        spec["name"] = json!(bad);
+        let body = json!({ "spec": spec }).to_string();
+        expect_400(post("/v1/vms", &body), &format!("create spec {bad}"));
+        let body = json!({ "toml": "name = \"fine\"\nmemory_mib = 64", "node": bad });
+        expect_400(
+            post("/v1/vms", &body.to_string()),
+            &format!("create on {bad}"),
+        );
+        let body = json!({ "to": bad }).to_string();
+        expect_400(
+            post("/v1/vms/real/migrate", &body),
+            &format!("migrate to {bad}"),
+        );
+        // The agent-to-agent entry point: the VM, the source node and the migration id.
+        let mut rec = real.clone();
+        rec["spec"]["name"] = json!(bad);
+        for body in [
+            json!({ "migration": "real-1-00000000", "vm": rec, "from": "node1" }),
+            json!({ "migration": "real-1-00000000", "vm": real, "from": bad }),
+            json!({ "migration": bad, "vm": real, "from": "node1" }),
+        ] {
+            expect_400(
+                post("/v1/internal/receive", &body.to_string()),
+                &format!("receive {bad}: {body}"),
+            );
+        }
+    }
+    // Nothing was created, and nothing under the data directory has a name from above.
+    let names: Vec<String> = c
+        .store()
+        .vms()
+        .unwrap()
+        .into_iter()
+        .map(|v| v.value.spec.name)
+        .collect();
+    assert_eq!(names, ["real"]);
+    let vms_dir = c.agent("node1").data_dir.join("vms");
+    let entries: Vec<String> = std::fs::read_dir(&vms_dir)
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(entries.iter().all(|e| e == "real"), "{entries:?}");
     let r = agent.get(&format!("{base}/v1/nothing")).call().unwrap();
     assert_eq!(r.status().as_u16(), 404);
     let doc = c.get("node1", "/openapi.json");

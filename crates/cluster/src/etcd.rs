@@ -167,6 +167,7 @@ impl EtcdStore {
 
 impl Store for EtcdStore {
     fn register_node(&self, info: &NodeInfo, ttl: Duration) -> Result<()> {
+        crate::store::check_name("node", &info.name)?;
         self.put(&format!("{NODES}{}", info.name), &to_json(info), None)?;
         self.attach_lease(&info.name, ttl)
     }
@@ -228,6 +229,7 @@ impl Store for EtcdStore {
     }
 
     fn create_vm(&self, rec: &VmRecord) -> Result<()> {
+        crate::store::check_vm_record(&rec.spec.name, rec)?;
         let key = format!("{VMS}{}", rec.spec.name);
         let ok = self.txn(
             json!({ "key": b64(&key), "target": "CREATE", "result": "EQUAL", "create_revision": "0" }),
@@ -267,6 +269,7 @@ impl Store for EtcdStore {
     }
 
     fn update_vm(&self, name: &str, expected: u64, rec: &VmRecord) -> Result<bool> {
+        crate::store::check_vm_record(name, rec)?;
         let key = format!("{VMS}{name}");
         self.txn(
             json!({ "key": b64(&key), "target": "MOD", "result": "EQUAL", "mod_revision": expected.to_string() }),
@@ -287,6 +290,7 @@ impl Store for EtcdStore {
     }
 
     fn put_migration(&self, m: &MigrationRecord) -> Result<()> {
+        crate::store::check_migration_record(m)?;
         self.put(&format!("{MIGRATIONS}{}", m.id), &to_json(m), None)
     }
 

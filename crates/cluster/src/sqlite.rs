@@ -182,6 +182,7 @@ fn next_version(tx: &rusqlite::Transaction) -> rusqlite::Result<u64> {
 
 impl Store for SqliteStore {
     fn register_node(&self, info: &NodeInfo, ttl: Duration) -> Result<()> {
+        crate::store::check_name("node", &info.name)?;
         let until = (now_ms() + ttl.as_millis() as u64) as i64;
         self.write(|tx| {
             tx.execute(
@@ -249,6 +250,7 @@ impl Store for SqliteStore {
     }
 
     fn create_vm(&self, rec: &VmRecord) -> Result<()> {
+        crate::store::check_vm_record(&rec.spec.name, rec)?;
         let name = rec.spec.name.clone();
         let created = self.write(|tx| {
             let exists: Option<i64> = tx
@@ -310,6 +312,7 @@ impl Store for SqliteStore {
     }
 
     fn update_vm(&self, name: &str, expected: u64, rec: &VmRecord) -> Result<bool> {
+        crate::store::check_vm_record(name, rec)?;
         self.write(|tx| {
             let cur: Option<i64> = tx
                 .query_row(
@@ -341,6 +344,7 @@ impl Store for SqliteStore {
     }
 
     fn put_migration(&self, m: &MigrationRecord) -> Result<()> {
+        crate::store::check_migration_record(m)?;
         self.write(|tx| {
             tx.execute(
                 "INSERT INTO migrations (id, record, started_ms) VALUES (?1, ?2, ?3)

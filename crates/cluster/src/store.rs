@@ -25,6 +25,53 @@ pub enum StoreError {
     NeedsCredentials { url: String },
     #[error("TLS client setup for etcd")]
     Tls(#[source] trust::TrustError),
+    #[error("refused to store {what} {name:?}: not a valid name (1-63 of a-z, 0-9, '-', starting with a letter)")]
+    InvalidName { what: &'static str, name: String },
+}
+
+/// Names become keys, URL segments and file names on every node: each backend refuses to
+/// store a record whose names are not [`crate::model::valid_name`]s (whatever the caller
+/// checked before).
+pub(crate) fn check_name(what: &'static str, name: &str) -> Result<()> {
+    let ok = if what == "migration id" {
+        crate::model::valid_migration_id(name)
+    } else {
+        crate::model::valid_name(name)
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::InvalidName {
+            what,
+            name: name.to_string(),
+        })
+    }
+}
+
+/// The names a VM record carries: its own, its owner's and its migration's.
+pub(crate) fn check_vm_record(name: &str, rec: &VmRecord) -> Result<()> {
+    check_name("VM", name)?;
+    if rec.spec.name != name {
+        return Err(StoreError::InvalidName {
+            what: "VM record (its spec names another VM)",
+            name: rec.spec.name.clone(),
+        });
+    }
+    if !rec.owner.is_empty() {
+        check_name("node", &rec.owner)?;
+    }
+    if let Some(m) = &rec.migration {
+        check_name("migration id", m)?;
+    }
+    Ok(())
+}
+
+/// The names a migration record carries.
+pub(crate) fn check_migration_record(m: &MigrationRecord) -> Result<()> {
+    check_name("migration id", &m.id)?;
+    check_name("VM", &m.vm)?;
+    check_name("node", &m.from)?;
+    check_name("node", &m.to)
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;

@@ -80,6 +80,23 @@ fn suite(s: &dyn Store, other: &dyn Store, ttl: Duration) {
         other.create_vm(&vm("a", "n2")),
         Err(StoreError::Exists(_))
     ));
+    // Names with `/` or `..` never reach a backend, whichever call carries them.
+    for bad in ["..", "a/b", "../etc", "/x", "A"] {
+        let invalid = |r: Result<(), StoreError>| matches!(r, Err(StoreError::InvalidName { .. }));
+        let mut r = vm("a", "n1");
+        r.spec.name = bad.into();
+        assert!(invalid(s.create_vm(&r)), "{bad}");
+        assert!(invalid(s.create_vm(&vm("c", bad))), "owner {bad}");
+        assert!(invalid(s.register_node(&node(bad), ttl)), "node {bad}");
+        let mut held = vm("a", "n1");
+        held.migration = Some(bad.into());
+        assert!(
+            invalid(s.update_vm("a", 1, &held).map(|_| ())),
+            "migration {bad}"
+        );
+        assert!(invalid(s.update_vm(bad, 1, &r).map(|_| ())), "update {bad}");
+    }
+    assert!(s.vm("c").unwrap().is_none());
     let v1 = other.vm("a").unwrap().unwrap();
     assert_eq!(v1.value.owner, "n1");
     let mut moved = v1.value.clone();
@@ -152,6 +169,15 @@ fn suite(s: &dyn Store, other: &dyn Store, ttl: Duration) {
         };
         s.put_migration(&m).unwrap();
     }
+    let mut m = s.migrations().unwrap()[0].clone();
+    for bad in ["../m", "m/1", ""] {
+        m.id = bad.into();
+        assert!(matches!(
+            s.put_migration(&m),
+            Err(StoreError::InvalidName { .. })
+        ));
+    }
+    assert_eq!(s.migrations().unwrap().len(), 3);
     let mut m2 = other
         .migrations()
         .unwrap()

@@ -120,6 +120,17 @@ pub fn valid_name(n: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
 }
 
+/// A migration id as agents make them (`<vm>-<ms>-<hex>`): the characters of a name, at most
+/// 100 of them (ids appear in URLs, logs and worker arguments).
+pub fn valid_migration_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 100
+        && id.starts_with(|c: char| c.is_ascii_lowercase())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
 impl VmSpec {
     /// Storage paths this VM needs a node to reach (the directories of its disks).
     pub fn storage_needed(&self) -> BTreeSet<String> {

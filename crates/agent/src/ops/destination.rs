@@ -33,6 +33,18 @@ impl Agent {
         if !cluster::valid_name(&name) {
             return Err(AgentError::BadRequest(format!("invalid VM name {name:?}")));
         }
+        if !cluster::valid_name(&req.from) {
+            return Err(AgentError::BadRequest(format!(
+                "invalid source node name {:?}",
+                req.from
+            )));
+        }
+        if !cluster::valid_migration_id(&req.migration) {
+            return Err(AgentError::BadRequest(format!(
+                "invalid migration id {:?}",
+                req.migration
+            )));
+        }
         // Whether this node takes VMs is the store's word (a drain or undrain through any
         // agent changes it there; this agent's copy is only what it was at start-up).
         let me = self.node_or_404(self.name())?;
