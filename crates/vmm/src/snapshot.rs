@@ -10,8 +10,10 @@
 //! All integers are little-endian. Pages not present in any `MEMC` chunk are zero. Every byte of
 //! the file is covered by a checksum, and the `END ` trailer proves the file is complete, so a
 //! truncated, bit-flipped or foreign file is refused with a message that says where and why,
-//! before a VM is created from it. Files are written to `<path>.tmp` and renamed into place, so a
-//! failed snapshot never replaces a good one.
+//! before a VM is created from it. Files are written to a fresh temporary file beside `<path>`
+//! (O_EXCL, unguessable name, mode 0600: [`crate::confine::create_temp_beside`]) and renamed
+//! into place, so a failed snapshot never replaces a good one and a planted symlink is never
+//! followed.
 //!
 //! Versions: Ferry writes [`VERSION`] (4) and reads [`MIN_READ_VERSION`]`..=`[`VERSION`] (2 to
 //! 4), so that a cluster in the middle of an upgrade can restore and receive what the previous
@@ -283,13 +285,12 @@ pub fn write_versioned(
     pages: &dyn PageSource,
 ) -> Result<SnapshotStats, SnapshotError> {
     let t0 = Instant::now();
-    let tmp = PathBuf::from(format!("{}.tmp", path.display()));
     let werr = |err: std::io::Error| SnapshotError::Write {
         path: path.display().to_string(),
         err,
     };
     let encoded = encode_state_versioned(version, state)?;
-    let file = File::create(&tmp).map_err(werr)?;
+    let (file, tmp) = crate::confine::create_temp_beside(path).map_err(werr)?;
     let mut sw = SectionWriter { w: file, bytes: 0 };
     let result = (|| -> std::io::Result<(u64, u64)> {
         sw.w.write_all(&header(version))?;

@@ -640,8 +640,10 @@ fn absolute(p: &Path) -> Result<PathBuf> {
     })
 }
 
-/// The serial log is written to `<path>.partial` until the VM exists, then renamed to `path`:
-/// a worker that fails to start leaves no log behind and does not clobber an existing one.
+/// The serial log is written to a fresh temporary file beside `path` (O_EXCL, unguessable
+/// name, 0600: nothing planted there is followed) until the VM exists, then renamed to
+/// `path`: a worker that fails to start leaves no log behind and does not clobber an
+/// existing one.
 struct SerialLog {
     path: PathBuf,
     partial: PathBuf,
@@ -651,8 +653,7 @@ struct SerialLog {
 
 impl SerialLog {
     fn create(path: &Path) -> Result<SerialLog> {
-        let partial = PathBuf::from(format!("{}.partial", path.display()));
-        let file = File::create(&partial)
+        let (file, partial) = vmm::confine::create_temp_beside(path)
             .with_context(|| format!("cannot create serial log {}", path.display()))?;
         Ok(SerialLog {
             path: path.to_path_buf(),

@@ -18,9 +18,20 @@ fn run_args<'a>(dir: &'a Path, extra: &[&'a str]) -> Vec<String> {
 }
 
 fn assert_untouched(dir: &Path) {
-    for f in ["s.log", "s.log.partial", "api.sock"] {
+    for f in ["s.log", "api.sock"] {
         assert!(!dir.join(f).exists(), "{f} was left behind");
     }
+    assert_no_temp_files(dir, "s.log");
+}
+
+/// No temporary file of `name` (`.<name>.<pid>.<random>.tmp`) is left in `dir`.
+fn assert_no_temp_files(dir: &Path, name: &str) {
+    let left: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&format!(".{name}.")) && n.ends_with(".tmp"))
+        .collect();
+    assert!(left.is_empty(), "temporary files left behind: {left:?}");
 }
 
 #[test]
@@ -140,7 +151,7 @@ fn restore_fails(dir: &Path, snap: &Path, expect: &str) {
         !log.exists() && !sock.exists(),
         "a failed restore left files behind"
     );
-    assert!(!dir.join("r.log.partial").exists());
+    assert_no_temp_files(dir, "r.log");
 }
 
 #[test]
@@ -285,4 +296,65 @@ fn a_bzimage_where_linux_cannot_run_is_refused_in_one_line() {
         assert_eq!(w.ctl(&["status"])["state"], "running");
         w.shutdown();
     }
+}
+
+/// Symlinks planted where a serial log or a snapshot is written (the final names and the
+/// predictable temporary names older versions used) are never followed: the file they point
+/// at keeps its bytes, the log and the snapshot are regular files of their own.
+#[test]
+fn planted_symlinks_are_not_followed() {
+    let dir = tempdir();
+    let d = dir.path();
+    let victim = d.join("victim");
+    std::fs::write(&victim, "precious").unwrap();
+    let snap = d.join("good.snap");
+    let planted = [
+        d.join("src.serial"),
+        d.join("src.serial.partial"),
+        d.join("good.snap.tmp"),
+        snap.clone(),
+    ];
+    for p in &planted {
+        std::os::unix::fs::symlink(&victim, p).unwrap();
+    }
+    let w = Worker::run_guest(d, "src", 1, 64, "ferry.workload=verify ferry.wss_mib=8");
+    w.wait_log(Duration::from_secs(30), "a verify sweep", |l| {
+        !l.verify_ok.is_empty()
+    });
+    w.ctl(&["snapshot", snap.to_str().unwrap()]);
+    w.shutdown();
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+    for p in [d.join("src.serial"), snap.clone()] {
+        let m = std::fs::symlink_metadata(&p).unwrap();
+        assert!(
+            m.file_type().is_file(),
+            "{} is not a regular file",
+            p.display()
+        );
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o077,
+            0,
+            "{} is readable by others",
+            p.display()
+        );
+    }
+    assert!(std::fs::read_to_string(d.join("src.serial"))
+        .unwrap()
+        .contains("verify"));
+    for p in [d.join("src.serial.partial"), d.join("good.snap.tmp")] {
+        assert!(std::fs::symlink_metadata(&p)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+    }
+    assert_no_temp_files(d, "good.snap");
+    assert_no_temp_files(d, "src.serial");
+    // The snapshot restores.
+    let r = Worker::spawn(d, "r", &["restore", "--snapshot", snap.to_str().unwrap()]);
+    r.wait_log(
+        Duration::from_secs(30),
+        "a verify sweep after restore",
+        |l| !l.verify_ok.is_empty(),
+    );
+    r.shutdown();
 }
