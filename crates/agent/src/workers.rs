@@ -36,6 +36,18 @@ pub fn vm_dir(data_dir: &Path, vm: &str) -> PathBuf {
     data_dir.join("vms").join(vm)
 }
 
+/// Creates a VM's directory (and `vms/` above it) private to the agent's user (0700): its
+/// worker's socket, serial log, secrets and planned config live there.
+pub fn create_vm_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    // An existing directory (from an older agent) gets the mode too.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
 impl Workers {
     pub fn get(&self, vm: &str) -> Option<Arc<Worker>> {
         self.map
@@ -78,7 +90,7 @@ impl Workers {
         args: &[String],
     ) -> anyhow::Result<Arc<Worker>> {
         let dir = vm_dir(data_dir, vm);
-        std::fs::create_dir_all(&dir)?;
+        create_vm_dir(&dir)?;
         let socket = dir.join("api.sock");
         let serial = dir.join("serial.log");
         if socket.exists()

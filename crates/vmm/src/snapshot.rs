@@ -28,7 +28,7 @@ use crate::memory::{is_zero, GuestRam, PAGE_SIZE};
 use crate::vm::MachineState;
 use std::fs::File;
 use std::io::{BufReader, Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 /// File magic.

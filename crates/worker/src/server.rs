@@ -44,8 +44,55 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
             anyhow::anyhow!("cannot remove stale API socket {}: {e}", path.display())
         })?;
     }
-    UnixListener::bind(path)
-        .map_err(|e| anyhow::anyhow!("cannot bind API socket {}: {e}", path.display()))
+    let l = UnixListener::bind(path)
+        .map_err(|e| anyhow::anyhow!("cannot bind API socket {}: {e}", path.display()))?;
+    // Only the worker's own user (and root) may connect: the mode says so to the kernel,
+    // and every connection's peer credentials are checked again ([`peer_allowed`]).
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .map_err(|e| anyhow::anyhow!("cannot restrict API socket {}: {e}", path.display()))?;
+    Ok(l)
+}
+
+/// The uid of the process at the other end of `conn` (SO_PEERCRED: what the kernel recorded
+/// when it connected, not anything the peer says).
+fn peer_uid(conn: &UnixStream) -> std::io::Result<u32> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for writes and `len` is the size of `cred`, which is
+    // what SO_PEERCRED writes; the descriptor is the open socket `conn` owns.
+    let r = unsafe {
+        libc::getsockopt(
+            conn.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cred.uid)
+}
+
+/// Whether a client may use this worker's API: its own user or root.
+fn peer_allowed(conn: &UnixStream) -> Result<(), String> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    match peer_uid(conn) {
+        Ok(uid) if uid == me || uid == 0 => Ok(()),
+        Ok(uid) => Err(format!(
+            "API socket: uid {uid} may not use this worker (only uid {me} and root)"
+        )),
+        Err(e) => Err(format!(
+            "API socket: cannot read the peer's credentials: {e}"
+        )),
+    }
 }
 
 /// What the control server serves.
@@ -109,6 +156,11 @@ fn client(conn: UnixStream, ctx: &Arc<Ctx>) {
         return;
     };
     let mut w = write_half;
+    if let Err(e) = peer_allowed(&conn) {
+        eprintln!("ferry-vmm: {e}");
+        let _ = reply(&mut w, &Reply::error(e));
+        return;
+    }
     let mut r = BufReader::new(conn);
     loop {
         let mut line = String::new();

@@ -358,3 +358,39 @@ fn planted_symlinks_are_not_followed() {
     );
     r.shutdown();
 }
+
+/// The control socket is the worker's own: mode 0600, and a client of another user is
+/// refused by its peer credentials even when the mode would let it connect.
+#[test]
+fn api_socket_takes_only_its_own_user() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let dir = tempdir();
+    let d = dir.path();
+    let w = Worker::run_guest(d, "src", 1, 64, "ferry.workload=verify ferry.wss_mib=8");
+    let mode = std::fs::metadata(&w.socket).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "API socket mode {mode:o}");
+    // The test directory is private; open it so another user can reach the socket at all.
+    std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let as_nobody = || {
+        let out = std::process::Command::new(bin())
+            .args(["ctl", "--api-socket"])
+            .arg(&w.socket)
+            .arg("status")
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "uid 65534 used the worker's API");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let e = as_nobody();
+    assert!(e.contains("ermission denied"), "{e}");
+    // A socket whose mode was widened by mistake still takes nobody else.
+    std::fs::set_permissions(&w.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let e = as_nobody();
+    assert!(e.contains("uid 65534 may not use this worker"), "{e}");
+    // Its own user still can, and the VM ran on.
+    assert_eq!(w.ctl(&["status"])["state"], "running");
+    w.shutdown();
+}

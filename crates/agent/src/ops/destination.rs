@@ -77,7 +77,7 @@ impl Agent {
             .map_err(AgentError::Conflict)?;
         self.drop_stale_receiver(&name, &req.migration)?;
         let dir = crate::workers::vm_dir(&self.cfg.data_dir, &name);
-        std::fs::create_dir_all(&dir)
+        crate::workers::create_vm_dir(&dir)
             .map_err(|e| AgentError::Internal(format!("{}: {e}", dir.display())))?;
         let expect = dir.join("receive.config.json");
         write_private(

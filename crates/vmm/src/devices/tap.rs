@@ -119,6 +119,16 @@ impl Tap {
     }
 
     /// The interface name.
+    /// Fuzzing hook (the `ferry-fuzz` crate): a `Tap` over any open file, e.g. one end of a
+    /// socket pair standing in for `/dev/net/tun`. Not for production use.
+    #[doc(hidden)]
+    pub fn from_file_for_fuzzing(file: File, name: &str) -> Tap {
+        Tap {
+            file,
+            name: name.to_string(),
+        }
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

@@ -288,6 +288,28 @@ impl VirtioDevices {
     }
 }
 
+impl VirtioDevices {
+    /// Fuzzing hook (the `ferry-fuzz` crate): a device set around devices made by
+    /// [`super::block_for_fuzzing`] / [`super::net_for_fuzzing`], without KVM and without
+    /// receive threads. Not for production use.
+    #[doc(hidden)]
+    pub fn for_fuzzing(devs: Vec<VirtioMmio>) -> VirtioDevices {
+        VirtioDevices {
+            devs: devs.into_iter().map(|d| Arc::new(Mutex::new(d))).collect(),
+            rx_threads: Vec::new(),
+            storage_held: AtomicBool::new(false),
+        }
+    }
+
+    /// Fuzzing hook: what device `i`'s receive thread would do now (nothing unless a NIC).
+    #[doc(hidden)]
+    pub fn rx_round_for_fuzzing(&self, i: usize) {
+        if let Some(d) = self.devs.get(i) {
+            net::rx_round_for_fuzzing(&mut lock(d));
+        }
+    }
+}
+
 /// What building a VM's virtio devices needs besides their state.
 pub struct VirtioArgs {
     pub config: VmConfig,

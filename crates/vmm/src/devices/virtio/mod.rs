@@ -84,5 +84,37 @@ pub enum DeviceError {
     Irq { index: usize, msg: String },
 }
 
+/// Fuzzing hook (the `ferry-fuzz` crate): a virtio-blk device on `disk` outside any VM (no
+/// KVM; its interrupt is an unregistered eventfd). Not for production use.
+#[doc(hidden)]
+pub fn block_for_fuzzing(
+    disk: &crate::config::DiskConfig,
+    ram: std::sync::Arc<crate::memory::GuestRam>,
+) -> Result<VirtioMmio, DeviceError> {
+    let kind = transport::Kind::Block(block::Block::open(disk)?);
+    let irq =
+        vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).map_err(|e| DeviceError::Irq {
+            index: 0,
+            msg: e.to_string(),
+        })?;
+    Ok(VirtioMmio::new(kind, irq, ram))
+}
+
+/// Fuzzing hook: a virtio-net device over `tap` outside any VM (see [`block_for_fuzzing`]).
+#[doc(hidden)]
+pub fn net_for_fuzzing(
+    nic: &crate::config::NicConfig,
+    tap: crate::devices::tap::Tap,
+    ram: std::sync::Arc<crate::memory::GuestRam>,
+) -> Result<VirtioMmio, DeviceError> {
+    let kind = transport::Kind::Net(net::Net::with_tap_for_fuzzing(nic, tap)?);
+    let irq =
+        vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).map_err(|e| DeviceError::Irq {
+            index: 0,
+            msg: e.to_string(),
+        })?;
+    Ok(VirtioMmio::new(kind, irq, ram))
+}
+
 #[cfg(test)]
 mod tests;

@@ -237,6 +237,43 @@ impl Net {
     }
 }
 
+impl Net {
+    /// Fuzzing hook: a NIC over an already open `tap` (see [`Tap::from_file_for_fuzzing`]).
+    #[doc(hidden)]
+    pub(crate) fn with_tap_for_fuzzing(nic: &NicConfig, tap: Tap) -> Result<Net, DeviceError> {
+        let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| DeviceError::Nic {
+            index: 0,
+            msg: format!("eventfd: {e}"),
+        })?;
+        Ok(Net {
+            mac: nic.mac.0,
+            stats: NetStats {
+                tap: tap.name().to_string(),
+                ..Default::default()
+            },
+            tap: Arc::new(tap),
+            wake: Arc::new(wake),
+            backlog: VecDeque::new(),
+            announces: Arc::new(AtomicU64::new(0)),
+        })
+    }
+}
+
+/// Fuzzing hook: one round of the receive thread's work on `dev`, under the same conditions
+/// as `rx_loop` (a NIC, VM running, driver ready, receive queue ready).
+#[doc(hidden)]
+pub(crate) fn rx_round_for_fuzzing(dev: &mut VirtioMmio) {
+    if !matches!(dev.kind, Kind::Net(_))
+        || !dev.active
+        || !dev.driver_ok()
+        || !dev.queues[RX_QUEUE].ready()
+    {
+        return;
+    }
+    let mut buf = vec![0u8; MAX_FRAME];
+    let _ = deliver(dev, &mut buf);
+}
+
 /// Formats a MAC address as `52:54:00:12:34:56`.
 pub fn fmt_mac(m: [u8; 6]) -> String {
     m.iter()
