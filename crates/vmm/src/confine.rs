@@ -454,6 +454,41 @@ fn openat2_beneath(dir: &OwnedFd, rest: &Path, flags: libc::c_int) -> io::Result
     Ok(unsafe { File::from_raw_fd(fd as libc::c_int) })
 }
 
+/// A new temporary file beside `path` (same directory, so a rename moves it into place):
+/// named `.<file name>.<pid>.<random>.tmp`, created with `O_CREAT | O_EXCL | O_NOFOLLOW`
+/// and mode 0600. Nothing that already exists at that name is opened, truncated or
+/// followed, and the name cannot be guessed in advance, so a symlink planted where a
+/// predictable temporary name would have been leads nowhere.
+pub fn create_temp_beside(path: &Path) -> io::Result<(File, PathBuf)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "file".into());
+    let mut rnd = [0u8; 8];
+    // SAFETY: getrandom writes at most `rnd.len()` bytes into the buffer it is given.
+    let n = unsafe { libc::getrandom(rnd.as_mut_ptr().cast(), rnd.len(), 0) };
+    if n != rnd.len() as isize {
+        return Err(io::Error::last_os_error());
+    }
+    let tmp = dir.join(format!(
+        ".{name}.{}.{:016x}.tmp",
+        std::process::id(),
+        u64::from_le_bytes(rnd)
+    ));
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&tmp)?;
+    Ok((file, tmp))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -596,39 +631,4 @@ mod tests {
             .to_string();
         assert!(e.contains("is a character device"), "{e}");
     }
-}
-
-/// A new temporary file beside `path` (same directory, so a rename moves it into place):
-/// named `.<file name>.<pid>.<random>.tmp`, created with `O_CREAT | O_EXCL | O_NOFOLLOW`
-/// and mode 0600. Nothing that already exists at that name is opened, truncated or
-/// followed, and the name cannot be guessed in advance, so a symlink planted where a
-/// predictable temporary name would have been leads nowhere.
-pub fn create_temp_beside(path: &Path) -> io::Result<(File, PathBuf)> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "file".into());
-    let mut rnd = [0u8; 8];
-    // SAFETY: getrandom writes at most `rnd.len()` bytes into the buffer it is given.
-    let n = unsafe { libc::getrandom(rnd.as_mut_ptr().cast(), rnd.len(), 0) };
-    if n != rnd.len() as isize {
-        return Err(io::Error::last_os_error());
-    }
-    let tmp = dir.join(format!(
-        ".{name}.{}.{:016x}.tmp",
-        std::process::id(),
-        u64::from_le_bytes(rnd)
-    ));
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(&tmp)?;
-    Ok((file, tmp))
 }

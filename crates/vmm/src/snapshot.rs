@@ -746,7 +746,7 @@ pub fn restore(
     kvm: &kvm_ioctls::Kvm,
     path: &Path,
     host: &crate::devices::virtio::HostDevices,
-    serial_out: File,
+    serial_out: impl Into<crate::devices::serial::ConsoleLog>,
 ) -> Result<(crate::vm::Vm, SnapshotStats), crate::vm::VmError> {
     let t0 = Instant::now();
     let snap = |e: SnapshotError| crate::vm::VmError::Snapshot(e.to_string());

@@ -211,6 +211,13 @@ struct HostArgs {
     /// either, and by a TLS receiver); with no root of a kind, no file of that kind at all.
     #[arg(long)]
     confined: bool,
+    /// The serial log is rotated when it reaches this size (MiB): the guest cannot fill the
+    /// host's disk by printing.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    serial_log_max_mib: u64,
+    /// Rotated serial logs kept (`<log>.1` ..= `<log>.N`).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=100))]
+    serial_log_keep: u32,
 }
 
 impl HostArgs {
@@ -229,6 +236,15 @@ impl HostArgs {
         };
         vmm::confine::install(p)?;
         Ok(())
+    }
+
+    /// How the serial log at `path` is bounded.
+    fn rotation(&self, path: &Path) -> vmm::devices::serial::Rotation {
+        vmm::devices::serial::Rotation {
+            path: path.to_path_buf(),
+            max_bytes: self.serial_log_max_mib << 20,
+            keep: self.serial_log_keep,
+        }
     }
 
     fn devices(&self, nics: usize) -> Result<vmm::devices::virtio::HostDevices> {
@@ -366,11 +382,12 @@ fn real_main(cli: Cli) -> Result<i32> {
                     .collect(),
             };
             config.validate()?;
+            let rotation = host.rotation(&serial_log);
             host.confine(false)?;
             let host = host.devices(config.nics.len())?;
             let kvm = vmm::open_kvm()?;
             server::check_free(&api_socket)?;
-            let serial = SerialLog::create(&serial_log)?;
+            let serial = SerialLog::create(&serial_log, rotation)?;
             let vm = Vm::create(&kvm, config, &host, serial.file()?)?;
             serial.commit()?;
             let listener = server::bind(&api_socket)?;
@@ -389,6 +406,7 @@ fn real_main(cli: Cli) -> Result<i32> {
             host,
         } => {
             vmm::statecheck::enable(verify_state);
+            let rotation = host.rotation(&serial_log);
             host.confine(false)?;
             let kvm = vmm::open_kvm()?;
             server::check_free(&api_socket)?;
@@ -397,7 +415,7 @@ fn real_main(cli: Cli) -> Result<i32> {
                 .map(|s| s.config.nics.len())
                 .unwrap_or(0);
             let host = host.devices(nics)?;
-            let serial = SerialLog::create(&serial_log)?;
+            let serial = SerialLog::create(&serial_log, rotation)?;
             let (vm, stats) = vmm::snapshot::restore(&kvm, &snapshot, &host, serial.file()?)?;
             serial.commit()?;
             let listener = server::bind(&api_socket)?;
@@ -438,6 +456,7 @@ fn real_main(cli: Cli) -> Result<i32> {
             if server_tls.is_none() {
                 eprintln!("{}", security::INSECURE_WARNING);
             }
+            let rotation = host.rotation(&serial_log);
             host.confine(server_tls.is_some())?;
             let expected = match &expect_config {
                 Some(f) => Some(read_expected_config(f)?),
@@ -462,7 +481,7 @@ fn real_main(cli: Cli) -> Result<i32> {
             server::check_free(&api_socket)?;
             let tcp = std::net::TcpListener::bind(&listen)
                 .with_context(|| format!("cannot listen on {listen}"))?;
-            let serial = SerialLog::create(&serial_log)?;
+            let serial = SerialLog::create(&serial_log, rotation)?;
             let listener = server::bind(&api_socket)?;
             let incoming = Arc::new(migration::recv::ReceiveControl::default());
             // The common 1-vCPU case only: measuring more here would compete with the migration
@@ -648,23 +667,30 @@ struct SerialLog {
     path: PathBuf,
     partial: PathBuf,
     file: File,
+    rotation: vmm::devices::serial::Rotation,
     committed: std::cell::Cell<bool>,
 }
 
 impl SerialLog {
-    fn create(path: &Path) -> Result<SerialLog> {
+    fn create(path: &Path, rotation: vmm::devices::serial::Rotation) -> Result<SerialLog> {
         let (file, partial) = vmm::confine::create_temp_beside(path)
             .with_context(|| format!("cannot create serial log {}", path.display()))?;
         Ok(SerialLog {
             path: path.to_path_buf(),
             partial,
             file,
+            rotation,
             committed: false.into(),
         })
     }
 
-    fn file(&self) -> Result<File> {
-        Ok(self.file.try_clone()?)
+    /// The guest's console, bounded by the log's rotation (which works on the final path:
+    /// the VM prints only after [`SerialLog::commit`]).
+    fn file(&self) -> Result<vmm::devices::serial::ConsoleLog> {
+        Ok(vmm::devices::serial::ConsoleLog::rotating(
+            self.file.try_clone()?,
+            self.rotation.clone(),
+        ))
     }
 
     fn commit(&self) -> Result<()> {

@@ -25,7 +25,6 @@ use crate::wire::{self, Msg, Role, WireError};
 use admit::{Admission, Admitted};
 use contract::trust::MigrationSecret;
 use contract::{FailureKind, MigrationFailure, Phase, Progress};
-use std::fs::File;
 use std::io::BufReader;
 use std::net::TcpListener;
 use std::ops::RangeInclusive;
@@ -36,6 +35,7 @@ use std::time::{Duration, Instant};
 use streams::{stream_rx, wait_applied, StreamShared};
 use trust::tls::ServerConfig;
 use trust::Conn;
+use vmm::devices::serial::ConsoleLog;
 use vmm::memory::GuestRam;
 use vmm::vm::PreparedVm;
 use vmm::Vm;
@@ -170,10 +170,11 @@ pub fn receive(
     kvm: &kvm_ioctls::Kvm,
     listener: &TcpListener,
     opts: &ReceiveOptions,
-    serial: File,
+    serial: impl Into<ConsoleLog>,
     ctl: &ReceiveControl,
     on_early: &dyn Fn(&str),
 ) -> Result<Vm, F> {
+    let serial = serial.into();
     let policy = admit::Policy {
         tls: opts.tls.clone(),
         secret: opts.secret.clone(),
@@ -196,7 +197,7 @@ fn receive_from(
     kvm: &kvm_ioctls::Kvm,
     admission: &mut Admission,
     opts: &ReceiveOptions,
-    serial: File,
+    serial: ConsoleLog,
     ctl: &ReceiveControl,
     on_early: &dyn Fn(&str),
 ) -> Result<Vm, F> {
@@ -313,7 +314,7 @@ impl<'a> Incoming<'a> {
         })
     }
 
-    fn run(&mut self, serial: File, on_early: &dyn Fn(&str)) -> Result<Vm, Early> {
+    fn run(&mut self, serial: ConsoleLog, on_early: &dyn Fn(&str)) -> Result<Vm, Early> {
         self.handshake()?;
         let req = self.preflight()?;
         let streams = self.await_begin()?;
@@ -342,7 +343,7 @@ impl<'a> Incoming<'a> {
         &mut self,
         req: PreflightRequest,
         streams: u16,
-        serial: File,
+        serial: ConsoleLog,
         on_early: &dyn Fn(&str),
     ) -> Result<Vm, F> {
         let (r, build) = self.setup(req, streams, on_early)?;
@@ -369,7 +370,12 @@ impl<'a> Incoming<'a> {
     }
 
     /// Pre-copy to resume.
-    fn switchover(&mut self, mut r: Receiving, build: VmBuild, serial: File) -> Result<Vm, F> {
+    fn switchover(
+        &mut self,
+        mut r: Receiving,
+        build: VmBuild,
+        serial: ConsoleLog,
+    ) -> Result<Vm, F> {
         let prepared = self.precopy(&mut r, build)?;
         let state = self.final_pages(&mut r)?;
         let vm = self.device_state(&r, prepared, &state, serial)?;
@@ -714,7 +720,7 @@ impl<'a> Incoming<'a> {
         r: &Receiving,
         prepared: PreparedVm,
         state: &[u8],
-        serial: File,
+        serial: ConsoleLog,
     ) -> Result<Vm, F> {
         let phase = Phase::DeviceState;
         self.ctl.phase(phase);

@@ -68,8 +68,115 @@ impl From<&SerialState> for vm_superio::serial::SerialState {
     }
 }
 
+/// Where the guest's console output goes: a file, and optionally the rule that keeps it
+/// bounded. The guest is untrusted and may print without end; with [`Rotation`] the log at
+/// `path` is moved to `path.1` (`path.1` to `path.2`, ... up to `keep`) once it would pass
+/// `max_bytes`, and a fresh file takes its place, so the console never takes more than
+/// `(keep + 1) * max_bytes` of the host's disk.
+pub struct ConsoleLog {
+    file: File,
+    rotation: Option<Rotation>,
+    written: u64,
+}
+
+/// How a console log is bounded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rotation {
+    /// The log's path (the file the [`ConsoleLog`] writes is the one at this path).
+    pub path: std::path::PathBuf,
+    /// Bytes one file may hold before it is rotated.
+    pub max_bytes: u64,
+    /// Rotated files kept (`path.1` ..= `path.keep`; at least 1).
+    pub keep: u32,
+}
+
+impl From<File> for ConsoleLog {
+    /// An unbounded log (the caller owns the file and its size).
+    fn from(file: File) -> ConsoleLog {
+        ConsoleLog {
+            file,
+            rotation: None,
+            written: 0,
+        }
+    }
+}
+
+impl ConsoleLog {
+    /// A log at `rotation.path`, already open as `file`, rotated as `rotation` says.
+    pub fn rotating(file: File, rotation: Rotation) -> ConsoleLog {
+        let written = file.metadata().map(|m| m.len()).unwrap_or(0);
+        ConsoleLog {
+            file,
+            rotation: Some(Rotation {
+                keep: rotation.keep.max(1),
+                max_bytes: rotation.max_bytes.max(1),
+                ..rotation
+            }),
+            written,
+        }
+    }
+
+    /// A second handle on the same log and rule.
+    pub fn try_clone(&self) -> std::io::Result<ConsoleLog> {
+        Ok(ConsoleLog {
+            file: self.file.try_clone()?,
+            rotation: self.rotation.clone(),
+            written: self.written,
+        })
+    }
+
+    /// Moves the full log aside and continues in a fresh file at its path (created through an
+    /// O_EXCL temporary file and renamed into place: nothing planted there is followed).
+    /// If that fails (disk full, directory gone), the current file is emptied instead: the
+    /// bound holds either way.
+    fn rotate(&mut self, r: &Rotation) {
+        let numbered = |i: u32| std::path::PathBuf::from(format!("{}.{i}", r.path.display()));
+        let fresh = (|| -> std::io::Result<File> {
+            for i in (1..r.keep).rev() {
+                match std::fs::rename(numbered(i), numbered(i + 1)) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+            }
+            let (file, tmp) = crate::confine::create_temp_beside(&r.path)?;
+            std::fs::rename(&r.path, numbered(1))?;
+            std::fs::rename(&tmp, &r.path)?;
+            Ok(file)
+        })();
+        match fresh {
+            Ok(f) => self.file = f,
+            Err(_) => {
+                use std::io::Seek;
+                let _ = self.file.set_len(0);
+                let _ = self.file.seek(std::io::SeekFrom::Start(0));
+            }
+        }
+        self.written = 0;
+    }
+}
+
+impl Write for ConsoleLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut take = buf.len();
+        if let Some(r) = self.rotation.clone() {
+            if self.written > 0 && self.written + buf.len() as u64 > r.max_bytes {
+                self.rotate(&r);
+            }
+            // A chunk larger than a whole file is split (the writer comes back for the rest).
+            take = take.min(r.max_bytes.saturating_sub(self.written).max(1) as usize);
+        }
+        let n = self.file.write(&buf[..take])?;
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
 /// Output sink of the console.
-pub type SerialOut = LineWriter<File>;
+pub type SerialOut = LineWriter<ConsoleLog>;
 
 /// The COM1 device.
 pub struct SerialDevice {
@@ -78,7 +185,7 @@ pub struct SerialDevice {
 
 impl SerialDevice {
     /// A fresh UART writing to `out`.
-    pub fn new(irq: EventFd, out: File) -> SerialDevice {
+    pub fn new(irq: EventFd, out: ConsoleLog) -> SerialDevice {
         SerialDevice {
             inner: Serial::new(IrqTrigger(irq), LineWriter::new(out)),
         }
@@ -105,7 +212,7 @@ pub struct SerialArgs {
     /// The interrupt line (an irqfd of GSI 4).
     pub irq: EventFd,
     /// Where the guest's output goes.
-    pub out: File,
+    pub out: ConsoleLog,
 }
 
 /// Saved serial state that vm-superio refuses.
@@ -144,7 +251,7 @@ mod tests {
 
     #[test]
     fn a_uart_is_re_created_from_its_saved_state() {
-        let out = || tempfile::tempfile().unwrap();
+        let out = || ConsoleLog::from(tempfile::tempfile().unwrap());
         let irq = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let mut a = SerialDevice::new(irq(), out());
         a.write(3, 0x80); // LCR: DLAB on
@@ -167,5 +274,47 @@ mod tests {
         .unwrap();
         assert_eq!(b.save().unwrap(), saved);
         assert_eq!(b.read(7), 0x5a);
+    }
+}
+
+#[cfg(test)]
+mod rotation_tests {
+    use super::*;
+
+    #[test]
+    fn a_console_log_stays_within_its_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("serial.log");
+        let (file, tmp) = crate::confine::create_temp_beside(&path).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        let mut log = LineWriter::new(ConsoleLog::rotating(
+            file,
+            Rotation {
+                path: path.clone(),
+                max_bytes: 1000,
+                keep: 2,
+            },
+        ));
+        for i in 0..1000 {
+            writeln!(log, "line {i:05} of a guest that never stops printing").unwrap();
+        }
+        log.flush().unwrap();
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["serial.log", "serial.log.1", "serial.log.2"]);
+        for n in &names {
+            let len = std::fs::metadata(dir.path().join(n)).unwrap().len();
+            assert!(len > 0 && len <= 1000, "{n}: {len} bytes");
+        }
+        // The newest lines are in the live file, the ones before them in .1, then .2.
+        let last = std::fs::read_to_string(&path).unwrap();
+        assert!(last.ends_with("line 00999 of a guest that never stops printing\n"));
+        let first_live: u32 = last[5..10].parse().unwrap();
+        let one = std::fs::read_to_string(dir.path().join("serial.log.1")).unwrap();
+        let last_of_one: u32 = one.lines().last().unwrap()[5..10].parse().unwrap();
+        assert_eq!(last_of_one + 1, first_live);
     }
 }

@@ -14,7 +14,6 @@ use crate::memory::{GuestRam, MemoryLayout};
 use crate::persist::Persist;
 use crate::vcpu::Vcpu;
 use kvm_ioctls::{Kvm, VmFd};
-use std::fs::File;
 use std::sync::atomic::{AtomicBool, AtomicU8};
 use std::sync::{Arc, Condvar, Mutex};
 use vmm_sys_util::eventfd::EventFd;
@@ -63,7 +62,7 @@ impl PreparedVm {
     pub fn finish(
         mut self,
         state: &MachineState,
-        serial_out: File,
+        serial_out: impl Into<crate::devices::serial::ConsoleLog>,
         time: GuestTime,
     ) -> Result<Vm, VmError> {
         if state.config != self.config
@@ -122,7 +121,7 @@ impl PreparedVm {
         let serial = SerialDevice::restore(
             SerialArgs {
                 irq: self.base.serial_irq.try_clone().map_err(VmError::EventFd)?,
-                out: serial_out,
+                out: serial_out.into(),
             },
             &state.devices.serial,
         )
@@ -158,7 +157,7 @@ impl Vm {
         kvm: &Kvm,
         config: VmConfig,
         host: &HostDevices,
-        serial_out: File,
+        serial_out: impl Into<crate::devices::serial::ConsoleLog>,
     ) -> Result<Vm, VmError> {
         config.validate()?;
         let host_mem = host_memory_limit();
@@ -226,7 +225,7 @@ impl Vm {
         }
         let serial = SerialDevice::new(
             base.serial_irq.try_clone().map_err(VmError::EventFd)?,
-            serial_out,
+            serial_out.into(),
         );
         Ok(Vm::assemble(
             config,
@@ -245,7 +244,7 @@ impl Vm {
         kvm: &Kvm,
         state: &MachineState,
         host: &HostDevices,
-        serial_out: File,
+        serial_out: impl Into<crate::devices::serial::ConsoleLog>,
     ) -> Result<Vm, VmError> {
         state.validate(host_memory_limit())?;
         let ram = Arc::new(GuestRam::new(state.layout.clone())?);
@@ -258,7 +257,7 @@ impl Vm {
         state: &MachineState,
         ram: Arc<GuestRam>,
         host: &HostDevices,
-        serial_out: File,
+        serial_out: impl Into<crate::devices::serial::ConsoleLog>,
     ) -> Result<Vm, VmError> {
         state.validate(host_memory_limit())?;
         Vm::prepare(kvm, &state.config, &state.cpuid, ram, host)?.finish(
