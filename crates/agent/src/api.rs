@@ -175,7 +175,10 @@ async fn drain(
     check_node(&name)?;
     let req: DrainRequest = parse(&body)?;
     blocking(move || {
-        let c = req.concurrency.unwrap_or(a.cfg.drain_concurrency);
+        let c = req
+            .concurrency
+            .unwrap_or(a.cfg.drain_concurrency)
+            .min(a.cfg.max_outgoing);
         a.drain(&name, c).map(Json)
     })
     .await

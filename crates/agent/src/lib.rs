@@ -67,6 +67,10 @@ pub struct Agent {
     /// VMs with a life-cycle operation in progress here (start, stop, delete, the setup of a
     /// migration): reconciliation leaves them alone until it ends.
     pub busy: ops::Busy,
+    /// Receivers this node runs for migrations it was asked to take (`max_incoming`).
+    pub receiving: ops::Slots,
+    /// Migrations this node sends (`max_outgoing`).
+    pub sending: ops::Slots,
     pub metrics: metrics::Metrics,
 }
 
@@ -100,6 +104,8 @@ impl Agent {
             migrations: Default::default(),
             incoming: Default::default(),
             busy: Default::default(),
+            receiving: Default::default(),
+            sending: Default::default(),
             metrics: Default::default(),
         });
         agent.reconcile_once();

@@ -35,8 +35,14 @@ pub struct AgentConfig {
     pub networks: Vec<(String, String)>,
     /// Lease TTL in the store.
     pub lease_ttl: Duration,
-    /// Most migrations a drain runs at once.
+    /// Most migrations a drain runs at once (never more than `max_outgoing`).
     pub drain_concurrency: usize,
+    /// Most migrations this node receives at once: one more receive request is refused
+    /// (503) before any worker starts.
+    pub max_incoming: usize,
+    /// Most migrations this node sends at once: one more is refused (503) before the VM is
+    /// locked.
+    pub max_outgoing: usize,
     /// How long the commit point keeps trying a store that does not answer before it leaves
     /// the migration undecided (both sides paused; reconciliation settles it once the store
     /// is back).

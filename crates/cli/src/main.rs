@@ -272,9 +272,15 @@ struct AgentArgs {
     /// Node lease TTL in seconds.
     #[arg(long, default_value_t = 5)]
     lease_ttl_s: u64,
-    /// Most migrations a drain runs at once.
+    /// Most migrations a drain runs at once (at most --max-outgoing).
     #[arg(long, default_value_t = 2)]
     drain_concurrency: usize,
+    /// Most migrations this node receives at once (more are refused with 503).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    max_incoming: u16,
+    /// Most migrations this node sends at once (more are refused with 503).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    max_outgoing: u16,
     /// Seconds the commit point keeps retrying a store that does not answer before it leaves
     /// the migration to reconciliation (both sides stay paused meanwhile).
     #[arg(long, default_value_t = 120)]
@@ -1123,7 +1129,9 @@ fn run_agent(a: &AgentArgs) -> Result<()> {
         boot_roots: a.boot_roots.clone(),
         networks: a.network.clone(),
         lease_ttl: Duration::from_secs(a.lease_ttl_s.max(1)),
-        drain_concurrency: a.drain_concurrency.max(1),
+        drain_concurrency: a.drain_concurrency.clamp(1, a.max_outgoing as usize),
+        max_incoming: a.max_incoming as usize,
+        max_outgoing: a.max_outgoing as usize,
         commit_retry: Duration::from_secs(a.commit_retry_s.max(1)),
         tls,
     };

@@ -696,3 +696,55 @@ fn host_paths_stay_beneath_the_nodes_roots() {
     c.assert_verify("node2", "good", 2);
     assert_eq!(std::fs::read(&outside).unwrap(), vec![0xa5u8; 1 << 20]);
 }
+
+/// Per-node limits: a node sends at most `--max-outgoing` and receives at most
+/// `--max-incoming` migrations at once; one more is refused with a reason before anything
+/// moves, the VM stays running where it was, and the slot is free again once the migration
+/// holding it ended.
+#[test]
+fn per_node_migration_limits() {
+    let mut c = Cluster::new(false);
+    c.add("node1", &["--max-outgoing", "1"]);
+    c.add("node2", &["--max-incoming", "1"]);
+    c.add("node3", &[]);
+    c.vm(
+        "node1",
+        "big",
+        "memory_mib = 256\ncmdline = \"ferry.workload=verify ferry.wss_mib=64 ferry.hb_ms=20\"\n",
+    );
+    c.vm("node1", "small", GUEST);
+    c.vm("node3", "other", GUEST);
+    let a1 = c.addr("node1");
+    let started = post(
+        &a1,
+        "/v1/vms/big/migrate",
+        &json!({ "to": "node2", "params": { "max_bandwidth_mibs": 40 } }),
+        None,
+    )
+    .unwrap();
+    let id = started["migration"]["id"].as_str().unwrap().to_string();
+    // node1 sends one migration already.
+    let e = c.migrate("node1", "small", "node3", json!({})).unwrap_err();
+    assert!(
+        e.contains("already sends 1 migrations (--max-outgoing 1)"),
+        "{e}"
+    );
+    // node2 receives one already: node3's migration to it is refused by node2.
+    let e = c.migrate("node3", "other", "node2", json!({})).unwrap_err();
+    assert!(e.contains("--max-incoming 1"), "{e}");
+    let m = wait_migration(&a1, &id);
+    assert_eq!(m["outcome"], "succeeded", "{m}");
+    for (vm, node) in [("small", "node1"), ("other", "node3"), ("big", "node2")] {
+        assert_eq!(c.assert_one_owner(vm), node);
+        assert_eq!(
+            c.store().vm(vm).unwrap().unwrap().value.state,
+            cluster::VmState::Running
+        );
+    }
+    // The slots are free again.
+    c.migrate("node1", "small", "node3", json!({})).unwrap();
+    c.migrate("node3", "other", "node2", json!({})).unwrap();
+    assert_eq!(c.assert_one_owner("small"), "node3");
+    assert_eq!(c.assert_one_owner("other"), "node2");
+    c.assert_verify("node2", "big", 2);
+}

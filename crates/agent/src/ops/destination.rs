@@ -60,6 +60,14 @@ impl Agent {
                 self.name()
             )));
         }
+        let slot = self.receiving.take(self.cfg.max_incoming).ok_or_else(|| {
+            AgentError::Unavailable(format!(
+                "node {} already receives {} migrations (--max-incoming {}): try again when one ends",
+                self.name(),
+                self.receiving.used(),
+                self.cfg.max_incoming
+            ))
+        })?;
         // The store must agree that this migration is on, towards this node.
         let cur = self.vm_or_404(&name)?.value;
         if cur.migration.as_deref() != Some(req.migration.as_str()) {
@@ -151,12 +159,19 @@ impl Agent {
                 )));
             }
         };
-        self.watch_receiver(&name, &req.migration, w);
+        self.watch_receiver(&name, &req.migration, w, Some(slot));
         Ok(ReceiveReply { address, secret })
     }
 
-    /// Registers a receiver and follows it in a thread of its own.
-    pub(crate) fn watch_receiver(self: &Arc<Self>, name: &str, id: &str, w: Arc<Worker>) {
+    /// Registers a receiver and follows it in a thread of its own (which holds its
+    /// `--max-incoming` slot until the receiver is settled).
+    pub(crate) fn watch_receiver(
+        self: &Arc<Self>,
+        name: &str,
+        id: &str,
+        w: Arc<Worker>,
+        slot: Option<super::Slot>,
+    ) {
         self.incoming
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -165,7 +180,10 @@ impl Agent {
         let (name, id) = (name.to_string(), id.to_string());
         let spawned = std::thread::Builder::new()
             .name(format!("incoming-{name}"))
-            .spawn(move || a.watch_incoming(&name, &id, w));
+            .spawn(move || {
+                let _slot = slot;
+                a.watch_incoming(&name, &id, w)
+            });
         if let Err(e) = spawned {
             tracing::error!("cannot watch a receiver: {e}");
         }

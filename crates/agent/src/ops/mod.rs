@@ -163,6 +163,38 @@ impl Drop for BusyGuard<'_> {
     }
 }
 
+/// A bounded number of slots (concurrent receivers, concurrent outgoing migrations): taken
+/// before anything starts, held by the thread that follows the operation, given back when
+/// that thread ends.
+#[derive(Default)]
+pub struct Slots(Arc<Mutex<usize>>);
+
+/// One taken slot; dropping it gives it back.
+pub struct Slot(Arc<Mutex<usize>>);
+
+impl Slots {
+    /// A slot if fewer than `max` are taken.
+    pub fn take(&self, max: usize) -> Option<Slot> {
+        let mut n = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        (*n < max).then(|| {
+            *n += 1;
+            Slot(self.0.clone())
+        })
+    }
+
+    /// Slots taken now.
+    pub fn used(&self) -> usize {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut n = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        *n = n.saturating_sub(1);
+    }
+}
+
 pub(crate) fn new_id(vm: &str) -> String {
     let mut b = [0u8; 4];
     if let Ok(mut f) = std::fs::File::open("/dev/urandom") {

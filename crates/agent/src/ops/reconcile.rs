@@ -126,7 +126,7 @@ impl Agent {
                     migration = id,
                     "following a receiver left by an earlier agent"
                 );
-                self.watch_receiver(&vm, &id, w);
+                self.watch_receiver(&vm, &id, w, self.receiving.take(usize::MAX));
             }
         }
     }

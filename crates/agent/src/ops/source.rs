@@ -186,6 +186,14 @@ impl Agent {
                 dry_run: true,
             });
         }
+        let slot = self.sending.take(self.cfg.max_outgoing).ok_or_else(|| {
+            AgentError::Unavailable(format!(
+                "node {} already sends {} migrations (--max-outgoing {}): try again when one ends",
+                self.name(),
+                self.sending.used(),
+                self.cfg.max_outgoing
+            ))
+        })?;
         // This agent's thread owns the migration from before the lock on: reconciliation
         // leaves a migration alone while its thread is active.
         let watch = Arc::new(MigrationWatch::new(record.clone()));
@@ -216,7 +224,10 @@ impl Agent {
         let name2 = name.to_string();
         std::thread::Builder::new()
             .name(format!("migrate-{name}"))
-            .spawn(move || a.run_migration(&name2, req, watch, dest))
+            .spawn(move || {
+                let _slot = slot;
+                a.run_migration(&name2, req, watch, dest)
+            })
             .map_err(|e| AgentError::Internal(e.to_string()))?;
         Ok(MigrationStarted {
             migration: record,
