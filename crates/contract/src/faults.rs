@@ -116,3 +116,35 @@ pub fn flip_page() -> Option<u64> {
 /// Byte and mask of a page that [`flip_page`] flips.
 pub const FLIP_BYTE: usize = 2048;
 pub const FLIP_MASK: u8 = 0x40;
+
+/// A forbidden system call a worker makes on purpose, to prove its seccomp filters are on
+/// (`FERRY_SANDBOX_PROBE=<probe>`; only with `fault-injection`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SandboxProbe {
+    /// The worker's main thread, once its VM runs, executes a program.
+    Exec,
+    /// A vCPU thread, as it starts, opens a network socket.
+    VcpuSocket,
+}
+
+impl SandboxProbe {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxProbe::Exec => "exec",
+            SandboxProbe::VcpuSocket => "vcpu-socket",
+        }
+    }
+}
+
+/// Whether this process was started to run `probe` (never without `fault-injection`).
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+pub fn sandbox_probe(_probe: SandboxProbe) -> bool {
+    false
+}
+
+/// Whether this process was started to run `probe` (never without `fault-injection`).
+#[cfg(feature = "fault-injection")]
+pub fn sandbox_probe(probe: SandboxProbe) -> bool {
+    std::env::var("FERRY_SANDBOX_PROBE").is_ok_and(|s| s == probe.as_str())
+}

@@ -19,6 +19,7 @@ pub mod dirty;
 pub mod host;
 pub mod memory;
 pub mod persist;
+pub mod sandbox;
 pub mod snapshot;
 pub mod state_v2;
 pub mod state_v3;

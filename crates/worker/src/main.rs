@@ -215,6 +215,10 @@ struct HostArgs {
     /// host's disk by printing.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=4096))]
     serial_log_max_mib: u64,
+    /// Run without the seccomp filters (vmm::sandbox): only to diagnose a filter that
+    /// refuses something it should not; prints a warning.
+    #[arg(long)]
+    no_seccomp: bool,
     /// Rotated serial logs kept (`<log>.1` ..= `<log>.N`).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=100))]
     serial_log_keep: u32,
@@ -235,6 +239,19 @@ impl HostArgs {
             vmm::confine::Policy::Unconfined
         };
         vmm::confine::install(p)?;
+        Ok(())
+    }
+
+    /// Installs the worker's seccomp filters ([`vmm::sandbox`]) on every thread, before the
+    /// VM's first byte is read from anywhere.
+    fn sandbox(&self) -> Result<()> {
+        if self.no_seccomp {
+            eprintln!(
+                "ferry-vmm: warning: --no-seccomp: this worker runs without its seccomp filters"
+            );
+            return Ok(());
+        }
+        vmm::sandbox::install()?;
         Ok(())
     }
 
@@ -384,6 +401,7 @@ fn real_main(cli: Cli) -> Result<i32> {
             config.validate()?;
             let rotation = host.rotation(&serial_log);
             host.confine(false)?;
+            host.sandbox()?;
             let host = host.devices(config.nics.len())?;
             let kvm = vmm::open_kvm()?;
             server::check_free(&api_socket)?;
@@ -408,6 +426,7 @@ fn real_main(cli: Cli) -> Result<i32> {
             vmm::statecheck::enable(verify_state);
             let rotation = host.rotation(&serial_log);
             host.confine(false)?;
+            host.sandbox()?;
             let kvm = vmm::open_kvm()?;
             server::check_free(&api_socket)?;
             let nics = vmm::snapshot::Reader::open(&snapshot)
@@ -458,6 +477,7 @@ fn real_main(cli: Cli) -> Result<i32> {
             }
             let rotation = host.rotation(&serial_log);
             host.confine(server_tls.is_some())?;
+            host.sandbox()?;
             let expected = match &expect_config {
                 Some(f) => Some(read_expected_config(f)?),
                 None => None,
@@ -777,6 +797,11 @@ fn serve_until_stopped(vm: Arc<Vm>, socket: PathBuf, start: bool) -> Result<i32>
     }
     if start {
         vm.start()?;
+    }
+    if contract::faults::sandbox_probe(contract::faults::SandboxProbe::Exec) {
+        eprintln!("ferry-vmm: sandbox probe: executing /bin/true");
+        let r = std::process::Command::new("/bin/true").status();
+        eprintln!("ferry-vmm: sandbox probe: the filter let it through: {r:?}");
     }
     let event = loop {
         if let Some(e) = vm.wait_stopped(Some(Duration::from_millis(200))) {

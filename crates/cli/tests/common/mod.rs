@@ -293,6 +293,19 @@ impl Cluster {
 
     /// Waits until the guest on `node` completed `n` more verifier sweeps without corruption.
     pub fn assert_verify(&self, node: &str, vm: &str, n: usize) {
+        // Every worker of the cluster runs under its seccomp filter (vmm::sandbox).
+        let sock = self
+            .agent(node)
+            .data_dir
+            .join("vms")
+            .join(vm)
+            .join("api.sock");
+        let pid = worker_pid(&sock);
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        assert!(
+            status.lines().any(|l| l == "Seccomp:\t2"),
+            "the worker of {vm} on {node} runs without its seccomp filter"
+        );
         let path = self.serial(node, vm);
         let count = |s: &str| s.lines().filter(|l| l.starts_with("verify ok")).count();
         let start = count(&std::fs::read_to_string(&path).unwrap_or_default());

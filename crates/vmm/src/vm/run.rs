@@ -118,7 +118,17 @@ impl Vm {
             );
             let h = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || vcpu_loop(v, ctl, dev, virtio))
+                .spawn(move || {
+                    // A vCPU thread that cannot be confined does not run the guest.
+                    if let Err(e) = crate::sandbox::enter_vcpu_thread() {
+                        eprintln!(
+                            "ferry-vmm: vcpu{id}: {e}: {:?}",
+                            std::error::Error::source(&e)
+                        );
+                        std::process::abort();
+                    }
+                    vcpu_loop(v, ctl, dev, virtio)
+                })
                 .map_err(VmError::Thread)?;
             use std::os::unix::thread::JoinHandleExt;
             threads.push(h.as_pthread_t() as libc::pthread_t);

@@ -49,6 +49,16 @@ impl Worker {
             name: name.to_string(),
         };
         w.wait_socket();
+        if matches!(args.first(), Some(&("run" | "restore" | "receive")))
+            && !args.contains(&"--no-seccomp")
+        {
+            let pid = w.child.as_ref().unwrap().id() as i32;
+            assert_eq!(
+                seccomp_mode(pid, pid),
+                Some(2),
+                "worker {name} runs without its seccomp filter"
+            );
+        }
         w
     }
 
@@ -736,4 +746,17 @@ pub fn reason(f: &serde_json::Value) -> String {
         Some(c) => format!("{}: {c}", f["message"].as_str().unwrap_or("")),
         None => f["message"].as_str().unwrap_or("").to_string(),
     }
+}
+
+/// `Seccomp:` of thread `tid` of process `pid` (2: filter mode), from /proc.
+pub fn seccomp_mode(pid: i32, tid: i32) -> Option<u32> {
+    proc_status_field(pid, tid, "Seccomp")
+}
+
+/// A numeric field of /proc/PID/task/TID/status.
+pub fn proc_status_field(pid: i32, tid: i32, field: &str) -> Option<u32> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .and_then(|v| v.trim().parse().ok())
 }
