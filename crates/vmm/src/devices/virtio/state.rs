@@ -107,7 +107,10 @@ impl VirtioMmio {
                 self.queues.len()
             )));
         }
-        if s.driver_features & !self.kind.features() != 0 {
+        // Until FEATURES_OK the driver's feature bits are only a proposal (a guest may write
+        // any; the device then refuses FEATURES_OK): only accepted features must be offered.
+        let accepted = s.status & virtio_bindings::virtio_config::VIRTIO_CONFIG_S_FEATURES_OK != 0;
+        if accepted && s.driver_features & !self.kind.features() != 0 {
             return Err(DeviceError::State(format!(
                 "driver features {:#x} are not all offered here ({:#x})",
                 s.driver_features,

@@ -514,7 +514,18 @@ fn block_state_round_trip_continues_the_queue() {
     assert!(e.to_string().contains("65 sectors"), "{e}");
     let mut bad = st.clone();
     bad.driver_features |= 1 << 40;
+    assert!(bad.status & virtio_bindings::virtio_config::VIRTIO_CONFIG_S_FEATURES_OK != 0);
     assert!(block_dev(&ram, img.path(), false).restore(&bad).is_err());
+    // Found by fuzzing (fuzz/crashes/device_state/driver-features): before FEATURES_OK the
+    // guest may have proposed features the device does not offer; that state is valid (the
+    // device refuses FEATURES_OK) and must restore, or the guest could make its VM
+    // unmigratable.
+    let mut proposed = st.clone();
+    proposed.driver_features |= 1 << 40;
+    proposed.status = 7; // ACKNOWLEDGE | DRIVER | DRIVER_OK, no FEATURES_OK
+    let mut again = block_dev(&ram, img.path(), false);
+    again.restore(&proposed).unwrap();
+    assert_eq!(again.state().driver_features, proposed.driver_features);
     let mut bad = st;
     bad.queues.pop();
     assert!(block_dev(&ram, img.path(), false).restore(&bad).is_err());
