@@ -73,7 +73,10 @@ impl MemoryLayout {
 
     /// Total RAM in bytes.
     pub fn total_bytes(&self) -> u64 {
-        self.regions.iter().map(|r| r.size).sum()
+        // Saturating: an unvalidated layout (straight from a file) must not overflow.
+        self.regions
+            .iter()
+            .fold(0u64, |t, r| t.saturating_add(r.size))
     }
 
     /// Total RAM in pages.

@@ -235,7 +235,15 @@ impl Rtc {
     fn now_time(&self, now: Duration) -> RtcTime {
         match self.s.latched {
             Some(t) => t,
-            None => RtcTime::from_unix(now.as_secs() as i64 + self.s.offset_secs),
+            None => {
+                // The CMOS shows four digits of year (century and year registers): a clock
+                // run past 9999 rolls over to 0000, as such a counter does; a latched time
+                // stays one a saved state can hold (found by fuzzing: latching 10000 made
+                // the VM's state unrestorable).
+                let mut t = RtcTime::from_unix(now.as_secs() as i64 + self.s.offset_secs);
+                t.year = t.year.rem_euclid(10_000);
+                t
+            }
         }
     }
 
@@ -503,6 +511,35 @@ mod tests {
         r.write_reg(REG_HOUR, 0x23, later);
         assert_eq!(r.read_reg(REG_HOUR, later), 0x23);
         assert_eq!(r.read_reg(REG_MIN, later), 0x05);
+    }
+
+    /// Found by fuzzing (fuzz/crashes/device_state/rtc-year-10000): a clock set to the last
+    /// second of 9999 rolls over to 0000, and a time latched after it still restores.
+    #[test]
+    fn the_clock_rolls_over_after_9999_and_its_state_restores() {
+        let now = Duration::from_secs(1_795_000_000);
+        let mut r = Rtc::new();
+        r.write_reg(REG_B, B_24H | B_SET, now);
+        for (reg, v) in [
+            (REG_CENTURY, 0x99),
+            (REG_YEAR, 0x99),
+            (REG_MON, 0x12),
+            (REG_MDAY, 0x31),
+            (REG_HOUR, 0x23),
+            (REG_MIN, 0x59),
+            (REG_SEC, 0x59),
+        ] {
+            r.write_reg(reg, v, now);
+        }
+        r.write_reg(REG_B, B_24H, now);
+        let later = now + Duration::from_secs(2);
+        assert_eq!(r.read_reg(REG_CENTURY, later), 0x00);
+        assert_eq!(r.read_reg(REG_YEAR, later), 0x00);
+        assert_eq!(r.read_reg(REG_MON, later), 0x01);
+        r.write_reg(REG_B, B_24H | B_SET, later);
+        let saved = r.save();
+        assert_eq!(saved.latched.map(|t| t.year), Some(0));
+        Rtc::restore(&saved).unwrap();
     }
 
     #[test]
