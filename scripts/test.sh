@@ -15,3 +15,7 @@ cargo clippy --release --workspace --all-targets "${FEATURES[@]}" -- -D warnings
 # One test at a time: the machines have 2 cores, most tests run guests with busy vCPUs, and
 # several assert on timing the guest itself observed (heartbeat gaps across a migration).
 cargo test --release --workspace "${FEATURES[@]}" -- --test-threads=1
+# Coverage-guided fuzzing (libFuzzer on stable, fuzz/README.md) of the wire, snapshot and
+# device-state decoders: every committed seed and past reproducer once, then a bounded run.
+scripts/fuzz.sh replay
+scripts/fuzz.sh "${FERRY_FUZZ_SECONDS:-30}"
