@@ -1,5 +1,6 @@
-//! The worker's seccomp filters (seccompiler, from rust-vmm), installed once its VM's host
-//! resources are set up. The guest is untrusted: a VMM bug it exploits should not give it the
+//! The worker's seccomp filters (seccompiler, from rust-vmm), installed when a `run`,
+//! `restore` or `receive` worker starts, before it reads its VM's configuration or state from
+//! anywhere (nothing it needs later is denied). The guest is untrusted: a VMM bug it exploits should not give it the
 //! host. Two kinds of filter, both killing the whole process on a match
 //! (`SECCOMP_RET_KILL_PROCESS`: a worker that tries is gone, its VM with it, and its agent
 //! reports the crash):
@@ -21,7 +22,7 @@
 //!
 //! This is a deny-list: system calls a VMM has no use for, and those that would turn a
 //! compromised worker into a compromised host. An allow-list per thread kind (Firecracker's
-//! model) is tighter and is the next step; see docs/ARCHITECTURE.md.
+//! model) is tighter and is the next step (README, "Trust").
 
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
@@ -196,8 +197,7 @@ pub fn vcpu_filter() -> Result<BpfProgram, SandboxError> {
 }
 
 /// Installs the worker's filters on every thread of this process, and arms the vCPU filter
-/// for vCPU threads started from now on. Call once the host resources the VM needs at start
-/// are set up; the filters cannot be removed.
+/// for vCPU threads started from now on. The filters cannot be removed.
 pub fn install() -> Result<(), SandboxError> {
     let process = process_filter()?;
     let clone3 = clone3_filter()?;

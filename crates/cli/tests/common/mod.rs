@@ -293,19 +293,6 @@ impl Cluster {
 
     /// Waits until the guest on `node` completed `n` more verifier sweeps without corruption.
     pub fn assert_verify(&self, node: &str, vm: &str, n: usize) {
-        // Every worker of the cluster runs under its seccomp filter (vmm::sandbox).
-        let sock = self
-            .agent(node)
-            .data_dir
-            .join("vms")
-            .join(vm)
-            .join("api.sock");
-        let pid = worker_pid(&sock);
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        assert!(
-            status.lines().any(|l| l == "Seccomp:\t2"),
-            "the worker of {vm} on {node} runs without its seccomp filter"
-        );
         let path = self.serial(node, vm);
         let count = |s: &str| s.lines().filter(|l| l.starts_with("verify ok")).count();
         let start = count(&std::fs::read_to_string(&path).unwrap_or_default());
@@ -317,6 +304,7 @@ impl Cluster {
                 "{vm} on {node} reports corruption:\n{s}"
             );
             if count(&s) >= start + n {
+                self.assert_sandboxed(node, vm);
                 return;
             }
             assert!(
@@ -326,6 +314,39 @@ impl Cluster {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Every worker process of `vm` on `node` (found by its API socket in /proc, without
+    /// asking it: it may be stopped at a fault point) runs under its seccomp filter
+    /// (vmm::sandbox), and there is one.
+    pub fn assert_sandboxed(&self, node: &str, vm: &str) {
+        let sock = self
+            .agent(node)
+            .data_dir
+            .join("vms")
+            .join(vm)
+            .join("api.sock");
+        let needle = sock.display().to_string();
+        let mut found = 0;
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if !cmd.split(|b| *b == 0).any(|a| a == needle.as_bytes()) {
+                continue;
+            }
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            if status.is_empty() {
+                continue; // exited meanwhile
+            }
+            found += 1;
+            assert!(
+                status.lines().any(|l| l == "Seccomp:\t2"),
+                "worker {pid} of {vm} on {node} runs without its seccomp filter"
+            );
+        }
+        assert!(found > 0, "no worker of {vm} on {node}");
     }
 
     /// Migrates through the API (with `params`, the migration parameters) and waits for the
