@@ -365,13 +365,17 @@ pub fn report_host_failure(attempt: usize, why: &str, out: &L1Output) {
 }
 
 /// Lines of L1's own kernel that say the emulated machine stopped making progress.
-const HOST_LOCKUP: [&str; 4] = [
+const HOST_LOCKUP: [&str; 5] = [
     "watchdog: BUG: soft lockup",
     "rcu: INFO: rcu_preempt self-detected stall",
     "rcu: INFO: rcu_preempt detected stalls",
     // L1's own kernel stack overflowed in page-fault entry (CI, 2026-12-02: `vcpu0`, L1's KVM
     // thread, at `exc_page_fault+0x15`, a page fault taken at every entry of its handler).
     "BUG: TASK stack guard page was hit",
+    // The panic that overflow ends in; seen alone as well (CI, 2026-12-03: `vcpu0` returning
+    // from a futex call, no guard-page report before it). A userspace process in L1 cannot
+    // corrupt L1's kernel stack: this is the emulated machine failing.
+    "Kernel panic - not syncing: corrupted stack end detected inside scheduler",
 ];
 
 /// Whether an L1 run failed in the test host rather than in what it tested:
