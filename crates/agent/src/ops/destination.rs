@@ -60,14 +60,12 @@ impl Agent {
                 self.name()
             )));
         }
-        let slot = self.receiving.take(self.cfg.max_incoming).ok_or_else(|| {
-            AgentError::Unavailable(format!(
-                "node {} already receives {} migrations (--max-incoming {}): try again when one ends",
-                self.name(),
-                self.receiving.used(),
-                self.cfg.max_incoming
-            ))
-        })?;
+        let slot = self.receiving.take_or_busy(
+            self.cfg.max_incoming,
+            self.name(),
+            "receives",
+            "--max-incoming",
+        )?;
         // The store must agree that this migration is on, towards this node.
         let cur = self.vm_or_404(&name)?.value;
         if cur.migration.as_deref() != Some(req.migration.as_str()) {

@@ -182,6 +182,23 @@ impl Slots {
         })
     }
 
+    /// A slot, or 503 saying that `node` already `does` (`receives`, `sends`) as many
+    /// migrations as its `flag` allows.
+    pub fn take_or_busy(
+        &self,
+        max: usize,
+        node: &str,
+        does: &str,
+        flag: &str,
+    ) -> Result<Slot, AgentError> {
+        self.take(max).ok_or_else(|| {
+            AgentError::Unavailable(format!(
+                "node {node} already {does} {} migrations ({flag} {max}): try again when one ends",
+                self.used()
+            ))
+        })
+    }
+
     /// Slots taken now.
     pub fn used(&self) -> usize {
         *self.0.lock().unwrap_or_else(|e| e.into_inner())

@@ -186,14 +186,12 @@ impl Agent {
                 dry_run: true,
             });
         }
-        let slot = self.sending.take(self.cfg.max_outgoing).ok_or_else(|| {
-            AgentError::Unavailable(format!(
-                "node {} already sends {} migrations (--max-outgoing {}): try again when one ends",
-                self.name(),
-                self.sending.used(),
-                self.cfg.max_outgoing
-            ))
-        })?;
+        let slot = self.sending.take_or_busy(
+            self.cfg.max_outgoing,
+            self.name(),
+            "sends",
+            "--max-outgoing",
+        )?;
         // This agent's thread owns the migration from before the lock on: reconciliation
         // leaves a migration alone while its thread is active.
         let watch = Arc::new(MigrationWatch::new(record.clone()));

@@ -92,6 +92,14 @@ pub fn block_for_fuzzing(
     ram: std::sync::Arc<crate::memory::GuestRam>,
 ) -> Result<VirtioMmio, DeviceError> {
     let kind = transport::Kind::Block(block::Block::open(disk)?);
+    detached(kind, ram)
+}
+
+/// A device outside any VM: its interrupt is an eventfd nobody registered.
+fn detached(
+    kind: transport::Kind,
+    ram: std::sync::Arc<crate::memory::GuestRam>,
+) -> Result<VirtioMmio, DeviceError> {
     let irq =
         vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).map_err(|e| DeviceError::Irq {
             index: 0,
@@ -108,12 +116,7 @@ pub fn net_for_fuzzing(
     ram: std::sync::Arc<crate::memory::GuestRam>,
 ) -> Result<VirtioMmio, DeviceError> {
     let kind = transport::Kind::Net(net::Net::with_tap_for_fuzzing(nic, tap)?);
-    let irq =
-        vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).map_err(|e| DeviceError::Irq {
-            index: 0,
-            msg: e.to_string(),
-        })?;
-    Ok(VirtioMmio::new(kind, irq, ram))
+    detached(kind, ram)
 }
 
 #[cfg(test)]

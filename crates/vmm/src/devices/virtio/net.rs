@@ -99,6 +99,11 @@ impl Net {
                 t
             }
         };
+        Net::over_tap(nic, index, tap)
+    }
+
+    /// NIC number `index` over an open, up `tap`.
+    fn over_tap(nic: &NicConfig, index: usize, tap: Tap) -> Result<Net, DeviceError> {
         let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| DeviceError::Nic {
             index,
             msg: format!("eventfd: {e}"),
@@ -241,21 +246,7 @@ impl Net {
     /// Fuzzing hook: a NIC over an already open `tap` (see [`Tap::from_file_for_fuzzing`]).
     #[doc(hidden)]
     pub(crate) fn with_tap_for_fuzzing(nic: &NicConfig, tap: Tap) -> Result<Net, DeviceError> {
-        let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| DeviceError::Nic {
-            index: 0,
-            msg: format!("eventfd: {e}"),
-        })?;
-        Ok(Net {
-            mac: nic.mac.0,
-            stats: NetStats {
-                tap: tap.name().to_string(),
-                ..Default::default()
-            },
-            tap: Arc::new(tap),
-            wake: Arc::new(wake),
-            backlog: VecDeque::new(),
-            announces: Arc::new(AtomicU64::new(0)),
-        })
+        Net::over_tap(nic, 0, tap)
     }
 }
 
