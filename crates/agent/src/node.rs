@@ -56,6 +56,9 @@ pub struct AgentConfig {
     /// a bearer token whose role allows it (`contract::auth`). `None`: the API is open (the
     /// agent warns at start).
     pub api_tokens: Option<contract::auth::TokensFile>,
+    /// The UIDs workers run as, one per worker (`--worker-uids`): each drops root after
+    /// opening its VM's resources. `None`: workers stay root (the agent warns at start).
+    pub worker_uids: Option<crate::workers::UidRange>,
 }
 
 impl AgentConfig {

@@ -5,7 +5,7 @@
 //! API sockets) for the VMs its node owns.
 
 use contract::worker::{self as api, Reply, Request, WorkerStatus};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,6 +18,8 @@ pub struct Worker {
     pub socket: PathBuf,
     pub serial: PathBuf,
     pub pid: Option<u32>,
+    /// The unprivileged user the worker runs as (held for it while this record lives).
+    pub uid: Option<UidLease>,
     /// Set before the agent stops the worker or when the VM moved away: its exit is expected.
     pub expected_exit: AtomicBool,
     /// Set by the supervision thread when the process is gone.
@@ -29,6 +31,89 @@ pub struct Worker {
 #[derive(Default)]
 pub struct Workers {
     map: Mutex<HashMap<String, Arc<Worker>>>,
+    /// User IDs given to workers (each VM's worker its own: workers cannot signal or trace
+    /// each other, nor touch each other's files).
+    uids: Arc<Mutex<HashSet<u32>>>,
+}
+
+/// The user IDs an agent gives its workers (`--worker-uids START-END`): each worker runs as
+/// its own UID (and the GID of the same number), unprivileged, from this range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UidRange {
+    pub start: u32,
+    pub end: u32,
+}
+
+/// What `ferry agent` uses unless told otherwise: 65536 IDs above the ranges systemd and
+/// container runtimes hand out (systemd's container range ends at 1879048191), below 2^31.
+pub const DEFAULT_WORKER_UIDS: &str = "2000000000-2000065535";
+
+impl std::str::FromStr for UidRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<UidRange, String> {
+        let bad = || format!("invalid UID range {s:?}: use START-END (e.g. {DEFAULT_WORKER_UIDS})");
+        let (a, b) = s.split_once('-').ok_or_else(bad)?;
+        let (start, end): (u32, u32) =
+            (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+        if start == 0 || start > end || end >= i32::MAX as u32 {
+            return Err(format!(
+                "invalid UID range {s:?}: START must be above 0 (root), END at least START and below 2^31-1"
+            ));
+        }
+        Ok(UidRange { start, end })
+    }
+}
+
+/// A worker's UID, reserved until dropped.
+pub struct UidLease {
+    pub uid: u32,
+    set: Arc<Mutex<HashSet<u32>>>,
+}
+
+impl Drop for UidLease {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.uid);
+    }
+}
+
+/// The effective UID in `/proc/<pid>/status`.
+fn uid_of(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix("Uid:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The directory the worker of a VM writes its serial logs to (it owns it; the VM's own
+/// directory stays the agent's, so the worker cannot replace its socket or its agent's files).
+pub fn console_dir(vm_dir: &Path) -> PathBuf {
+    vm_dir.join("console")
+}
+
+/// Creates (or takes over) `dir` for `uid`: mode 0700, owned by it. Opened without following
+/// a symlink: whatever a worker left in its VM directory is not followed by the agent.
+fn prepare_console_dir(dir: &Path, uid: Option<u32>) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    let d = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(dir)?;
+    let (u, g) = uid.map(|u| (u, u)).unwrap_or((0, 0));
+    // SAFETY: fchown/fchmod on a descriptor this function owns.
+    unsafe {
+        if libc::fchown(d.as_raw_fd(), u, g) < 0 || libc::fchmod(d.as_raw_fd(), 0o700) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// Paths of a VM's files under the agent's data directory.
@@ -80,28 +165,65 @@ impl Workers {
             .insert(w.vm.clone(), w);
     }
 
-    /// Starts a worker with `args` (a `run` or `receive` command line); returns it once its API
-    /// socket exists.
+    /// A free UID of `range` for a new worker, reserved.
+    fn lease_uid(&self, range: UidRange) -> anyhow::Result<UidLease> {
+        let mut set = self.uids.lock().unwrap_or_else(|e| e.into_inner());
+        let uid = (range.start..=range.end)
+            .find(|u| !set.contains(u))
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no free worker UID left in {}-{} (--worker-uids)",
+                    range.start,
+                    range.end
+                )
+            })?;
+        set.insert(uid);
+        Ok(UidLease {
+            uid,
+            set: self.uids.clone(),
+        })
+    }
+
+    /// Starts a worker with `args` (a `run` or `receive` command line), as its own user from
+    /// `uids` (`None`: as this agent's user, root); returns it once its API answers.
     pub fn spawn(
         &self,
         bin: &Path,
         data_dir: &Path,
         vm: &str,
         args: &[String],
+        uids: Option<UidRange>,
     ) -> anyhow::Result<Arc<Worker>> {
         let dir = vm_dir(data_dir, vm);
         create_vm_dir(&dir)?;
         let socket = dir.join("api.sock");
-        let serial = dir.join("serial.log");
+        let console = console_dir(&dir);
+        let serial = console.join("serial.log");
         if socket.exists()
             && api::call(&socket, &Request::Status, Some(Duration::from_secs(2))).is_ok()
         {
             anyhow::bail!("a worker for VM {vm} is already running on this node");
         }
-        let log = std::fs::File::create(dir.join("worker.log"))?;
+        let lease = uids.map(|r| self.lease_uid(r)).transpose()?;
+        prepare_console_dir(&console, lease.as_ref().map(|l| l.uid))
+            .map_err(|e| anyhow::anyhow!("{}: {e}", console.display()))?;
+        let log = {
+            use std::os::unix::fs::OpenOptionsExt;
+            let p = dir.join("worker.log");
+            let _ = std::fs::remove_file(&p);
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&p)?
+        };
         let mut cmd = Command::new(bin);
-        cmd.args(args)
-            .arg("--serial-log")
+        cmd.args(args);
+        if let Some(l) = &lease {
+            cmd.arg("--user").arg(format!("{0}:{0}", l.uid));
+        }
+        cmd.arg("--serial-log")
             .arg(&serial)
             .arg("--api-socket")
             .arg(&socket)
@@ -114,15 +236,23 @@ impl Workers {
         let mut child = cmd
             .spawn()
             .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", bin.display()))?;
+        // Started once its API answers (an unprivileged worker binds its socket before it
+        // drops root, then builds the VM, then serves).
         let t0 = Instant::now();
-        while !socket.exists() {
+        loop {
             if let Some(st) = child.try_wait()? {
                 let log = std::fs::read_to_string(dir.join("worker.log")).unwrap_or_default();
                 anyhow::bail!("worker for {vm} exited ({st}): {}", log.trim());
             }
             if t0.elapsed() > Duration::from_secs(30) {
                 let _ = child.kill();
+                let _ = child.wait();
                 anyhow::bail!("worker for {vm} did not start within 30 s");
+            }
+            if socket.exists()
+                && api::call(&socket, &Request::Status, Some(Duration::from_millis(500))).is_ok()
+            {
+                break;
             }
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -130,6 +260,7 @@ impl Workers {
             vm: vm.into(),
             socket,
             serial,
+            uid: lease,
             pid: Some(child.id()),
             expected_exit: AtomicBool::new(false),
             exited: AtomicBool::new(false),
@@ -146,10 +277,22 @@ impl Workers {
         let socket = dir.join("api.sock");
         let st = api::status(&socket, Some(Duration::from_secs(2))).ok()?;
         let pid = Some(st.pid);
+        // Its UID stays reserved while this agent knows the worker.
+        let uid = uid_of(st.pid).filter(|u| *u != 0).map(|uid| {
+            self.uids
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(uid);
+            UidLease {
+                uid,
+                set: self.uids.clone(),
+            }
+        });
         let w = Arc::new(Worker {
             vm: vm.into(),
             socket,
-            serial: dir.join("serial.log"),
+            serial: console_dir(&dir).join("serial.log"),
+            uid,
             pid,
             expected_exit: AtomicBool::new(false),
             exited: AtomicBool::new(false),

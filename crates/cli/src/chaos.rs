@@ -244,6 +244,7 @@ impl LocalCluster {
             .data_dir
             .join("vms")
             .join(vm)
+            .join("console")
             .join("serial.log")
     }
 

@@ -193,7 +193,13 @@ pub fn run(keep: bool) -> Result<()> {
         &json!({}),
         Some(Duration::from_secs(60)),
     ))?;
-    let serial = |node: &str| dir.join(node).join("vms").join("demo").join("serial.log");
+    let serial = |node: &str| {
+        dir.join(node)
+            .join("vms")
+            .join("demo")
+            .join("console")
+            .join("serial.log")
+    };
     wait_log(&serial("node1"), "the guest's verifier", |s| {
         s.matches("\nverify ok").count() >= 2
     })?;

@@ -296,6 +296,11 @@ struct AgentArgs {
     /// A file holding this node's own token (role node) that it presents to peer agents.
     #[arg(long)]
     node_token_file: Option<PathBuf>,
+    /// UIDs for the workers, `START-END`: each worker opens its VM's resources as root, then
+    /// runs as its own UID from this range with no capabilities. `root`: workers keep root
+    /// (warned).
+    #[arg(long, default_value = agent::workers::DEFAULT_WORKER_UIDS)]
+    worker_uids: String,
 }
 
 #[derive(Subcommand, Debug)]
@@ -1134,6 +1139,13 @@ fn run_agent(a: &AgentArgs) -> Result<()> {
         max_outgoing: a.max_outgoing as usize,
         commit_retry: Duration::from_secs(a.commit_retry_s.max(1)),
         tls,
+        worker_uids: match a.worker_uids.as_str() {
+            "root" => {
+                eprintln!("ferry agent: WARNING: --worker-uids root: workers run as root");
+                None
+            }
+            r => Some(r.parse().map_err(anyhow::Error::msg)?),
+        },
     };
     for r in cfg.storage.iter().chain(&cfg.boot_roots) {
         if !r.dir.is_dir() {

@@ -91,6 +91,11 @@ pub enum ConfineError {
     Root { root: String, err: io::Error },
     #[error("invalid storage root {0:?}: use DIR or DIR,devices (an absolute directory)")]
     RootSpec(String),
+    #[error("{what} {path} was not opened before the worker dropped its privileges, so it cannot be opened now")]
+    NotPreopened { what: Use, path: String },
+    /// Opening it failed before the worker dropped its privileges; this is what it said.
+    #[error("{0}")]
+    Earlier(String),
     #[error("the storage policy was already set")]
     AlreadySet,
 }
@@ -174,7 +179,13 @@ pub fn policy() -> &'static Policy {
 }
 
 /// Opens `path` under this process's policy.
+///
+/// In a worker that dropped its privileges ([`crate::privilege`]) this is a new descriptor
+/// of the file opened before the drop, and nothing else.
 pub fn open(path: &Path, write: bool, what: Use) -> Result<File, ConfineError> {
+    if let Some(f) = crate::privilege::file(path, write, what) {
+        return f;
+    }
     policy().open(path, write, what)
 }
 
@@ -454,39 +465,124 @@ fn openat2_beneath(dir: &OwnedFd, rest: &Path, flags: libc::c_int) -> io::Result
     Ok(unsafe { File::from_raw_fd(fd as libc::c_int) })
 }
 
-/// A new temporary file beside `path` (same directory, so a rename moves it into place):
-/// named `.<file name>.<pid>.<random>.tmp`, created with `O_CREAT | O_EXCL | O_NOFOLLOW`
-/// and mode 0600. Nothing that already exists at that name is opened, truncated or
-/// followed, and the name cannot be guessed in advance, so a symlink planted where a
-/// predictable temporary name would have been leads nowhere.
-pub fn create_temp_beside(path: &Path) -> io::Result<(File, PathBuf)> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "file".into());
-    let mut rnd = [0u8; 8];
-    // SAFETY: getrandom writes at most `rnd.len()` bytes into the buffer it is given.
-    let n = unsafe { libc::getrandom(rnd.as_mut_ptr().cast(), rnd.len(), 0) };
-    if n != rnd.len() as isize {
-        return Err(io::Error::last_os_error());
+/// A directory held open by descriptor: files in it are created, renamed and removed by
+/// name, relative to the descriptor. What happens to the path above it later does not matter,
+/// nor whether the process can still reach it by path (a worker that dropped root cannot pass
+/// its agent's private directories, but still writes its logs in the directory it was given).
+#[derive(Debug)]
+pub struct DirHandle {
+    fd: OwnedFd,
+    path: PathBuf,
+}
+
+fn cstr(name: &std::ffi::OsStr) -> io::Result<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    if name.is_empty() || name.as_bytes().contains(&b'/') {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{name:?} is not a file name"),
+        ));
     }
-    let tmp = dir.join(format!(
-        ".{name}.{}.{:016x}.tmp",
-        std::process::id(),
-        u64::from_le_bytes(rnd)
-    ));
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(&tmp)?;
-    Ok((file, tmp))
+    std::ffi::CString::new(name.as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a file name"))
+}
+
+fn check(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+impl DirHandle {
+    /// Opens the directory `path` (`O_PATH`: for the `*at` calls only).
+    pub fn open(path: &Path) -> io::Result<DirHandle> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
+            .open(path)?;
+        Ok(DirHandle {
+            fd: f.into(),
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The directory of the file `path` and the file's name.
+    pub fn of_file(path: &Path) -> io::Result<(DirHandle, std::ffi::OsString)> {
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let name = path.file_name().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} names no file", path.display()),
+            )
+        })?;
+        Ok((DirHandle::open(dir)?, name.to_os_string()))
+    }
+
+    /// The path it was opened by (for messages).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A new temporary file for `name` in this directory: `.<name>.<pid>.<random>.tmp`,
+    /// created with `O_CREAT | O_EXCL | O_NOFOLLOW` and mode 0600. Nothing that already
+    /// exists at that name is opened, truncated or followed, and the name cannot be guessed
+    /// in advance. Returns the file and its name.
+    pub fn create_temp(&self, name: &std::ffi::OsStr) -> io::Result<(File, std::ffi::OsString)> {
+        let mut rnd = [0u8; 8];
+        // SAFETY: getrandom writes at most `rnd.len()` bytes into the buffer it is given.
+        let n = unsafe { libc::getrandom(rnd.as_mut_ptr().cast(), rnd.len(), 0) };
+        if n != rnd.len() as isize {
+            return Err(io::Error::last_os_error());
+        }
+        let tmp = std::ffi::OsString::from(format!(
+            ".{}.{}.{:016x}.tmp",
+            name.to_string_lossy(),
+            std::process::id(),
+            u64::from_le_bytes(rnd)
+        ));
+        let c = cstr(&tmp)?;
+        // SAFETY: openat with a valid directory descriptor and a NUL-terminated name; the
+        // result is checked and owned by the File.
+        let fd = check(unsafe {
+            libc::openat(
+                self.fd.as_raw_fd(),
+                c.as_ptr(),
+                libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                0o600 as libc::c_uint,
+            )
+        })?;
+        // SAFETY: a fresh descriptor nothing else owns.
+        Ok((unsafe { File::from_raw_fd(fd) }, tmp))
+    }
+
+    /// Renames `from` to `to`, both in this directory (replacing `to`).
+    pub fn rename(&self, from: &std::ffi::OsStr, to: &std::ffi::OsStr) -> io::Result<()> {
+        let (a, b) = (cstr(from)?, cstr(to)?);
+        let d = self.fd.as_raw_fd();
+        // SAFETY: renameat with valid descriptors and NUL-terminated names.
+        check(unsafe { libc::renameat(d, a.as_ptr(), d, b.as_ptr()) }).map(|_| ())
+    }
+
+    /// Removes the file `name` of this directory.
+    pub fn remove(&self, name: &std::ffi::OsStr) -> io::Result<()> {
+        let c = cstr(name)?;
+        // SAFETY: unlinkat with a valid descriptor and a NUL-terminated name.
+        check(unsafe { libc::unlinkat(self.fd.as_raw_fd(), c.as_ptr(), 0) }).map(|_| ())
+    }
+}
+
+/// A new temporary file beside `path` (same directory, so a rename moves it into place), as
+/// [`DirHandle::create_temp`] makes it; returns the file and its path.
+pub fn create_temp_beside(path: &Path) -> io::Result<(File, PathBuf)> {
+    let (dir, name) = DirHandle::of_file(path)?;
+    let (file, tmp) = dir.create_temp(&name)?;
+    Ok((file, dir.path().join(tmp)))
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ pub mod dirty;
 pub mod host;
 pub mod memory;
 pub mod persist;
+pub mod privilege;
 pub mod sandbox;
 pub mod snapshot;
 pub mod state_v2;
@@ -30,8 +31,12 @@ pub mod vm;
 pub use config::{KernelSource, VmConfig};
 pub use vm::{Vm, VmError, VmRunState};
 
-/// Opens `/dev/kvm`, turning the common failure into a one-line message.
+/// Opens `/dev/kvm`, turning the common failure into a one-line message (in a worker that
+/// dropped its privileges: a new descriptor of the one opened before, [`privilege`]).
 pub fn open_kvm() -> Result<kvm_ioctls::Kvm, vm::VmError> {
+    if let Some(k) = privilege::kvm() {
+        return k.map_err(|e| vm::VmError::NoKvm(format!("cannot duplicate /dev/kvm: {e}")));
+    }
     if !std::path::Path::new("/dev/kvm").exists() {
         return Err(vm::VmError::NoKvm(
             "/dev/kvm does not exist: this host has no KVM (load kvm_intel/kvm_amd or run on a KVM-capable machine)".into(),

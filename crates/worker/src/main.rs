@@ -58,6 +58,9 @@ enum Cmd {
         nics: Vec<vmm::config::MacAddr>,
         #[command(flatten)]
         host: HostArgs,
+        /// This node's TLS identity for outgoing migrations, read now.
+        #[command(flatten)]
+        node_tls: security::NodeTlsArgs,
         /// File the guest's serial console is written to.
         #[arg(long)]
         serial_log: PathBuf,
@@ -219,6 +222,12 @@ struct HostArgs {
     /// refuses something it should not; prints a warning.
     #[arg(long)]
     no_seccomp: bool,
+    /// Run without root: open what the VM needs first (/dev/kvm, its kernel, initrd and
+    /// disks, its TAPs, the control socket), then become this user (NAME, UID or UID:GID) with
+    /// no capabilities and open nothing else. The serial log's directory must be writable by
+    /// that user. For `run` and `receive` (which then needs --expect-config).
+    #[arg(long)]
+    user: Option<vmm::privilege::User>,
     /// Rotated serial logs kept (`<log>.1` ..= `<log>.N`).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=100))]
     serial_log_keep: u32,
@@ -255,13 +264,47 @@ impl HostArgs {
         Ok(())
     }
 
-    /// How the serial log at `path` is bounded.
-    fn rotation(&self, path: &Path) -> vmm::devices::serial::Rotation {
-        vmm::devices::serial::Rotation {
-            path: path.to_path_buf(),
-            max_bytes: self.serial_log_max_mib << 20,
-            keep: self.serial_log_keep,
+    /// With `--user`: opens now, while still privileged, what a VM with `config` will need
+    /// (what fails to open is reported when it is used, as before).
+    fn preopen(&self, config: &VmConfig) -> Result<()> {
+        use vmm::confine::Use;
+        use vmm::privilege::preopen_file;
+        if self.user.is_none() {
+            return Ok(());
         }
+        vmm::privilege::preopen_kvm()?;
+        if let KernelSource::Path(p) = &config.kernel {
+            preopen_file(p, false, Use::Kernel);
+        }
+        if let Some(i) = &config.initrd {
+            preopen_file(i, false, Use::Initrd);
+        }
+        for d in &config.disks {
+            preopen_file(&d.path, !d.read_only, Use::Disk);
+        }
+        vmm::privilege::preopen_taps(&self.net_backends, config.nics.len());
+        Ok(())
+    }
+
+    /// With `--user`: becomes that user for good (after [`HostArgs::preopen`], before
+    /// [`HostArgs::sandbox`], whose filters forbid changing IDs).
+    fn drop_privileges(&self) -> Result<()> {
+        if let Some(u) = self.user {
+            vmm::privilege::drop_to(u)?;
+            eprintln!("ferry-vmm: running as {u}, with no capabilities");
+        }
+        Ok(())
+    }
+
+    /// How the serial log at `path` is bounded.
+    /// (Its directory is opened now: call before [`HostArgs::drop_privileges`].)
+    fn rotation(&self, path: &Path) -> Result<vmm::devices::serial::Rotation> {
+        vmm::devices::serial::Rotation::at(
+            path,
+            self.serial_log_max_mib << 20,
+            self.serial_log_keep,
+        )
+        .with_context(|| format!("cannot create serial log {}", path.display()))
     }
 
     fn devices(&self, nics: usize) -> Result<vmm::devices::virtio::HostDevices> {
@@ -382,6 +425,7 @@ fn real_main(cli: Cli) -> Result<i32> {
             disks,
             nics,
             host,
+            node_tls,
             serial_log,
             api_socket,
         } => {
@@ -399,16 +443,31 @@ fn real_main(cli: Cli) -> Result<i32> {
                     .collect(),
             };
             config.validate()?;
-            let rotation = host.rotation(&serial_log);
+            let rotation = host.rotation(&serial_log)?;
             host.confine(false)?;
-            host.sandbox()?;
-            let host = host.devices(config.nics.len())?;
-            let kvm = vmm::open_kvm()?;
+            host.preopen(&config)?;
+            if let Some(files) = node_tls.files()? {
+                security::preload_tls(&files)?;
+            }
             server::check_free(&api_socket)?;
-            let serial = SerialLog::create(&serial_log, rotation)?;
-            let vm = Vm::create(&kvm, config, &host, serial.file()?)?;
+            // An unprivileged worker binds its socket (in its agent's directory) before the
+            // drop: its agent then waits for the socket to answer, not just to exist.
+            let early = host
+                .user
+                .is_some()
+                .then(|| server::bind(&api_socket))
+                .transpose()?;
+            host.drop_privileges()?;
+            host.sandbox()?;
+            let devices = host.devices(config.nics.len())?;
+            let kvm = vmm::open_kvm()?;
+            let serial = SerialLog::create(rotation)?;
+            let vm = Vm::create(&kvm, config, &devices, serial.file()?)?;
             serial.commit()?;
-            let listener = server::bind(&api_socket)?;
+            let listener = match early {
+                Some(l) => l,
+                None => server::bind(&api_socket)?,
+            };
             migration::send::warm_save_cost(vm.config().vcpus);
             let vm = Arc::new(vm);
             let ctx = Arc::new(server::Ctx::new(Some(vm.clone()), api_socket.clone(), None));
@@ -424,7 +483,10 @@ fn real_main(cli: Cli) -> Result<i32> {
             host,
         } => {
             vmm::statecheck::enable(verify_state);
-            let rotation = host.rotation(&serial_log);
+            if host.user.is_some() {
+                bail!("--user is for run and receive: a restore learns the devices it must open from the snapshot");
+            }
+            let rotation = host.rotation(&serial_log)?;
             host.confine(false)?;
             host.sandbox()?;
             let kvm = vmm::open_kvm()?;
@@ -434,7 +496,7 @@ fn real_main(cli: Cli) -> Result<i32> {
                 .map(|s| s.config.nics.len())
                 .unwrap_or(0);
             let host = host.devices(nics)?;
-            let serial = SerialLog::create(&serial_log, rotation)?;
+            let serial = SerialLog::create(rotation)?;
             let (vm, stats) = vmm::snapshot::restore(&kvm, &snapshot, &host, serial.file()?)?;
             serial.commit()?;
             let listener = server::bind(&api_socket)?;
@@ -472,16 +534,27 @@ fn real_main(cli: Cli) -> Result<i32> {
             vmm::statecheck::enable(verify_state);
             let transport = tls.transport()?;
             let server_tls = security::server_tls(&transport)?;
+            // The same identity serves the VM's next migration out of here (read now: an
+            // unprivileged worker could not read the node's key then).
+            if let contract::trust::Transport::Tls { files, .. } = &transport {
+                security::preload_tls(files)?;
+            }
             if server_tls.is_none() {
                 eprintln!("{}", security::INSECURE_WARNING);
             }
-            let rotation = host.rotation(&serial_log);
+            let rotation = host.rotation(&serial_log)?;
             host.confine(server_tls.is_some())?;
-            host.sandbox()?;
             let expected = match &expect_config {
                 Some(f) => Some(read_expected_config(f)?),
                 None => None,
             };
+            match &expected {
+                Some(c) => host.preopen(c)?,
+                None if host.user.is_some() => bail!(
+                    "--user needs --expect-config: an unprivileged receiver opens the disks and TAPs of the VM its agent planned before it drops root"
+                ),
+                None => {}
+            }
             let secret = match &secret_file {
                 Some(f) => Some(security::read_secret(f)?),
                 None if server_tls.is_some() => bail!(
@@ -497,12 +570,14 @@ fn real_main(cli: Cli) -> Result<i32> {
                     );
                 }
             }
-            let kvm = vmm::open_kvm()?;
             server::check_free(&api_socket)?;
             let tcp = std::net::TcpListener::bind(&listen)
                 .with_context(|| format!("cannot listen on {listen}"))?;
-            let serial = SerialLog::create(&serial_log, rotation)?;
             let listener = server::bind(&api_socket)?;
+            host.drop_privileges()?;
+            host.sandbox()?;
+            let kvm = vmm::open_kvm()?;
+            let serial = SerialLog::create(rotation)?;
             let incoming = Arc::new(migration::recv::ReceiveControl::default());
             // The common 1-vCPU case only: measuring more here would compete with the migration
             // itself (the VM's own vCPU count is measured, if not cached, during the handshake).
@@ -679,24 +754,24 @@ fn absolute(p: &Path) -> Result<PathBuf> {
     })
 }
 
-/// The serial log is written to a fresh temporary file beside `path` (O_EXCL, unguessable
-/// name, 0600: nothing planted there is followed) until the VM exists, then renamed to
-/// `path`: a worker that fails to start leaves no log behind and does not clobber an
-/// existing one.
+/// The serial log is written to a fresh temporary file beside its final name (O_EXCL,
+/// unguessable name, 0600: nothing planted there is followed) until the VM exists, then
+/// renamed to it: a worker that fails to start leaves no log behind and does not clobber an
+/// existing one. Everything happens in the directory the rotation holds open.
 struct SerialLog {
-    path: PathBuf,
-    partial: PathBuf,
+    partial: std::ffi::OsString,
     file: File,
     rotation: vmm::devices::serial::Rotation,
     committed: std::cell::Cell<bool>,
 }
 
 impl SerialLog {
-    fn create(path: &Path, rotation: vmm::devices::serial::Rotation) -> Result<SerialLog> {
-        let (file, partial) = vmm::confine::create_temp_beside(path)
-            .with_context(|| format!("cannot create serial log {}", path.display()))?;
+    fn create(rotation: vmm::devices::serial::Rotation) -> Result<SerialLog> {
+        let (file, partial) = rotation
+            .dir
+            .create_temp(&rotation.name)
+            .with_context(|| format!("cannot create serial log {}", rotation.path().display()))?;
         Ok(SerialLog {
-            path: path.to_path_buf(),
             partial,
             file,
             rotation,
@@ -704,7 +779,7 @@ impl SerialLog {
         })
     }
 
-    /// The guest's console, bounded by the log's rotation (which works on the final path:
+    /// The guest's console, bounded by the log's rotation (which works on the final name:
     /// the VM prints only after [`SerialLog::commit`]).
     fn file(&self) -> Result<vmm::devices::serial::ConsoleLog> {
         Ok(vmm::devices::serial::ConsoleLog::rotating(
@@ -714,8 +789,10 @@ impl SerialLog {
     }
 
     fn commit(&self) -> Result<()> {
-        std::fs::rename(&self.partial, &self.path)
-            .with_context(|| format!("cannot create serial log {}", self.path.display()))?;
+        let r = &self.rotation;
+        r.dir
+            .rename(&self.partial, &r.name)
+            .with_context(|| format!("cannot create serial log {}", r.path().display()))?;
         self.committed.set(true);
         Ok(())
     }
@@ -724,7 +801,7 @@ impl SerialLog {
 impl Drop for SerialLog {
     fn drop(&mut self) {
         if !self.committed.get() {
-            let _ = std::fs::remove_file(&self.partial);
+            let _ = self.rotation.dir.remove(&self.partial);
         }
     }
 }

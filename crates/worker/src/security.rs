@@ -67,6 +67,46 @@ pub fn read_secret(path: &Path) -> Result<MigrationSecret> {
     MigrationSecret::from_hex(&text).with_context(|| format!("secret file {}", path.display()))
 }
 
+/// This node's TLS identity, given to a `run` worker so that it can migrate after it dropped
+/// its privileges (it could not read the node's key then).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct NodeTlsArgs {
+    /// This node's certificate (PEM), read at start for later outgoing migrations.
+    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    /// This node's private key (PEM), read at start.
+    #[arg(long, requires_all = ["tls_cert", "tls_ca"])]
+    pub tls_key: Option<PathBuf>,
+    /// The cluster CA certificate (PEM), read at start.
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl NodeTlsArgs {
+    /// The files, if given (all three or none: clap checks that).
+    pub fn files(&self) -> Result<Option<TlsFiles>> {
+        match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
+            (Some(cert), Some(key), Some(ca)) => Ok(Some(TlsFiles {
+                cert: absolute(cert)?,
+                key: absolute(key)?,
+                ca: absolute(ca)?,
+            })),
+            _ => Ok(None),
+        }
+    }
+}
+
+/// Credentials read at start ([`preload_tls`]), by the files they came from.
+static PRELOADED: std::sync::OnceLock<(TlsFiles, trust::tls::Credentials)> =
+    std::sync::OnceLock::new();
+
+/// Reads `files` now; a later migration naming the same files uses what was read.
+pub fn preload_tls(files: &TlsFiles) -> Result<()> {
+    let creds = trust::tls::Credentials::load(files)?;
+    let _ = PRELOADED.set((files.clone(), creds));
+    Ok(())
+}
+
 /// The receiver's TLS configuration for `t`.
 pub fn server_tls(t: &Transport) -> Result<Option<Arc<trust::tls::ServerConfig>>> {
     match t {
@@ -83,8 +123,14 @@ pub fn client_tls(t: &Transport) -> Result<Option<trust::tls::NodeClient>> {
     match t {
         Transport::Insecure => Ok(None),
         Transport::Tls { files, peer_node } => {
-            let creds = trust::tls::Credentials::load(files)?;
-            Ok(Some(trust::tls::NodeClient::new(&creds, peer_node)?))
+            let client = match PRELOADED.get() {
+                Some((f, creds)) if f == files => trust::tls::NodeClient::new(creds, peer_node)?,
+                _ => {
+                    let creds = trust::tls::Credentials::load(files)?;
+                    trust::tls::NodeClient::new(&creds, peer_node)?
+                }
+            };
+            Ok(Some(client))
         }
     }
 }

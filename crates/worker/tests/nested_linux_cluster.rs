@@ -19,7 +19,7 @@ use nested::linux::{
 use std::time::Duration;
 
 const SCENARIO: &str = r#"
-FILES="/tmp/n1/vms/linux/serial.log /tmp/n2/vms/linux/serial.log /tmp/n1.log /tmp/n2.log /tmp/create.out /tmp/m1.json /tmp/m2.json /tmp/show.txt /tmp/stop.out /tmp/l1.log /tmp/l2.log /tmp/l3.log /tmp/l4.log"
+FILES="/tmp/n1/vms/linux/console/serial.log /tmp/n2/vms/linux/console/serial.log /tmp/n1.log /tmp/n2.log /tmp/create.out /tmp/m1.json /tmp/m2.json /tmp/show.txt /tmp/stop.out /tmp/l1.log /tmp/l2.log /tmp/l3.log /tmp/l4.log"
 mkdir -p /tmp/shared
 dd if=/dev/zero of=/tmp/shared/disk.img bs=1M count=8 2>/dev/null
 for n in 1 2; do
@@ -31,7 +31,7 @@ w=0; until $F node list 2>/dev/null | grep -q node2; do w=$((w+1)); [ $w -gt 240
 D="console=ttyS0 quiet ferry.workload=disk-log ferry.disk_rate=20 ferry.hb_ms=200 ferry.kmsg_check=5"
 printf 'name = "linux"\nvcpus = 2\nmemory_mib = 256\nkernel = "/l2/vmlinuz"\ninitrd = "/l2/initrd.cpio"\ncmdline = "%s"\n[[disks]]\npath = "/tmp/shared/disk.img"\n' "$D" > /tmp/linux.toml
 timeout 60 $F vm create /tmp/linux.toml > /tmp/create.out 2>&1 && timeout 60 $F vm start linux >> /tmp/create.out 2>&1 || stop_here start
-S1=/tmp/n1/vms/linux/serial.log; S2=/tmp/n2/vms/linux/serial.log
+S1=/tmp/n1/vms/linux/console/serial.log; S2=/tmp/n2/vms/linux/console/serial.log
 # The PID of the VM's worker on node N (the agent starts it): a wait ends when it exits.
 wpid() { for p in /proc/[0-9]*; do grep -q "/tmp/n$1/vms/linu[x]/api.sock" $p/cmdline 2>/dev/null && { echo ${p#/proc/}; return; }; done; }
 W=$(wpid 1)

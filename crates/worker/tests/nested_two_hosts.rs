@@ -483,7 +483,7 @@ signal up
 await $B agent 300 || stop_here peer-agent
 printf 'name = "alpha"\nvcpus = 1\nmemory_mib = 128\ncmdline = "%s"\n' "$G" > /tmp/alpha.toml
 $F vm create /tmp/alpha.toml > /tmp/create.out 2>&1 && $F vm start alpha >> /tmp/create.out 2>&1 || stop_here start
-S=/tmp/fa/vms/alpha/serial.log
+S=/tmp/fa/vms/alpha/console/serial.log
 wait_for $S "^verify ok" 2 240 && result boot ok || stop_here boot
 $F node list > /tmp/nodes.txt 2>&1
 $F --output json vm migrate alpha --to host-b > /tmp/m1.json 2>&1 && result migrate1 ok || stop_here migrate1
@@ -526,7 +526,7 @@ AG=$!
 F="ferry --agent $B:7100"
 w=0; until $F node list > /dev/null 2>&1; do w=$((w+1)); [ $w -gt 240 ] && stop_here agent; sleep 0.5; done
 signal agent
-S=/tmp/fb/vms/alpha/serial.log
+S=/tmp/fb/vms/alpha/console/serial.log
 w=0; until [ -e $S ]; do w=$((w+1)); [ $w -gt 600 ] && stop_here arrive1; sleep 0.5; done
 wait_for $S "^verify ok" 2 300 && result after1 ok || stop_here after1
 signal after1

@@ -146,7 +146,13 @@ impl Agent {
         );
         let w = self
             .workers
-            .spawn(&self.cfg.worker_bin, &self.cfg.data_dir, &name, &args)
+            .spawn(
+                &self.cfg.worker_bin,
+                &self.cfg.data_dir,
+                &name,
+                &args,
+                self.cfg.worker_uids,
+            )
             .map_err(|e| AgentError::Internal(format!("{e:#}")))?;
         let address = match contract::worker::receiver_address(&w.socket, Duration::from_secs(10)) {
             Ok(a) => a,

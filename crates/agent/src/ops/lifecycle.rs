@@ -220,10 +220,24 @@ impl Agent {
         }
         args.extend(backends);
         args.extend(self.cfg.confinement_args());
-        match self
-            .workers
-            .spawn(&self.cfg.worker_bin, &self.cfg.data_dir, name, &args)
-        {
+        // The node's identity for later outgoing migrations, read by the worker now (once
+        // it runs as its own user it cannot read the node's key).
+        if let Some(files) = &self.cfg.tls {
+            for (k, v) in [
+                ("--tls-cert", &files.cert),
+                ("--tls-key", &files.key),
+                ("--tls-ca", &files.ca),
+            ] {
+                args.extend([k.to_string(), v.display().to_string()]);
+            }
+        }
+        match self.workers.spawn(
+            &self.cfg.worker_bin,
+            &self.cfg.data_dir,
+            name,
+            &args,
+            self.cfg.worker_uids,
+        ) {
             Ok(w) => {
                 self.workers.insert(w);
                 self.metrics.inc("ferry_vms_started_total");

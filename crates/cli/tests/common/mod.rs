@@ -254,6 +254,7 @@ impl Cluster {
             .data_dir
             .join("vms")
             .join(vm)
+            .join("console")
             .join("serial.log")
     }
 
@@ -344,6 +345,26 @@ impl Cluster {
             assert!(
                 status.lines().any(|l| l == "Seccomp:\t2"),
                 "worker {pid} of {vm} on {node} runs without its seccomp filter"
+            );
+            // Its own unprivileged user (real, effective, saved, fs), no capabilities.
+            let field = |k: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(k))
+                    .unwrap_or("")
+                    .split_whitespace()
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            };
+            let uids = field("Uid:");
+            assert!(
+                uids.len() == 4 && uids.iter().all(|u| u == &uids[0] && u != "0"),
+                "worker {pid} of {vm} on {node} runs with uids {uids:?}"
+            );
+            assert_eq!(
+                field("CapEff:"),
+                ["0000000000000000"],
+                "worker {pid} of {vm} on {node} has capabilities"
             );
         }
         assert!(found > 0, "no worker of {vm} on {node}");

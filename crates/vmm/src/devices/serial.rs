@@ -80,14 +80,36 @@ pub struct ConsoleLog {
 }
 
 /// How a console log is bounded.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct Rotation {
-    /// The log's path (the file the [`ConsoleLog`] writes is the one at this path).
-    pub path: std::path::PathBuf,
+    /// The log's directory, held open (rotation works in it by name, even in a worker that
+    /// can no longer reach it by path).
+    pub dir: std::sync::Arc<crate::confine::DirHandle>,
+    /// The log's file name in `dir` (the file the [`ConsoleLog`] writes is the one by this
+    /// name).
+    pub name: std::ffi::OsString,
     /// Bytes one file may hold before it is rotated.
     pub max_bytes: u64,
-    /// Rotated files kept (`path.1` ..= `path.keep`; at least 1).
+    /// Rotated files kept (`name.1` ..= `name.keep`; at least 1).
     pub keep: u32,
+}
+
+impl Rotation {
+    /// The rule for the log at `path` (its directory is opened now).
+    pub fn at(path: &std::path::Path, max_bytes: u64, keep: u32) -> std::io::Result<Rotation> {
+        let (dir, name) = crate::confine::DirHandle::of_file(path)?;
+        Ok(Rotation {
+            dir: std::sync::Arc::new(dir),
+            name,
+            max_bytes,
+            keep,
+        })
+    }
+
+    /// The log's path (for messages).
+    pub fn path(&self) -> std::path::PathBuf {
+        self.dir.path().join(&self.name)
+    }
 }
 
 impl From<File> for ConsoleLog {
@@ -130,17 +152,21 @@ impl ConsoleLog {
     /// If that fails (disk full, directory gone), the current file is emptied instead: the
     /// bound holds either way.
     fn rotate(&mut self, r: &Rotation) {
-        let numbered = |i: u32| std::path::PathBuf::from(format!("{}.{i}", r.path.display()));
+        let numbered = |i: u32| {
+            let mut n = r.name.clone();
+            n.push(format!(".{i}"));
+            n
+        };
         let fresh = (|| -> std::io::Result<File> {
             for i in (1..r.keep).rev() {
-                match std::fs::rename(numbered(i), numbered(i + 1)) {
+                match r.dir.rename(&numbered(i), &numbered(i + 1)) {
                     Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
                     _ => {}
                 }
             }
-            let (file, tmp) = crate::confine::create_temp_beside(&r.path)?;
-            std::fs::rename(&r.path, numbered(1))?;
-            std::fs::rename(&tmp, &r.path)?;
+            let (file, tmp) = r.dir.create_temp(&r.name)?;
+            r.dir.rename(&r.name, &numbered(1))?;
+            r.dir.rename(&tmp, &r.name)?;
             Ok(file)
         })();
         match fresh {
@@ -289,11 +315,7 @@ mod rotation_tests {
         std::fs::rename(&tmp, &path).unwrap();
         let mut log = LineWriter::new(ConsoleLog::rotating(
             file,
-            Rotation {
-                path: path.clone(),
-                max_bytes: 1000,
-                keep: 2,
-            },
+            Rotation::at(&path, 1000, 2).unwrap(),
         ));
         for i in 0..1000 {
             writeln!(log, "line {i:05} of a guest that never stops printing").unwrap();

@@ -183,6 +183,17 @@ impl Tap {
         Ok(unsafe { req.ifr_ifru.ifru_ifindex })
     }
 
+    /// Turns the TAP's carrier on or off (`TUNSETCARRIER`; the descriptor's owner may, with
+    /// no capability): with the carrier off a bridge forwards nothing to this port.
+    pub fn set_carrier(&self, on: bool) -> Result<(), TapError> {
+        let v: libc::c_int = on.into();
+        // SAFETY: TUNSETCARRIER reads one int.
+        if unsafe { libc::ioctl(self.file.as_raw_fd(), libc::TUNSETCARRIER as _, &v) } < 0 {
+            return Err(self.ioctl_err("TUNSETCARRIER"));
+        }
+        Ok(())
+    }
+
     /// Makes the TAP a port of `bridge`.
     pub fn attach(&self, bridge: &str) -> Result<(), TapError> {
         let index = self.index()?;

@@ -98,9 +98,13 @@ impl Worker {
         )
     }
 
+    /// Waits until the worker's API answers (an unprivileged worker binds its socket before
+    /// it drops root and installs its filters, and answers only after).
     fn wait_socket(&mut self) {
         let t0 = Instant::now();
-        while !self.socket.exists() {
+        while !(self.socket.exists()
+            && contract::worker::status(&self.socket, Some(Duration::from_millis(500))).is_ok())
+        {
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 let out = self.child.take().unwrap().wait_with_output().unwrap();
                 panic!(

@@ -89,11 +89,16 @@ impl Net {
             index,
             msg: e.to_string(),
         };
-        let tap = match backend {
-            super::NetBackend::Bridge(br) => {
+        let tap = match (crate::privilege::tap(index), backend) {
+            // Created before the worker dropped its privileges (or refused after the drop).
+            (Some(t), _) => t.map_err(|e| DeviceError::Nic {
+                index,
+                msg: e.to_string(),
+            })?,
+            (None, super::NetBackend::Bridge(br)) => {
                 Tap::on_bridge(&format!("fy{}n{index}", std::process::id()), br).map_err(err)?
             }
-            super::NetBackend::Tap(name) => {
+            (None, super::NetBackend::Tap(name)) => {
                 let t = Tap::open(name).map_err(err)?;
                 t.set_up().map_err(err)?;
                 t
