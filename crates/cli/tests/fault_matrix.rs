@@ -238,6 +238,10 @@ fn run_row_in(c: &mut Cluster, target: Target, point: FaultPoint) -> Result<Repo
     let faults = c.dir.path().join("faults");
     let shared = c.dir.path().join("shared");
     std::fs::create_dir_all(&faults).unwrap();
+    // Workers run as their own users: they write their fault markers here (through the
+    // directory they opened before dropping root), like into /tmp.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&faults, std::fs::Permissions::from_mode(0o1777)).unwrap();
     std::fs::create_dir_all(&shared).unwrap();
     let storage = shared.to_str().unwrap().to_string();
     let retry: &[&str] = if target == Target::Store {

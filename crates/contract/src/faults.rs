@@ -61,6 +61,32 @@ impl FaultPoint {
 #[inline(always)]
 pub fn hit(_point: FaultPoint) {}
 
+/// Opens `FERRY_FAULT_DIR` now (a worker calls this before it drops root): the marker of
+/// [`hit`] is then written through this descriptor, whatever the process can still reach by
+/// path (the directory itself must be writable by the worker's user: the tests make it
+/// world-writable and sticky, like /tmp).
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+pub fn hold_dir() {}
+
+#[cfg(feature = "fault-injection")]
+static HELD_DIR: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
+
+/// See the other [`hold_dir`].
+#[cfg(feature = "fault-injection")]
+pub fn hold_dir() {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = std::env::var_os("FERRY_FAULT_DIR") {
+        if let Ok(f) = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
+            .open(dir)
+        {
+            let _ = HELD_DIR.set(f);
+        }
+    }
+}
+
 /// Reached `point`: stops here if the process was started to (only with `fault-injection`).
 #[cfg(feature = "fault-injection")]
 pub fn hit(point: FaultPoint) {
@@ -73,7 +99,12 @@ pub fn hit(point: FaultPoint) {
     if !armed || FIRED.swap(true, Ordering::SeqCst) {
         return;
     }
-    if let Some(dir) = std::env::var_os("FERRY_FAULT_DIR") {
+    // Through the held descriptor if there is one (/proc/self/fd/N leads into it directly).
+    let held = HELD_DIR.get().map(|f| {
+        use std::os::fd::AsRawFd;
+        std::ffi::OsString::from(format!("/proc/self/fd/{}", f.as_raw_fd()))
+    });
+    if let Some(dir) = held.or_else(|| std::env::var_os("FERRY_FAULT_DIR")) {
         // Written whole under another name, then renamed: whoever sees the marker reads the pid.
         let path = std::path::Path::new(&dir).join(point.as_str());
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
@@ -125,6 +156,11 @@ pub enum SandboxProbe {
     Exec,
     /// A vCPU thread, as it starts, opens a network socket.
     VcpuSocket,
+    /// A vCPU thread, as it starts, opens an existing file (it may only create new ones).
+    VcpuOpen,
+    /// The main thread, once its VM runs, opens a netlink socket (only Unix, IPv4 and IPv6
+    /// sockets are allowed).
+    Netlink,
 }
 
 impl SandboxProbe {
@@ -132,8 +168,25 @@ impl SandboxProbe {
         match self {
             SandboxProbe::Exec => "exec",
             SandboxProbe::VcpuSocket => "vcpu-socket",
+            SandboxProbe::VcpuOpen => "vcpu-open",
+            SandboxProbe::Netlink => "netlink",
         }
     }
+}
+
+/// Whether the worker's seccomp filters only log what is off their lists (`FERRY_SECCOMP_LEARN`,
+/// to learn the lists over the test suite; never without `fault-injection`).
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+pub fn seccomp_learning() -> bool {
+    false
+}
+
+/// Whether the worker's seccomp filters only log what is off their lists (`FERRY_SECCOMP_LEARN`,
+/// to learn the lists over the test suite; never without `fault-injection`).
+#[cfg(feature = "fault-injection")]
+pub fn seccomp_learning() -> bool {
+    std::env::var_os("FERRY_SECCOMP_LEARN").is_some()
 }
 
 /// Whether this process was started to run `probe` (never without `fault-injection`).

@@ -407,7 +407,8 @@ impl Testbed {
 
     /// The serial log of `vm`'s worker on node `node`.
     pub fn serial(&self, node: &str, vm: &str) -> PathBuf {
-        agent::workers::vm_dir(&self.node(node).data_dir, vm).join("serial.log")
+        agent::workers::console_dir(&agent::workers::vm_dir(&self.node(node).data_dir, vm))
+            .join("serial.log")
     }
 
     /// Starts `ferry netprobe` against `target` in the client namespace; it stops (and prints

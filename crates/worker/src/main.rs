@@ -414,6 +414,8 @@ fn read_expected_config(f: &std::path::Path) -> Result<VmConfig> {
 }
 
 fn real_main(cli: Cli) -> Result<i32> {
+    // (fault-injection builds) where a fault marker goes, opened while still privileged.
+    contract::faults::hold_dir();
     match cli.cmd {
         Cmd::Run {
             kernel,
@@ -879,6 +881,12 @@ fn serve_until_stopped(vm: Arc<Vm>, socket: PathBuf, start: bool) -> Result<i32>
         eprintln!("ferry-vmm: sandbox probe: executing /bin/true");
         let r = std::process::Command::new("/bin/true").status();
         eprintln!("ferry-vmm: sandbox probe: the filter let it through: {r:?}");
+    }
+    if contract::faults::sandbox_probe(contract::faults::SandboxProbe::Netlink) {
+        eprintln!("ferry-vmm: sandbox probe: opening a netlink socket");
+        // SAFETY: socket(2) takes no pointers; the probe expects the process to be killed.
+        let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW, 0) };
+        eprintln!("ferry-vmm: sandbox probe: the filter let it through: {fd}");
     }
     let event = loop {
         if let Some(e) = vm.wait_stopped(Some(Duration::from_millis(200))) {

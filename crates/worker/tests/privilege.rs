@@ -177,14 +177,16 @@ fn an_unprivileged_worker_runs_and_migrates_its_vm_and_opens_nothing_new() {
     src.shutdown();
     wait_records(&dst.w, 40);
     assert_unprivileged(&dst.w, DST_UID);
-    // Every record the source acknowledged is followed by the next one on the destination.
+    // Every record the source acknowledged is followed by the next one on the destination
+    // (the serial stream continues too: a line cut by the pause ends on the next host).
     let assert_continues = |before: &str, after: &str| {
-        let (before, after) = (seqs(before), seqs(after));
-        let last = *before.last().unwrap();
+        let all = seqs(&format!("{before}{after}"));
+        for w in all.windows(2) {
+            assert_eq!(w[1], w[0] + 1, "sequence broken across the migration");
+        }
         assert!(
-            after.first().copied() <= Some(last + 1) && after.contains(&(last + 1)),
-            "source ended at {last}, destination went on with {:?}",
-            &after[..after.len().min(5)]
+            all.len() > seqs(before).len() + 10,
+            "no records after the move"
         );
     };
     assert_continues(&src_log, &dst.w.log());

@@ -70,6 +70,22 @@ fn a_forbidden_system_call_kills_the_worker() {
     // A vCPU thread opening a socket.
     let (st, err) = probe(d, "vcpu-socket", &[]);
     assert_eq!(st.signal(), Some(libc::SIGSYS), "{st:?}: {err}");
+    // A vCPU thread opening an existing file (vCPU threads may only create new ones).
+    let (st, err) = probe(d, "vcpu-open", &[]);
+    assert!(
+        err.contains("a vCPU thread opens /proc/self/status"),
+        "{err}"
+    );
+    assert!(!err.contains("let it through"), "{err}");
+    assert_eq!(st.signal(), Some(libc::SIGSYS), "{st:?}: {err}");
+    // The main thread opening a netlink socket (sockets: Unix, IPv4, IPv6 only).
+    let (st, err) = probe(d, "netlink", &[]);
+    assert!(err.contains("opening a netlink socket"), "{err}");
+    assert!(!err.contains("let it through"), "{err}");
+    assert_eq!(st.signal(), Some(libc::SIGSYS), "{st:?}: {err}");
+    // Without a probe the same worker, under the same filters, runs until the deadline.
+    let (st, err) = probe(d, "none", &[]);
+    assert_eq!(st.signal(), Some(libc::SIGKILL), "{st:?}: {err}");
     // Without the filters the same calls go through: it is the filter that kills.
     let (st, err) = probe(d, "exec", &["--no-seccomp"]);
     assert!(
