@@ -9,7 +9,7 @@
 //! ([`drop_to`]), and only then reads anything untrusted (the snapshot, the migration stream,
 //! the guest). From then on the VMM's own opening functions ([`crate::open_kvm`],
 //! [`crate::confine::open`], the NIC constructor) hand out what was opened before, and refuse
-//! everything else with a clear error ([`PrivilegeError::NotPreopened`]): a worker cannot be
+//! everything else with a clear error ([`ConfineError::NotPreopened`], [`PrivilegeError::NoTap`]): a worker cannot be
 //! talked into opening a file or a TAP its agent did not give it, even one its new user could
 //! open.
 //!
@@ -43,8 +43,6 @@ pub enum PrivilegeError {
     StillPrivileged(String),
     #[error("cannot open /dev/kvm: {0}")]
     Kvm(std::io::Error),
-    #[error(transparent)]
-    Confine(#[from] ConfineError),
     #[error(transparent)]
     Tap(#[from] TapError),
 }
