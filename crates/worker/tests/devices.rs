@@ -36,16 +36,6 @@ fn disk_guest(dir: &Path, name: &str, img: &Path, rate: u32) -> Worker {
     )
 }
 
-/// `disk seq=N` values of the complete lines of a serial log, in order.
-fn seqs(log: &str) -> Vec<u64> {
-    let complete = &log[..log.rfind('\n').map(|i| i + 1).unwrap_or(0)];
-    complete
-        .lines()
-        .filter_map(|l| l.strip_prefix("disk seq="))
-        .filter_map(|n| n.trim().parse().ok())
-        .collect()
-}
-
 fn assert_disk_healthy(log: &str) {
     for bad in ["disk CORRUPT", "disk ERROR", "PANIC", "disk full"] {
         assert!(!log.contains(bad), "{bad} in:\n{}", tail(log, 20));
@@ -54,11 +44,11 @@ fn assert_disk_healthy(log: &str) {
 
 /// Waits until the worker's guest acknowledged `n` more records than now.
 fn wait_records(w: &Worker, n: usize) -> u64 {
-    let before = seqs(&w.log()).len();
+    let before = disk_seqs(&w.log()).len();
     w.wait_log(Duration::from_secs(30), "disk records", |_| {
-        seqs(&w.log()).len() >= before + n
+        disk_seqs(&w.log()).len() >= before + n
     });
-    seqs(&w.log()).last().copied().unwrap_or(0)
+    disk_seqs(&w.log()).last().copied().unwrap_or(0)
 }
 
 #[test]
@@ -110,7 +100,7 @@ fn disk_log_keeps_every_acknowledged_record_across_migrations() {
     logs.push(std::fs::read_to_string(serial).unwrap());
     // Sequence numbers continue across every move: no record repeated, none skipped. (The
     // serial stream itself continues too: a line cut by the pause ends on the next host.)
-    let all: Vec<u64> = seqs(&logs.concat());
+    let all: Vec<u64> = disk_seqs(&logs.concat());
     for l in &logs {
         assert_disk_healthy(l);
     }
@@ -177,7 +167,7 @@ fn a_late_failure_returns_the_disk_lock_to_the_source() {
         }
     }
     assert_eq!(src.ctl(&["status"])["state"], "paused");
-    let before = seqs(&src.log());
+    let before = disk_seqs(&src.log());
     // The destination took the image: the source cannot have it now.
     assert!(probe_image(&img, false).unwrap().locked_elsewhere);
     // The commit fails late (the owner did not change): the source takes the disk back and runs.
@@ -196,7 +186,7 @@ fn a_late_failure_returns_the_disk_lock_to_the_source() {
     assert!(!out.status.success(), "the destination must discard the VM");
     assert_eq!(src.ctl(&["status"])["state"], "running");
     wait_records(&src, 30);
-    let after = seqs(&src.log());
+    let after = disk_seqs(&src.log());
     assert_eq!(
         after[before.len()],
         before.last().unwrap() + 1,

@@ -64,19 +64,10 @@ fn assert_unprivileged(w: &Worker, uid: u32) {
     assert_eq!(status_words(pid, "Seccomp:"), ["2"], "{}", w.name);
 }
 
-fn seqs(log: &str) -> Vec<u64> {
-    let complete = &log[..log.rfind('\n').map(|i| i + 1).unwrap_or(0)];
-    complete
-        .lines()
-        .filter_map(|l| l.strip_prefix("disk seq="))
-        .filter_map(|n| n.trim().parse().ok())
-        .collect()
-}
-
 fn wait_records(w: &Worker, n: usize) {
-    let before = seqs(&w.log()).len();
+    let before = disk_seqs(&w.log()).len();
     w.wait_log(Duration::from_secs(30), "disk records", |_| {
-        seqs(&w.log()).len() >= before + n
+        disk_seqs(&w.log()).len() >= before + n
     });
 }
 
@@ -180,12 +171,12 @@ fn an_unprivileged_worker_runs_and_migrates_its_vm_and_opens_nothing_new() {
     // Every record the source acknowledged is followed by the next one on the destination
     // (the serial stream continues too: a line cut by the pause ends on the next host).
     let assert_continues = |before: &str, after: &str| {
-        let all = seqs(&format!("{before}{after}"));
+        let all = disk_seqs(&format!("{before}{after}"));
         for w in all.windows(2) {
             assert_eq!(w[1], w[0] + 1, "sequence broken across the migration");
         }
         assert!(
-            all.len() > seqs(before).len() + 10,
+            all.len() > disk_seqs(before).len() + 10,
             "no records after the move"
         );
     };
