@@ -289,8 +289,14 @@ fn read_reply(r: &mut impl BufRead) -> Result<Reply, ClientError> {
 /// Sends one request and returns its reply (an `Error` reply becomes [`ClientError::Refused`]).
 pub fn call(socket: &Path, req: &Request, timeout: Option<Duration>) -> Result<Reply, ClientError> {
     let mut s = connect(socket, timeout)?;
-    send_line(&mut s, req)?;
-    let r = read_reply(&mut BufReader::new(s))?;
+    // A worker that refuses a client (peer credentials) answers and closes before reading the
+    // request, so the write can fail with EPIPE while its answer waits in our receive buffer:
+    // the answer is the better error.
+    let sent = send_line(&mut s, req);
+    let r = match (sent, read_reply(&mut BufReader::new(s))) {
+        (_, Ok(r)) => r,
+        (Err(e), Err(_)) | (Ok(()), Err(e)) => return Err(e),
+    };
     match r {
         Reply::Error { error } => Err(ClientError::Refused(error)),
         r => Ok(r),
