@@ -172,3 +172,59 @@ fn run(generations: u32) {
         );
     }
 }
+
+/// The shutdown watcher in L1 and the harness's early stop, end to end in a real L1: a
+/// shutdown exit of a guest at L1's own `kvm_amd` entry code is written into L1's trace ring
+/// (`trace_marker` takes the line as the emulator's failure would leave it) and the trace
+/// stopped as the trigger would; the scenario then sleeps for ten minutes. The watcher must
+/// send the trace and `L1::wait` must end this L1 on the signature within a minute or so. A
+/// shutdown at a guest's own RIP (no signature) is sent and read too, tracing goes on, and
+/// that L1 runs its scenario to the end.
+#[test]
+fn a_signature_in_the_trace_ends_the_l1_at_once() {
+    let inject = r#"
+T=/sys/kernel/tracing
+[ -n "$TRIGGER" ] && result trigger ok || result trigger failed
+B=$(cat /sys/module/kvm_amd/sections/.noinstr.text)
+[ "$AT" = kvm ] && RIP=$B || RIP=0x100c91
+echo "kvm_exit: vcpu 0 reason shutdown rip $RIP info1 0x0 info2 0x0 intr_info 0x00000000 error_code 0x00000000" > $T/trace_marker
+echo 0 > $T/tracing_on
+w=0; until grep -q 1 $T/tracing_on; do w=$((w+1)); [ $w -gt 600 ] && break; sleep 0.1; done
+result tracing-again "$(cat $T/tracing_on)"
+sleep $SLEEP
+"#;
+    // The host's failure: stopped at once, long before the scenario's 600 s are up.
+    let l1 = nested::L1::boot(
+        &format!("AT=kvm SLEEP=600\n{inject}"),
+        &[],
+        &nested::L1Opts::default(),
+    );
+    let out = l1.wait(Duration::from_secs(900));
+    println!("L1 ran {:.0} s; results {:?}", out.seconds, out.results);
+    assert_eq!(out.result("trigger"), "ok");
+    assert_eq!(out.result("kvm-shutdown-seen"), "1");
+    let why = out.host_failure.as_deref().unwrap_or_else(|| {
+        panic!("no host failure seen:\n{}", out.tail(60));
+    });
+    assert!(
+        why.contains("inside L1's kvm_amd entry code") && why.contains("while the scenario ran"),
+        "{why}"
+    );
+    assert!(
+        out.seconds < 300.0,
+        "stopped only after {:.0} s",
+        out.seconds
+    );
+    // A shutdown at a guest's own RIP is no signature: sent, read, and the scenario runs on.
+    let l1 = nested::L1::boot(
+        &format!("AT=guest SLEEP=1\n{inject}"),
+        &[],
+        &nested::L1Opts::default(),
+    );
+    let out = l1.wait(Duration::from_secs(600));
+    println!("L1 ran {:.0} s; results {:?}", out.seconds, out.results);
+    assert!(out.done, "{}", out.tail(60));
+    assert_eq!(out.result("kvm-shutdown-seen"), "1");
+    assert_eq!(out.result("tracing-again"), "1");
+    assert!(out.host_failure.is_none(), "{:?}", out.host_failure);
+}

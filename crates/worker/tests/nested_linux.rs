@@ -435,4 +435,31 @@ fn the_harness_tells_a_failed_test_host_from_a_failed_scenario() {
         nested::host_failure(&out(&pf("FERRY-RESULT l2 linux\n"), true), true).is_none(),
         "a Linux guest takes page faults"
     );
+    // The shutdown watcher sends the trace while the scenario runs on: its signature is read
+    // then (L1::wait), but a scenario that went on to finish with no failed step passed.
+    let early =
+        pf("FERRY-RESULT l2 test-guest\n").replace("FERRY-RESULT gen4-restore failed\n", "");
+    assert!(nested::trace_signature(&out(&early, false)).is_some());
+    assert!(nested::host_failure(&out(&early, true), true).is_none());
+}
+
+/// Lines written while a file is sent (the sign of life, results) that land inside one of its
+/// lines are taken out, the line mended, and a result inside still counts.
+#[test]
+fn the_harness_mends_file_lines_cut_by_other_writers() {
+    let console = "FERRY-FILE-BEGIN /tmp/kvm-trace\n\
+        first line\n\
+        vcpu0-1 [000] 1.0: kvm_exit: vcpu 0 reaFERRY-ALIVE 12.34\n\
+        son shutdown rip 0x1\n\
+        FERRY-ALIVE 17.35\n\
+        thirdFERRY-RESULT migrate1 ok\n\
+        \x20line\n\
+        \nFERRY-FILE-END /tmp/kvm-trace\nFERRY-DONE\n";
+    let o = nested::parse(console.to_string(), 1.0);
+    assert_eq!(
+        o.file("/tmp/kvm-trace"),
+        "first line\nvcpu0-1 [000] 1.0: kvm_exit: vcpu 0 reason shutdown rip 0x1\nthird line\n"
+    );
+    assert_eq!(o.result("migrate1"), "ok");
+    assert!(o.done);
 }

@@ -114,6 +114,7 @@ fn two_hosts_with_files(
     };
     // A pair in which a test host failed (nested::host_failure) runs again (nested::HOST_ATTEMPTS).
     let mut attempt = 1;
+    let t0 = std::time::Instant::now();
     loop {
         let _ = std::fs::remove_file(&sa);
         let _ = std::fs::remove_file(&sb);
@@ -129,16 +130,28 @@ fn two_hosts_with_files(
             &opts(&sb, &sa, "52:54:00:99:00:02"),
         );
         let timeout = Duration::from_secs(1500);
+        // A host that failed ends its peer's wait too (the peer would wait for it until its
+        // own timeout: a killed host cannot say it failed).
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let run = |h: L1| {
+            let o = h.wait_or_stop(timeout, &stop);
+            if o.host_failure.is_some() {
+                stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            o
+        };
         let (oa, ob) = std::thread::scope(|s| {
-            let ta = s.spawn(|| ha.wait(timeout));
-            let tb = s.spawn(|| hb.wait(timeout));
+            let ta = s.spawn(|| run(ha));
+            let tb = s.spawn(|| run(hb));
             (ta.join().unwrap(), tb.join().unwrap())
         });
         let failed = [&oa, &ob]
             .into_iter()
             .find_map(|o| o.host_failure.clone().map(|w| (o, w)));
         match failed {
-            Some((o, why)) if attempt < nested::HOST_ATTEMPTS => {
+            Some((o, why))
+                if attempt < nested::HOST_ATTEMPTS && t0.elapsed() < nested::HOST_RETRY_BUDGET =>
+            {
                 nested::report_host_failure(attempt, &why, o);
                 attempt += 1;
             }
