@@ -214,6 +214,74 @@ fn rand_u64() -> u64 {
     u64::from_le_bytes(b) ^ (std::process::id() as u64) << 32
 }
 
+/// (v4) Presents the secret after the HelloAck; the destination says AuthOk or refuses.
+fn authenticate(
+    protocol: u32,
+    secret: &Option<MigrationSecret>,
+    conn: &mut Conn,
+    phase: Phase,
+    what: &str,
+) -> Result<(), F> {
+    if protocol < wire::AUTH_PROTOCOL_VERSION {
+        return Ok(());
+    }
+    wire::send_msg(
+        conn,
+        &Msg::Auth {
+            secret: secret.clone(),
+        },
+    )
+    .map_err(wire_fail(phase))?;
+    match wire::recv_msg(conn).map_err(wire_fail(phase))? {
+        Msg::AuthOk => Ok(()),
+        Msg::Refuse { reason } => Err(fail(
+            phase,
+            FailureKind::Unauthenticated,
+            format!("the destination refused {what}: {reason}"),
+        )),
+        m => Err(violation(phase, "AuthOk", &m)),
+    }
+}
+
+/// Opens data stream `index` of session `session`: connection (TLS handshake included),
+/// Hello/HelloAck, Auth.
+fn open_data_stream(
+    opts: &SendOptions,
+    protocol: u32,
+    session: u64,
+    index: u16,
+) -> Result<Conn, F> {
+    let mut sock = connect(&opts.to, Phase::Setup, opts.tls.as_ref())?;
+    wire::send_msg(
+        &mut sock,
+        &Msg::Hello {
+            protocol,
+            session,
+            role: Role::Data { index },
+        },
+    )
+    .map_err(wire_fail(Phase::Setup))?;
+    match wire::recv_msg(&mut sock).map_err(wire_fail(Phase::Setup))? {
+        Msg::HelloAck { protocol: p } if p == protocol => {}
+        Msg::Refuse { reason } => {
+            return Err(fail(
+                Phase::Setup,
+                FailureKind::Refused,
+                format!("the destination refused data stream {index}: {reason}"),
+            ))
+        }
+        m => return Err(violation(Phase::Setup, "HelloAck", &m)),
+    }
+    authenticate(
+        protocol,
+        &opts.secret,
+        &mut sock,
+        Phase::Setup,
+        &format!("data stream {index}"),
+    )?;
+    Ok(sock)
+}
+
 /// Connects to the destination: TCP, then (with `tls`) the TLS handshake, in which the
 /// destination must prove it is the expected node.
 fn connect(to: &str, phase: Phase, tls: Option<&NodeClient>) -> Result<Conn, F> {
@@ -514,25 +582,7 @@ impl Session<'_> {
 
     /// (v4) Presents the secret after the HelloAck; the destination says AuthOk or refuses.
     fn authenticate(&self, conn: &mut Conn, phase: Phase, what: &str) -> Result<(), F> {
-        if self.protocol < wire::AUTH_PROTOCOL_VERSION {
-            return Ok(());
-        }
-        wire::send_msg(
-            conn,
-            &Msg::Auth {
-                secret: self.opts.secret.clone(),
-            },
-        )
-        .map_err(wire_fail(phase))?;
-        match wire::recv_msg(conn).map_err(wire_fail(phase))? {
-            Msg::AuthOk => Ok(()),
-            Msg::Refuse { reason } => Err(fail(
-                phase,
-                FailureKind::Unauthenticated,
-                format!("the destination refused {what}: {reason}"),
-            )),
-            m => Err(violation(phase, "AuthOk", &m)),
-        }
+        authenticate(self.protocol, &self.opts.secret, conn, phase, what)
     }
 
     /// Describes the VM; the destination checks it can take it.
@@ -611,29 +661,30 @@ impl Session<'_> {
         let limiter = params
             .max_bandwidth_bytes()
             .map(|b| Arc::new(RateLimiter::new(b.max(1))));
-        for i in 0..n {
-            let mut sock = connect(&self.opts.to, Phase::Setup, self.opts.tls.as_ref())?;
-            wire::send_msg(
-                &mut sock,
-                &Msg::Hello {
-                    protocol: self.protocol,
-                    session: self.session,
-                    role: Role::Data { index: i },
-                },
-            )
-            .map_err(wire_fail(Phase::Setup))?;
-            match wire::recv_msg(&mut sock).map_err(wire_fail(Phase::Setup))? {
-                Msg::HelloAck { protocol } if protocol == self.protocol => {}
-                Msg::Refuse { reason } => {
-                    return Err(fail(
-                        Phase::Setup,
-                        FailureKind::Refused,
-                        format!("the destination refused data stream {i}: {reason}"),
-                    ))
-                }
-                m => return Err(violation(Phase::Setup, "HelloAck", &m)),
-            }
-            self.authenticate(&mut sock, Phase::Setup, &format!("data stream {i}"))?;
+        // The data connections open at once (each its own handshakes and round trips; the
+        // destination admits each on a thread of its own): with TLS, one after the other they
+        // were most of an idle guest's migration time. The first failure (by stream index)
+        // is reported; connections that did open are dropped with it.
+        let (opts, protocol, session) = (&self.opts, self.protocol, self.session);
+        let socks: Vec<Result<Conn, F>> = std::thread::scope(|s| {
+            let opening: Vec<_> = (0..n)
+                .map(|i| s.spawn(move || open_data_stream(opts, protocol, session, i)))
+                .collect();
+            opening
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(fail(
+                            Phase::Setup,
+                            FailureKind::Local,
+                            "opening a data stream panicked",
+                        ))
+                    })
+                })
+                .collect()
+        });
+        let socks = socks.into_iter().collect::<Result<Vec<Conn>, F>>()?;
+        for (i, sock) in socks.into_iter().enumerate() {
             let (tx, rx) = sync_channel(4);
             let (ram, lim, ctr) = (
                 self.vm.ram().clone(),
