@@ -161,6 +161,9 @@ pub enum SandboxProbe {
     /// The main thread, once its VM runs, opens a netlink socket (only Unix, IPv4 and IPv6
     /// sockets are allowed).
     Netlink,
+    /// The main thread, once its VM runs, makes a `TIOCSTI` ioctl (typing into a terminal:
+    /// not one of the requests the filter allows).
+    Tiocsti,
 }
 
 impl SandboxProbe {
@@ -170,6 +173,7 @@ impl SandboxProbe {
             SandboxProbe::VcpuSocket => "vcpu-socket",
             SandboxProbe::VcpuOpen => "vcpu-open",
             SandboxProbe::Netlink => "netlink",
+            SandboxProbe::Tiocsti => "tiocsti",
         }
     }
 }

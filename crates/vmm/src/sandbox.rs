@@ -8,7 +8,8 @@
 //!
 //! - **every thread** ([`install`], with TSYNC so threads that already run get it too):
 //!   [`WORKER_ALLOWED`]: file and socket I/O on descriptors, memory management, threads,
-//!   signals to itself, time, KVM and TAP ioctls. `clone` only with `CLONE_THREAD` (threads,
+//!   signals to itself, time; `ioctl` only with the requests of [`IOCTLS_ALLOWED`] and the KVM
+//!   family (not, e.g., `TIOCSTI`). `clone` only with `CLONE_THREAD` (threads,
 //!   not processes); `clone3`, whose flags a filter cannot read, answers `ENOSYS` (a second
 //!   filter) so the C library creates threads with `clone`; `socket` only for Unix, IPv4 and
 //!   IPv6. Not on it, among others: program execution and process creation, identity
@@ -81,7 +82,6 @@ pub const WORKER_ALLOWED: &[libc::c_long] = &[
     libc::SYS_fchmodat,
     libc::SYS_statx,
     libc::SYS_lseek,
-    libc::SYS_ioctl,
     libc::SYS_fcntl,
     libc::SYS_dup,
     libc::SYS_dup2,
@@ -267,6 +267,45 @@ fn allow_list(
         .map_err(build)
 }
 
+/// The `ioctl` requests a worker makes: the whole KVM family (`_IOC_TYPE` 0xAE: the system,
+/// VM, vCPU and device descriptors), the TAP's (`TUNSETIFF`, `TUNSETVNETHDRSZ`,
+/// `TUNSETCARRIER`), what `receive` workers without `--user` need to build a NIC on a bridge
+/// after the filters are on (`SIOCGIFFLAGS`, `SIOCSIFFLAGS`, `SIOCGIFINDEX`, `SIOCBRADDIF`),
+/// and the standard library's descriptor flags (`FIONBIO`, `FIOCLEX`, `FIONCLEX`) and terminal
+/// queries (`TCGETS`, `TIOCGWINSZ`). Not, among others: `TIOCSTI` (typing into a terminal),
+/// block-device, filesystem (`FICLONE`, `FS_IOC_*`) and other network-configuration requests.
+/// The request is compared in its low 32 bits, which is all the kernel reads of it.
+pub const IOCTL_KVM_TYPE: u64 = 0xAE;
+pub const IOCTLS_ALLOWED: &[u64] = &[
+    libc::TUNSETIFF,
+    libc::TUNSETVNETHDRSZ,
+    libc::TUNSETCARRIER,
+    libc::SIOCGIFFLAGS,
+    libc::SIOCSIFFLAGS,
+    libc::SIOCGIFINDEX,
+    crate::devices::tap::SIOCBRADDIF,
+    libc::FIONBIO,
+    libc::FIOCLEX,
+    libc::FIONCLEX,
+    libc::TCGETS,
+    libc::TIOCGWINSZ,
+];
+
+fn ioctl_rules(what: &'static str) -> Result<(libc::c_long, Vec<SeccompRule>), SandboxError> {
+    let build = |err| SandboxError::Build { what, err };
+    let dword =
+        |op, value| SeccompCondition::new(1, SeccompCmpArgLen::Dword, op, value).map_err(build);
+    let mut rules = vec![SeccompRule::new(vec![dword(
+        SeccompCmpOp::MaskedEq(0xff00),
+        IOCTL_KVM_TYPE << 8,
+    )?])
+    .map_err(build)?];
+    for &req in IOCTLS_ALLOWED {
+        rules.push(SeccompRule::new(vec![dword(SeccompCmpOp::Eq, req)?]).map_err(build)?);
+    }
+    Ok((libc::SYS_ioctl, rules))
+}
+
 /// `clone` with `CLONE_THREAD` (a thread, never a process).
 fn threads_only(what: &'static str) -> Result<(libc::c_long, Vec<SeccompRule>), SandboxError> {
     let build = |err| SandboxError::Build { what, err };
@@ -295,7 +334,11 @@ pub fn process_filter() -> Result<BpfProgram, SandboxError> {
     allow_list(
         what,
         WORKER_ALLOWED,
-        vec![threads_only(what)?, (libc::SYS_socket, sockets)],
+        vec![
+            threads_only(what)?,
+            (libc::SYS_socket, sockets),
+            ioctl_rules(what)?,
+        ],
     )
 }
 

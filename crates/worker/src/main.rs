@@ -888,6 +888,14 @@ fn serve_until_stopped(vm: Arc<Vm>, socket: PathBuf, start: bool) -> Result<i32>
         let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW, 0) };
         eprintln!("ferry-vmm: sandbox probe: the filter let it through: {fd}");
     }
+    if contract::faults::sandbox_probe(contract::faults::SandboxProbe::Tiocsti) {
+        eprintln!("ferry-vmm: sandbox probe: a TIOCSTI ioctl");
+        let c = b'x';
+        // SAFETY: TIOCSTI reads one byte from the pointer, which points at `c`; the probe
+        // expects the process to be killed before the kernel looks at it.
+        let r = unsafe { libc::ioctl(2, libc::TIOCSTI as _, &c as *const u8) };
+        eprintln!("ferry-vmm: sandbox probe: the filter let it through: {r}");
+    }
     let event = loop {
         if let Some(e) = vm.wait_stopped(Some(Duration::from_millis(200))) {
             break e;

@@ -83,6 +83,11 @@ fn a_forbidden_system_call_kills_the_worker() {
     assert!(err.contains("opening a netlink socket"), "{err}");
     assert!(!err.contains("let it through"), "{err}");
     assert_eq!(st.signal(), Some(libc::SIGSYS), "{st:?}: {err}");
+    // The main thread making an ioctl request off the list (TIOCSTI) while KVM's go on.
+    let (st, err) = probe(d, "tiocsti", &[]);
+    assert!(err.contains("a TIOCSTI ioctl"), "{err}");
+    assert!(!err.contains("let it through"), "{err}");
+    assert_eq!(st.signal(), Some(libc::SIGSYS), "{st:?}: {err}");
     // Without a probe the same worker, under the same filters, runs until the deadline.
     let (st, err) = probe(d, "none", &[]);
     assert_eq!(st.signal(), Some(libc::SIGKILL), "{st:?}: {err}");

@@ -12,7 +12,7 @@ use std::os::unix::fs::OpenOptionsExt;
 
 /// Size of the virtio-net header both the guest and the TAP use.
 pub const VNET_HDR_LEN: usize = 12;
-const SIOCBRADDIF: libc::c_ulong = 0x89a2;
+pub(crate) const SIOCBRADDIF: libc::c_ulong = 0x89a2;
 
 /// TAP errors.
 #[derive(Debug, thiserror::Error)]
