@@ -167,12 +167,30 @@ pub fn check(
 /// its own feature list); what the VM's CPU exposes is checked feature by feature against this
 /// host in [`check`] either way.
 pub fn binding_problems(expected: &VmConfig, offered: &VmConfig) -> Vec<String> {
+    let mut p: Vec<String> = config_differences(expected, offered)
+        .into_iter()
+        .map(|(what, e, o)| format!("the source offers {what} {o}, this node's plan says {e}"))
+        .collect();
+    if !p.is_empty() {
+        p.insert(
+            0,
+            "the offered VM is not the one this node's agent planned to receive".into(),
+        );
+    }
+    p
+}
+
+/// Where two VM configurations differ in what a host opens and runs for them (vCPUs, memory,
+/// kernel, initrd, command line, disks, NICs; not the CPU profile's name): `(what, expected,
+/// found)` for each.
+pub fn config_differences(
+    expected: &VmConfig,
+    offered: &VmConfig,
+) -> Vec<(&'static str, String, String)> {
     let mut p = Vec::new();
-    let mut differs = |what: &str, e: String, o: String| {
+    let mut differs = |what: &'static str, e: String, o: String| {
         if e != o {
-            p.push(format!(
-                "the source offers {what} {o}, this node's plan says {e}"
-            ));
+            p.push((what, e, o));
         }
     };
     differs(
@@ -230,12 +248,6 @@ pub fn binding_problems(expected: &VmConfig, offered: &VmConfig) -> Vec<String> 
         format!("[{}]", nics(expected)),
         format!("[{}]", nics(offered)),
     );
-    if !p.is_empty() {
-        p.insert(
-            0,
-            "the offered VM is not the one this node's agent planned to receive".into(),
-        );
-    }
     p
 }
 

@@ -383,6 +383,12 @@ impl Reader {
             path: path.display().to_string(),
             err,
         })?;
+        Reader::from_file(f)
+    }
+
+    /// Reads the snapshot in `f` (opened by the caller, from its start) and verifies the
+    /// header.
+    pub fn from_file(f: File) -> Result<Reader, SnapshotError> {
         let mut r = Reader {
             r: BufReader::with_capacity(4 << 20, f),
             offset: 0,
@@ -748,13 +754,39 @@ pub fn restore(
     host: &crate::devices::virtio::HostDevices,
     serial_out: impl Into<crate::devices::serial::ConsoleLog>,
 ) -> Result<(crate::vm::Vm, SnapshotStats), crate::vm::VmError> {
+    let snap = |e: SnapshotError| crate::vm::VmError::Snapshot(e.to_string());
+    let file = File::open(path)
+        .map_err(|err| SnapshotError::Open {
+            path: path.display().to_string(),
+            err,
+        })
+        .map_err(snap)?;
+    restore_file(kvm, file, path, host, serial_out)
+}
+
+/// [`restore`] from a snapshot file the caller opened (`path` only names it): an unprivileged
+/// worker opens it before it drops root. Reads from the file's start whatever its offset.
+pub fn restore_file(
+    kvm: &kvm_ioctls::Kvm,
+    mut file: File,
+    path: &Path,
+    host: &crate::devices::virtio::HostDevices,
+    serial_out: impl Into<crate::devices::serial::ConsoleLog>,
+) -> Result<(crate::vm::Vm, SnapshotStats), crate::vm::VmError> {
     let t0 = Instant::now();
     let snap = |e: SnapshotError| crate::vm::VmError::Snapshot(e.to_string());
-    let mut reader = Reader::open(path).map_err(snap)?;
+    let open_err = |err| SnapshotError::Open {
+        path: path.display().to_string(),
+        err,
+    };
+    std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(0))
+        .map_err(open_err)
+        .map_err(snap)?;
+    let file_bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut reader = Reader::from_file(file).map_err(snap)?;
     let state = reader.read_state().map_err(snap)?;
     let vm = crate::vm::Vm::restore(kvm, &state, host, serial_out)?;
     let (_, data_pages) = read_into(&mut reader, &state, vm.ram()).map_err(snap)?;
-    let file_bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
     Ok((
         vm,
         SnapshotStats {

@@ -89,6 +89,11 @@ enum Cmd {
         verify_state: bool,
         #[command(flatten)]
         host: HostArgs,
+        /// File with the VM configuration (JSON) the snapshot must hold; required with
+        /// `--user`: its disks and TAPs (and the snapshot file) are opened before root is
+        /// dropped, and a snapshot of any other VM is refused before anything is restored.
+        #[arg(long)]
+        expect_config: Option<PathBuf>,
     },
     /// Wait for one VM to arrive by live migration, then run it (serving the control API).
     Receive {
@@ -483,25 +488,58 @@ fn real_main(cli: Cli) -> Result<i32> {
             paused,
             verify_state,
             host,
+            expect_config,
         } => {
             vmm::statecheck::enable(verify_state);
-            if host.user.is_some() {
-                bail!("--user is for run and receive: a restore learns the devices it must open from the snapshot");
-            }
+            let expected = match &expect_config {
+                Some(f) => Some(read_expected_config(f)?),
+                None if host.user.is_some() => bail!(
+                    "--user needs --expect-config: an unprivileged restore opens the disks and TAPs of the VM it was told to expect before it drops root"
+                ),
+                None => None,
+            };
             let rotation = host.rotation(&serial_log)?;
             host.confine(false)?;
+            if let Some(c) = &expected {
+                host.preopen(c)?;
+            }
+            // Opened while still privileged (the snapshot may be readable by root only).
+            let file = std::fs::File::open(&snapshot)
+                .with_context(|| format!("cannot open snapshot {}", snapshot.display()))?;
+            server::check_free(&api_socket)?;
+            let early_listener = match host.user {
+                Some(_) => Some(server::bind(&api_socket)?),
+                None => None,
+            };
+            host.drop_privileges()?;
             host.sandbox()?;
             let kvm = vmm::open_kvm()?;
-            server::check_free(&api_socket)?;
-            let nics = vmm::snapshot::Reader::open(&snapshot)
-                .and_then(|mut r| r.read_state())
-                .map(|s| s.config.nics.len())
-                .unwrap_or(0);
+            let state = vmm::snapshot::Reader::from_file(file.try_clone()?)
+                .and_then(|mut r| r.read_state());
+            if let (Some(want), Ok(st)) = (&expected, &state) {
+                let d = migration::preflight::config_differences(want, &st.config);
+                if !d.is_empty() {
+                    let d: Vec<String> = d
+                        .into_iter()
+                        .map(|(what, e, o)| format!("{what} {o} in the snapshot, {e} expected"))
+                        .collect();
+                    bail!(
+                        "snapshot {} holds another VM than --expect-config names: {}",
+                        snapshot.display(),
+                        d.join("; ")
+                    );
+                }
+            }
+            let nics = state.map(|s| s.config.nics.len()).unwrap_or(0);
             let host = host.devices(nics)?;
             let serial = SerialLog::create(rotation)?;
-            let (vm, stats) = vmm::snapshot::restore(&kvm, &snapshot, &host, serial.file()?)?;
+            let (vm, stats) =
+                vmm::snapshot::restore_file(&kvm, file, &snapshot, &host, serial.file()?)?;
             serial.commit()?;
-            let listener = server::bind(&api_socket)?;
+            let listener = match early_listener {
+                Some(l) => l,
+                None => server::bind(&api_socket)?,
+            };
             println!(
                 "restored {} (format v{}): {} of {} pages, {:.1} MiB file, {:.1} ms",
                 snapshot.display(),

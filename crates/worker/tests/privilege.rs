@@ -2,7 +2,8 @@
 //! can open, its socket), then runs as that user with no capabilities: the VM works (the
 //! disk-log guest keeps every acknowledged record across live migrations over mutual TLS, to a
 //! receiver that dropped root too and on from it, with node keys only root can read), and the
-//! worker can create nothing where its user may not, even through its own control API.
+//! worker can create nothing where its user may not, even through its own control API; a
+//! restore with `--user` takes only the VM it was told to expect.
 
 mod common;
 use common::*;
@@ -258,4 +259,107 @@ fn user_is_checked() {
         e.contains("error: cannot create serial log") && e.contains("ermission denied"),
         "{e}"
     );
+}
+
+/// `restore --user` takes the VM it was told to expect (`--expect-config`): the snapshot (in a
+/// directory only root can read) and the disk image are opened before root is dropped, the
+/// restored guest goes on writing its disk log where it stopped, and a snapshot of another VM
+/// is refused before anything is restored.
+#[test]
+fn an_unprivileged_restore_takes_only_the_expected_vm() {
+    let dir = tempdir();
+    let d = dir.path();
+    let img = private_image(d);
+    let cmdline = "ferry.workload=disk-log ferry.disk_rate=400 ferry.disk_flush=8";
+    let src = Worker::spawn(
+        d,
+        "src",
+        &[
+            "run",
+            "--kernel",
+            "test-guest",
+            "--memory-mib",
+            "64",
+            "--cmdline",
+            cmdline,
+            "--disk",
+            img.to_str().unwrap(),
+        ],
+    );
+    src.wait_log(Duration::from_secs(30), "the boot check", |l| {
+        l.other.iter().any(|x| x == "disk ok last=0")
+    });
+    wait_records(&src, 20);
+    let snap = img.with_file_name("vm.snap");
+    src.ctl(&["pause"]);
+    src.ctl(&["snapshot", snap.to_str().unwrap()]);
+    let src_log = src.log();
+    src.shutdown();
+
+    let planned = |memory_mib: u64| vmm::VmConfig {
+        vcpus: 1,
+        memory_mib,
+        kernel: vmm::KernelSource::TestGuest,
+        initrd: None,
+        cmdline: cmdline.into(),
+        cpu_profile: "host".into(),
+        disks: vec![vmm::config::DiskConfig {
+            path: img.clone(),
+            read_only: false,
+        }],
+        nics: vec![],
+    };
+    let plan = d.join("plan.json");
+    std::fs::write(&plan, serde_json::to_vec(&planned(64)).unwrap()).unwrap();
+    let other = d.join("other.json");
+    std::fs::write(&other, serde_json::to_vec(&planned(128)).unwrap()).unwrap();
+    let user = format!("{DST_UID}");
+    let rdir = dir_for(d, "r", DST_UID);
+    let restore = |name: &str, plan: Option<&Path>| -> Vec<String> {
+        let mut a = vec![
+            "restore".to_string(),
+            "--snapshot".into(),
+            snap.display().to_string(),
+            "--user".into(),
+            user.clone(),
+        ];
+        if let Some(p) = plan {
+            a.extend(["--expect-config".into(), p.display().to_string()]);
+        }
+        a.extend([
+            "--serial-log".into(),
+            rdir.join(format!("{name}.serial")).display().to_string(),
+            "--api-socket".into(),
+            rdir.join(format!("{name}.sock")).display().to_string(),
+        ]);
+        a
+    };
+    let (_, e) = run_fail(&strs(&restore("x", None)));
+    assert!(e.contains("error: --user needs --expect-config"), "{e}");
+    // (Checked after the drop: the snapshot is untrusted input. Nothing is restored.)
+    let out = std::process::Command::new(bin())
+        .args(restore("y", Some(&other)))
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{e}");
+    assert!(
+        e.contains("holds another VM than --expect-config names: memory (MiB) 64 in the snapshot, 128 expected"),
+        "{e}"
+    );
+    assert!(
+        !rdir.join("y.sock").exists() || !e.contains("restored"),
+        "{e}"
+    );
+    // (Worker::spawn names the serial log and socket itself.)
+    let args = restore("r", Some(&plan));
+    let r = Worker::spawn(&rdir, "r", &strs(&args[..7]));
+    assert_unprivileged(&r, DST_UID);
+    wait_records(&r, 20);
+    let all = disk_seqs(&format!("{src_log}{}", r.log()));
+    for w in all.windows(2) {
+        assert_eq!(w[1], w[0] + 1, "sequence broken across the restore");
+    }
+    assert!(!r.log().contains("disk CORRUPT") && !r.log().contains("PANIC"));
+    r.shutdown();
 }
