@@ -138,15 +138,7 @@ fn image_map(img: &std::path::Path, sectors: u64) -> String {
     )
 }
 
-/// `disk seq=N` values of the complete lines of a serial stream.
-fn seqs(log: &str) -> Vec<u64> {
-    let complete = &log[..log.rfind('\n').map(|i| i + 1).unwrap_or(0)];
-    complete
-        .lines()
-        .filter_map(|l| l.strip_prefix("disk seq="))
-        .filter_map(|n| n.trim().parse().ok())
-        .collect()
-}
+use testbed::disk_seqs;
 
 fn sigcont(pid: i32) {
     // SAFETY: kill(2) of one of the test's own (grand)children.
@@ -269,7 +261,8 @@ fn run_row_in(c: &mut Cluster, target: Target, point: FaultPoint) -> Result<Repo
             .unwrap();
         c.vm("node1", "vm", &disk_vm(&img));
         wait_until("disk records", Duration::from_secs(30), || {
-            seqs(&std::fs::read_to_string(c.serial("node1", "vm")).unwrap_or_default()).len() > 20
+            disk_seqs(&std::fs::read_to_string(c.serial("node1", "vm")).unwrap_or_default()).len()
+                > 20
         });
     } else {
         c.vm("node1", "vm", VERIFY_VM);
@@ -409,18 +402,21 @@ fn run_row_in(c: &mut Cluster, target: Target, point: FaultPoint) -> Result<Repo
         cluster::VmState::Running => {
             let owner = settled.owner.clone();
             if disk {
-                let n = seqs(&std::fs::read_to_string(c.serial(&owner, "vm")).unwrap_or_default())
-                    .len();
+                let n =
+                    disk_seqs(&std::fs::read_to_string(c.serial(&owner, "vm")).unwrap_or_default())
+                        .len();
                 wait_until(
                     "disk records after the faults",
                     Duration::from_secs(30),
                     || {
-                        seqs(&std::fs::read_to_string(c.serial(&owner, "vm")).unwrap_or_default())
-                            .len()
+                        disk_seqs(
+                            &std::fs::read_to_string(c.serial(&owner, "vm")).unwrap_or_default(),
+                        )
+                        .len()
                             > n + 20
                     },
                 );
-                let s = seqs(&logs(c));
+                let s = disk_seqs(&logs(c));
                 for w in s.windows(2) {
                     if w[1] != w[0] + 1 {
                         return Err(format!(
@@ -455,7 +451,7 @@ fn run_row_in(c: &mut Cluster, target: Target, point: FaultPoint) -> Result<Repo
         if settled.state == cluster::VmState::Running {
             c.post(&owner, "/v1/vms/vm/stop", json!({}));
         }
-        let acked = seqs(&logs(c)).last().copied().unwrap_or(0);
+        let acked = disk_seqs(&logs(c)).last().copied().unwrap_or(0);
         // The image as the check boot will find it (that boot appends at once).
         let before = image_map(&img, acked + 8);
         let _ = std::fs::remove_file(c.serial(&owner, "vm"));

@@ -54,15 +54,7 @@ fn wait_serial(tb: &Testbed, node: &str, vm: &str, what: &str, pred: impl Fn(&st
     }
 }
 
-/// `disk seq=N` values of the complete lines of a serial stream.
-fn seqs(log: &str) -> Vec<u64> {
-    let complete = &log[..log.rfind('\n').map(|i| i + 1).unwrap_or(0)];
-    complete
-        .lines()
-        .filter_map(|l| l.strip_prefix("disk seq="))
-        .filter_map(|n| n.trim().parse().ok())
-        .collect()
-}
+use testbed::disk_seqs;
 
 fn owner(tb: &Testbed, vm: &str) -> String {
     let v = tb.get("n1", &format!("/v1/vms/{vm}")).unwrap();
@@ -150,16 +142,17 @@ fn a_disk_log_vm_keeps_every_record_and_storage_loss_is_refused() {
             disk.display()
         ),
     );
-    wait_serial(&tb, "n1", "db", "records", |s| seqs(s).len() > 30);
+    wait_serial(&tb, "n1", "db", "records", |s| disk_seqs(s).len() > 30);
     let mut path = vec!["n1"];
     for (from, to) in [("n1", "n2"), ("n2", "n3")] {
         tb.migrate(from, "db", to)
             .unwrap_or_else(|e| panic!("db {from} -> {to}: {e}\n{}", tb.agent_log(from)));
         path.push(to);
         assert_eq!(owner(&tb, "db"), to);
-        let before = seqs(&std::fs::read_to_string(tb.serial(to, "db")).unwrap_or_default()).len();
+        let before =
+            disk_seqs(&std::fs::read_to_string(tb.serial(to, "db")).unwrap_or_default()).len();
         wait_serial(&tb, to, "db", "records after the move", |s| {
-            seqs(s).len() > before + 30
+            disk_seqs(s).len() > before + 30
         });
         // After each move: one continuous, intact log of acknowledged records.
         let text: String = path
@@ -169,7 +162,7 @@ fn a_disk_log_vm_keeps_every_record_and_storage_loss_is_refused() {
         for bad in ["disk CORRUPT", "disk ERROR", "PANIC"] {
             assert!(!text.contains(bad), "{bad} after {from} -> {to}");
         }
-        let s = seqs(&text);
+        let s = disk_seqs(&text);
         for w in s.windows(2) {
             assert_eq!(
                 w[1],
@@ -187,9 +180,9 @@ fn a_disk_log_vm_keeps_every_record_and_storage_loss_is_refused() {
         "{e}"
     );
     assert_eq!(owner(&tb, "db"), "n3");
-    let n = seqs(&std::fs::read_to_string(tb.serial("n3", "db")).unwrap()).len();
+    let n = disk_seqs(&std::fs::read_to_string(tb.serial("n3", "db")).unwrap()).len();
     wait_serial(&tb, "n3", "db", "records after the refusal", |s| {
-        seqs(s).len() > n + 20
+        disk_seqs(s).len() > n + 20
     });
     // Link back: the move works.
     tb.restore_storage("n1").unwrap();
@@ -198,11 +191,11 @@ fn a_disk_log_vm_keeps_every_record_and_storage_loss_is_refused() {
     assert_eq!(owner(&tb, "db"), "n1");
 
     wait_serial(&tb, "n1", "db", "records back on n1", |s| {
-        seqs(s).len() > 20
+        disk_seqs(s).len() > 20
     });
     // Stop the VM and boot it again from its disk: the log holds every acknowledged record.
     tb.post("n1", "/v1/vms/db/stop", json!({})).unwrap();
-    let acked = *seqs(&std::fs::read_to_string(tb.serial("n1", "db")).unwrap())
+    let acked = *disk_seqs(&std::fs::read_to_string(tb.serial("n1", "db")).unwrap())
         .last()
         .unwrap();
     tb.post("n1", "/v1/vms/db/start", json!({})).unwrap();

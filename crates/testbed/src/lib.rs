@@ -8,6 +8,7 @@
 //! * [`clock`] — wall-clock agreement between test hosts that have no NTP (`ferry clock`).
 //! * [`initramfs`] — a newc cpio writer and the initramfs of a stock Linux guest running
 //!   `ferry-linux-guest` (busybox /init, kernel modules, network from the command line).
+//! * [`disk_seqs`] — the acknowledged records of a disk-log guest's serial log.
 
 pub mod bed;
 pub mod clock;
@@ -15,3 +16,15 @@ pub mod initramfs;
 pub mod netprobe;
 
 pub use bed::{in_netns, shutdown_workers, Testbed};
+
+/// The `disk seq=N` records of a disk-log guest's serial log (the test guest and
+/// `ferry-linux-guest` print the same lines), in order, from complete lines only: a line cut
+/// by a pause or a move is not counted (it ends in the next log).
+pub fn disk_seqs(log: &str) -> Vec<u64> {
+    let complete = &log[..log.rfind('\n').map(|i| i + 1).unwrap_or(0)];
+    complete
+        .lines()
+        .filter_map(|l| l.strip_prefix("disk seq="))
+        .filter_map(|n| n.trim().parse().ok())
+        .collect()
+}

@@ -65,6 +65,23 @@ fn assert_unprivileged(w: &Worker, uid: u32) {
     assert_eq!(status_words(pid, "Seccomp:"), ["2"], "{}", w.name);
 }
 
+/// The VM of these tests as an agent plans it (`--expect-config`): the test guest with `disk`.
+fn planned(memory_mib: u64, cmdline: &str, disk: &Path) -> vmm::VmConfig {
+    vmm::VmConfig {
+        vcpus: 1,
+        memory_mib,
+        kernel: vmm::KernelSource::TestGuest,
+        initrd: None,
+        cmdline: cmdline.into(),
+        cpu_profile: "host".into(),
+        disks: vec![vmm::config::DiskConfig {
+            path: disk.to_path_buf(),
+            read_only: false,
+        }],
+        nics: vec![],
+    }
+}
+
 fn wait_records(w: &Worker, n: usize) {
     let before = disk_seqs(&w.log()).len();
     w.wait_log(Duration::from_secs(30), "disk records", |_| {
@@ -130,21 +147,12 @@ fn an_unprivileged_worker_runs_and_migrates_its_vm_and_opens_nothing_new() {
     wait_records(&src, 10);
 
     // The receiver is bound to the planned VM and opens its disk before it drops root too.
-    let planned = vmm::VmConfig {
-        vcpus: 1,
-        memory_mib: 64,
-        kernel: vmm::KernelSource::TestGuest,
-        initrd: None,
-        cmdline: cmdline.into(),
-        cpu_profile: "host".into(),
-        disks: vec![vmm::config::DiskConfig {
-            path: img.clone(),
-            read_only: false,
-        }],
-        nics: vec![],
-    };
     let plan = d.join("plan.json");
-    std::fs::write(&plan, serde_json::to_vec(&planned).unwrap()).unwrap();
+    std::fs::write(
+        &plan,
+        serde_json::to_vec(&planned(64, cmdline, &img)).unwrap(),
+    )
+    .unwrap();
     let dst_dir = dir_for(d, "dst", DST_UID);
     // (A TLS receiver opens disks only beneath its storage roots.)
     let root = img.parent().unwrap().to_str().unwrap();
@@ -296,19 +304,7 @@ fn an_unprivileged_restore_takes_only_the_expected_vm() {
     let src_log = src.log();
     src.shutdown();
 
-    let planned = |memory_mib: u64| vmm::VmConfig {
-        vcpus: 1,
-        memory_mib,
-        kernel: vmm::KernelSource::TestGuest,
-        initrd: None,
-        cmdline: cmdline.into(),
-        cpu_profile: "host".into(),
-        disks: vec![vmm::config::DiskConfig {
-            path: img.clone(),
-            read_only: false,
-        }],
-        nics: vec![],
-    };
+    let planned = |memory_mib| planned(memory_mib, cmdline, &img);
     let plan = d.join("plan.json");
     std::fs::write(&plan, serde_json::to_vec(&planned(64)).unwrap()).unwrap();
     let other = d.join("other.json");

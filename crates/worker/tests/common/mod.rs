@@ -765,13 +765,5 @@ pub fn proc_status_field(pid: i32, tid: i32, field: &str) -> Option<u32> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-/// `disk seq=N` values of the complete lines of a serial log, in order (a line cut by a
-/// pause or a move is not counted: it ends in the next log).
-pub fn disk_seqs(log: &str) -> Vec<u64> {
-    let complete = &log[..log.rfind('\n').map(|i| i + 1).unwrap_or(0)];
-    complete
-        .lines()
-        .filter_map(|l| l.strip_prefix("disk seq="))
-        .filter_map(|n| n.trim().parse().ok())
-        .collect()
-}
+#[allow(unused_imports)] // (not every test binary reads disk logs)
+pub use testbed::disk_seqs;

@@ -23,15 +23,8 @@ pub fn guest(dir: &Path) -> (PathBuf, PathBuf) {
     (c.join("vmlinuz"), initrd)
 }
 
-/// The acknowledged disk-log records (`disk seq=N`) of complete lines, in order.
-pub fn disk_seqs(text: &str) -> Vec<u64> {
-    let complete = &text[..text.rfind('\n').map(|i| i + 1).unwrap_or(0)];
-    complete
-        .lines()
-        .filter_map(|l| l.strip_prefix("disk seq="))
-        .filter_map(|n| n.trim().parse().ok())
-        .collect()
-}
+#[allow(unused_imports)] // (not every test binary reads disk logs)
+pub use testbed::disk_seqs;
 
 /// The `kmsg check=<n> bad=<k> date=<s>` lines of a log as (bad, date), and its `kmsg bad:`
 /// lines.
