@@ -5,5 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -e /dev/kvm ] || { echo "demo: /dev/kvm is missing (Ferry needs KVM)" >&2; exit 1; }
+scripts/install-deps.sh web   # the web console's npm packages (no root needed)
 cargo build --release -q -p worker -p cli
 exec target/release/ferry demo "$@"

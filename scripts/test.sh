@@ -12,6 +12,9 @@ cargo fmt --all -- --check
 # fault-matrix tests arm; production builds (scripts/demo.sh, cargo build) never have them.
 FEATURES=(--features contract/fault-injection)
 cargo clippy --release --workspace --all-targets "${FEATURES[@]}" -- -D warnings
+# The web console's component and logic tests (Vitest in jsdom); its browser test against a
+# real cluster is crates/cli/tests/console.rs, in the cargo run below.
+(cd web && node_modules/.bin/vitest run --reporter=dot)
 # One test at a time: the machines have 2 cores, most tests run guests with busy vCPUs, and
 # several assert on timing the guest itself observed (heartbeat gaps across a migration).
 cargo test --release --workspace "${FEATURES[@]}" -- --test-threads=1

@@ -71,6 +71,9 @@ async fn authorize(
 ) -> Response {
     let deny = |code: StatusCode, error: String| (code, Json(ErrorBody { error })).into_response();
     let access = contract::auth::access_for(req.method().as_str(), req.uri().path());
+    if access == contract::auth::Access::Public {
+        return next.run(req).await;
+    }
     let peer = req.extensions().get::<crate::https::Peer>().cloned();
     if let Some(crate::https::Peer(Some(id))) = &peer {
         let grant = match id {
@@ -136,7 +139,9 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/nodes/{name}/drain", post(drain))
         .route("/v1/nodes/{name}/undrain", post(undrain))
         .route("/v1/vms", get(vms).post(create_vm))
-        .route("/v1/vms/{name}", get(vm).delete(delete_vm))
+        .route("/v1/vms/{name}", get(vm).put(edit_vm).delete(delete_vm))
+        .route("/v1/vms/{name}/targets", get(targets))
+        .route("/v1/vms/{name}/serial", get(serial))
         .route("/v1/vms/{name}/start", post(start_vm))
         .route("/v1/vms/{name}/stop", post(stop_vm))
         .route("/v1/vms/{name}/migrate", post(migrate))
@@ -147,6 +152,10 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/internal/receive", post(receive))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
+        .route("/", get(crate::console::index))
+        .route("/index.html", get(crate::console::index))
+        .route("/favicon.svg", get(crate::console::favicon))
+        .route("/assets/{file}", get(crate::console::asset))
         .fallback(|| async { AgentError::NotFound("no such API path (see /openapi.json)".into()) })
         .layer(axum::middleware::from_fn_with_state(
             agent.clone(),
@@ -261,6 +270,32 @@ async fn vm(
     blocking(move || a.vm_view(&name).map(Json)).await
 }
 
+async fn edit_vm(
+    State(a): State<Arc<Agent>>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<cluster::VmRecord> {
+    check_name(&name)?;
+    let edit: contract::api::VmEdit = parse(&body)?;
+    blocking(move || a.edit_vm(&name, &edit).map(Json)).await
+}
+
+async fn targets(
+    State(a): State<Arc<Agent>>,
+    Path(name): Path<String>,
+) -> ApiResult<contract::api::Targets> {
+    check_name(&name)?;
+    blocking(move || a.targets(&name).map(Json)).await
+}
+
+async fn serial(
+    State(a): State<Arc<Agent>>,
+    Path(name): Path<String>,
+) -> ApiResult<contract::api::SerialTail> {
+    check_name(&name)?;
+    blocking(move || a.serial_tail(&name).map(Json)).await
+}
+
 async fn delete_vm(State(a): State<Arc<Agent>>, Path(name): Path<String>) -> ApiResult<Deleted> {
     check_name(&name)?;
     blocking(move || a.delete_vm(&name).map(|_| Json(Deleted { deleted: name }))).await
@@ -373,12 +408,13 @@ async fn migration_events(
                         true,
                     ),
                     Ok(Ok(v)) => {
-                        // Running, but not on this agent (its agent restarted): poll the record.
+                        // Running, but not on this agent: the view relays the source agent's
+                        // progress when it answers, else the store's phase alone.
                         tokio::time::sleep(Duration::from_millis(200)).await;
                         (
                             MigrationEvent::Progress {
                                 phase: v.migration.phase,
-                                progress: Default::default(),
+                                progress: v.progress.unwrap_or_default(),
                             },
                             false,
                         )
@@ -459,7 +495,12 @@ pub fn openapi_doc() -> Value {
                     "responses": { "201": ok("VM record"), "400": err, "404": err, "409": err } } },
             "/v1/vms/{name}": {
                 "get": { "summary": "A VM, its worker status and recent migrations", "parameters": name, "responses": { "200": ok("VM"), "404": err } },
+                "put": { "summary": "Change a stopped VM (vcpus, memory_mib, cpu_profile)", "parameters": name,
+                    "requestBody": { "required": true, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/VmEdit" } } } },
+                    "responses": { "200": ok("VM record"), "400": err, "404": err, "409": err } },
                 "delete": { "summary": "Delete a stopped VM", "parameters": name, "responses": { "200": ok("deleted"), "404": err, "409": err } } },
+            "/v1/vms/{name}/targets": { "get": { "summary": "Every other node's preflight verdict for the VM (a dry run; nothing recorded)", "parameters": name, "responses": { "200": ok("verdicts"), "404": err } } },
+            "/v1/vms/{name}/serial": { "get": { "summary": "The end of the VM's serial console log (16 KiB)", "parameters": name, "responses": { "200": ok("serial tail"), "404": err } } },
             "/v1/vms/{name}/start": { "post": { "summary": "Start a VM on its owner node", "parameters": name, "responses": { "200": ok("VM record"), "404": err, "409": err } } },
             "/v1/vms/{name}/stop": { "post": { "summary": "Stop a VM", "parameters": name, "responses": { "200": ok("VM record"), "404": err, "409": err } } },
             "/v1/vms/{name}/migrate": { "post": { "summary": "Start a live migration (preflight refusals answer 409 before anything moves)", "parameters": name,
@@ -489,6 +530,10 @@ pub fn openapi_doc() -> Value {
                 "compression": { "type": "string", "enum": ["none", "lz4", "zstd"], "default": "none" },
                 "max_bandwidth_mibs": { "type": "integer", "minimum": 1, "description": "bandwidth cap for the memory copy, MiB/s" },
                 "timeout_s": { "type": "number", "description": "give up after this long (the VM stays on its source)" } } },
+            "VmEdit": { "type": "object", "properties": {
+                "vcpus": { "type": "integer", "minimum": 1 },
+                "memory_mib": { "type": "integer", "minimum": 1 },
+                "cpu_profile": { "type": "string", "enum": ["host", "baseline", "cluster"] } } },
             "Drain": { "type": "object", "properties": { "concurrency": { "type": "integer", "default": 2 } } }
         } }
     })

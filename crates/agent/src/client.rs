@@ -150,6 +150,17 @@ pub fn post<'a, B: Serialize, T: DeserializeOwned>(
     finish(&url, with_token(agent.post(&url)).send_json(body))
 }
 
+/// PUT a JSON body to `path`.
+pub fn put<'a, B: Serialize, T: DeserializeOwned>(
+    to: impl Into<To<'a>>,
+    path: &str,
+    body: &B,
+) -> Result<T, AgentError> {
+    let (agent, base) = agent(to.into(), Some(Duration::from_secs(30)))?;
+    let url = format!("{base}{path}");
+    finish(&url, with_token(agent.put(&url)).send_json(body))
+}
+
 /// DELETE `path`.
 pub fn delete<'a, T: DeserializeOwned>(to: impl Into<To<'a>>, path: &str) -> Result<T, AgentError> {
     let (agent, base) = agent(to.into(), Some(Duration::from_secs(60)))?;

@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod client;
+pub mod console;
 pub mod https;
 pub mod metrics;
 pub mod node;

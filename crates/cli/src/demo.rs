@@ -11,6 +11,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
 struct Cluster {
     dir: PathBuf,
     agents: Vec<(String, String, Child)>,
@@ -19,15 +25,15 @@ struct Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        // Stop the VM's worker first (agents leave workers running by design).
+        // Stop the VMs' workers first (agents leave workers running by design): the demo's
+        // VM, and any a console user created (`--serve`).
         for (name, _, _) in &self.agents {
-            let sock = self
-                .dir
-                .join(name)
-                .join("vms")
-                .join("demo")
-                .join("api.sock");
-            if sock.exists() {
+            let vms = self.dir.join(name).join("vms");
+            for e in std::fs::read_dir(&vms).into_iter().flatten().flatten() {
+                let sock = e.path().join("api.sock");
+                if !sock.exists() {
+                    continue;
+                }
                 let _ = Command::new(
                     std::env::current_exe()
                         .unwrap_or_default()
@@ -74,7 +80,7 @@ fn wait_log(path: &Path, what: &str, pred: impl Fn(&str) -> bool) -> Result<Stri
     }
 }
 
-pub fn run(keep: bool) -> Result<()> {
+pub fn run(keep: bool, serve: bool) -> Result<()> {
     let exe = std::env::current_exe()?;
     let dir = std::env::temp_dir().join(format!("ferry-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -122,6 +128,14 @@ pub fn run(keep: bool) -> Result<()> {
     let tokens = dir.join("tokens.json");
     let viewer = trust::token::issue(&tokens, "demo-viewer", contract::auth::Grant::Viewer)?;
     trust::secret::write_private(&dir.join("viewer.token"), viewer.as_bytes())?;
+    // --serve: the browser's credential (a browser has no client certificate of this CA).
+    let console_token = if serve {
+        let t = trust::token::issue(&tokens, "demo-console", contract::auth::Grant::Admin)?;
+        trust::secret::write_private(&dir.join("console.token"), t.as_bytes())?;
+        Some(t)
+    } else {
+        None
+    };
     println!(
         "   the API is HTTPS and needs a credential: the admin's certificate {} (ferry --ca {} --cert ...), or a token of {} (a viewer's is in viewer.token)",
         admin.cert.display(),
@@ -291,6 +305,39 @@ pub fn run(keep: bool) -> Result<()> {
             s.bytes_sent as f64 / 1048576.0,
             s.passes
         );
+    }
+    if let Some(token) = console_token {
+        if jumps != 0 || bad != 0 {
+            println!("\n!! the guest noticed: {jumps} heartbeat jumps, {bad} corrupt sweeps");
+        }
+        println!("\n== the cluster keeps running, VM demo on node3: the web console");
+        for (name, addr, _) in &cl.agents {
+            println!("   {name}: https://{addr}/");
+        }
+        println!(
+            "   sign in with the admin token {token} (also in {}); the certificate is the cluster CA's ({}): import it into the browser, or accept the warning",
+            dir.join("console.token").display(),
+            pki.join("ca.pem").display()
+        );
+        println!("   press Enter (or Ctrl-C) to stop the cluster");
+        // SAFETY: the handler only stores to an atomic.
+        unsafe {
+            libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+            libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+        }
+        std::thread::spawn(|| {
+            // A closed stdin (`< /dev/null`, a service) is no request to stop: then only a
+            // signal stops the cluster.
+            let mut line = String::new();
+            if matches!(std::io::stdin().read_line(&mut line), Ok(n) if n > 0) {
+                STOP.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+        while !STOP.load(std::sync::atomic::Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        println!("\n== stopping the cluster");
+        return Ok(());
     }
     let _: VmRecord = api(agent::client::post(
         &a1,

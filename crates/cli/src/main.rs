@@ -219,6 +219,10 @@ enum Cmd {
         /// Keep the cluster's directory (logs, store) instead of deleting it.
         #[arg(long)]
         keep: bool,
+        /// After the migrations, keep the cluster and its VM running and print the web
+        /// console's address and an admin token for it; Enter stops it.
+        #[arg(long)]
+        serve: bool,
     },
 }
 
@@ -338,6 +342,19 @@ enum VmCmd {
     Stop { vm: String },
     /// Delete a stopped VM.
     Delete { vm: String },
+    /// Change a stopped VM: vCPUs, memory, CPU profile (processor compatibility).
+    Set {
+        vm: String,
+        #[arg(long)]
+        vcpus: Option<u8>,
+        #[arg(long)]
+        memory_mib: Option<u64>,
+        /// host, baseline or cluster.
+        #[arg(long)]
+        cpu_profile: Option<String>,
+    },
+    /// Every other node's preflight verdict for a VM (nothing moves).
+    Targets { vm: String },
     /// Live-migrate a VM to another node (progress bar, then a summary).
     Migrate {
         vm: String,
@@ -527,7 +544,7 @@ fn run(cli: Cli) -> Result<()> {
             clap_complete::generate(*shell, &mut Cli::command(), "ferry", &mut std::io::stdout());
             Ok(())
         }
-        Cmd::Demo { keep } => demo::run(*keep),
+        Cmd::Demo { keep, serve } => demo::run(*keep, *serve),
         Cmd::Chaos {
             seed,
             trials,
@@ -810,6 +827,39 @@ fn vm_cmd(addr: &str, json: bool, cmd: &VmCmd) -> Result<()> {
         VmCmd::Delete { vm } => {
             let r: Deleted = api(agent::client::delete(addr, &format!("/v1/vms/{vm}")))?;
             out(json, &r, || format!("VM {vm} deleted"))
+        }
+        VmCmd::Set {
+            vm,
+            vcpus,
+            memory_mib,
+            cpu_profile,
+        } => {
+            let edit = contract::api::VmEdit {
+                vcpus: *vcpus,
+                memory_mib: *memory_mib,
+                cpu_profile: cpu_profile.clone(),
+            };
+            if edit.is_empty() {
+                bail!("nothing to change: give --vcpus, --memory-mib or --cpu-profile");
+            }
+            let r: VmRecord = api(agent::client::put(addr, &format!("/v1/vms/{vm}"), &edit))?;
+            out(json, &r, || {
+                format!(
+                    "VM {vm}: {} vCPUs, {} MiB, cpu profile {} (applied at its next start)",
+                    r.spec.vcpus, r.spec.memory_mib, r.spec.cpu_profile
+                )
+            })
+        }
+        VmCmd::Targets { vm } => {
+            let t: contract::api::Targets =
+                api(agent::client::get(addr, &format!("/v1/vms/{vm}/targets")))?;
+            out(json, &t, || {
+                let mut s = format!("VM {} on {}:", t.vm, t.from);
+                for v in &t.targets {
+                    s.push_str(&format!("\n  {v}"));
+                }
+                s
+            })
         }
         VmCmd::Migrate {
             vm,

@@ -26,6 +26,7 @@ fn call(method: &str, url: &str, token: Option<&str>, body: Option<Value>) -> (u
     let mut resp = match method {
         "GET" => with_auth(agent.get(url), token).call(),
         "DELETE" => with_auth(agent.delete(url), token).call(),
+        "PUT" => with_auth(agent.put(url), token).send_json(body.unwrap_or(json!({}))),
         _ => with_auth(agent.post(url), token).send_json(body.unwrap_or(json!({}))),
     }
     .unwrap();
@@ -69,6 +70,27 @@ fn every_request_needs_a_token_whose_role_allows_it_and_agents_use_node_tokens()
         "{b}"
     );
     let (s, _) = call("GET", &format!("{base}/metrics"), None, None);
+    assert_eq!(s, 401);
+    // The web console's page and files need no credential (its login page asks for one);
+    // nothing else is reachable through their paths.
+    let (s, b) = call("GET", &format!("{base}/"), None, None);
+    assert_eq!(s, 200);
+    assert!(
+        b.as_str()
+            .unwrap()
+            .contains("<title>Ferry cluster console</title>"),
+        "{b}"
+    );
+    let (s, _) = call("GET", &format!("{base}/assets/x.js"), None, None);
+    assert_eq!(s, 404, "an unknown console file");
+    for path in ["/assets/%2e%2e%2fv1%2fvms", "/assets/..%2Fv1%2Fvms"] {
+        let (s, _) = call("GET", &format!("{base}{path}"), None, None);
+        assert_eq!(
+            s, 401,
+            "{path} is not a console file: it needs a credential"
+        );
+    }
+    let (s, _) = call("GET", &format!("{base}/v1/vms/x/targets"), None, None);
     assert_eq!(s, 401);
 
     // A viewer reads, and cannot create, start, migrate or call an internal endpoint.
@@ -115,6 +137,13 @@ fn every_request_needs_a_token_whose_role_allows_it_and_agents_use_node_tokens()
         None,
     );
     assert_eq!(s, 403, "operator delete: {b}");
+    let (s, b) = call(
+        "PUT",
+        &format!("{base}/v1/vms/alpha"),
+        Some(&operator),
+        Some(json!({ "vcpus": 2 })),
+    );
+    assert_eq!(s, 403, "operator edit: {b}");
 
     // The CLI with the operator's token migrates it: node1's agent asks node2's for a
     // receiver with its node token. Without a token the CLI says why it was refused.

@@ -33,7 +33,7 @@ impl From<crate::trust::Role> for Grant {
 impl Grant {
     pub fn allows(self, access: Access) -> bool {
         match access {
-            Access::Read => true,
+            Access::Public | Access::Read => true,
             Access::Operate => self != Grant::Viewer,
             Access::Administer => self == Grant::Admin,
             Access::Internal => self == Grant::Node,
@@ -72,6 +72,8 @@ impl std::fmt::Display for Grant {
 /// What a request needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
+    /// The web console's static files (its login page asks for the credential).
+    Public,
     Read,
     Operate,
     Administer,
@@ -85,6 +87,10 @@ pub fn access_for(method: &str, path: &str) -> Access {
     if path.starts_with("/v1/internal/") {
         return Access::Internal;
     }
+    let get = method.eq_ignore_ascii_case("GET") || method.eq_ignore_ascii_case("HEAD");
+    if get && is_console_asset(path) {
+        return Access::Public;
+    }
     if method.eq_ignore_ascii_case("GET") || method.eq_ignore_ascii_case("HEAD") {
         return Access::Read;
     }
@@ -94,6 +100,20 @@ pub fn access_for(method: &str, path: &str) -> Access {
         ("POST", ["v1", "nodes", _, "drain" | "undrain"]) => Access::Operate,
         ("POST", ["v1", "migrations", _, "cancel"]) => Access::Operate,
         _ => Access::Administer,
+    }
+}
+
+/// The web console's files: `/`, `/index.html`, `/favicon.svg` and `/assets/<name>` (one
+/// level, no `..`); nothing else is served without a credential.
+pub fn is_console_asset(path: &str) -> bool {
+    match path {
+        "/" | "/index.html" | "/favicon.svg" => true,
+        _ => path.strip_prefix("/assets/").is_some_and(|n| {
+            !n.is_empty()
+                && !n.starts_with('.')
+                && n.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        }),
     }
 }
 
@@ -120,6 +140,14 @@ mod tests {
         use Access::*;
         for (m, p, want) in [
             ("GET", "/v1/health", Read),
+            ("GET", "/", Public),
+            ("GET", "/index.html", Public),
+            ("GET", "/assets/index-abc.js", Public),
+            ("GET", "/assets/../v1/vms", Read),
+            ("GET", "/assets/", Read),
+            ("POST", "/", Administer),
+            ("GET", "/v1/vms/a/targets", Read),
+            ("GET", "/v1/vms/a/serial", Read),
             ("GET", "/v1/vms/a", Read),
             ("GET", "/v1/migrations/x/events", Read),
             ("GET", "/metrics", Read),

@@ -105,7 +105,9 @@ impl Agent {
         for (n, _, _) in cands {
             let problems = self.preflight(vm, &n);
             if !problems.is_empty() {
-                refusals.push(format!("{}: {}", n.info.name, problems.join("; ")));
+                let reasons: Vec<String> =
+                    problems.iter().map(|b| b.describe(&n.info.name)).collect();
+                refusals.push(format!("{}: {}", n.info.name, reasons.join("; ")));
                 continue;
             }
             let req = MigrateRequest {

@@ -4,7 +4,7 @@ use super::{usage, R};
 use crate::client;
 use crate::{Agent, AgentError};
 use cluster::{now_ms, SpecExt, VmRecord, VmSpec, VmState};
-use contract::api::{NodeView, VmView};
+use contract::api::{NodeView, SerialTail, VmEdit, VmView, SERIAL_TAIL_MAX};
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -180,7 +180,12 @@ impl Agent {
             .map_err(AgentError::Conflict)?;
         // Claim the VM (so no other start races this one), then start the worker.
         self.update_vm(name, |r| {
-            if !matches!(r.state, VmState::Stopped | VmState::Crashed) || r.owner != self.name() {
+            // The spec too: an edit between the read above and this claim must not start
+            // the VM with the old one while the record shows the new.
+            if !matches!(r.state, VmState::Stopped | VmState::Crashed)
+                || r.owner != self.name()
+                || r.spec != spec
+            {
                 return Err(AgentError::Conflict(format!("VM {name} changed meanwhile")));
             }
             r.state = VmState::Running;
@@ -287,6 +292,101 @@ impl Agent {
                 Ok(())
             })?
             .value)
+    }
+
+    /// Changes a stopped VM's vCPUs, memory or CPU profile (processor compatibility); the
+    /// next start applies them. Refused (409) while the VM runs, migrates or its worker is
+    /// being set up; an invalid result (400) changes nothing.
+    pub fn edit_vm(&self, name: &str, edit: &VmEdit) -> R<VmRecord> {
+        if edit.is_empty() {
+            return Err(AgentError::BadRequest(
+                "nothing to change: give vcpus, memory_mib or cpu_profile".into(),
+            ));
+        }
+        let _busy = self.busy.hold(name).ok_or_else(|| {
+            AgentError::Conflict(format!("another operation on VM {name} is in progress"))
+        })?;
+        Ok(self
+            .update_vm(name, |r| {
+                if !matches!(r.state, VmState::Stopped | VmState::Crashed) {
+                    return Err(AgentError::Conflict(format!(
+                        "VM {name} is {}: only a stopped VM can be changed (ferry vm stop {name})",
+                        r.state
+                    )));
+                }
+                let mut spec = r.spec.clone();
+                if let Some(v) = edit.vcpus {
+                    spec.vcpus = v;
+                }
+                if let Some(m) = edit.memory_mib {
+                    spec.memory_mib = m;
+                }
+                if let Some(p) = &edit.cpu_profile {
+                    spec.cpu_profile = p.clone();
+                }
+                spec.validate()
+                    .map_err(|e| AgentError::BadRequest(e.to_string()))?;
+                r.spec = spec;
+                Ok(())
+            })?
+            .value)
+    }
+
+    /// The end of the VM's serial console log, read on its owner node.
+    pub fn serial_tail(&self, name: &str) -> R<SerialTail> {
+        use std::io::{Read, Seek, SeekFrom};
+        use std::os::unix::fs::OpenOptionsExt;
+        let v = self.vm_or_404(name)?;
+        if v.value.owner != self.name() {
+            let a = self.address_of(&v.value.owner)?;
+            return client::get(
+                client::node(&v.value.owner, &a),
+                &format!("/v1/vms/{name}/serial"),
+            );
+        }
+        let path = crate::workers::console_dir(&crate::workers::vm_dir(&self.cfg.data_dir, name))
+            .join("serial.log");
+        // The worker owns the directory: its files are not followed if they are links, and
+        // a FIFO or device does not block this thread.
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(&path);
+        let mut f = match f {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(SerialTail {
+                    vm: name.into(),
+                    node: self.name().into(),
+                    text: String::new(),
+                    truncated: false,
+                })
+            }
+            Err(e) => return Err(AgentError::Internal(format!("{}: {e}", path.display()))),
+        };
+        let meta = f
+            .metadata()
+            .map_err(|e| AgentError::Internal(e.to_string()))?;
+        if !meta.is_file() {
+            return Err(AgentError::Internal(format!(
+                "{} is not a regular file",
+                path.display()
+            )));
+        }
+        let len = meta.len();
+        let from = len.saturating_sub(SERIAL_TAIL_MAX);
+        f.seek(SeekFrom::Start(from))
+            .map_err(|e| AgentError::Internal(e.to_string()))?;
+        let mut buf = Vec::new();
+        f.take(SERIAL_TAIL_MAX)
+            .read_to_end(&mut buf)
+            .map_err(|e| AgentError::Internal(e.to_string()))?;
+        Ok(SerialTail {
+            vm: name.into(),
+            node: self.name().into(),
+            text: String::from_utf8_lossy(&buf).into_owned(),
+            truncated: from > 0,
+        })
     }
 
     /// Deletes a stopped VM.

@@ -19,8 +19,8 @@ use crate::client;
 use crate::{Agent, AgentError};
 use cluster::{now_ms, MigrationOutcome, MigrationRecord, NodeStatus, Phase, VmRecord, VmState};
 use contract::api::{
-    CancelOutcome, CancelReply, MigrateRequest, MigrationStarted, MigrationView, ReceiveReply,
-    ReceiveRequest,
+    Blocker, CancelOutcome, CancelReply, MigrateRequest, MigrationStarted, MigrationView,
+    ReceiveReply, ReceiveRequest, TargetVerdict, Targets,
 };
 use contract::faults::{self, FaultPoint};
 use contract::worker::{CommitDecision, MigrateCommand, MigrateSession, Reply, Request};
@@ -48,74 +48,107 @@ enum Ended {
 
 impl Agent {
     /// Checks whether `dest` can take `vm` (the agent-level preflight).
-    pub fn preflight(&self, vm: &VmRecord, dest: &NodeStatus) -> Vec<String> {
+    pub fn preflight(&self, vm: &VmRecord, dest: &NodeStatus) -> Vec<Blocker> {
         let mut problems = Vec::new();
         let src = self.node_info();
         if !dest.alive {
-            problems.push(format!(
-                "node {} is down (its lease expired)",
-                dest.info.name
-            ));
+            problems.push(Blocker::Down);
         }
         if !dest.info.schedulable {
-            problems.push(format!("node {} is drained", dest.info.name));
+            problems.push(Blocker::Drained);
         }
         if dest.info.cpu_vendor != src.cpu_vendor {
-            problems.push(format!(
-                "CPU vendor differs: {} here, {} on {}",
-                src.cpu_vendor, dest.info.cpu_vendor, dest.info.name
-            ));
+            problems.push(Blocker::CpuVendor {
+                here: src.cpu_vendor.clone(),
+                there: dest.info.cpu_vendor.clone(),
+            });
         }
         let have: BTreeSet<&String> = dest.info.cpu_features.iter().collect();
-        let missing: Vec<&str> = vm
+        let missing: Vec<String> = vm
             .cpu_features
             .iter()
             .filter(|f| !have.contains(f))
-            .map(|f| f.as_str())
+            .cloned()
             .collect();
         if !missing.is_empty() {
-            problems.push(format!(
-                "node {} lacks CPU features the VM uses: {} (to move it there, stop the VM, set its cpu_profile to `cluster` or `baseline`, and start it again)",
-                dest.info.name,
-                missing.join(", ")
-            ));
+            problems.push(Blocker::CpuFeatures { missing });
         }
         if let (Ok(vms), Ok(running)) = (self.store.vms(), self.store.running_migrations()) {
             let (cores, mem, _) = usage(&dest.info.name, &vms, &running);
             if cores + vm.spec.vcpus as u32 > dest.info.cores {
-                problems.push(format!(
-                    "not enough cores on {}: {} free, the VM needs {}",
-                    dest.info.name,
-                    dest.info.cores.saturating_sub(cores),
-                    vm.spec.vcpus
-                ));
+                problems.push(Blocker::Cores {
+                    free: dest.info.cores.saturating_sub(cores),
+                    need: vm.spec.vcpus as u32,
+                });
             }
             if mem + vm.spec.memory_mib > dest.info.memory_mib {
-                problems.push(format!(
-                    "not enough memory on {}: {} MiB free, the VM needs {} MiB",
-                    dest.info.name,
-                    dest.info.memory_mib.saturating_sub(mem),
-                    vm.spec.memory_mib
-                ));
+                problems.push(Blocker::Memory {
+                    free_mib: dest.info.memory_mib.saturating_sub(mem),
+                    need_mib: vm.spec.memory_mib,
+                });
             }
         }
         for s in vm.spec.storage_needed() {
             if !reaches(&dest.info.storage, &s) {
-                problems.push(format!(
-                    "node {} does not reach storage {s}",
-                    dest.info.name
-                ));
+                problems.push(Blocker::Storage { path: s });
             }
         }
         for n in vm.spec.networks_needed() {
             if !dest.info.networks.contains(&n) {
-                problems.push(format!(
-                    "node {} is not attached to network {n}",
-                    dest.info.name
-                ));
+                problems.push(Blocker::Network { network: n });
             }
         }
         problems
+    }
+
+    /// Every other node's verdict for `name` (a dry run per node; nothing is recorded).
+    /// Answered by the VM's owner, whose node the checks compare against.
+    pub fn targets(&self, name: &str) -> R<Targets> {
+        let v = self.vm_or_404(name)?;
+        if v.value.owner != self.name() {
+            let a = self.address_of(&v.value.owner)?;
+            return client::get(
+                client::node(&v.value.owner, &a),
+                &format!("/v1/vms/{name}/targets"),
+            );
+        }
+        let vms = self.store.vms()?;
+        let running = self.store.running_migrations()?;
+        let mut targets = Vec::new();
+        for dest in self.store.nodes()? {
+            if dest.info.name == self.name() {
+                continue;
+            }
+            let mut blockers = Vec::new();
+            if v.value.state != VmState::Running {
+                blockers.push(Blocker::NotRunning {
+                    state: v.value.state,
+                });
+            }
+            blockers.extend(self.preflight(&v.value, &dest));
+            let mut warnings = Vec::new();
+            if dest.info.cpu_model != self.node_info().cpu_model {
+                warnings.push(format!(
+                    "CPU model differs ({} here, {} there); the VM's CPU features are checked, not the model",
+                    self.node_info().cpu_model,
+                    dest.info.cpu_model
+                ));
+            }
+            let (_, mem, _) = usage(&dest.info.name, &vms, &running);
+            let after = mem + v.value.spec.memory_mib;
+            if after <= dest.info.memory_mib && after * 10 > dest.info.memory_mib * 9 {
+                warnings.push(format!(
+                    "{} MiB of {} MiB would be in use there afterwards (over 90 %)",
+                    after, dest.info.memory_mib
+                ));
+            }
+            targets.push(TargetVerdict::new(&dest.info.name, blockers, warnings));
+        }
+        Ok(Targets {
+            vm: name.into(),
+            from: self.name().into(),
+            targets,
+        })
     }
 
     /// Starts a live migration of `name` to `req.to`; returns its record (running), or refuses
@@ -172,7 +205,8 @@ impl Agent {
         if !problems.is_empty() {
             record.finished_ms = Some(now_ms());
             record.outcome = MigrationOutcome::Failed;
-            record.reason = Some(format!("preflight refused: {}", problems.join("; ")));
+            let reasons: Vec<String> = problems.iter().map(|b| b.describe(&req.to)).collect();
+            record.reason = Some(format!("preflight refused: {}", reasons.join("; ")));
             self.store.put_migration(&record)?;
             self.metrics.inc("ferry_migrations_refused_total");
             return Err(AgentError::Conflict(record.reason.unwrap_or_default()));
@@ -614,6 +648,18 @@ impl Agent {
             .migration(id)?
             .ok_or_else(|| AgentError::NotFound(format!("unknown migration {id:?}")))?;
         let done = m.finished();
+        if !done && m.from != self.name() {
+            // Running on another agent: its live progress is there (a console or CLI may
+            // ask any agent). Unreachable: the store's record, without progress.
+            if let Ok(a) = self.address_of(&m.from) {
+                if let Ok(v) = client::get::<MigrationView>(
+                    client::node(&m.from, &a),
+                    &format!("/v1/migrations/{id}"),
+                ) {
+                    return Ok(v);
+                }
+            }
+        }
         Ok(MigrationView {
             migration: m,
             progress: None,
