@@ -38,6 +38,7 @@ export interface NodeView {
   cpu_vendor: string;
   cpu_model: string;
   cpu_features: string[];
+  cpu_limit: string | null;
   cores: number;
   memory_mib: number;
   cores_used: number;

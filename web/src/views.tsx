@@ -62,6 +62,7 @@ export function ClusterView({ snap, log, refresh }: ViewProps) {
             <th>Node</th>
             <th>State</th>
             <th>CPU</th>
+            <th>CPU profile offered</th>
             <th>CPU features</th>
             <th>vCPUs used / total</th>
             <th>Memory used / free</th>
@@ -81,6 +82,7 @@ export function ClusterView({ snap, log, refresh }: ViewProps) {
               <td>
                 {n.cpu_vendor} <small>{n.cpu_model}</small>
               </td>
+              <td data-testid="node-cpu-limit">{n.cpu_limit ?? "host (all it has)"}</td>
               <td title={n.cpu_features.join(" ")}>{n.cpu_features.length}</td>
               <td>
                 {n.cores_used} / {n.cores}

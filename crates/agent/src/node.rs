@@ -129,6 +129,7 @@ pub fn describe(cfg: &AgentConfig) -> anyhow::Result<NodeInfo> {
         cpu_vendor: offer.vendor(),
         cpu_model: model,
         cpu_features: offer.features().into_iter().collect(),
+        cpu_limit: cfg.cpu_limit.clone(),
         cores: cfg
             .cores
             .unwrap_or_else(|| vmm::host::online_cpus() * VCPUS_PER_CPU),

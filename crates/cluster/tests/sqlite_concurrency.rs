@@ -18,6 +18,7 @@ fn node(name: &str) -> NodeInfo {
         cpu_vendor: "AuthenticAMD".into(),
         cpu_model: "test".into(),
         cpu_features: vec!["sse2".into()],
+        cpu_limit: None,
         cores: 2,
         memory_mib: 4096,
         storage: vec![],

@@ -33,6 +33,9 @@ pub struct NodeView {
     pub cpu_vendor: String,
     pub cpu_model: String,
     pub cpu_features: Vec<String>,
+    /// The CPU profile the node limits its offer to (none: all its KVM offers).
+    #[serde(default)]
+    pub cpu_limit: Option<String>,
     pub cores: u32,
     pub memory_mib: u64,
     pub cores_used: u32,

@@ -16,6 +16,9 @@ pub struct NodeInfo {
     pub cpu_model: String,
     /// CPU features this node's KVM offers (names as in `vmm::cpuid::FEATURES`).
     pub cpu_features: Vec<String>,
+    /// The CPU profile the node limits its offer to (`ferry agent --cpu-limit`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_limit: Option<String>,
     /// vCPUs it may run (its CPUs times the overcommit ratio).
     pub cores: u32,
     /// RAM it gives to VMs, in MiB.

@@ -29,6 +29,7 @@ impl Agent {
                     cpu_vendor: i.cpu_vendor,
                     cpu_model: i.cpu_model,
                     cpu_features: i.cpu_features,
+                    cpu_limit: i.cpu_limit,
                     cores: i.cores,
                     memory_mib: i.memory_mib,
                     cores_used,
