@@ -173,6 +173,9 @@ pub struct WorkerVm {
     /// exactly.
     #[serde(default)]
     pub guest_tsc_lead: Option<i64>,
+    /// Whether its RAM is on 2 MiB huge pages (the node's hugetlb pool), else 4 KiB pages.
+    #[serde(default)]
+    pub huge_pages: bool,
 }
 
 /// Which way a migration goes, seen from this worker.

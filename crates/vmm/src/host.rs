@@ -1,17 +1,19 @@
 //! Facts about this host that placement and preflight need.
 
-/// Free memory (MemAvailable) in MiB.
+/// Free memory in MiB: MemAvailable plus the free pages of the hugetlb pool.
 pub fn free_memory_mib() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("MemAvailable:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map(|kb| kb / 1024)
-        .unwrap_or(0)
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let field = |name: &str| {
+        meminfo
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // Free pages of the hugetlb pool are not in MemAvailable, and guest RAM may use them.
+    let huge_kb = field("HugePages_Free:") * field("Hugepagesize:");
+    (field("MemAvailable:") + huge_kb) / 1024
 }
 
 /// Online CPUs.

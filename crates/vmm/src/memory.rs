@@ -142,6 +142,74 @@ pub struct GuestRam {
     file: File,
     mem: GuestMem,
     layout: MemoryLayout,
+    huge: bool,
+}
+
+/// Huge page size of the hugetlb memfds Ferry makes.
+pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
+
+/// Whether guest RAM may use huge pages: `FERRY_HUGEPAGES=never` turns them off (for a
+/// before/after comparison); otherwise they are used whenever the pool allows.
+fn huge_pages_allowed() -> bool {
+    !matches!(
+        std::env::var("FERRY_HUGEPAGES").as_deref(),
+        Ok("never" | "off" | "0")
+    )
+}
+
+/// A hugetlb memfd (2 MiB pages) for all of `layout`, its pages reserved in the pool now, or
+/// `None` (no pool, a pool too small, a layout not in whole huge pages,
+/// `FERRY_HUGEPAGES=never`): then the caller uses 4 KiB pages. The reservation is made by
+/// one shared mapping without `MAP_NORESERVE` (vm-memory's own mappings have it): a shared
+/// hugetlb mapping reserves its pages for the file, and the reservation outlives the mapping,
+/// so a pool emptied later by another VM cannot kill this one with SIGBUS on a first touch.
+/// Pages are still allocated on first touch, so an untouched guest costs nothing and
+/// [`GuestRam::data_extents`] finds what was touched (with `mincore`: hugetlbfs has no
+/// SEEK_DATA). First touch of a pool page the host already backs is 10-30x faster than of a
+/// fresh 4 KiB page on these machines, which is what a migration destination does to all of
+/// its RAM during pass 0.
+fn huge_memfd(layout: &MemoryLayout) -> Option<File> {
+    if !huge_pages_allowed()
+        || layout
+            .regions
+            .iter()
+            .any(|r| r.size % HUGE_PAGE_SIZE != 0 || r.file_offset % HUGE_PAGE_SIZE != 0)
+    {
+        return None;
+    }
+    let name = c"ferry-guest-ram-2m";
+    // SAFETY: `name` is a valid NUL-terminated string; the return value is checked.
+    let fd = unsafe {
+        libc::memfd_create(
+            name.as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_HUGETLB | libc::MFD_HUGE_2MB,
+        )
+    };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
+    let file = unsafe { File::from_raw_fd(fd) };
+    let size = layout.total_bytes();
+    file.set_len(size).ok()?;
+    // SAFETY: a new read-only shared mapping of a file this function owns, of its whole
+    // size; checked, and unmapped at once (nothing reads it). ENOMEM: the pool is short, and
+    // dropping the file returns nothing it did not take.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            size as usize,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        );
+        if p == libc::MAP_FAILED {
+            return None;
+        }
+        libc::munmap(p, size as usize);
+    }
+    Some(file)
 }
 
 impl std::fmt::Debug for GuestRam {
@@ -153,8 +221,14 @@ impl std::fmt::Debug for GuestRam {
 }
 
 impl GuestRam {
-    /// Creates a memfd of the layout's size and maps every region.
+    /// Creates a memfd of the layout's size and maps every region: 2 MiB huge pages when
+    /// the node's hugetlb pool holds the whole guest ([`huge_memfd`]), else 4 KiB pages.
     pub fn new(layout: MemoryLayout) -> Result<GuestRam, MemoryError> {
+        if let Some(file) = huge_memfd(&layout) {
+            let mut ram = Self::map(file, layout)?;
+            ram.huge = true;
+            return Ok(ram);
+        }
         let name = c"ferry-guest-ram";
         // SAFETY: `name` is a valid NUL-terminated string; the return value is checked.
         let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
@@ -184,7 +258,17 @@ impl GuestRam {
         }
         let mem = GuestMem::from_ranges_with_files(ranges)
             .map_err(|e| MemoryError::Map(e.to_string()))?;
-        Ok(GuestRam { file, mem, layout })
+        Ok(GuestRam {
+            file,
+            mem,
+            layout,
+            huge: false,
+        })
+    }
+
+    /// Whether the RAM is on 2 MiB huge pages (hugetlb).
+    pub fn huge_pages(&self) -> bool {
+        self.huge
     }
 
     /// The vm-memory view (with the VMM-side dirty bitmap).
@@ -251,8 +335,12 @@ impl GuestRam {
     }
 
     /// Byte ranges of the memfd that hold data (everything else was never written and reads as
-    /// zeroes). Uses SEEK_DATA/SEEK_HOLE, so a large untouched guest costs nothing to scan.
+    /// zeroes). Uses SEEK_DATA/SEEK_HOLE (or, on huge pages, `mincore` of the mapping), so a
+    /// large untouched guest costs nothing to scan.
     pub fn data_extents(&self) -> Vec<(u64, u64)> {
+        if self.huge {
+            return self.huge_extents();
+        }
         let total = self.layout.total_bytes();
         let fd = self.file.as_raw_fd();
         let mut out = Vec::new();
@@ -275,6 +363,34 @@ impl GuestRam {
             let probe = unsafe { libc::lseek(fd, 0, libc::SEEK_DATA) };
             if probe < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::ENXIO) {
                 out.push((0, total));
+            }
+        }
+        out
+    }
+
+    /// [`Self::data_extents`] on huge pages: the 2 MiB pages `mincore` says are allocated.
+    fn huge_extents(&self) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let per_page = (PAGE_SIZE as usize).max(1);
+        for (i, r) in self.layout.regions.iter().enumerate() {
+            let (p, len) = self.region_raw(i);
+            let mut vec = vec![0u8; len.div_ceil(per_page)];
+            // SAFETY: `p..p+len` is this region's mapping (page aligned); `vec` has one byte
+            // per 4 KiB page of it.
+            if unsafe { libc::mincore(p.cast(), len, vec.as_mut_ptr()) } != 0 {
+                out.push((r.file_offset, r.file_offset + r.size));
+                continue;
+            }
+            let step = (HUGE_PAGE_SIZE as usize) / per_page;
+            for (k, chunk) in vec.chunks(step).enumerate() {
+                if chunk.iter().any(|b| b & 1 != 0) {
+                    let start = r.file_offset + k as u64 * HUGE_PAGE_SIZE;
+                    let end = (start + HUGE_PAGE_SIZE).min(r.file_offset + r.size);
+                    match out.last_mut() {
+                        Some(last) if last.1 == start => last.1 = end,
+                        _ => out.push((start, end)),
+                    }
+                }
             }
         }
         out

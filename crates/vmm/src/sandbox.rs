@@ -82,6 +82,8 @@ pub const WORKER_ALLOWED: &[libc::c_long] = &[
     libc::SYS_fchmodat,
     libc::SYS_statx,
     libc::SYS_lseek,
+    // Which huge pages of guest RAM are allocated (hugetlbfs has no SEEK_DATA).
+    libc::SYS_mincore,
     libc::SYS_fcntl,
     libc::SYS_dup,
     libc::SYS_dup2,

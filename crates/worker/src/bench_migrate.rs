@@ -383,11 +383,21 @@ pub fn loopback_tcp(streams: usize) -> Result<f64> {
 fn row(label: &str, o: &Result<Outcome>) -> String {
     match o {
         Ok(o) => format!(
-            "| {label} | {:.0} | {:.2} | {} | {:.1} | {:.0} | {:.0} |",
-            o.total_ms, o.downtime_ms, o.phases, o.wire_mib, o.passes, o.throttle
+            "| {label} | {:.0} | {:.2} | {} | {:.1} | {:.0} | {:.0} | {} |",
+            o.total_ms,
+            o.downtime_ms,
+            o.phases,
+            o.wire_mib,
+            o.passes,
+            o.throttle,
+            if o.pass0_mibs > 0.0 {
+                format!("{:.0}", o.pass0_mibs)
+            } else {
+                "–".into()
+            }
         ),
         Err(e) => format!(
-            "| {label} | failed: {} | | | | | |",
+            "| {label} | failed: {} | | | | | | |",
             e.to_string().replace('|', "/")
         ),
     }
@@ -414,6 +424,7 @@ pub fn run(dir: &Path, sizes: &[u64], max_downtime_ms: u64) -> Result<()> {
     let t1 = loopback_tcp(1)?;
     let t4 = loopback_tcp(4)?;
     println!("Loopback TCP, measured in this run: **{t1:.2} GiB/s** with 1 stream, **{t4:.2} GiB/s** with 4 streams.\n");
+    println!("{}\n", guest_ram_note());
     println!("Ferry columns: downtime phases = final memory / state / commit / resume (ms). QEMU: `-M microvm`, auto-converge, max-bandwidth 100 GiB/s, multifd with 4 channels for the 4-stream rows.\n");
     for &mem in sizes {
         let size = if mem >= 1024 {
@@ -422,8 +433,8 @@ pub fn run(dir: &Path, sizes: &[u64], max_downtime_ms: u64) -> Result<()> {
             format!("{mem} MiB")
         };
         println!("### {size} guest\n");
-        println!("| run | total ms | downtime ms | downtime phases | wire MiB | passes | max throttle % |");
-        println!("|---|---|---|---|---|---|---|");
+        println!("| run | total ms | downtime ms | downtime phases | wire MiB | passes | max throttle % | pass 0 MiB/s |");
+        println!("|---|---|---|---|---|---|---|---|");
         let mut ratios = Vec::new();
         for w in workloads(mem) {
             let f1 = ferry_once(&exe, dir, mem, &w, 1, "none", max_downtime_ms, None);
@@ -536,4 +547,26 @@ pub fn run_tls(dir: &Path, sizes: &[u64], reps: usize, max_downtime_ms: u64) -> 
         println!();
     }
     Ok(())
+}
+
+/// What backs Ferry's guest RAM in this run (`vmm::memory`: 2 MiB pages while the hugetlb
+/// pool holds the guest, else 4 KiB; `FERRY_HUGEPAGES=never` forces 4 KiB).
+fn guest_ram_note() -> String {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let free = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("HugePages_Free:"))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    if matches!(
+        std::env::var("FERRY_HUGEPAGES").as_deref(),
+        Ok("never" | "off" | "0")
+    ) {
+        "Ferry's guest RAM: 4 KiB pages (FERRY_HUGEPAGES=never).".into()
+    } else {
+        format!(
+            "Ferry's guest RAM: 2 MiB huge pages while the pool holds a guest ({} MiB free at the start; both sides of a migration draw on it), else 4 KiB pages.",
+            free * 2
+        )
+    }
 }

@@ -234,6 +234,7 @@ pub fn status(ctx: &Ctx) -> WorkerStatus {
             throttle_pct: vm.throttle(),
             stop_reason: vm.event().map(|e| e.to_string()),
             guest_tsc_lead: vm.tsc_lead(),
+            huge_pages: vm.ram().huge_pages(),
         }
     });
     let outgoing = ctx
