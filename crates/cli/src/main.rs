@@ -14,6 +14,7 @@ use serde_json::json;
 use std::path::PathBuf;
 use std::time::Duration;
 
+mod bench_drain;
 mod bench_net;
 mod bench_net_qemu;
 mod chaos;
@@ -188,6 +189,20 @@ enum Cmd {
         /// Skip the QEMU comparison.
         #[arg(long)]
         no_qemu: bool,
+        /// Also write the Markdown report to this file.
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
+    /// A drain of N VMs off one node of a fresh local 3-node cluster at each concurrency
+    /// (root, /dev/kvm): drain wall time, worst and median downtime.
+    BenchDrain {
+        #[arg(long, default_value_t = 8)]
+        vms: usize,
+        #[arg(long, default_value_t = 128)]
+        memory_mib: u64,
+        /// Concurrencies to measure, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+        concurrency: Vec<usize>,
         /// Also write the Markdown report to this file.
         #[arg(long)]
         report: Option<PathBuf>,
@@ -568,6 +583,17 @@ fn run(cli: Cli) -> Result<()> {
             migrations: *migrations,
             interval_ms: *interval_ms,
             qemu: !*no_qemu,
+            report: report.clone(),
+        }),
+        Cmd::BenchDrain {
+            vms,
+            memory_mib,
+            concurrency,
+            report,
+        } => bench_drain::run(&bench_drain::Options {
+            vms: *vms,
+            memory_mib: *memory_mib,
+            concurrency: concurrency.clone(),
             report: report.clone(),
         }),
         Cmd::Clock { cmd } => match cmd {

@@ -1,0 +1,214 @@
+//! `ferry bench-drain`: a drain of N VMs off one node at several concurrencies, each on a fresh
+//! local 3-node cluster (agents on loopback, the embedded store, real workers): the drain's
+//! wall time and the downtime and total time of its migrations, from the drain report. The
+//! guests dirty a small working set at a paced rate (they sleep between writes, so N of them
+//! fit 2 CPUs) and print heartbeats.
+
+use anyhow::{bail, Context, Result};
+use cluster::VmRecord;
+use contract::api::{CreateVm, DrainReport, DrainRequest};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Options {
+    pub vms: usize,
+    pub memory_mib: u64,
+    pub concurrency: Vec<usize>,
+    pub report: Option<PathBuf>,
+}
+
+/// One drain.
+pub struct Row {
+    pub concurrency: usize,
+    pub wall_ms: f64,
+    pub moved: usize,
+    pub failed: usize,
+    pub max_concurrent: usize,
+    pub worst_downtime_ms: f64,
+    pub median_downtime_ms: f64,
+    pub median_total_ms: f64,
+    pub errors: Vec<String>,
+}
+
+struct Local {
+    dir: PathBuf,
+    agents: Vec<(String, String, Child)>,
+}
+
+impl Drop for Local {
+    fn drop(&mut self) {
+        for (name, _, _) in &self.agents {
+            testbed::bed::shutdown_workers(&self.dir.join(name));
+        }
+        for (_, _, c) in &mut self.agents {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn api<T>(r: Result<T, agent::AgentError>) -> Result<T> {
+    r.map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn start(dir: &Path, max: usize) -> Result<Local> {
+    let exe = std::env::current_exe()?;
+    if !exe.with_file_name("ferry-vmm").is_file() {
+        bail!("ferry-vmm is not next to {}", exe.display());
+    }
+    std::fs::create_dir_all(dir)?;
+    let store = format!("sqlite://{}", dir.join("cluster.db").display());
+    let mut l = Local {
+        dir: dir.to_path_buf(),
+        agents: Vec::new(),
+    };
+    let max = max.to_string();
+    for name in ["node1", "node2", "node3"] {
+        let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
+        let addr_file = dir.join(format!("{name}.addr"));
+        let mut child = Command::new(&exe)
+            .args(["agent", "--node", name, "--listen", "127.0.0.1:0"])
+            .args(["--store", &store, "--data-dir"])
+            .arg(dir.join(name))
+            .args(["--max-outgoing", &max, "--max-incoming", &max])
+            .args(["--lease-ttl-s", "5", "--address-file"])
+            .arg(&addr_file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .context("cannot start an agent")?;
+        let Some(addr) = crate::wait_for_agent(name, &addr_file, &mut child) else {
+            bail!("agent {name} did not come up (see {})", dir.display());
+        };
+        l.agents.push((name.into(), addr, child));
+    }
+    Ok(l)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn drain_once(opts: &Options, c: usize) -> Result<Row> {
+    let dir = std::env::temp_dir().join(format!("ferry-bench-drain-{}-{c}", std::process::id()));
+    let l = start(&dir, c.max(4))?;
+    let a1 = l.agents[0].1.clone();
+    for i in 0..opts.vms {
+        let name = format!("vm{i}");
+        let toml = format!(
+            "name = \"{name}\"\nmemory_mib = {}\ncmdline = \"ferry.workload=dirty ferry.wss_mib=16 ferry.rate_mibs=20 ferry.hb_ms=100\"\n",
+            opts.memory_mib
+        );
+        let _: VmRecord = api(agent::client::post(
+            &a1,
+            "/v1/vms",
+            &CreateVm {
+                spec: None,
+                toml: Some(toml),
+                node: Some("node1".into()),
+            },
+            Some(Duration::from_secs(30)),
+        ))?;
+        let _: VmRecord = api(agent::client::post(
+            &a1,
+            &format!("/v1/vms/{name}/start"),
+            &json!({}),
+            Some(Duration::from_secs(60)),
+        ))?;
+    }
+    // Every guest running its workload.
+    let t0 = Instant::now();
+    for i in 0..opts.vms {
+        let log = dir
+            .join("node1/vms")
+            .join(format!("vm{i}"))
+            .join("console/serial.log");
+        while !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("\nhb 0 3 ")
+        {
+            if t0.elapsed() > Duration::from_secs(60) {
+                bail!("vm{i} printed no heartbeats in 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let t = Instant::now();
+    let r: DrainReport = api(agent::client::post(
+        &a1,
+        "/v1/nodes/node1/drain",
+        &DrainRequest {
+            concurrency: Some(c),
+        },
+        None,
+    ))?;
+    let wall_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let sums: Vec<_> = r.vms.iter().filter_map(|v| v.summary.clone()).collect();
+    Ok(Row {
+        concurrency: c,
+        wall_ms,
+        moved: r.moved,
+        failed: r.failed,
+        max_concurrent: r.max_concurrent,
+        worst_downtime_ms: sums.iter().map(|s| s.downtime_ms).fold(0.0, f64::max),
+        median_downtime_ms: median(sums.iter().map(|s| s.downtime_ms).collect()),
+        median_total_ms: median(sums.iter().map(|s| s.total_ms).collect()),
+        errors: r
+            .vms
+            .iter()
+            .filter_map(|v| v.error.as_ref().map(|e| format!("{}: {e}", v.vm)))
+            .collect(),
+    })
+}
+
+pub fn report(opts: &Options, rows: &[Row]) -> String {
+    let mut s = format!(
+        "## Drain of {} VMs ({} MiB each, dirtying 16 MiB at 20 MiB/s) off node1 of a local 3-node cluster\n\n\
+         | concurrency | drain wall time | moved | failed | most at once | worst downtime | median downtime | median migration total |\n\
+         |---|---|---|---|---|---|---|---|\n",
+        opts.vms, opts.memory_mib
+    );
+    for r in rows {
+        s.push_str(&format!(
+            "| {} | {:.0} ms | {} | {} | {} | {:.2} ms | {:.2} ms | {:.0} ms |\n",
+            r.concurrency,
+            r.wall_ms,
+            r.moved,
+            r.failed,
+            r.max_concurrent,
+            r.worst_downtime_ms,
+            r.median_downtime_ms,
+            r.median_total_ms
+        ));
+    }
+    for r in rows {
+        for e in &r.errors {
+            s.push_str(&format!("\nconcurrency {}: {e}", r.concurrency));
+        }
+    }
+    s
+}
+
+pub fn run(opts: &Options) -> Result<()> {
+    if opts.vms == 0 || opts.concurrency.is_empty() || opts.concurrency.contains(&0) {
+        bail!("give at least one VM and concurrencies of 1 or more");
+    }
+    let mut rows = Vec::new();
+    for &c in &opts.concurrency {
+        eprintln!("bench-drain: {} VMs at concurrency {c}", opts.vms);
+        rows.push(drain_once(opts, c)?);
+    }
+    let text = report(opts, &rows);
+    println!("{text}");
+    if let Some(p) = &opts.report {
+        std::fs::write(p, &text).with_context(|| format!("cannot write {}", p.display()))?;
+    }
+    Ok(())
+}
