@@ -13,6 +13,11 @@ export class ApiError extends Error {
   }
 }
 
+/** An error as the page shows it: the agent's own message for an API error. */
+export function errorText(e: unknown): string {
+  return e instanceof ApiError ? e.message : String(e);
+}
+
 export function getToken(): string | null {
   return sessionStorage.getItem(TOKEN_KEY);
 }

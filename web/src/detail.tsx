@@ -1,11 +1,8 @@
 import { useEffect, useRef, useState } from "preact/hooks";
-import { ApiError, get, put } from "./api";
+import { errorText, get, put } from "./api";
 import { MigrationTable, type ViewProps } from "./views";
 import type { SerialTail, VmRecord, VmView } from "./types";
 
-function msg(e: unknown): string {
-  return e instanceof ApiError ? e.message : String(e);
-}
 
 function EditForm({ vm, log, refresh, onDone }: { vm: VmRecord; onDone: () => void } & Omit<ViewProps, "snap">) {
   const [f, setF] = useState({
@@ -27,7 +24,7 @@ function EditForm({ vm, log, refresh, onDone }: { vm: VmRecord; onDone: () => vo
       onDone();
       refresh();
     } catch (x) {
-      setErr(msg(x));
+      setErr(errorText(x));
     }
   };
   const running = vm.state !== "stopped" && vm.state !== "crashed";
@@ -109,7 +106,7 @@ export function VmDetail({ name, editing, snap, log, refresh }: ViewProps & { na
         if (live) setSerial(s);
         if (live) setErr(null);
       } catch (e) {
-        if (live) setErr(msg(e));
+        if (live) setErr(errorText(e));
       }
     };
     load();

@@ -1,6 +1,6 @@
 import { render } from "preact";
 import { useEffect, useState } from "preact/hooks";
-import { ApiError, get, getToken, setToken } from "./api";
+import { ApiError, errorText, get, getToken, setToken } from "./api";
 import { ActivityView, ClusterView, VmsView } from "./views";
 import { VmDetail } from "./detail";
 import type { MigrationRecord, NodeView, VmRecord } from "./types";
@@ -41,7 +41,7 @@ function Login(props: { onDone: () => void; error: string | null }) {
       props.onDone();
     } catch (x) {
       setToken(null);
-      setErr(x instanceof ApiError ? x.message : String(x));
+      setErr(errorText(x));
     }
   };
   return (

@@ -1,13 +1,10 @@
 import { useEffect, useRef, useState } from "preact/hooks";
 import uPlot from "uplot";
 import "uplot/dist/uPlot.min.css";
-import { ApiError, followMigration, get, post } from "./api";
+import { errorText, followMigration, get, post } from "./api";
 import { defaultTarget, describe, fmtBytes, fmtMs, linkRate, Meter, missingFeatures, orderTargets } from "./logic";
 import type { MigrationRecord, MigrationStarted, Phase, Progress, Targets, VmRecord } from "./types";
 
-function msg(e: unknown): string {
-  return e instanceof ApiError ? e.message : String(e);
-}
 
 interface Props {
   vm: VmRecord;
@@ -31,7 +28,7 @@ export function MigrateDialog({ vm, log, refresh, onClose }: Props) {
         setTargets(t);
         setTo(defaultTarget(t.targets));
       })
-      .catch((e) => setErr(msg(e)));
+      .catch((e) => setErr(errorText(e)));
   }, [name]);
 
   const start = async () => {
@@ -48,8 +45,8 @@ export function MigrateDialog({ vm, log, refresh, onClose }: Props) {
       log(`migration ${r.migration.id}: ${name} ${r.migration.from} → ${to} started`);
       setStarted(r.migration);
     } catch (e) {
-      setErr(msg(e));
-      log(`migrate ${name} to ${to}: ${msg(e)}`, false);
+      setErr(errorText(e));
+      log(`migrate ${name} to ${to}: ${errorText(e)}`, false);
     }
   };
 
@@ -280,13 +277,13 @@ export function ProgressPanel({
           // The owner shown is the store's, read after the end.
           get<{ vm: VmRecord }>(`/v1/vms/${m.vm}`)
             .then((v) => setOwner(`${v.vm.owner} (${v.vm.state})`))
-            .catch((e) => setOwner(`unknown: ${msg(e)}`));
+            .catch((e) => setOwner(`unknown: ${errorText(e)}`));
           refresh();
         } else setErr(ev.error);
       },
       ctl.signal,
     ).catch((e) => {
-      if (!ctl.signal.aborted) setErr(msg(e));
+      if (!ctl.signal.aborted) setErr(errorText(e));
     });
     return () => ctl.abort();
   }, [record.id]);
@@ -297,7 +294,7 @@ export function ProgressPanel({
       await post(`/v1/migrations/${record.id}/cancel`, {});
       log(`migration ${record.id}: cancel requested`);
     } catch (e) {
-      setErr(msg(e));
+      setErr(errorText(e));
       setCancelling(false);
     }
   };

@@ -1,5 +1,5 @@
 import { useState } from "preact/hooks";
-import { ApiError, del, post } from "./api";
+import { errorText, del, post } from "./api";
 import { fmtBytes, fmtMs } from "./logic";
 import { MigrateDialog } from "./migrate";
 import type { Action, Snapshot } from "./main";
@@ -11,9 +11,6 @@ export interface ViewProps {
   refresh: () => Promise<void>;
 }
 
-function msg(e: unknown): string {
-  return e instanceof ApiError ? e.message : String(e);
-}
 
 function nodeState(n: NodeView): string {
   if (!n.alive) return "down";
@@ -41,8 +38,8 @@ export function ClusterView({ snap, log, refresh }: ViewProps) {
         log(`undrained ${n.name}`);
       }
     } catch (e) {
-      setReport(`${what} ${n.name}: ${msg(e)}`);
-      log(`${what} ${n.name}: ${msg(e)}`, false);
+      setReport(`${what} ${n.name}: ${errorText(e)}`);
+      log(`${what} ${n.name}: ${errorText(e)}`, false);
     } finally {
       setBusy(null);
       refresh();
@@ -170,7 +167,7 @@ function CreateForm({ snap, log, refresh, onClose }: ViewProps & { onClose: () =
       onClose();
       refresh();
     } catch (x) {
-      setErr(msg(x));
+      setErr(errorText(x));
     }
   };
   return (
@@ -282,8 +279,8 @@ export function VmsView(props: ViewProps) {
       } else await post(`/v1/vms/${vm.spec.name}/${what}`, {});
       log(`${what} ${vm.spec.name}`);
     } catch (e) {
-      setErr(`${what} ${vm.spec.name}: ${msg(e)}`);
-      log(`${what} ${vm.spec.name}: ${msg(e)}`, false);
+      setErr(`${what} ${vm.spec.name}: ${errorText(e)}`);
+      log(`${what} ${vm.spec.name}: ${errorText(e)}`, false);
     } finally {
       setBusy(null);
       refresh();

@@ -1,19 +1,27 @@
 //! Facts about this host that placement and preflight need.
 
-/// Free memory in MiB: MemAvailable plus the free pages of the hugetlb pool.
+/// Free memory in MiB: MemAvailable plus what the hugetlb pool can still give
+/// ([`huge_pages_free_mib`]).
 pub fn free_memory_mib() -> u64 {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let field = |name: &str| {
-        meminfo
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|n| n.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // Free pages of the hugetlb pool are not in MemAvailable, and guest RAM may use them.
-    let huge_kb = field("HugePages_Free:") * field("Hugepagesize:");
-    (field("MemAvailable:") + huge_kb) / 1024
+    meminfo_kb("MemAvailable:") / 1024 + huge_pages_free_mib()
+}
+
+/// MiB of the hugetlb pool neither allocated nor reserved: what a new VM's RAM can take
+/// (a VM on huge pages reserves all of its pages at start, allocating them as they are touched).
+pub fn huge_pages_free_mib() -> u64 {
+    let pages = meminfo_kb("HugePages_Free:").saturating_sub(meminfo_kb("HugePages_Rsvd:"));
+    pages * meminfo_kb("Hugepagesize:") / 1024
+}
+
+/// A `/proc/meminfo` field's number (kB for sizes, a count for `HugePages_*`); 0 if absent.
+fn meminfo_kb(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Online CPUs.

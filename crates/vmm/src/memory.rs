@@ -150,7 +150,7 @@ pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
 
 /// Whether guest RAM may use huge pages: `FERRY_HUGEPAGES=never` turns them off (for a
 /// before/after comparison); otherwise they are used whenever the pool allows.
-fn huge_pages_allowed() -> bool {
+pub fn huge_pages_allowed() -> bool {
     !matches!(
         std::env::var("FERRY_HUGEPAGES").as_deref(),
         Ok("never" | "off" | "0")
@@ -371,7 +371,7 @@ impl GuestRam {
     /// [`Self::data_extents`] on huge pages: the 2 MiB pages `mincore` says are allocated.
     fn huge_extents(&self) -> Vec<(u64, u64)> {
         let mut out: Vec<(u64, u64)> = Vec::new();
-        let per_page = (PAGE_SIZE as usize).max(1);
+        let per_page = PAGE_SIZE as usize;
         for (i, r) in self.layout.regions.iter().enumerate() {
             let (p, len) = self.region_raw(i);
             let mut vec = vec![0u8; len.div_ceil(per_page)];

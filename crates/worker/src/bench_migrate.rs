@@ -552,21 +552,12 @@ pub fn run_tls(dir: &Path, sizes: &[u64], reps: usize, max_downtime_ms: u64) -> 
 /// What backs Ferry's guest RAM in this run (`vmm::memory`: 2 MiB pages while the hugetlb
 /// pool holds the guest, else 4 KiB; `FERRY_HUGEPAGES=never` forces 4 KiB).
 fn guest_ram_note() -> String {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let free = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("HugePages_Free:"))
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .unwrap_or(0);
-    if matches!(
-        std::env::var("FERRY_HUGEPAGES").as_deref(),
-        Ok("never" | "off" | "0")
-    ) {
+    if !vmm::memory::huge_pages_allowed() {
         "Ferry's guest RAM: 4 KiB pages (FERRY_HUGEPAGES=never).".into()
     } else {
         format!(
             "Ferry's guest RAM: 2 MiB huge pages while the pool holds a guest ({} MiB free at the start; both sides of a migration draw on it), else 4 KiB pages.",
-            free * 2
+            vmm::host::huge_pages_free_mib()
         )
     }
 }

@@ -114,6 +114,7 @@ impl Agent {
         }
         let vms = self.store.vms()?;
         let running = self.store.running_migrations()?;
+        let here = self.node_info();
         let mut targets = Vec::new();
         for dest in self.store.nodes()? {
             if dest.info.name == self.name() {
@@ -127,10 +128,10 @@ impl Agent {
             }
             blockers.extend(self.preflight(&v.value, &dest));
             let mut warnings = Vec::new();
-            if dest.info.cpu_model != self.node_info().cpu_model {
+            if dest.info.cpu_model != here.cpu_model {
                 warnings.push(format!(
                     "CPU model differs ({} here, {} there); the VM's CPU features are checked, not the model",
-                    self.node_info().cpu_model,
+                    here.cpu_model,
                     dest.info.cpu_model
                 ));
             }
