@@ -47,6 +47,10 @@ pub struct AgentConfig {
     /// the migration undecided (both sides paused; reconciliation settles it once the store
     /// is back).
     pub commit_retry: Duration,
+    /// Keep the store's swap at the commit point, in the downtime (`--store-commit`): no
+    /// handover ([`cluster::VmRecord::handover_to`]) from or to this node. For comparison
+    /// (benchmarks, the fault matrix's rows for that protocol) and mixed clusters.
+    pub store_commit: bool,
     /// This node's certificate and key and the cluster CA (`ferry pki issue --node`): the
     /// migrations between this node's workers and others' run over mutual TLS, each side
     /// checking the other is the node the plan names, with a one-time secret per receiver.
@@ -147,5 +151,6 @@ pub fn describe(cfg: &AgentConfig) -> anyhow::Result<NodeInfo> {
         networks: cfg.networks.iter().map(|(n, _)| n.clone()).collect(),
         schedulable: true,
         started_ms: now_ms(),
+        handover: !cfg.store_commit,
     })
 }

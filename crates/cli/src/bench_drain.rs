@@ -32,9 +32,11 @@ pub struct Row {
     pub errors: Vec<String>,
 }
 
-struct Local {
+/// A local cluster of agents on loopback (stopped, with their workers, when dropped).
+pub(crate) struct Local {
     dir: PathBuf,
-    agents: Vec<(String, String, Child)>,
+    /// (node, API address, process)
+    pub agents: Vec<(String, String, Child)>,
 }
 
 impl Drop for Local {
@@ -50,30 +52,46 @@ impl Drop for Local {
     }
 }
 
-fn api<T>(r: Result<T, agent::AgentError>) -> Result<T> {
+pub(crate) fn api<T>(r: Result<T, agent::AgentError>) -> Result<T> {
     r.map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 fn start(dir: &Path, max: usize) -> Result<Local> {
+    std::fs::create_dir_all(dir)?;
+    let store = format!("sqlite://{}", dir.join("cluster.db").display());
+    let max = max.to_string();
+    start_local(
+        dir,
+        &["node1", "node2", "node3"],
+        &store,
+        &["--max-outgoing", &max, "--max-incoming", &max],
+    )
+}
+
+/// Starts one agent per name in `dir` on the store `store`, each with `extra` arguments.
+pub(crate) fn start_local(
+    dir: &Path,
+    nodes: &[&str],
+    store: &str,
+    extra: &[&str],
+) -> Result<Local> {
     let exe = std::env::current_exe()?;
     if !exe.with_file_name("ferry-vmm").is_file() {
         bail!("ferry-vmm is not next to {}", exe.display());
     }
     std::fs::create_dir_all(dir)?;
-    let store = format!("sqlite://{}", dir.join("cluster.db").display());
     let mut l = Local {
         dir: dir.to_path_buf(),
         agents: Vec::new(),
     };
-    let max = max.to_string();
-    for name in ["node1", "node2", "node3"] {
+    for &name in nodes {
         let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
         let addr_file = dir.join(format!("{name}.addr"));
         let mut child = Command::new(&exe)
             .args(["agent", "--node", name, "--listen", "127.0.0.1:0"])
-            .args(["--store", &store, "--data-dir"])
+            .args(["--store", store, "--data-dir"])
             .arg(dir.join(name))
-            .args(["--max-outgoing", &max, "--max-incoming", &max])
+            .args(extra)
             .args(["--lease-ttl-s", "5", "--address-file"])
             .arg(&addr_file)
             .stdout(Stdio::null())
@@ -88,7 +106,7 @@ fn start(dir: &Path, max: usize) -> Result<Local> {
     Ok(l)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
         return 0.0;
     }

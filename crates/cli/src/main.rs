@@ -14,6 +14,7 @@ use serde_json::json;
 use std::path::PathBuf;
 use std::time::Duration;
 
+mod bench_commit;
 mod bench_drain;
 mod bench_net;
 mod bench_net_qemu;
@@ -207,6 +208,21 @@ enum Cmd {
         #[arg(long)]
         report: Option<PathBuf>,
     },
+    /// What the cluster store's commit costs inside the downtime (root, /dev/kvm): N
+    /// migrations of one VM between two local agents per store and commit protocol (the
+    /// handover, and --store-commit); median downtime, commit decision wait, total.
+    BenchCommit {
+        #[arg(long, default_value_t = 20)]
+        migrations: usize,
+        /// Stores to measure, comma-separated (sqlite, etcd).
+        #[arg(long, value_delimiter = ',', default_value = "sqlite,etcd")]
+        stores: Vec<String>,
+        #[arg(long, default_value_t = 256)]
+        memory_mib: u64,
+        /// Also write the Markdown report to this file.
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
     /// Seeded random faults against a local 3-node cluster (root, /dev/kvm): migrations and
     /// drains while a random worker or agent is SIGKILLed or SIGSTOPped at a random moment,
     /// then the invariants checked; prints outcomes per fault and phase, and the seed of any
@@ -304,6 +320,11 @@ struct AgentArgs {
     /// the migration to reconciliation (both sides stay paused meanwhile).
     #[arg(long, default_value_t = 120)]
     commit_retry_s: u64,
+    /// Keep the store's compare-and-swap at the commit point, inside the downtime, instead of
+    /// handing the commit over to the migration stream before the pause (for comparison, and
+    /// for clusters with agents from before the handover).
+    #[arg(long)]
+    store_commit: bool,
     /// Write the address the API really listens on to this file once the agent serves
     /// (with `--listen HOST:0` the agent picks a free port itself).
     #[arg(long)]
@@ -594,6 +615,17 @@ fn run(cli: Cli) -> Result<()> {
             vms: *vms,
             memory_mib: *memory_mib,
             concurrency: concurrency.clone(),
+            report: report.clone(),
+        }),
+        Cmd::BenchCommit {
+            migrations,
+            stores,
+            memory_mib,
+            report,
+        } => bench_commit::run(&bench_commit::Options {
+            migrations: *migrations,
+            stores: stores.clone(),
+            memory_mib: *memory_mib,
             report: report.clone(),
         }),
         Cmd::Clock { cmd } => match cmd {
@@ -1214,6 +1246,7 @@ fn run_agent(a: &AgentArgs) -> Result<()> {
         max_incoming: a.max_incoming as usize,
         max_outgoing: a.max_outgoing as usize,
         commit_retry: Duration::from_secs(a.commit_retry_s.max(1)),
+        store_commit: a.store_commit,
         tls,
         worker_uids: match a.worker_uids.as_str() {
             "root" => {

@@ -26,6 +26,7 @@ fn node(name: &str) -> NodeInfo {
         networks: vec![],
         schedulable: true,
         started_ms: now_ms(),
+        handover: true,
     }
 }
 
@@ -36,6 +37,7 @@ fn vm(name: &str, owner: &str) -> VmRecord {
         state: VmState::Stopped,
         cpu_features: vec![],
         migration: None,
+        handover_to: None,
         last_error: None,
         updated_ms: now_ms(),
     }

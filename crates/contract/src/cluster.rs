@@ -34,6 +34,12 @@ pub struct NodeInfo {
     pub schedulable: bool,
     /// When the agent (re)started, ms since the epoch.
     pub started_ms: u64,
+    /// Whether its agent takes part in a handover ([`VmRecord::handover_to`]): as a
+    /// destination it commits a VM whose source vanished once the VM is complete here, and it
+    /// hands a VM it lost back. False for agents from before the handover (or started with
+    /// `--store-commit`): migrations to them keep the store's swap at the commit point.
+    #[serde(default)]
+    pub handover: bool,
 }
 
 /// A node and whether its lease is alive.
@@ -190,6 +196,15 @@ pub struct VmRecord {
     /// The migration that holds the VM, if any.
     #[serde(default)]
     pub migration: Option<String>,
+    /// Set (to the destination node) while `migration` has *handed its commit over* to the
+    /// migration stream: the source worker's `Commit` message is then the commit point, not
+    /// a store swap in the downtime; the source resumes only after a compare-and-swap back
+    /// to `running` here, and the destination commits on its own (compare-and-swap to owner
+    /// = itself) if its source vanished after the VM was complete there, or hands the VM
+    /// back (clears this) once its receiver is gone. Whoever learns the outcome first
+    /// records the new owner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handover_to: Option<String>,
     /// Last failure, for `vm show`.
     #[serde(default)]
     pub last_error: Option<String>,

@@ -14,6 +14,9 @@ use serde::{Deserialize, Serialize};
 pub enum FaultPoint {
     /// Source agent: preflight passed and the VM is locked for the migration in the store.
     AgentLocked,
+    /// Source agent: the store hands the commit over to the migration stream (the handover
+    /// swap is done), the worker not yet told.
+    AgentHandover,
     /// Source worker: pre-copy pass 0 is under way (its first pages are sent).
     WorkerPass0,
     /// Source worker: pre-copy pass 2 is under way.
@@ -29,8 +32,9 @@ pub enum FaultPoint {
 }
 
 impl FaultPoint {
-    pub const ALL: [FaultPoint; 7] = [
+    pub const ALL: [FaultPoint; 8] = [
         FaultPoint::AgentLocked,
+        FaultPoint::AgentHandover,
         FaultPoint::WorkerPass0,
         FaultPoint::WorkerPass2,
         FaultPoint::WorkerPaused,
@@ -42,6 +46,7 @@ impl FaultPoint {
     pub fn as_str(self) -> &'static str {
         match self {
             FaultPoint::AgentLocked => "agent-locked",
+            FaultPoint::AgentHandover => "agent-handover",
             FaultPoint::WorkerPass0 => "worker-pass-0",
             FaultPoint::WorkerPass2 => "worker-pass-2",
             FaultPoint::WorkerPaused => "worker-paused",

@@ -62,6 +62,16 @@ pub struct MigrateCommand {
     /// its store compare-and-swap).
     #[serde(default)]
     pub external_commit: bool,
+    /// (with `external_commit`) Hand the commit over to the migration stream: once setup is
+    /// done the worker answers [`Reply::HandoverReady`] and waits, before it pauses the VM,
+    /// for a [`DecisionLine`] (`commit`: the store now names the handover; `abort`: it does
+    /// not, the migration fails with the VM running). At Ready it then sends `Commit` without
+    /// asking, and from the pause on it never resumes the VM on its own after a failure: it
+    /// stays paused until the client (who swaps the store back first) sends `resume`.
+    /// (Not written when false, so a worker from before the handover still understands
+    /// every other command.)
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub handover: bool,
     /// Offer at most this wire protocol version (default: the newest this worker speaks;
     /// versions are negotiated down anyway, this only pins an older one).
     #[serde(default)]
@@ -109,6 +119,8 @@ pub enum Reply {
     Progress(Progress),
     /// The destination holds the complete VM: decide (external commit only).
     CommitReady,
+    /// Setup is done: hand the commit over (store swap) and answer (handover only).
+    HandoverReady,
     /// The migration completed (or the dry run passed).
     Done(Summary),
     /// The migration failed.
@@ -379,6 +391,7 @@ mod tests {
             params: Default::default(),
             dry_run: false,
             external_commit: true,
+            handover: false,
             max_protocol: None,
             transport: crate::trust::Transport::Insecure,
             secret: None,

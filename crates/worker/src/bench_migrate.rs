@@ -166,6 +166,7 @@ pub fn ferry_once(
             },
             dry_run: false,
             external_commit: false,
+            handover: false,
             max_protocol: None,
             transport,
             secret,

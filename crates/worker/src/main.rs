@@ -691,6 +691,7 @@ fn real_main(cli: Cli) -> Result<i32> {
                 params: params.params()?,
                 dry_run,
                 external_commit: false,
+                handover: false,
                 max_protocol,
                 transport: tls.transport()?,
                 secret: secret_file

@@ -334,7 +334,12 @@ fn handle(req: Request, ctx: &Ctx) -> Reply {
             Err(e) => Reply::error(e.to_string()),
         },
         Request::Resume => match vm.resume() {
-            Ok(()) => state(&vm),
+            Ok(()) => {
+                // After a failed migration the destination may have announced the VM's MACs
+                // (it does once the source pauses): claim the traffic back.
+                vm.virtio().announce();
+                state(&vm)
+            }
             Err(e) => Reply::error(e.to_string()),
         },
         Request::Snapshot { path } => {
@@ -365,33 +370,74 @@ fn handle(req: Request, ctx: &Ctx) -> Reply {
 /// What the migration thread tells the API handler.
 enum MigEvent {
     Done(Box<Result<contract::Summary, MigrationFailure>>),
-    Ask(std::sync::mpsc::Sender<Result<bool, String>>),
+    /// Ask the client (`CommitReady` for the commit, `HandoverReady` for the handover).
+    Ask(Question, std::sync::mpsc::Sender<Result<bool, String>>),
+}
+
+/// What the migration thread asks the client.
+#[derive(Clone, Copy)]
+enum Question {
+    Commit,
+    Handover,
 }
 
 /// A commit gate answered by the API client (the cluster agent): its decision follows the
-/// store's compare-and-swap, which is the commit point.
-struct ClientGate(Mutex<std::sync::mpsc::Sender<MigEvent>>);
+/// store's compare-and-swap, which is the commit point; or, handed over, the store records
+/// once that the stream's `Commit` decides.
+struct ClientGate {
+    events: Mutex<std::sync::mpsc::Sender<MigEvent>>,
+    handover: bool,
+}
+
+impl ClientGate {
+    fn ask(
+        &self,
+        question: Question,
+    ) -> Result<std::sync::mpsc::Receiver<Result<bool, String>>, String> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(MigEvent::Ask(question, tx))
+            .map_err(|_| "the API handler is gone".to_string())?;
+        Ok(rx)
+    }
+}
 
 impl CommitGate for ClientGate {
     fn decide(&self) -> Result<bool, String> {
-        let (tx, rx) = std::sync::mpsc::channel();
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .send(MigEvent::Ask(tx))
-            .map_err(|_| "the API handler is gone".to_string())?;
-        rx.recv()
+        self.ask(Question::Commit)?
+            .recv()
             .map_err(|_| "the API handler is gone".to_string())?
     }
 
     fn decision_is_commit_point(&self) -> bool {
         true
     }
+
+    fn hand_over(&self) -> Option<std::sync::mpsc::Receiver<Result<bool, String>>> {
+        if !self.handover {
+            return None;
+        }
+        Some(self.ask(Question::Handover).unwrap_or_else(|e| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let _ = tx.send(Err(e));
+            rx
+        }))
+    }
 }
 
-/// Asks the client for the commit decision on its connection.
-fn ask_client(w: &mut UnixStream, r: &mut BufReader<UnixStream>) -> Result<bool, String> {
-    reply(w, &Reply::CommitReady).map_err(|e| format!("cannot ask the client: {e}"))?;
+/// Asks the client `question` on its connection and reads its decision.
+fn ask_client(
+    question: Question,
+    w: &mut UnixStream,
+    r: &mut BufReader<UnixStream>,
+) -> Result<bool, String> {
+    let question = match question {
+        Question::Commit => Reply::CommitReady,
+        Question::Handover => Reply::HandoverReady,
+    };
+    reply(w, &question).map_err(|e| format!("cannot ask the client: {e}"))?;
     let mut line = String::new();
     match (&mut *r).take(MAX_LINE as u64).read_line(&mut line) {
         Ok(0) => Err("the client disconnected before deciding".into()),
@@ -461,11 +507,15 @@ fn migrate(cmd: MigrateCommand, ctx: &Arc<Ctx>, w: &mut UnixStream, r: &mut BufR
     {
         let (vm, mctl, ctx2) = (vm.clone(), mctl.clone(), ctx.clone());
         let external = cmd.external_commit;
+        let handover = cmd.external_commit && cmd.handover;
         std::thread::Builder::new()
             .name("migrate".into())
             .spawn(move || {
                 let result = if external {
-                    let gate = ClientGate(Mutex::new(tx.clone()));
+                    let gate = ClientGate {
+                        events: Mutex::new(tx.clone()),
+                        handover,
+                    };
                     migration::send::migrate_gated(&vm, &opts, &mctl, &gate)
                 } else {
                     migration::send::migrate_gated(&vm, &opts, &mctl, &SourceDecides)
@@ -479,11 +529,11 @@ fn migrate(cmd: MigrateCommand, ctx: &Arc<Ctx>, w: &mut UnixStream, r: &mut BufR
     let mut moved = false;
     let final_reply = loop {
         match rx.recv_timeout(PROGRESS_EVERY) {
-            Ok(MigEvent::Ask(answer)) => {
+            Ok(MigEvent::Ask(question, answer)) => {
                 let d = if client_gone {
                     Err("the client is gone".to_string())
                 } else {
-                    ask_client(w, r)
+                    ask_client(question, w, r)
                 };
                 client_gone |= d.is_err();
                 let _ = answer.send(d);

@@ -143,6 +143,7 @@ fn commit_args(to: &str) -> MigrateCommand {
         params: Default::default(),
         dry_run: false,
         external_commit: true,
+        handover: false,
         max_protocol: None,
         transport: contract::trust::Transport::Insecure,
         secret: None,

@@ -227,15 +227,78 @@ impl Agent {
         }
     }
 
-    /// The store's word on migration `id` of `name` to this node.
-    fn verdict(&self, name: &str, id: &str) -> Verdict {
+    /// The store's word on migration `id` of `name` to this node, for a receiver that holds
+    /// the complete VM. `source_gone`: its source's connection closed without a decision; if
+    /// the store names the handover to this node, this node then commits on its own (a
+    /// compare-and-swap: a source that failed first and swapped the store back wins instead).
+    fn verdict(&self, name: &str, id: &str, source_gone: bool) -> Verdict {
         match self.store.vm(name) {
             Ok(Some(v)) if v.value.owner == self.name() && v.value.migration.is_none() => {
                 Verdict::Commit
             }
             Ok(Some(v)) if v.value.migration.as_deref() != Some(id) => Verdict::Abort,
             Ok(None) => Verdict::Abort,
+            Ok(Some(v)) if source_gone && v.value.handover_to.as_deref() == Some(self.name()) => {
+                match self.commit_to(name, id, self.name(), true) {
+                    Ok(true) => {
+                        tracing::warn!(
+                            vm = name,
+                            migration = id,
+                            "the source vanished after the VM was complete here: committed it here"
+                        );
+                        Verdict::Commit
+                    }
+                    _ => Verdict::Wait, // decided otherwise meanwhile, or the store is away
+                }
+            }
             _ => Verdict::Wait, // still undecided, or the store is away
+        }
+    }
+
+    /// A received VM runs here: if the store still names the handover to this node, record
+    /// this node as the owner (the source's agent may do it first).
+    pub(crate) fn record_arrival(&self, name: &str, id: &str) {
+        let deadline = Instant::now() + self.cfg.commit_retry;
+        loop {
+            match self.store.vm(name) {
+                Ok(Some(v))
+                    if v.value.migration.as_deref() == Some(id)
+                        && v.value.handover_to.as_deref() == Some(self.name()) => {}
+                Ok(_) => return,
+                Err(e) => tracing::warn!("recording the arrival of {name}: {e}"),
+            }
+            match self.commit_to(name, id, self.name(), true) {
+                Ok(_) => return,
+                Err(e) => tracing::warn!("recording the arrival of {name}: {e}"),
+            }
+            if Instant::now() > deadline {
+                return; // reconciliation records it once the store answers
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// A receiver of migration `id` of `name` is gone without having run the VM here: if the
+    /// store still names the handover to this node, hand the VM back (the source's agent
+    /// then settles it: it runs there again if the source never sent Commit, else it is
+    /// crashed). A compare-and-swap: a commit that happened stays.
+    pub(crate) fn hand_back(&self, name: &str, id: &str, why: &str) {
+        let r = self.swap_vm(name, |r| {
+            if r.migration.as_deref() != Some(id) || r.handover_to.as_deref() != Some(self.name()) {
+                return None;
+            }
+            let mut rec = r.clone();
+            rec.handover_to = None;
+            rec.last_error = Some(format!(
+                "migration {id}: the receiver on {} is gone ({why})",
+                self.name()
+            ));
+            Some(rec)
+        });
+        match r {
+            Ok(true) => tracing::warn!(vm = name, migration = id, "handed the VM back: {why}"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!("cannot hand {name} back: {e}"),
         }
     }
 
@@ -244,16 +307,21 @@ impl Agent {
         loop {
             std::thread::sleep(WATCH_EVERY);
             if !w.alive() {
-                return; // the migration failed and the worker discarded the VM
+                // The migration failed and the worker discarded the VM (it never ran here:
+                // a receiver that resumed is no longer `Receiving`, see below).
+                self.hand_back(name, id, "it exited");
+                return;
             }
             let Some(st) = w.state() else { continue };
             if st.state != WorkerState::Receiving {
                 // The VM runs here now: supervise it.
                 self.workers.insert(w.clone());
+                self.record_arrival(name, id);
                 return;
             }
             if st.awaiting_decision() {
-                match self.verdict(name, id) {
+                let source_gone = st.migration.as_ref().is_some_and(|m| !m.source_connected);
+                match self.verdict(name, id, source_gone) {
                     Verdict::Commit => {
                         let _ = w.call(&Request::Commit);
                     }
@@ -271,7 +339,7 @@ impl Agent {
             if last_check.elapsed() >= IDLE_CHECK_EVERY {
                 last_check = Instant::now();
                 // Final: a record never returns to `migrating(id)` once it left it.
-                if let Verdict::Abort = self.verdict(name, id) {
+                if let Verdict::Abort = self.verdict(name, id, false) {
                     tracing::info!(
                         vm = name,
                         migration = id,

@@ -67,6 +67,7 @@ impl Agent {
             state: VmState::Stopped,
             cpu_features: vec![],
             migration: None,
+            handover_to: None,
             last_error: None,
             updated_ms: now_ms(),
         };

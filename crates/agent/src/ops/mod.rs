@@ -284,6 +284,61 @@ impl Agent {
     }
 
     /// CAS loop: applies `f` to the current record until the swap wins (or `f` refuses).
+    /// One compare-and-swap decision on `name`'s record: `f` returns the record to write, or
+    /// `None` to leave it as it is; a lost race reads again and asks `f` again. `Ok(true)`:
+    /// written; `Ok(false)`: `f` declined (or the VM is gone).
+    pub(crate) fn swap_vm(
+        &self,
+        name: &str,
+        mut f: impl FnMut(&VmRecord) -> Option<VmRecord>,
+    ) -> Result<bool, cluster::StoreError> {
+        for _ in 0..100 {
+            let Some(cur) = self.store.vm(name)? else {
+                return Ok(false);
+            };
+            let Some(mut rec) = f(&cur.value) else {
+                return Ok(false);
+            };
+            rec.updated_ms = now_ms();
+            if self.store.update_vm(name, cur.version, &rec)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// The new owner in the store: migration `id` of `name` moved the VM to `node` (a CAS
+    /// from `migrating(id)`; with `handed_over`, only while the store names the handover to
+    /// `node`). `Ok(true)` also when an earlier attempt already did it.
+    pub(crate) fn commit_to(
+        &self,
+        name: &str,
+        id: &str,
+        node: &str,
+        handed_over: bool,
+    ) -> Result<bool, cluster::StoreError> {
+        let mut done = false;
+        let wrote = self.swap_vm(name, |r| {
+            if r.owner == node && r.migration.is_none() {
+                done = true; // an earlier attempt went through
+                return None;
+            }
+            if r.migration.as_deref() != Some(id)
+                || (handed_over && r.handover_to.as_deref() != Some(node))
+            {
+                return None;
+            }
+            let mut rec = r.clone();
+            rec.owner = node.into();
+            rec.state = VmState::Running;
+            rec.migration = None;
+            rec.handover_to = None;
+            rec.last_error = None;
+            Some(rec)
+        })?;
+        Ok(wrote || done)
+    }
+
     pub(crate) fn update_vm(
         &self,
         name: &str,

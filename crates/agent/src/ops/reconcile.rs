@@ -3,13 +3,17 @@
 //! it holds. Every rule is safe to run at any moment and any number of times.
 //!
 //! 1. Receivers found on disk that no thread follows (this agent restarted) are followed again:
-//!    their commit decision comes from the store.
+//!    their commit decision comes from the store. A VM handed over to this node whose worker
+//!    runs it here already is recorded as this node's (its source sent Commit); one whose
+//!    receiver is gone is handed back.
 //! 2. Workers whose process ended: their running VM is marked crashed, with the reason.
 //! 3. Migrations of VMs this node owns that no thread of this agent runs (the agent restarted,
 //!    or its thread gave up on a store that did not answer at the commit point) are settled:
 //!    a worker still migrating is cancelled first; then the store CAS `migrating(id) →
 //!    running` (or `crashed` if the worker is gone) decides "not moved" — a CAS from
-//!    `migrating(id)`, so it can never undo a commit that happened.
+//!    `migrating(id)`, so it can never undo a commit that happened. Handed over, only a
+//!    worker that never sent Commit is rolled back; one that did moved the VM (the owner is
+//!    recorded); without either the destination settles it first.
 //! 4. Running VMs of this node without a known worker: a worker left from before a restart is
 //!    adopted, otherwise the VM is marked crashed.
 //! 5. A VM of this node, running in the store, whose worker holds it paused after a failed
@@ -47,6 +51,7 @@ impl Agent {
         let round = ROUND.fetch_add(1, Ordering::Relaxed);
         self.follow_receivers();
         let Ok(vms) = self.store.vms() else { return };
+        self.settle_handovers_here(&vms);
         let mine: HashMap<String, VmRecord> = vms
             .into_iter()
             .map(|v| v.value)
@@ -131,6 +136,53 @@ impl Agent {
         }
     }
 
+    /// Rule 1b: handovers to this node that no thread follows (this agent restarted). A
+    /// worker running the VM here resumed on the source's Commit: record this node as the
+    /// owner and supervise it. No worker left at all (nothing listens on its socket; a
+    /// stopped process still would): hand the VM back to its source.
+    fn settle_handovers_here(&self, vms: &[cluster::Versioned<VmRecord>]) {
+        for v in vms {
+            let rec = &v.value;
+            let (Some(id), Some(to)) = (&rec.migration, &rec.handover_to) else {
+                continue;
+            };
+            let name = &rec.spec.name;
+            if to != self.name() {
+                continue;
+            }
+            let followed = self
+                .incoming
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(name);
+            if followed {
+                continue;
+            }
+            let sock = vm_dir(&self.cfg.data_dir, name).join("api.sock");
+            if std::os::unix::net::UnixStream::connect(&sock).is_err() {
+                self.hand_back(name, id, "no receiver found after an agent restart");
+                continue;
+            }
+            let Ok(st) = wapi::status(&sock, Some(Duration::from_secs(2))) else {
+                continue; // alive but not answering: wait
+            };
+            if st.state != WorkerState::Receiving && st.migration_id.as_deref() == Some(id) {
+                if self.workers.get(name).is_none() {
+                    self.workers.adopt(&self.cfg.data_dir, name);
+                }
+                match self.commit_to(name, id, self.name(), true) {
+                    Ok(true) => tracing::warn!(
+                        vm = name.as_str(),
+                        migration = id.as_str(),
+                        "recorded the arrival of a VM that resumed here while no agent ran"
+                    ),
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!("recording the arrival of {name}: {e}"),
+                }
+            }
+        }
+    }
+
     /// Rule 2.
     fn reap_workers(&self, mine: &HashMap<String, VmRecord>) {
         for w in self.workers.all() {
@@ -186,15 +238,37 @@ impl Agent {
         }
         let worker = self.find_worker(name).filter(|w| w.alive());
         let status = worker.as_ref().and_then(|w| w.state());
-        if let (Some(w), Some(st)) = (&worker, &status) {
-            let outgoing = st
-                .migration
+        let outgoing = status.as_ref().and_then(|st| {
+            st.migration
                 .as_ref()
-                .filter(|m| m.direction == Direction::Outgoing);
-            if outgoing.is_some_and(|m| m.active) {
+                .filter(|m| m.direction == Direction::Outgoing)
+        });
+        if let (Some(w), Some(m)) = (&worker, outgoing) {
+            if m.active {
                 // Still copying (or waiting for a decision nobody will give): stop it first.
+                // Handed over, a worker past its Commit no longer stops: it ends moved.
                 let _ = w.call(&Request::Cancel);
                 return;
+            }
+        }
+        if let Some(to) = &rec.handover_to {
+            // Handed over: the destination may commit on its own, so only a worker that
+            // never sent Commit may have the VM back (then the rollback below, and rule 5
+            // resumes it); one that sent it moved the VM; otherwise the destination settles
+            // it (it commits, or hands the VM back once its receiver is gone).
+            let running_here = status
+                .as_ref()
+                .is_some_and(|st| st.state == WorkerState::Running);
+            match outgoing.and_then(|m| m.failure.as_ref()).map(|f| f.commit) {
+                Some(CommitPoint::After) => {
+                    if let Err(e) = self.commit_to(name, &id, to, false) {
+                        tracing::warn!("recording {to} as the owner of {name}: {e}");
+                    }
+                    return;
+                }
+                Some(CommitPoint::Before) => {}
+                _ if running_here => {}
+                _ => return,
             }
         }
         let record = self.store.migration(&id).ok().flatten();
@@ -339,6 +413,8 @@ impl Agent {
             // `mine` may be stale: a receiver committed since then runs a VM that is ours now.
             match self.store.vm(&vm) {
                 Ok(Some(v)) if v.value.owner == self.name() => continue,
+                // Arrived by a handover whose new owner is not recorded yet (rule 1b).
+                Ok(Some(v)) if v.value.handover_to.as_deref() == Some(self.name()) => continue,
                 Err(_) => continue,
                 _ => {}
             }

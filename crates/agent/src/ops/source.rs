@@ -42,6 +42,13 @@ enum Ended {
         kind: FailureKind,
         reason: String,
     },
+    /// Before the commit point, handed over, with the VM paused here: it resumes once the
+    /// store takes the handover back.
+    FailedPaused {
+        phase: Phase,
+        kind: FailureKind,
+        reason: String,
+    },
     /// The store did not answer at the commit point: nobody may resume anything until it does.
     Undecided(String),
 }
@@ -309,6 +316,7 @@ impl Agent {
         let id = w.record().id;
         faults::hit(FaultPoint::AgentLocked);
         let ended = self.drive(name, &id, &req, &w, &dest);
+        let dest = &dest;
         match ended {
             Ended::Moved(summary) => {
                 self.metrics.observe_downtime(summary.downtime_ms);
@@ -353,6 +361,57 @@ impl Agent {
                     MigrationOutcome::Failed
                 };
                 self.finish_migration(&w, outcome, Some(reason), None);
+            }
+            Ended::FailedPaused {
+                phase,
+                kind,
+                reason,
+            } => {
+                self.set_phase(&w, phase);
+                let outcome = if kind == FailureKind::Cancelled {
+                    MigrationOutcome::Cancelled
+                } else {
+                    MigrationOutcome::Failed
+                };
+                if self.roll_back(name, &id, phase, &reason, true) {
+                    // The store says "runs here" again: nobody else may resume it now.
+                    if let Some(wk) = self.workers.get(name) {
+                        if let Err(e) = wk.call(&Request::Resume) {
+                            // Its disks may still be held: reconciliation resumes it later.
+                            tracing::warn!("resume of {name} after a failed migration: {e}");
+                        }
+                    }
+                    self.metrics.inc(if outcome == MigrationOutcome::Cancelled {
+                        "ferry_migrations_cancelled_total"
+                    } else {
+                        "ferry_migrations_failed_total"
+                    });
+                    self.finish_migration(&w, outcome, Some(reason), None);
+                    return;
+                }
+                match self.store.vm(name) {
+                    Ok(Some(v)) if v.value.owner == dest.info.name => {
+                        // The destination committed first (its source seemed gone).
+                        self.metrics.inc("ferry_migrations_succeeded_total");
+                        if let Some(wk) = self.workers.remove(name) {
+                            wk.expected_exit.store(true, Ordering::SeqCst);
+                            wk.stop();
+                        }
+                        self.finish_migration(
+                            &w,
+                            MigrationOutcome::Succeeded,
+                            Some(format!(
+                                "{reason}; the destination committed the VM on its own"
+                            )),
+                            None,
+                        );
+                    }
+                    _ => {
+                        // The store did not answer: reconciliation takes the handover back.
+                        self.metrics.inc("ferry_migrations_failed_total");
+                        self.finish_migration(&w, outcome, Some(reason), None);
+                    }
+                }
             }
             Ended::Undecided(reason) => {
                 self.metrics.inc("ferry_migrations_failed_total");
@@ -408,12 +467,15 @@ impl Agent {
                 "the VM's worker is gone".into(),
             );
         };
-        // Transfer: the worker migrates; the commit is ours to decide.
+        // Transfer: the worker migrates; the commit is ours to decide, or handed over to the
+        // stream when both agents take part in handovers.
+        let handover = !self.cfg.store_commit && dest.info.handover;
         let cmd = MigrateCommand {
             to: addr,
             params: req.params.clone(),
             dry_run: false,
             external_commit: true,
+            handover,
             max_protocol: None,
             // Mutual TLS: the destination's worker must be the node the plan names.
             transport: match &self.cfg.tls {
@@ -435,7 +497,9 @@ impl Agent {
                 )
             }
         };
+        let to = dest.info.name.as_str();
         let mut committed = false;
+        let mut handed_over = false;
         loop {
             if !committed && w.cancel.swap(false, Ordering::SeqCst) {
                 let _ = worker.call(&Request::Cancel);
@@ -447,6 +511,16 @@ impl Agent {
                     return Ended::MovedUnconfirmed(format!(
                         "the source worker was lost after the commit: {e}"
                     ))
+                }
+                Err(e) if handed_over => {
+                    // It may have sent Commit: the destination settles it.
+                    return self.await_destination(
+                        name,
+                        id,
+                        to,
+                        phase,
+                        format!("lost the VM's worker after the commit was handed over: {e}"),
+                    );
                 }
                 Err(e) => {
                     return failed(
@@ -482,17 +556,50 @@ impl Agent {
                         }
                     }
                 }
-                Reply::Done(summary) => return Ended::Moved(Box::new(summary)),
+                Reply::HandoverReady => {
+                    // Out of the downtime: from now on the stream's Commit is the commit point.
+                    let ok = handover && self.hand_over(name, id, to);
+                    if ok {
+                        handed_over = true;
+                        faults::hit(FaultPoint::AgentHandover);
+                    }
+                    let _ = session.decide(if ok {
+                        CommitDecision::Commit
+                    } else {
+                        CommitDecision::Abort
+                    });
+                }
+                Reply::Done(summary) => {
+                    if handed_over {
+                        self.record_owner(name, id, to);
+                    }
+                    return Ended::Moved(Box::new(summary));
+                }
                 Reply::Failed(f) if committed || f.commit == CommitPoint::After => {
+                    if handed_over {
+                        self.record_owner(name, id, to);
+                    }
                     return Ended::MovedUnconfirmed(f.reason());
+                }
+                Reply::Failed(f) if handed_over && f.commit == CommitPoint::Unknown => {
+                    return self.await_destination(name, id, to, f.phase, f.reason());
                 }
                 Reply::Failed(f) if f.commit == CommitPoint::Unknown => {
                     return Ended::Undecided(f.reason());
+                }
+                Reply::Failed(f) if handed_over && !f.source_running => {
+                    return Ended::FailedPaused {
+                        phase: f.phase,
+                        kind: f.kind,
+                        reason: f.reason(),
+                    }
                 }
                 Reply::Failed(f) => return failed(f.phase, f.kind, f.reason()),
                 Reply::Error { error } => {
                     return if committed {
                         Ended::MovedUnconfirmed(error)
+                    } else if handed_over {
+                        self.await_destination(name, id, to, phase, error)
                     } else {
                         failed(phase, FailureKind::Local, error)
                     }
@@ -508,6 +615,125 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// The handover: the store records that migration `id`'s stream decides its commit
+    /// (`handover_to = dest`), while the VM still runs here. False if the store refused or
+    /// did not answer (the worker then fails the migration before pausing).
+    fn hand_over(&self, name: &str, id: &str, dest: &str) -> bool {
+        let r = self.swap_vm(name, |r| {
+            if r.owner != self.name()
+                || r.migration.as_deref() != Some(id)
+                || r.state != VmState::Migrating
+            {
+                return None;
+            }
+            let mut rec = r.clone();
+            rec.handover_to = Some(dest.into());
+            Some(rec)
+        });
+        match r {
+            Ok(ok) => ok,
+            Err(e) => {
+                tracing::warn!("handover of {name} to {dest}: {e}");
+                false
+            }
+        }
+    }
+
+    /// After a handed-over migration reached its commit point: records `dest` as the owner
+    /// (the destination's agent does the same; whoever is first). Best effort: with the store
+    /// away the destination's agent and reconciliation write it later.
+    fn record_owner(&self, name: &str, id: &str, dest: &str) {
+        let deadline = Instant::now() + self.cfg.commit_retry;
+        loop {
+            match self.commit_to(name, id, dest, false) {
+                Ok(_) => return,
+                Err(e) if Instant::now() < deadline => {
+                    tracing::warn!("recording {dest} as the owner of {name}: {e}; retrying");
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "recording {dest} as the owner of {name}: {e}; left to reconciliation"
+                    );
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Handed over and then out of contact with the worker (or it could not say whether its
+    /// Commit went out): the destination decides. It commits if the VM is complete there (its
+    /// agent swaps the owner), or hands the VM back once its receiver is gone (clears the
+    /// handover); this waits for either.
+    fn await_destination(
+        &self,
+        name: &str,
+        id: &str,
+        dest: &str,
+        phase: Phase,
+        reason: String,
+    ) -> Ended {
+        let deadline = Instant::now() + self.cfg.commit_retry.max(Duration::from_secs(30));
+        loop {
+            match self.store.vm(name) {
+                Ok(Some(v)) if v.value.owner == dest && v.value.migration.is_none() => {
+                    return Ended::MovedUnconfirmed(format!(
+                        "{reason}; the destination committed the VM"
+                    ))
+                }
+                Ok(Some(v))
+                    if v.value.migration.as_deref() == Some(id)
+                        && v.value.handover_to.is_some() => {}
+                Ok(Some(_)) | Ok(None) => {
+                    // Handed back (or settled otherwise): not moved. Only a worker that never
+                    // sent Commit may run the VM here again.
+                    let resumable = self.worker_may_resume(name);
+                    if resumable {
+                        return Ended::FailedPaused {
+                            phase,
+                            kind: FailureKind::PeerLost,
+                            reason: format!("{reason}; the destination handed the VM back"),
+                        };
+                    }
+                    if let Some(wk) = self.workers.remove(name) {
+                        wk.expected_exit.store(true, Ordering::SeqCst);
+                        wk.stop();
+                    }
+                    return Ended::Failed {
+                        phase,
+                        kind: FailureKind::PeerLost,
+                        reason: format!("{reason}; the destination handed the VM back"),
+                    };
+                }
+                Err(e) => tracing::warn!("waiting for the destination of {name}: {e}"),
+            }
+            if Instant::now() > deadline {
+                return Ended::Undecided(format!(
+                    "{reason}; the destination has not settled the handover yet (reconciliation will)"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Whether this node's worker of `name` holds the VM and may run it again: it answers, and
+    /// its migration failed before it sent Commit (or it never paused).
+    pub(crate) fn worker_may_resume(&self, name: &str) -> bool {
+        let Some(st) = self.workers.get(name).and_then(|w| w.state()) else {
+            return false;
+        };
+        if st.state == contract::worker::WorkerState::Running {
+            return true;
+        }
+        st.migration.as_ref().is_some_and(|m| {
+            m.direction == contract::worker::Direction::Outgoing
+                && !m.active
+                && m.failure
+                    .as_ref()
+                    .is_some_and(|f| f.commit == CommitPoint::Before)
+        })
     }
 
     /// The commit point: compare-and-swap the VM's owner from this node to `dest`. Returns
@@ -530,6 +756,7 @@ impl Agent {
                 rec.owner = dest.into();
                 rec.state = VmState::Running;
                 rec.migration = None;
+                rec.handover_to = None;
                 rec.last_error = None;
                 rec.updated_ms = now_ms();
                 if self.store.update_vm(name, cur.version, &rec)? {
@@ -568,6 +795,7 @@ impl Agent {
             applied = false;
             if r.migration.as_deref() == Some(id) && r.owner == self.name() {
                 r.migration = None;
+                r.handover_to = None;
                 r.state = if worker_alive {
                     VmState::Running
                 } else {

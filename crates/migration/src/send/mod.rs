@@ -98,6 +98,17 @@ pub trait CommitGate: Sync {
     /// source never resumes after it even if telling the destination fails. The standalone
     /// engine's commit point is the `Commit` message instead.
     fn decision_is_commit_point(&self) -> bool;
+
+    /// Asks, once setup is done, that the commit be *handed over* to the migration stream (a
+    /// cluster: the store records that the source's `Commit` message decides, so that no
+    /// store swap sits in the downtime). The answer is awaited before the pause: `Ok(true)`
+    /// handed over (then [`CommitGate::decide`] is not asked, and from the pause on a
+    /// failure leaves the VM paused: whoever handed over resumes it once the store says so);
+    /// `Ok(false)` or `Err` fails the migration with the VM still running. `None`: no
+    /// handover, the gate decides at Ready.
+    fn hand_over(&self) -> Option<std::sync::mpsc::Receiver<Result<bool, String>>> {
+        None
+    }
 }
 
 /// The standalone engine's gate: the source's word (the `Commit` message) is the commit.
@@ -380,6 +391,10 @@ struct Session<'a> {
     send_bytes: u64,
     /// Where the commit point is relative to where the session is.
     commit: CommitPoint,
+    /// The commit was handed over to the stream ([`CommitGate::hand_over`]).
+    handed_over: bool,
+    /// The VM was (being) paused for the switchover.
+    paused: bool,
 }
 
 /// Migrates `vm` with the source's word as the commit ([`SourceDecides`]).
@@ -414,6 +429,8 @@ pub fn migrate_gated(
                 send_time: Duration::ZERO,
                 send_bytes: 0,
                 commit: CommitPoint::Before,
+                handed_over: false,
+                paused: false,
             };
             let r = s.run(gate);
             s.stop_streams();
@@ -460,7 +477,12 @@ impl Session<'_> {
         fixed_cost: Duration,
         gate: &dyn CommitGate,
     ) -> Result<Summary, F> {
+        // The handover is asked for now and answered while pre-copy runs.
+        let handover = gate.hand_over();
         let converged = self.precopy(log, fixed_cost)?;
+        if let Some(answer) = handover {
+            self.await_handover(answer)?;
+        }
         let t_pause = self.pause()?;
         let t_pages = self.final_pages(log, &converged)?;
         let (state_bytes, t_ready) = self.device_state()?;
@@ -802,10 +824,41 @@ impl Session<'_> {
 
     /// The downtime clock starts: the VM stops, the destination learns it (and announces the
     /// VM's NICs, so frames queue there).
+    /// The answer to the handover, before the VM pauses (so a refusal leaves it running).
+    fn await_handover(
+        &mut self,
+        answer: std::sync::mpsc::Receiver<Result<bool, String>>,
+    ) -> Result<(), F> {
+        let phase = Phase::Precopy;
+        match answer.recv() {
+            Ok(Ok(true)) => {
+                self.handed_over = true;
+                Ok(())
+            }
+            Ok(Ok(false)) => Err(fail(
+                phase,
+                FailureKind::CommitRefused,
+                "the commit could not be handed over to the migration (the store refused)",
+            )),
+            Ok(Err(e)) => Err(fail(
+                phase,
+                FailureKind::Local,
+                "no answer to the commit handover",
+            )
+            .caused_by(e)),
+            Err(_) => Err(fail(
+                phase,
+                FailureKind::Local,
+                "no answer to the commit handover: the gate is gone",
+            )),
+        }
+    }
+
     fn pause(&mut self) -> Result<Instant, F> {
         self.check_abort(Phase::Pause)?;
         self.ctl.phase(Phase::Pause);
         let t = Instant::now();
+        self.paused = true;
         self.vm.pause().map_err(|e| {
             fail(Phase::Pause, FailureKind::Local, "cannot pause the VM").caused_by(e)
         })?;
@@ -881,7 +934,12 @@ impl Session<'_> {
         // A destination that died (or gave up) since it said Ready cannot take the VM: find out
         // before deciding, so that the VM stays here instead of being committed to nobody.
         self.destination_still_ready()?;
-        match gate.decide() {
+        let decision = if self.handed_over {
+            Ok(true) // the stream's Commit is the commit point
+        } else {
+            gate.decide()
+        };
+        match decision {
             Ok(true) => {}
             Ok(false) => {
                 return Err(fail(
@@ -901,7 +959,10 @@ impl Session<'_> {
             }
         }
         let t_decided = Instant::now();
-        if gate.decision_is_commit_point() {
+        // Handed over, the Commit about to be written is the commit point: once we try, the
+        // destination may have it (a failed write is no proof it did not arrive), and a
+        // destination whose source vanished after Ready commits on its own.
+        if gate.decision_is_commit_point() || self.handed_over {
             self.commit = CommitPoint::After;
         }
         self.ctl.phase(Phase::Commit);
@@ -977,6 +1038,16 @@ impl Session<'_> {
         }
         let _ = wire::send_msg(&mut self.control, &wire::failure_msg(self.protocol, &f));
         self.vm.set_throttle(0);
+        if self.handed_over && self.paused {
+            // The destination may commit on its own while the store names the handover: the
+            // VM resumes here only once whoever handed over has swapped the store back.
+            f.source_running = false;
+            f.message = format!(
+                "{}; the VM stays paused here until the store takes the handover back",
+                f.message
+            );
+            return f;
+        }
         match self.vm.resume() {
             Ok(()) => {
                 // The destination may have announced the VM's MAC already (it does once the
