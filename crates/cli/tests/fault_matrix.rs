@@ -58,9 +58,65 @@ impl End {
     }
 }
 
-/// The outcome each row must have: the invariant allows either "runs on its owner" or
-/// "crashed with a reason"; which one follows from where the commit point is.
-fn expected(target: Target, point: FaultPoint) -> End {
+/// How the migration's commit is decided.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Protocol {
+    /// The default: before the pause the store hands the commit over to the migration
+    /// stream (the source worker's Commit decides; a destination whose source vanished after
+    /// Ready commits on its own).
+    Handover,
+    /// `--store-commit`: the source agent's store swap at Ready is the commit point.
+    StoreCommit,
+}
+
+impl Protocol {
+    fn name(self) -> &'static str {
+        match self {
+            Protocol::Handover => "handover",
+            Protocol::StoreCommit => "store-commit",
+        }
+    }
+}
+
+/// The outcomes a row may have: the invariant allows either "runs on its owner" or "crashed
+/// with a reason"; which one follows from where the commit point is. Two where the fault
+/// races a step the row cannot hold still (both are correct ends).
+fn expected(protocol: Protocol, target: Target, point: FaultPoint) -> Vec<End> {
+    match protocol {
+        Protocol::StoreCommit => vec![expected_store_commit(target, point)],
+        Protocol::Handover => expected_handover(target, point),
+    }
+}
+
+/// With the handover the commit point is the source worker's Commit; the destination takes a
+/// VM that is complete there whenever its source vanished, and the source worker needs its
+/// agent only until the handover is answered.
+fn expected_handover(target: Target, point: FaultPoint) -> Vec<End> {
+    use FaultPoint::*;
+    let crashed = End::Crashed(String::new());
+    match (target, point) {
+        // The only copy dies with the source worker until the destination holds all of it.
+        (Target::SourceWorker, WorkerReady | WorkerCommitSent) => vec![End::Moved],
+        (Target::SourceWorker, _) => vec![crashed],
+        // No receiver exists yet when the source agent has only locked the VM.
+        (Target::DestinationWorker, AgentLocked) => vec![End::Moved],
+        // The destination may have resumed on the Commit: the source never runs it again.
+        (Target::DestinationWorker, WorkerCommitSent) => vec![crashed],
+        (Target::DestinationWorker, _) => vec![End::Stayed],
+        // Until the worker has the handover's answer its migration needs the agent (in pass 0
+        // the answer may or may not be out when the agent dies); after it the worker finishes
+        // on its own and the restarted agent lets it.
+        (Target::SourceAgent, AgentLocked | AgentHandover) => vec![End::Stayed],
+        (Target::SourceAgent, WorkerPass0) => vec![End::Stayed, End::Moved],
+        (Target::SourceAgent, _) => vec![End::Moved],
+        (Target::DestinationAgent, AgentLocked) => vec![End::Stayed],
+        (Target::DestinationAgent, _) => vec![End::Moved],
+        // The store is not asked between the handover and the resume.
+        (Target::Store, _) => vec![End::Moved],
+    }
+}
+
+fn expected_store_commit(target: Target, point: FaultPoint) -> End {
     use FaultPoint::*;
     let committed = matches!(point, AgentAfterCas | WorkerCommitSent);
     match target {
@@ -87,7 +143,10 @@ fn expected(target: Target, point: FaultPoint) -> End {
 fn uses_disk(point: FaultPoint) -> bool {
     !matches!(
         point,
-        FaultPoint::AgentLocked | FaultPoint::WorkerPass0 | FaultPoint::WorkerPass2
+        FaultPoint::AgentLocked
+            | FaultPoint::AgentHandover
+            | FaultPoint::WorkerPass0
+            | FaultPoint::WorkerPass2
     )
 }
 
@@ -173,6 +232,7 @@ fn pid_alive(pid: i32) -> bool {
 }
 
 struct Report {
+    protocol: Protocol,
     target: Target,
     point: FaultPoint,
     end: End,
@@ -185,10 +245,10 @@ fn tail(s: &str, n: usize) -> String {
     l[l.len().saturating_sub(n)..].join("\n")
 }
 
-fn run_row(target: Target, point: FaultPoint) -> Result<Report, String> {
+fn run_row(protocol: Protocol, target: Target, point: FaultPoint) -> Result<Report, String> {
     let mut c = Cluster::new(target == Target::Store);
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        run_row_in(&mut c, target, point)
+        run_row_in(&mut c, protocol, target, point)
     }))
     .unwrap_or_else(|p| {
         Err(p
@@ -226,7 +286,12 @@ fn run_row(target: Target, point: FaultPoint) -> Result<Report, String> {
     })
 }
 
-fn run_row_in(c: &mut Cluster, target: Target, point: FaultPoint) -> Result<Report, String> {
+fn run_row_in(
+    c: &mut Cluster,
+    protocol: Protocol,
+    target: Target,
+    point: FaultPoint,
+) -> Result<Report, String> {
     let faults = c.dir.path().join("faults");
     let shared = c.dir.path().join("shared");
     std::fs::create_dir_all(&faults).unwrap();
@@ -243,6 +308,9 @@ fn run_row_in(c: &mut Cluster, target: Target, point: FaultPoint) -> Result<Repo
     };
     let mut args1 = vec!["--storage", storage.as_str()];
     args1.extend_from_slice(retry);
+    if protocol == Protocol::StoreCommit {
+        args1.push("--store-commit");
+    }
     c.add_env(
         "node1",
         &args1,
@@ -485,22 +553,24 @@ fn run_row_in(c: &mut Cluster, target: Target, point: FaultPoint) -> Result<Repo
         c.post(&settled.owner, "/v1/vms/vm/start", json!({}));
         c.assert_verify(&settled.owner, "vm", 1);
     }
-    let want = expected(target, point);
-    let same = match (&want, &end) {
+    let want = expected(protocol, target, point);
+    let same = want.iter().any(|w| match (w, &end) {
         (End::Crashed(_), End::Crashed(_)) => true,
         // Whether the commit's store write was applied before the store stopped answering is
         // the store's to know: the VM may end on either node, never on both or on none.
         (End::Stayed, End::Moved) if target == Target::Store => true,
         (a, b) => a == b,
-    };
+    });
     if !same {
+        let w: Vec<String> = want.iter().map(End::text).collect();
         return Err(format!(
             "ended as {} but {} was expected",
             end.text(),
-            want.text()
+            w.join(" or ")
         ));
     }
     Ok(Report {
+        protocol,
         target,
         point,
         end,
@@ -516,31 +586,52 @@ fn docs_path() -> PathBuf {
 #[test]
 fn every_single_fault_converges() {
     let mut rows = Vec::new();
-    for target in [
+    let targets = [
         Target::SourceWorker,
         Target::DestinationWorker,
         Target::SourceAgent,
         Target::DestinationAgent,
-    ] {
+    ];
+    // Every point with the handover (the default protocol) except the store swap at Ready,
+    // which it does not have.
+    for target in targets {
         for point in FaultPoint::ALL {
-            rows.push((target, point));
+            if point != FaultPoint::AgentAfterCas {
+                rows.push((Protocol::Handover, target, point));
+            }
         }
     }
-    rows.push((Target::Store, FaultPoint::WorkerReady));
+    rows.push((Protocol::Handover, Target::Store, FaultPoint::WorkerReady));
+    // `--store-commit`: the points around its commit point (the earlier ones behave as with
+    // the handover before it is made).
+    for target in targets {
+        for point in [
+            FaultPoint::WorkerReady,
+            FaultPoint::AgentAfterCas,
+            FaultPoint::WorkerCommitSent,
+        ] {
+            rows.push((Protocol::StoreCommit, target, point));
+        }
+    }
+    rows.push((
+        Protocol::StoreCommit,
+        Target::Store,
+        FaultPoint::WorkerReady,
+    ));
     if let Ok(only) = std::env::var("FERRY_FAULT_ROWS") {
-        // e.g. FERRY_FAULT_ROWS="source agent/worker-pass-2" to rerun one row.
-        rows.retain(|(t, p)| {
+        // e.g. FERRY_FAULT_ROWS="handover/source agent/worker-pass-2" to rerun one row.
+        rows.retain(|(pr, t, p)| {
             only.split(',')
-                .any(|o| o == format!("{}/{}", t.name(), p.as_str()))
+                .any(|o| o == format!("{}/{}/{}", pr.name(), t.name(), p.as_str()))
         });
     }
     let mut table = String::from(
-        "| fault | phase (fault point) | outcome | settled after faults | notes |\n|---|---|---|---|---|\n",
+        "| commit | fault | phase (fault point) | outcome | settled after faults | notes |\n|---|---|---|---|---|---|\n",
     );
     let mut failures = Vec::new();
-    for (target, point) in rows {
+    for (protocol, target, point) in rows {
         let t0 = Instant::now();
-        let r = std::panic::catch_unwind(|| run_row(target, point)).unwrap_or_else(|p| {
+        let r = std::panic::catch_unwind(|| run_row(protocol, target, point)).unwrap_or_else(|p| {
             Err(p
                 .downcast_ref::<String>()
                 .cloned()
@@ -550,7 +641,8 @@ fn every_single_fault_converges() {
         match r {
             Ok(rep) => {
                 println!(
-                    "ROW {} at {}: {} (settled {:.1} s, row {:.0} s) {}",
+                    "ROW {} {} at {}: {} (settled {:.1} s, row {:.0} s) {}",
+                    rep.protocol.name(),
                     rep.target.name(),
                     rep.point.as_str(),
                     rep.end.text(),
@@ -559,7 +651,8 @@ fn every_single_fault_converges() {
                     rep.note
                 );
                 table.push_str(&format!(
-                    "| kill -9 {} | {} | {} | {:.1} s | {} |\n",
+                    "| {} | kill -9 {} | {} | {} | {:.1} s | {} |\n",
+                    rep.protocol.name(),
                     rep.target.name(),
                     rep.point.as_str(),
                     rep.end.text(),
@@ -568,14 +661,25 @@ fn every_single_fault_converges() {
                 ));
             }
             Err(e) => {
-                println!("ROW {} at {}: FAILED: {e}", target.name(), point.as_str());
+                println!(
+                    "ROW {} {} at {}: FAILED: {e}",
+                    protocol.name(),
+                    target.name(),
+                    point.as_str()
+                );
                 table.push_str(&format!(
-                    "| kill -9 {} | {} | **FAILED** | | {} |\n",
+                    "| {} | kill -9 {} | {} | **FAILED** | | {} |\n",
+                    protocol.name(),
                     target.name(),
                     point.as_str(),
                     e.lines().next().unwrap_or("")
                 ));
-                failures.push(format!("{} at {}: {e}", target.name(), point.as_str()));
+                failures.push(format!(
+                    "{} {} at {}: {e}",
+                    protocol.name(),
+                    target.name(),
+                    point.as_str()
+                ));
             }
         }
     }

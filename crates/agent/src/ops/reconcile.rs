@@ -9,7 +9,8 @@
 //! 2. Workers whose process ended: their running VM is marked crashed, with the reason.
 //! 3. Migrations of VMs this node owns that no thread of this agent runs (the agent restarted,
 //!    or its thread gave up on a store that did not answer at the commit point) are settled:
-//!    a worker still migrating is cancelled first; then the store CAS `migrating(id) →
+//!    a worker still migrating is cancelled first (handed over, it is left to finish: it
+//!    needs no agent any more); then the store CAS `migrating(id) →
 //!    running` (or `crashed` if the worker is gone) decides "not moved" — a CAS from
 //!    `migrating(id)`, so it can never undo a commit that happened. Handed over, only a
 //!    worker that never sent Commit is rolled back; one that did moved the VM (the owner is
@@ -245,8 +246,12 @@ impl Agent {
         });
         if let (Some(w), Some(m)) = (&worker, outgoing) {
             if m.active {
+                if rec.handover_to.is_some() {
+                    // Handed over, the worker needs no agent to finish: it commits (the
+                    // destination records the new owner) or fails (settled below, later).
+                    return;
+                }
                 // Still copying (or waiting for a decision nobody will give): stop it first.
-                // Handed over, a worker past its Commit no longer stops: it ends moved.
                 let _ = w.call(&Request::Cancel);
                 return;
             }

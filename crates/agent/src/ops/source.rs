@@ -4,15 +4,23 @@
 //! plan      agent preflight (alive, schedulable, vendor, CPU features, capacity, storage,
 //!           networks), then the lock: store CAS  running → migrating(id)
 //! setup     the destination agent starts a receiver (POST /v1/internal/receive)
-//! transfer  this node's worker migrates (progress relayed), until it reports CommitReady
-//! commit    store CAS  owner: here → destination  — the commit point — then the worker is
-//!           told commit (or abort if the swap lost)
-//! finish    the worker reports done; the record is written
+//! transfer  this node's worker migrates (progress relayed)
+//! handover  (both agents take part: NodeInfo.handover, no --store-commit) the worker reports
+//!           HandoverReady after setup; store CAS  migrating(id) → + handover_to = destination;
+//!           the worker is told, pauses only after that answer, and at Ready sends Commit
+//!           itself — the commit point, with no store round trip in the downtime
+//! commit    (otherwise) the worker reports CommitReady; store CAS  owner: here → destination
+//!           — the commit point — then the worker is told commit (or abort if the swap lost)
+//! finish    the worker reports done; handed over, the new owner is recorded (CAS; the
+//!           destination agent does the same, whoever is first); the record is written
 //! ```
 //! Before the commit point every failure rolls the store back (the VM runs here again, or is
-//! `crashed` with the reason if its worker died); a store that does not answer at the commit
-//! point leaves the migration undecided, both sides paused, for reconciliation to settle from
-//! the store once it answers.
+//! `crashed` with the reason if its worker died). Handed over, a worker paused by the
+//! switchover waits for that rollback before it resumes (a destination whose source vanished
+//! after Ready commits by CAS itself; the store lets one of them win), and a worker that may
+//! have sent Commit is never rolled back: the destination commits or hands the VM back. A
+//! store that does not answer at the store commit point leaves the migration undecided, both
+//! sides paused, for reconciliation to settle from the store once it answers.
 
 use super::{new_id, reaches, usage, MigrationWatch, R};
 use crate::client;

@@ -12,17 +12,19 @@
 //! setup       Begin{streams} ──────────────▶
 //!             N × data Hello ──────────────▶ RAM, VM objects built in the background
 //!             ◀──────────────────── BeginAck{restore cost}
+//!             (gate.hand_over(): asked now, answered during pre-copy, awaited before pause)
 //! precopy     pages (data streams), PassDone ▶ apply; PassAck   … pass after pass (policy)
 //! pause       VM paused; Paused ───────────▶ announce the NICs
 //! final-pages last dirty pages, PassDone ───▶ PassAck
 //! device-state STATE frame ────────────────▶ load into the prepared VM, take the disks
 //!             ◀──────────────────────── Ready
-//! commit      gate decides (cluster: store CAS) — the commit point
+//! commit      gate decides (cluster: store CAS; handed over: nothing to ask) — the commit point
 //!             Commit ──────────────────────▶ resume
 //!             ◀────────────────────── Resumed
 //! ```
 //! Before the commit point any failure sends `Fail`/`Abort`, re-takes the disks and resumes the
-//! VM here; after it the destination owns the VM and this side never resumes it.
+//! VM here (handed over and paused: it stays paused for the caller to resume once the store is
+//! swapped back); after it the destination owns the VM and this side never resumes it.
 
 mod streams;
 
