@@ -74,6 +74,8 @@ export interface VmRecord {
   state: VmState;
   cpu_features: string[];
   migration: string | null;
+  /** Set (the destination) while the migration's stream decides its commit. */
+  handover_to?: string;
   last_error: string | null;
   updated_ms: number;
 }

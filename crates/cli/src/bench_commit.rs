@@ -149,13 +149,13 @@ pub fn report(opts: &Options, rows: &[Row]) -> String {
     let mut s = format!(
         "## The store's commit in the downtime: {} migrations of a running VM ({} MiB, dirtying 32 MiB at 50 MiB/s) back and forth between two local agents\n\n\
          Medians. \"commit decision\" is the part of the downtime between Ready and the decision (the store's compare-and-swap when it sits there).\n\n\
-         | store | commit protocol | downtime | commit decision | final memory | state | commit + resume | total |\n\
-         |---|---|---|---|---|---|---|---|\n",
+         | store | commit protocol | downtime | commit decision | final memory | state | commit + resume | total | passes | pass 0 |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
         opts.migrations, opts.memory_mib
     );
     for r in rows {
         s.push_str(&format!(
-            "| {} | {} | {:.2} ms | {:.3} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.0} ms |\n",
+            "| {} | {} | {:.2} ms | {:.3} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.0} ms | {:.0} | {:.0} MiB/s |\n",
             r.store,
             if r.handover {
                 "handover (default)"
@@ -168,6 +168,8 @@ pub fn report(opts: &Options, rows: &[Row]) -> String {
             r.med(|s| s.downtime.state_ms),
             r.med(|s| s.downtime.commit_ms),
             r.med(|s| s.total_ms),
+            r.med(|s| s.passes as f64),
+            r.med(|s| s.pass0_mibs),
         ));
     }
     for store in &opts.stores {

@@ -201,15 +201,16 @@ fn source_agent_dies_right_after_the_commit_point() {
     let mut c = Cluster::new(false);
     let faults = c.dir.path().join("faults");
     std::fs::create_dir_all(&faults).unwrap();
+    // The store's swap at Ready is this protocol's commit point (the handover has none).
     c.add_env(
         "node1",
-        &[],
+        &["--store-commit"],
         &[
             ("FERRY_FAULT", "agent-after-cas"),
             ("FERRY_FAULT_DIR", faults.to_str().unwrap()),
         ],
     );
-    c.add("node2", &[]);
+    c.add("node2", &["--store-commit"]);
     c.vm("node1", "vm", &format!("vcpus = 2\n{GUEST}"));
     c.assert_verify("node1", "vm", 1);
     let a1 = c.addr("node1");
