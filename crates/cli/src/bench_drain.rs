@@ -17,6 +17,8 @@ pub struct Options {
     pub memory_mib: u64,
     pub concurrency: Vec<usize>,
     pub report: Option<PathBuf>,
+    /// The agents run `--store-commit` (the store's swap at the commit point, in the downtime).
+    pub store_commit: bool,
 }
 
 /// One drain.
@@ -56,16 +58,15 @@ pub(crate) fn api<T>(r: Result<T, agent::AgentError>) -> Result<T> {
     r.map_err(|e| anyhow::anyhow!("{e}"))
 }
 
-fn start(dir: &Path, max: usize) -> Result<Local> {
+fn start(dir: &Path, max: usize, store_commit: bool) -> Result<Local> {
     std::fs::create_dir_all(dir)?;
     let store = format!("sqlite://{}", dir.join("cluster.db").display());
     let max = max.to_string();
-    start_local(
-        dir,
-        &["node1", "node2", "node3"],
-        &store,
-        &["--max-outgoing", &max, "--max-incoming", &max],
-    )
+    let mut extra = vec!["--max-outgoing", &max, "--max-incoming", &max];
+    if store_commit {
+        extra.push("--store-commit");
+    }
+    start_local(dir, &["node1", "node2", "node3"], &store, &extra)
 }
 
 /// Starts one agent per name in `dir` on the store `store`, each with `extra` arguments.
@@ -116,7 +117,7 @@ pub(crate) fn median(mut v: Vec<f64>) -> f64 {
 
 fn drain_once(opts: &Options, c: usize) -> Result<Row> {
     let dir = std::env::temp_dir().join(format!("ferry-bench-drain-{}-{c}", std::process::id()));
-    let l = start(&dir, c.max(4))?;
+    let l = start(&dir, c.max(4), opts.store_commit)?;
     let a1 = l.agents[0].1.clone();
     for i in 0..opts.vms {
         let name = format!("vm{i}");
@@ -188,10 +189,16 @@ fn drain_once(opts: &Options, c: usize) -> Result<Row> {
 
 pub fn report(opts: &Options, rows: &[Row]) -> String {
     let mut s = format!(
-        "## Drain of {} VMs ({} MiB each, dirtying 16 MiB at 20 MiB/s) off node1 of a local 3-node cluster\n\n\
+        "## Drain of {} VMs ({} MiB each, dirtying 16 MiB at 20 MiB/s) off node1 of a local 3-node cluster{}\n\n\
          | concurrency | drain wall time | moved | failed | most at once | worst downtime | median downtime | median migration total |\n\
          |---|---|---|---|---|---|---|---|\n",
-        opts.vms, opts.memory_mib
+        opts.vms,
+        opts.memory_mib,
+        if opts.store_commit {
+            " (--store-commit)"
+        } else {
+            ""
+        }
     );
     for r in rows {
         s.push_str(&format!(

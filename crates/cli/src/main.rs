@@ -207,6 +207,9 @@ enum Cmd {
         /// Also write the Markdown report to this file.
         #[arg(long)]
         report: Option<PathBuf>,
+        /// Run the agents with --store-commit (the store's swap inside the downtime).
+        #[arg(long)]
+        store_commit: bool,
     },
     /// What the cluster store's commit costs inside the downtime (root, /dev/kvm): N
     /// migrations of one VM between two local agents per store and commit protocol (the
@@ -611,11 +614,13 @@ fn run(cli: Cli) -> Result<()> {
             memory_mib,
             concurrency,
             report,
+            store_commit,
         } => bench_drain::run(&bench_drain::Options {
             vms: *vms,
             memory_mib: *memory_mib,
             concurrency: concurrency.clone(),
             report: report.clone(),
+            store_commit: *store_commit,
         }),
         Cmd::BenchCommit {
             migrations,

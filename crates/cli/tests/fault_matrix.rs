@@ -579,8 +579,14 @@ fn run_row_in(
     })
 }
 
+/// Where the latest table goes: the build's target directory (`CARGO_TARGET_DIR` when the
+/// build put it elsewhere, as `.ci/run` in a clean clone may), created if need be.
 fn docs_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/fault-matrix.md")
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target"));
+    let _ = std::fs::create_dir_all(&dir);
+    dir.join("fault-matrix.md")
 }
 
 #[test]
