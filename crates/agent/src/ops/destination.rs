@@ -1,9 +1,11 @@
 //! A migration to this node: a receiver worker waits for the VM; once the VM is complete here
-//! (Ready), the store decides: the VM is committed here as soon as the store names this node
-//! its owner, and discarded once the store says the migration is over without it. The
-//! decision never rests on the source's connection alone, so a source that dies right after
-//! the commit point cannot lose the VM, and an agent that restarts settles its receivers from
-//! the store.
+//! (Ready), the source's Commit or the store decides: the VM is committed here as soon as the
+//! store names this node its owner, and discarded once the store says the migration is over
+//! without it. Handed over (`VmRecord::handover_to` = this node), a receiver whose source
+//! vanished at Ready is committed here by this agent's own compare-and-swap, a VM that resumed
+//! on the source's Commit is recorded as this node's, and a receiver gone without the VM hands
+//! it back. So a source that dies at or after Ready cannot lose the VM, and an agent that
+//! restarts settles its receivers from the store.
 
 use super::R;
 use crate::workers::Worker;
@@ -307,8 +309,10 @@ impl Agent {
         loop {
             std::thread::sleep(WATCH_EVERY);
             if !w.alive() {
-                // The migration failed and the worker discarded the VM (it never ran here:
-                // a receiver that resumed is no longer `Receiving`, see below).
+                // The migration failed and the worker discarded the VM (or it resumed and
+                // died between two looks). Handing back is safe either way: the source runs
+                // the VM again only if it never sent Commit, and without a Commit nothing
+                // resumed here unless the store already named this node (then this is a no-op).
                 self.hand_back(name, id, "it exited");
                 return;
             }
