@@ -841,6 +841,11 @@ fn vm_cmd(addr: &str, json: bool, cmd: &VmCmd) -> Result<()> {
                 );
                 if let Some(m) = &r.migration {
                     t.push_str(&format!("\n  migration in progress: {m}"));
+                    if let Some(to) = &r.handover_to {
+                        t.push_str(&format!(
+                            " (its commit handed over to the stream: {to} takes it at the Commit)"
+                        ));
+                    }
                 }
                 if let Some(e) = &r.last_error {
                     t.push_str(&format!("\n  last error: {e}"));
