@@ -724,6 +724,12 @@ fn per_node_migration_limits() {
     )
     .unwrap();
     let id = started["migration"]["id"].as_str().unwrap().to_string();
+    // Its receiver holds node2's slot once memory moves (the request above returns at the
+    // lock; the receiver is asked for after it, and a loaded machine can take a while).
+    wait_until("big's pre-copy", Duration::from_secs(30), || {
+        get(&a1, &format!("/v1/migrations/{id}"))
+            .is_ok_and(|v| v["migration"]["phase"] == "precopy")
+    });
     // node1 sends one migration already.
     let e = c.migrate("node1", "small", "node3", json!({})).unwrap_err();
     assert!(
