@@ -8,10 +8,9 @@
 
 use crate::bench_drain::{api, median, start_local};
 use anyhow::{bail, Context, Result};
-use cluster::{MigrationOutcome, VmRecord};
-use contract::api::{CreateVm, MigrateRequest, MigrationStarted};
+use cluster::MigrationOutcome;
+use contract::api::{MigrateRequest, MigrationStarted};
 use contract::Summary;
-use serde_json::json;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -58,37 +57,13 @@ fn run_one(opts: &Options, store: &str, handover: bool) -> Result<Row> {
     let extra: &[&str] = if handover { &[] } else { &["--store-commit"] };
     let l = start_local(&dir, &["node1", "node2"], &url, extra)?;
     let a1 = l.agents[0].1.clone();
-    let toml = format!(
-        "name = \"vm\"\nmemory_mib = {}\ncmdline = \"ferry.workload=dirty ferry.wss_mib=32 ferry.rate_mibs=50 ferry.hb_ms=100\"\n",
-        opts.memory_mib
-    );
-    let _: VmRecord = api(agent::client::post(
-        &a1,
-        "/v1/vms",
-        &CreateVm {
-            spec: None,
-            toml: Some(toml),
-            node: Some("node1".into()),
-        },
-        Some(Duration::from_secs(30)),
-    ))?;
-    let _: VmRecord = api(agent::client::post(
-        &a1,
-        "/v1/vms/vm/start",
-        &json!({}),
-        Some(Duration::from_secs(60)),
-    ))?;
-    let log = dir.join("node1/vms/vm/console/serial.log");
-    let t0 = Instant::now();
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("\nhb 0 3 ")
-    {
-        if t0.elapsed() > Duration::from_secs(60) {
-            bail!("the guest printed no heartbeats in 60 s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    l.start_vm(
+        "node1",
+        "vm",
+        opts.memory_mib,
+        "ferry.workload=dirty ferry.wss_mib=32 ferry.rate_mibs=50 ferry.hb_ms=100",
+    )?;
+    l.await_heartbeats("node1", "vm", Instant::now())?;
     let mut summaries = Vec::new();
     for i in 0..opts.migrations {
         let to = if i % 2 == 0 { "node2" } else { "node1" };

@@ -54,6 +54,67 @@ impl Drop for Local {
     }
 }
 
+impl Local {
+    /// Creates VM `name` on `node` (the test guest, `memory_mib`, kernel command line
+    /// `cmdline`) and starts it.
+    pub(crate) fn start_vm(
+        &self,
+        node: &str,
+        name: &str,
+        memory_mib: u64,
+        cmdline: &str,
+    ) -> Result<()> {
+        let a = self.addr(node)?;
+        let toml =
+            format!("name = \"{name}\"\nmemory_mib = {memory_mib}\ncmdline = \"{cmdline}\"\n");
+        let _: VmRecord = api(agent::client::post(
+            a,
+            "/v1/vms",
+            &CreateVm {
+                spec: None,
+                toml: Some(toml),
+                node: Some(node.into()),
+            },
+            Some(Duration::from_secs(30)),
+        ))?;
+        let _: VmRecord = api(agent::client::post(
+            a,
+            &format!("/v1/vms/{name}/start"),
+            &json!({}),
+            Some(Duration::from_secs(60)),
+        ))?;
+        Ok(())
+    }
+
+    /// Waits (until `since` + 60 s) for VM `name` on `node` to print its third heartbeat.
+    pub(crate) fn await_heartbeats(&self, node: &str, name: &str, since: Instant) -> Result<()> {
+        let log = self
+            .dir
+            .join(node)
+            .join("vms")
+            .join(name)
+            .join("console/serial.log");
+        while !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("\nhb 0 3 ")
+        {
+            if since.elapsed() > Duration::from_secs(60) {
+                bail!("{name} printed no heartbeats in 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    fn addr(&self, node: &str) -> Result<&str> {
+        self.agents
+            .iter()
+            .find(|(n, _, _)| n == node)
+            .map(|(_, a, _)| a.as_str())
+            .ok_or_else(|| anyhow::anyhow!("no agent for {node}"))
+    }
+}
+
 pub(crate) fn api<T>(r: Result<T, agent::AgentError>) -> Result<T> {
     r.map_err(|e| anyhow::anyhow!("{e}"))
 }
@@ -120,44 +181,17 @@ fn drain_once(opts: &Options, c: usize) -> Result<Row> {
     let l = start(&dir, c.max(4), opts.store_commit)?;
     let a1 = l.agents[0].1.clone();
     for i in 0..opts.vms {
-        let name = format!("vm{i}");
-        let toml = format!(
-            "name = \"{name}\"\nmemory_mib = {}\ncmdline = \"ferry.workload=dirty ferry.wss_mib=16 ferry.rate_mibs=20 ferry.hb_ms=100\"\n",
-            opts.memory_mib
-        );
-        let _: VmRecord = api(agent::client::post(
-            &a1,
-            "/v1/vms",
-            &CreateVm {
-                spec: None,
-                toml: Some(toml),
-                node: Some("node1".into()),
-            },
-            Some(Duration::from_secs(30)),
-        ))?;
-        let _: VmRecord = api(agent::client::post(
-            &a1,
-            &format!("/v1/vms/{name}/start"),
-            &json!({}),
-            Some(Duration::from_secs(60)),
-        ))?;
+        l.start_vm(
+            "node1",
+            &format!("vm{i}"),
+            opts.memory_mib,
+            "ferry.workload=dirty ferry.wss_mib=16 ferry.rate_mibs=20 ferry.hb_ms=100",
+        )?;
     }
     // Every guest running its workload.
     let t0 = Instant::now();
     for i in 0..opts.vms {
-        let log = dir
-            .join("node1/vms")
-            .join(format!("vm{i}"))
-            .join("console/serial.log");
-        while !std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("\nhb 0 3 ")
-        {
-            if t0.elapsed() > Duration::from_secs(60) {
-                bail!("vm{i} printed no heartbeats in 60 s");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        l.await_heartbeats("node1", &format!("vm{i}"), t0)?;
     }
     let t = Instant::now();
     let r: DrainReport = api(agent::client::post(

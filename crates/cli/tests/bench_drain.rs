@@ -1,27 +1,20 @@
 //! `ferry bench-drain` runs its drains on real clusters and reports every concurrency: each
 //! row moved every VM, none failed, and no drain ran more migrations at once than it was given.
 
-use std::process::Command;
+mod common;
+use common::ferry_report;
 
 #[test]
 fn bench_drain_moves_every_vm_at_each_concurrency_and_reports_it() {
-    let report = tempfile::NamedTempFile::new().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["bench-drain", "--vms", "3", "--memory-mib", "64"])
-        .args(["--concurrency", "1,2", "--report"])
-        .arg(report.path())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        std::fs::read_to_string(report.path()).unwrap().trim(),
-        text.trim()
-    );
+    let text = ferry_report(&[
+        "bench-drain",
+        "--vms",
+        "3",
+        "--memory-mib",
+        "64",
+        "--concurrency",
+        "1,2",
+    ]);
     for c in [1, 2] {
         let row = text
             .lines()

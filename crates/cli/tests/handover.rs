@@ -9,7 +9,6 @@
 mod common;
 use common::*;
 use serde_json::json;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// Migrates `vm` to `to` (asked through `via`) while sampling the store every few ms; returns
@@ -86,23 +85,15 @@ fn the_commit_is_handed_over_only_between_agents_that_take_part() {
 
 #[test]
 fn bench_commit_reports_both_protocols() {
-    let report = tempfile::NamedTempFile::new().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["bench-commit", "--migrations", "2", "--stores", "sqlite"])
-        .args(["--memory-mib", "64", "--report"])
-        .arg(report.path())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        std::fs::read_to_string(report.path()).unwrap().trim(),
-        text.trim()
-    );
+    let text = ferry_report(&[
+        "bench-commit",
+        "--migrations",
+        "2",
+        "--stores",
+        "sqlite",
+        "--memory-mib",
+        "64",
+    ]);
     for protocol in ["handover (default)", "--store-commit"] {
         let row = text
             .lines()

@@ -259,20 +259,11 @@ impl Agent {
 
     /// A received VM runs here: if the store still names the handover to this node, record
     /// this node as the owner (the source's agent may do it first).
-    pub(crate) fn record_arrival(&self, name: &str, id: &str) {
+    fn record_arrival(&self, name: &str, id: &str) {
         let deadline = Instant::now() + self.cfg.commit_retry;
-        loop {
-            match self.store.vm(name) {
-                Ok(Some(v))
-                    if v.value.migration.as_deref() == Some(id)
-                        && v.value.handover_to.as_deref() == Some(self.name()) => {}
-                Ok(_) => return,
-                Err(e) => tracing::warn!("recording the arrival of {name}: {e}"),
-            }
-            match self.commit_to(name, id, self.name(), true) {
-                Ok(_) => return,
-                Err(e) => tracing::warn!("recording the arrival of {name}: {e}"),
-            }
+        // A no-op unless the store still names the handover to this node.
+        while let Err(e) = self.commit_to(name, id, self.name(), true) {
+            tracing::warn!("recording the arrival of {name}: {e}");
             if Instant::now() > deadline {
                 return; // reconciliation records it once the store answers
             }

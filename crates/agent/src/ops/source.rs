@@ -653,21 +653,8 @@ impl Agent {
     /// (the destination's agent does the same; whoever is first). Best effort: with the store
     /// away the destination's agent and reconciliation write it later.
     fn record_owner(&self, name: &str, id: &str, dest: &str) {
-        let deadline = Instant::now() + self.cfg.commit_retry;
-        loop {
-            match self.commit_to(name, id, dest, false) {
-                Ok(_) => return,
-                Err(e) if Instant::now() < deadline => {
-                    tracing::warn!("recording {dest} as the owner of {name}: {e}; retrying");
-                    std::thread::sleep(Duration::from_millis(250));
-                }
-                Err(e) => {
-                    tracing::warn!(
-                        "recording {dest} as the owner of {name}: {e}; left to reconciliation"
-                    );
-                    return;
-                }
-            }
+        if self.commit_cas(name, id, dest).is_none() {
+            tracing::warn!("recording {dest} as the owner of {name}: left to reconciliation");
         }
     }
 
@@ -728,7 +715,7 @@ impl Agent {
 
     /// Whether this node's worker of `name` holds the VM and may run it again: it answers, and
     /// its migration failed before it sent Commit (or it never paused).
-    pub(crate) fn worker_may_resume(&self, name: &str) -> bool {
+    fn worker_may_resume(&self, name: &str) -> bool {
         let Some(st) = self.workers.get(name).and_then(|w| w.state()) else {
             return false;
         };
@@ -750,31 +737,8 @@ impl Agent {
     fn commit_cas(&self, name: &str, id: &str, dest: &str) -> Option<bool> {
         let deadline = Instant::now() + self.cfg.commit_retry;
         loop {
-            let attempt = (|| -> Result<bool, cluster::StoreError> {
-                let Some(cur) = self.store.vm(name)? else {
-                    return Ok(false);
-                };
-                if cur.value.owner == dest && cur.value.migration.is_none() {
-                    return Ok(true); // an earlier attempt went through
-                }
-                if cur.value.owner != self.name() || cur.value.migration.as_deref() != Some(id) {
-                    return Ok(false);
-                }
-                let mut rec = cur.value.clone();
-                rec.owner = dest.into();
-                rec.state = VmState::Running;
-                rec.migration = None;
-                rec.handover_to = None;
-                rec.last_error = None;
-                rec.updated_ms = now_ms();
-                if self.store.update_vm(name, cur.version, &rec)? {
-                    return Ok(true);
-                }
-                // Lost a race: read again and decide from what is there.
-                let now = self.store.vm(name)?;
-                Ok(now.map(|n| n.value.owner == dest).unwrap_or(false))
-            })();
-            match attempt {
+            // From `migrating(id)`, which only this node (the owner) set in its lock.
+            match self.commit_to(name, id, dest, false) {
                 Ok(d) => return Some(d),
                 Err(e) => {
                     tracing::warn!("commit of {name} to {dest}: store unavailable, retrying: {e}");

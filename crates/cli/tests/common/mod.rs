@@ -11,6 +11,29 @@ pub fn ferry_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_ferry"))
 }
 
+/// Runs a `ferry` benchmark command with `--report FILE`: it must succeed and write exactly
+/// what it printed. Returns the report.
+pub fn ferry_report(args: &[&str]) -> String {
+    let report = tempfile::NamedTempFile::new().unwrap();
+    let out = Command::new(ferry_bin())
+        .args(args)
+        .arg("--report")
+        .arg(report.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(report.path()).unwrap().trim(),
+        text.trim()
+    );
+    text
+}
+
 fn worker_bin() -> PathBuf {
     let p = ferry_bin().with_file_name("ferry-vmm");
     assert!(
