@@ -703,12 +703,8 @@ impl Proxy {
     }
 }
 
-/// For each CPU, the gap (ms of guest TSC, which is the host TSC here) between the two
-/// consecutive heartbeats that span the switchover: `before` is the source's serial output,
-/// `after` the destination's (a line cut by the pause continues in `after`).
-pub fn switchover_gaps_ms(before: &str, after: &str, cpus: u32, tsc_khz: f64) -> Vec<f64> {
-    let text = format!("{before}{after}");
-    let boundary = before.len();
+/// Each CPU's heartbeats in `before` + `after`: (line start, line end, TSC) in text order.
+fn heartbeats_by_cpu(text: &str, cpus: u32) -> Vec<Vec<(usize, usize, u64)>> {
     let mut per_cpu: Vec<Vec<(usize, usize, u64)>> = vec![Vec::new(); cpus as usize];
     let mut start = 0;
     for line in text.split_inclusive('\n') {
@@ -726,6 +722,33 @@ pub fn switchover_gaps_ms(before: &str, after: &str, cpus: u32, tsc_khz: f64) ->
         start = end;
     }
     per_cpu
+}
+
+/// The heartbeat gaps around the switchover of one CPU (ms of guest TSC).
+#[derive(Debug, Clone, Copy)]
+pub struct HeartbeatGaps {
+    /// The gap between the two consecutive heartbeats that span the switchover.
+    pub switchover: f64,
+    /// The largest gap between any other two consecutive heartbeats of the same CPU, in the
+    /// same run: how late the host scheduled this vCPU when nothing paused it.
+    pub worst_other: f64,
+}
+
+/// For each CPU, the gap (ms of guest TSC, which is the host TSC here) between the two
+/// consecutive heartbeats that span the switchover: `before` is the source's serial output,
+/// `after` the destination's (a line cut by the pause continues in `after`).
+pub fn switchover_gaps_ms(before: &str, after: &str, cpus: u32, tsc_khz: f64) -> Vec<f64> {
+    heartbeat_gaps_ms(before, after, cpus, tsc_khz)
+        .iter()
+        .map(|g| g.switchover)
+        .collect()
+}
+
+/// [`switchover_gaps_ms`] with, for each CPU, the worst gap elsewhere in the same run.
+pub fn heartbeat_gaps_ms(before: &str, after: &str, cpus: u32, tsc_khz: f64) -> Vec<HeartbeatGaps> {
+    let text = format!("{before}{after}");
+    let boundary = before.len();
+    heartbeats_by_cpu(&text, cpus)
         .iter()
         .enumerate()
         .map(|(c, hb)| {
@@ -737,9 +760,15 @@ pub fn switchover_gaps_ms(before: &str, after: &str, cpus: u32, tsc_khz: f64) ->
             assert!(i > 0, "cpu {c}: no heartbeat before the switchover");
             // ...may still carry a TSC read before it (the pause can fall between reading the
             // TSC and printing the line): the pause is the largest gap of the pairs around it.
-            (i.saturating_sub(1)..(i + 1).min(hb.len() - 1))
-                .map(|j| (hb[j + 1].2 - hb[j].2) as f64 / tsc_khz)
-                .fold(0.0, f64::max)
+            let around = i.saturating_sub(1)..(i + 1).min(hb.len() - 1);
+            let gap = |j: usize| hb[j + 1].2.saturating_sub(hb[j].2) as f64 / tsc_khz;
+            HeartbeatGaps {
+                switchover: around.clone().map(gap).fold(0.0, f64::max),
+                worst_other: (0..hb.len() - 1)
+                    .filter(|j| !around.contains(j))
+                    .map(gap)
+                    .fold(0.0, f64::max),
+            }
         })
         .collect()
 }
