@@ -225,7 +225,7 @@ fn guest_pause_matches_reported_downtime() {
     // (2 CPUs shared by both workers and the dirtying guest): a destination vCPU that entered
     // KVM_RUN counts as running from then on. With other tests of this binary in parallel,
     // local runs saw 8.02 ms against 2.48 ms reported (other gaps of the vCPU under 5 ms);
-    // one at a time, 12 runs stayed within 0.6 ms of the reported downtime.
+    // one at a time, 6 runs stayed within 0.4 ms of the reported downtime.
     assert!(
         seen <= downtime + 2.0 + late,
         "guest saw {seen:.2} ms, engine said {downtime:.2} ms, the vCPU ran up to {late:.2} ms \
