@@ -617,7 +617,7 @@ fn real_main(cli: Cli) -> Result<i32> {
             host.drop_privileges()?;
             host.sandbox()?;
             let kvm = vmm::open_kvm()?;
-            let serial = SerialLog::create(rotation)?;
+            let serial = Arc::new(SerialLog::create(rotation)?);
             let incoming = Arc::new(migration::recv::ReceiveControl::default());
             // The common 1-vCPU case only: measuring more here would compete with the migration
             // itself (the VM's own vCPU count is measured, if not cached, during the handshake).
@@ -645,6 +645,16 @@ fn real_main(cli: Cli) -> Result<i32> {
                     ..=max_protocol.unwrap_or(migration::wire::PROTOCOL_VERSION),
                 tls: server_tls,
                 secret,
+                // The guest prints into the VM's log from its first instruction here: a worker
+                // killed right after the resume leaves its output where the VM's log is.
+                before_resume: Some(migration::recv::BeforeResume({
+                    let serial = serial.clone();
+                    Arc::new(move || {
+                        if let Err(e) = serial.commit() {
+                            eprintln!("ferry-vmm: {e:#}");
+                        }
+                    })
+                })),
             };
             let on_early = |m: &str| eprintln!("ferry-vmm: {m}; still waiting");
             match migration::recv::receive(&kvm, &tcp, &opts, serial.file()?, &incoming, &on_early)
@@ -803,7 +813,7 @@ struct SerialLog {
     partial: std::ffi::OsString,
     file: File,
     rotation: vmm::devices::serial::Rotation,
-    committed: std::cell::Cell<bool>,
+    committed: AtomicBool,
 }
 
 impl SerialLog {
@@ -816,7 +826,7 @@ impl SerialLog {
             partial,
             file,
             rotation,
-            committed: false.into(),
+            committed: AtomicBool::new(false),
         })
     }
 
@@ -829,19 +839,23 @@ impl SerialLog {
         ))
     }
 
+    /// Makes the log the VM's (once; later calls do nothing).
     fn commit(&self) -> Result<()> {
+        if self.committed.load(Ordering::SeqCst) {
+            return Ok(());
+        }
         let r = &self.rotation;
         r.dir
             .rename(&self.partial, &r.name)
             .with_context(|| format!("cannot create serial log {}", r.path().display()))?;
-        self.committed.set(true);
+        self.committed.store(true, Ordering::SeqCst);
         Ok(())
     }
 }
 
 impl Drop for SerialLog {
     fn drop(&mut self) {
-        if !self.committed.get() {
+        if !self.committed.load(Ordering::SeqCst) {
             let _ = self.rotation.dir.remove(&self.partial);
         }
     }

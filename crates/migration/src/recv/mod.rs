@@ -55,6 +55,21 @@ pub struct ReceiveOptions {
     pub tls: Option<Arc<ServerConfig>>,
     /// The one-time secret the source must present (v4 `Auth`).
     pub secret: Option<MigrationSecret>,
+    /// Called once the VM is committed here, right before its vCPUs resume: what must be in
+    /// place before the guest runs on this host (the worker makes its serial log the VM's, so
+    /// that what the guest prints from its first instruction here is in the VM's log even if
+    /// this process dies right after).
+    pub before_resume: Option<BeforeResume>,
+}
+
+/// See [`ReceiveOptions::before_resume`].
+#[derive(Clone)]
+pub struct BeforeResume(pub Arc<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for BeforeResume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BeforeResume")
+    }
 }
 
 impl Default for ReceiveOptions {
@@ -65,6 +80,7 @@ impl Default for ReceiveOptions {
             protocols: wire::MIN_PROTOCOL_VERSION..=wire::PROTOCOL_VERSION,
             tls: None,
             secret: None,
+            before_resume: None,
         }
     }
 }
@@ -797,6 +813,9 @@ impl<'a> Incoming<'a> {
     fn resume(&mut self, vm: Vm) -> Result<Vm, F> {
         self.ctl.phase(Phase::Commit);
         let t = Instant::now();
+        if let Some(BeforeResume(f)) = &self.opts.before_resume {
+            f();
+        }
         if let Err(e) = vm.resume() {
             let mut f =
                 fail(Phase::Commit, FailureKind::Local, "cannot resume the VM").caused_by(e);
