@@ -60,5 +60,13 @@ if free:
 PY
   echo "install-deps: huge pages: $(awk '/HugePages_Total/ {print $2}' /proc/meminfo) x 2 MiB reserved"
 fi
+# Transparent huge pages for shared memory where a mapping asks for them (MADV_HUGEPAGE), as
+# Ferry's 4 KiB-page guest RAM (a memfd) does when the pool above cannot hold a guest: a
+# first touch then allocates 2 MiB at once. Debian's default is `never`.
+thp=/sys/kernel/mm/transparent_hugepage/shmem_enabled
+if [ -w "$thp" ] && grep -q '\[never\]' "$thp"; then
+  echo advise > "$thp" 2>/dev/null || true
+  echo "install-deps: transparent huge pages for shared memory: $(sed 's/.*\[\(.*\)\].*/\1/' "$thp")"
+fi
 command -v cargo >/dev/null || { echo "install-deps: cargo is missing (Rust toolchain required)" >&2; exit 1; }
 echo "install-deps: ok"

@@ -157,6 +157,24 @@ pub fn huge_pages_allowed() -> bool {
     )
 }
 
+/// Whether the hugetlb pool may be used: not with `FERRY_HUGEPAGES=thp` (transparent huge
+/// pages only, for a comparison) or `never`.
+fn hugetlb_allowed() -> bool {
+    huge_pages_allowed() && std::env::var("FERRY_HUGEPAGES").as_deref() != Ok("thp")
+}
+
+/// Whether this kernel gives shared memory (Ferry's memfd RAM) transparent huge pages where a
+/// mapping asks for them (`/sys/kernel/mm/transparent_hugepage/shmem_enabled` is `advise`,
+/// `within_size`, `always` or `force`; Debian's default is `never`, which
+/// `scripts/install-deps.sh` sets to `advise`).
+pub fn shmem_thp_available() -> bool {
+    std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled").is_ok_and(|s| {
+        ["[advise]", "[within_size]", "[always]", "[force]"]
+            .iter()
+            .any(|m| s.contains(m))
+    })
+}
+
 /// A hugetlb memfd (2 MiB pages) for all of `layout`, its pages reserved in the pool now, or
 /// `None` (no pool, a pool too small, a layout not in whole huge pages,
 /// `FERRY_HUGEPAGES=never`): then the caller uses 4 KiB pages. The reservation is made by
@@ -169,7 +187,7 @@ pub fn huge_pages_allowed() -> bool {
 /// fresh 4 KiB page on these machines, which is what a migration destination does to all of
 /// its RAM during pass 0.
 fn huge_memfd(layout: &MemoryLayout) -> Option<File> {
-    if !huge_pages_allowed()
+    if !hugetlb_allowed()
         || layout
             .regions
             .iter()
@@ -212,6 +230,16 @@ fn huge_memfd(layout: &MemoryLayout) -> Option<File> {
     Some(file)
 }
 
+/// Whether `file` lives on hugetlbfs (a memfd made with `MFD_HUGETLB`).
+fn is_hugetlb(file: &File) -> bool {
+    const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+    // SAFETY: fstatfs on a descriptor this File owns, into a zeroed statfs it outlives.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; the result is checked.
+    let r = unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) };
+    r == 0 && st.f_type as i64 == HUGETLBFS_MAGIC
+}
+
 impl std::fmt::Debug for GuestRam {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GuestRam")
@@ -222,7 +250,8 @@ impl std::fmt::Debug for GuestRam {
 
 impl GuestRam {
     /// Creates a memfd of the layout's size and maps every region: 2 MiB huge pages when
-    /// the node's hugetlb pool holds the whole guest ([`huge_memfd`]), else 4 KiB pages.
+    /// the node's hugetlb pool holds the whole guest ([`huge_memfd`]), else shared memory
+    /// whose mappings ask for transparent huge pages (see [`GuestRam::map`]).
     pub fn new(layout: MemoryLayout) -> Result<GuestRam, MemoryError> {
         if let Some(file) = huge_memfd(&layout) {
             let mut ram = Self::map(file, layout)?;
@@ -244,6 +273,13 @@ impl GuestRam {
     }
 
     /// Maps an existing memfd (e.g. received from another process) with `layout`.
+    ///
+    /// The mappings of a 4 KiB-page memfd ask for transparent huge pages (`MADV_HUGEPAGE`, as
+    /// QEMU does for its guest RAM): where the kernel gives them to shared memory
+    /// ([`shmem_thp_available`]) a first touch allocates 2 MiB at once, and a migration's
+    /// destination, which touches all of its RAM during pass 0, takes a fault per 2 MiB
+    /// instead of per 4 KiB; elsewhere, or when no 2 MiB block is free, it gets 4 KiB pages as
+    /// before. Off with `FERRY_HUGEPAGES=never`.
     pub fn map(file: File, layout: MemoryLayout) -> Result<GuestRam, MemoryError> {
         let mut ranges = Vec::with_capacity(layout.regions.len());
         for r in &layout.regions {
@@ -258,12 +294,22 @@ impl GuestRam {
         }
         let mem = GuestMem::from_ranges_with_files(ranges)
             .map_err(|e| MemoryError::Map(e.to_string()))?;
-        Ok(GuestRam {
+        let ram = GuestRam {
             file,
             mem,
             layout,
             huge: false,
-        })
+        };
+        if huge_pages_allowed() && !is_hugetlb(&ram.file) {
+            for i in 0..ram.layout.regions.len() {
+                let (p, len) = ram.region_raw(i);
+                // SAFETY: `p..p+len` is exactly one of this RAM's own mappings; MADV_HUGEPAGE
+                // changes only how its future page faults are served, never its contents. A
+                // kernel without transparent huge pages answers EINVAL: nothing changes.
+                unsafe { libc::madvise(p.cast(), len, libc::MADV_HUGEPAGE) };
+            }
+        }
+        Ok(ram)
     }
 
     /// Whether the RAM is on 2 MiB huge pages (hugetlb).
@@ -446,6 +492,49 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("MMIO hole"));
+    }
+
+    /// The `ShmemPmdMapped` KiB of the mapping of this process that starts at `addr`.
+    fn shmem_pmd_kib(addr: usize) -> Option<u64> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+        let head = format!("{addr:x}-");
+        let mut lines = smaps.lines().skip_while(|l| !l.starts_with(&head));
+        lines.next()?;
+        lines
+            .take_while(|l| {
+                l.split_whitespace()
+                    .next()
+                    .is_some_and(|t| t.ends_with(':'))
+            })
+            .find_map(|l| l.strip_prefix("ShmemPmdMapped:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    }
+
+    #[test]
+    fn small_page_ram_asks_for_transparent_huge_pages() {
+        if !shmem_thp_available() || !huge_pages_allowed() {
+            eprintln!("skipped: shared memory gets no transparent huge pages on this kernel");
+            return;
+        }
+        // A 4 KiB-page memfd, as GuestRam::new makes when the hugetlb pool cannot hold a guest.
+        // SAFETY: a valid NUL-terminated name; the result is checked and owned at once.
+        let fd = unsafe { libc::memfd_create(c"test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: `fd` was just created and nothing else owns it.
+        let file = unsafe { File::from_raw_fd(fd) };
+        let layout = MemoryLayout::for_size(64 << 20);
+        file.set_len(layout.total_bytes()).unwrap();
+        let ram = GuestRam::map(file, layout).unwrap();
+        assert!(!ram.huge_pages());
+        for off in (0..8u64 << 20).step_by(4096) {
+            ram.memory().write_obj(1u8, GuestAddress(off)).unwrap();
+        }
+        let (p, _) = ram.region_raw(0);
+        let pmd = shmem_pmd_kib(p as usize).expect("the RAM mapping in smaps");
+        assert!(pmd >= 2048, "8 MiB touched, {pmd} KiB of it on huge pages");
+        // A write per 4 KiB page is still what the data extents and the page scan see.
+        let ext = ram.data_extents();
+        assert_eq!(ext, vec![(0, 8 << 20)]);
     }
 
     #[test]

@@ -551,14 +551,22 @@ pub fn run_tls(dir: &Path, sizes: &[u64], reps: usize, max_downtime_ms: u64) -> 
 }
 
 /// What backs Ferry's guest RAM in this run (`vmm::memory`: 2 MiB pages while the hugetlb
-/// pool holds the guest, else 4 KiB; `FERRY_HUGEPAGES=never` forces 4 KiB).
+/// pool holds the guest, else a 4 KiB-page memfd that asks for transparent huge pages;
+/// `FERRY_HUGEPAGES=never` forces 4 KiB, `thp` skips the pool).
 fn guest_ram_note() -> String {
-    if !vmm::memory::huge_pages_allowed() {
-        "Ferry's guest RAM: 4 KiB pages (FERRY_HUGEPAGES=never).".into()
+    let thp = if vmm::memory::shmem_thp_available() {
+        "transparent huge pages (2 MiB while the kernel has free blocks)"
     } else {
-        format!(
-            "Ferry's guest RAM: 2 MiB huge pages while the pool holds a guest ({} MiB free at the start; both sides of a migration draw on it), else 4 KiB pages.",
+        "4 KiB pages (this kernel gives shared memory no transparent huge pages)"
+    };
+    match std::env::var("FERRY_HUGEPAGES").as_deref() {
+        _ if !vmm::memory::huge_pages_allowed() => {
+            "Ferry's guest RAM: 4 KiB pages (FERRY_HUGEPAGES=never).".into()
+        }
+        Ok("thp") => format!("Ferry's guest RAM: {thp}; the hugetlb pool is not used (FERRY_HUGEPAGES=thp)."),
+        _ => format!(
+            "Ferry's guest RAM: 2 MiB huge pages while the pool holds a guest ({} MiB free at the start; both sides of a migration draw on it), else {thp}.",
             vmm::host::huge_pages_free_mib()
-        )
+        ),
     }
 }
