@@ -113,7 +113,47 @@ fn prepare_console_dir(dir: &Path, uid: Option<u32>) -> std::io::Result<()> {
             return Err(std::io::Error::last_os_error());
         }
     }
+    remove_stale_temp_logs(&d);
     Ok(())
+}
+
+/// Removes the temporary serial logs (`.NAME.PID.RANDOM.tmp`, see `vmm::confine`) that
+/// workers killed before their VM existed left in their console directory `d`: a worker
+/// renames its log into place once the VM runs, and removes it when it fails on its own, so
+/// a file whose process is gone is nobody's. Names only, removed inside `d` (no path is
+/// followed); best effort.
+fn remove_stale_temp_logs(d: &std::fs::File) {
+    use std::os::fd::AsRawFd;
+    let Ok(entries) = std::fs::read_dir(format!("/proc/self/fd/{}", d.as_raw_fd())) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(n) = name.to_str() else { continue };
+        let Some(pid) = stale_temp_log_pid(n) else {
+            continue;
+        };
+        if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let Ok(c) = std::ffi::CString::new(n) else {
+            continue;
+        };
+        // SAFETY: unlinkat of a plain name (no '/') relative to a directory descriptor this
+        // function's caller owns; the result is ignored (best effort).
+        unsafe { libc::unlinkat(d.as_raw_fd(), c.as_ptr(), 0) };
+    }
+}
+
+/// The PID in a temporary log's name `.NAME.PID.HEX16.tmp`, or `None` for any other name.
+fn stale_temp_log_pid(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix('.')?.strip_suffix(".tmp")?;
+    let mut parts = rest.rsplitn(3, '.');
+    let rnd = parts.next()?;
+    let pid = parts.next()?;
+    parts.next().filter(|n| !n.is_empty())?;
+    (rnd.len() == 16 && rnd.bytes().all(|b| b.is_ascii_hexdigit())).then_some(())?;
+    pid.parse().ok()
 }
 
 /// Paths of a VM's files under the agent's data directory.
@@ -363,5 +403,39 @@ impl Worker {
     /// What the worker says about itself.
     pub fn state(&self) -> Option<WorkerStatus> {
         api::status(&self.socket, Some(Duration::from_secs(5))).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn stale_temp_log_names() {
+        use super::stale_temp_log_pid as p;
+        assert_eq!(p(".serial.log.4242.0123456789abcdef.tmp"), Some(4242));
+        assert_eq!(p("serial.log"), None);
+        assert_eq!(p(".serial.log.4242.0123.tmp"), None);
+        assert_eq!(p(".serial.log.x.0123456789abcdef.tmp"), None);
+        assert_eq!(p("..4242.0123456789abcdef.tmp"), None);
+    }
+
+    #[test]
+    fn only_logs_of_gone_workers_are_removed() {
+        let dir = std::env::temp_dir().join(format!("ferry-console-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        // A PID above any pid_max: no such process.
+        let gone = dir.join(".serial.log.4294967.0123456789abcdef.tmp");
+        let mine = dir.join(format!(
+            ".serial.log.{}.0123456789abcdef.tmp",
+            std::process::id()
+        ));
+        let log = dir.join("serial.log");
+        for f in [&gone, &mine, &log] {
+            std::fs::write(f, b"x").unwrap();
+        }
+        super::remove_stale_temp_logs(&std::fs::File::open(&dir).unwrap());
+        assert!(!gone.exists());
+        assert!(mine.exists() && log.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
