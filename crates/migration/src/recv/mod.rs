@@ -609,7 +609,17 @@ impl<'a> Incoming<'a> {
             let s = a.conn;
             let j = std::thread::Builder::new()
                 .name(format!("mig-rx{index}"))
-                .spawn(move || stream_rx(s, index as usize, ram, total_pages, sh, cp))
+                .spawn(move || {
+                    stream_rx(
+                        s,
+                        index as usize,
+                        streams as usize,
+                        ram,
+                        total_pages,
+                        sh,
+                        cp,
+                    )
+                })
                 .map_err(|e| setup_err("cannot start a stream thread", e))?;
             joins.push(j);
         }
