@@ -1,5 +1,6 @@
 import { useEffect, useRef, useState } from "preact/hooks";
 import { errorText, get, put } from "./api";
+import { migrationNote } from "./logic";
 import { MigrationTable, type ViewProps } from "./views";
 import type { SerialTail, VmRecord, VmView } from "./types";
 
@@ -134,6 +135,7 @@ export function VmDetail({ name, editing, snap, log, refresh }: ViewProps & { na
         )}
       </h2>
       {err && <p class="stale">{err}</p>}
+      {migrationNote(vm) && <p data-testid="detail-migration">{migrationNote(vm)}</p>}
       {vm.last_error && <p class="error">Last error: {vm.last_error}</p>}
       {editing && <EditForm vm={vm} log={log} refresh={refresh} onDone={close} />}
       <h3>Configuration</h3>

@@ -1,5 +1,5 @@
 import { describe as group, expect, it } from "vitest";
-import { defaultTarget, estimate, linkRate, Meter, missingFeatures, orderTargets } from "./logic";
+import { defaultTarget, estimate, linkRate, Meter, migrationNote, missingFeatures, orderTargets } from "./logic";
 import { splitEvents } from "./api";
 import type { Progress, TargetVerdict } from "./types";
 
@@ -89,5 +89,21 @@ group("link rate", () => {
     const b = { ...prog(0), bytes_sent: 8 * MiB, elapsed_s: 1.5 };
     expect(linkRate(a, b)).toBe(16);
     expect(linkRate(b, a)).toBe(0);
+  });
+});
+
+group("migrationNote", () => {
+  it("is null without a migration", () => {
+    expect(migrationNote({ migration: null, owner: "node1" })).toBeNull();
+  });
+  it("names the destination a handed-over commit belongs to", () => {
+    const n = migrationNote({ migration: "vm-1", owner: "node1", handover_to: "node2" });
+    expect(n).toContain("handed over");
+    expect(n).toContain("from node1 to node2");
+  });
+  it("says the store decides otherwise", () => {
+    const n = migrationNote({ migration: "vm-1", owner: "node1" });
+    expect(n).toContain("waits for the store");
+    expect(n).not.toContain("handed over");
   });
 });

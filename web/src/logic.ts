@@ -1,6 +1,6 @@
 // The console's logic, kept out of the components so that it is tested as pure functions
 // (logic.test.ts).
-import type { Phase, Progress, TargetVerdict } from "./types";
+import type { Phase, Progress, TargetVerdict, VmRecord } from "./types";
 import { PHASES } from "./types";
 
 /** Where each phase starts on the progress bar (percent); precopy fills 6-90 by memory. */
@@ -89,4 +89,17 @@ export function linkRate(a: Progress, b: Progress): number {
   const dt = b.elapsed_s - a.elapsed_s;
   if (dt <= 0 || b.bytes_sent < a.bytes_sent) return 0;
   return (b.bytes_sent - a.bytes_sent) / (1024 * 1024) / dt;
+}
+
+/** What the store says about a VM's migration in progress, or null when none is. */
+export function migrationNote(vm: Pick<VmRecord, "migration" | "handover_to" | "owner">): string | null {
+  if (!vm.migration) return null;
+  const id = vm.migration;
+  if (vm.handover_to) {
+    return (
+      `Migration ${id} from ${vm.owner} to ${vm.handover_to}: the commit is handed over to the ` +
+      `migration stream; ${vm.handover_to} is recorded as the owner once the VM runs there.`
+    );
+  }
+  return `Migration ${id} from ${vm.owner} in progress; the commit waits for the store.`;
 }
