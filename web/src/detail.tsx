@@ -119,6 +119,7 @@ export function VmDetail({ name, editing, snap, log, refresh }: ViewProps & { na
   }, [name, snap.at]);
   if (!view) return <p class={err ? "error" : "loading"}>{err ?? "loading…"}</p>;
   const vm = view.vm;
+  const note = migrationNote(vm);
   const close = () => (location.hash = `#/vm/${name}`);
   return (
     <section data-testid="vm-detail">
@@ -135,7 +136,7 @@ export function VmDetail({ name, editing, snap, log, refresh }: ViewProps & { na
         )}
       </h2>
       {err && <p class="stale">{err}</p>}
-      {migrationNote(vm) && <p data-testid="detail-migration">{migrationNote(vm)}</p>}
+      {note && <p data-testid="detail-migration">{note}</p>}
       {vm.last_error && <p class="error">Last error: {vm.last_error}</p>}
       {editing && <EditForm vm={vm} log={log} refresh={refresh} onDone={close} />}
       <h3>Configuration</h3>

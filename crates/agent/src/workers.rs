@@ -117,7 +117,7 @@ fn prepare_console_dir(dir: &Path, uid: Option<u32>) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Removes the temporary serial logs (`.NAME.PID.RANDOM.tmp`, see `vmm::confine`) that
+/// Removes the temporary serial logs (`vmm::confine::DirHandle::create_temp`) that
 /// workers killed before their VM existed left in their console directory `d`: a worker
 /// renames its log into place once the VM runs, and removes it when it fails on its own, so
 /// a file whose process is gone is nobody's. Names only, removed inside `d` (no path is
@@ -130,7 +130,7 @@ fn remove_stale_temp_logs(d: &std::fs::File) {
     for e in entries.flatten() {
         let name = e.file_name();
         let Some(n) = name.to_str() else { continue };
-        let Some(pid) = stale_temp_log_pid(n) else {
+        let Some(pid) = vmm::confine::temp_creator_pid(n) else {
             continue;
         };
         if std::path::Path::new(&format!("/proc/{pid}")).exists() {
@@ -143,17 +143,6 @@ fn remove_stale_temp_logs(d: &std::fs::File) {
         // function's caller owns; the result is ignored (best effort).
         unsafe { libc::unlinkat(d.as_raw_fd(), c.as_ptr(), 0) };
     }
-}
-
-/// The PID in a temporary log's name `.NAME.PID.HEX16.tmp`, or `None` for any other name.
-fn stale_temp_log_pid(name: &str) -> Option<u32> {
-    let rest = name.strip_prefix('.')?.strip_suffix(".tmp")?;
-    let mut parts = rest.rsplitn(3, '.');
-    let rnd = parts.next()?;
-    let pid = parts.next()?;
-    parts.next().filter(|n| !n.is_empty())?;
-    (rnd.len() == 16 && rnd.bytes().all(|b| b.is_ascii_hexdigit())).then_some(())?;
-    pid.parse().ok()
 }
 
 /// Paths of a VM's files under the agent's data directory.
@@ -408,16 +397,6 @@ impl Worker {
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn stale_temp_log_names() {
-        use super::stale_temp_log_pid as p;
-        assert_eq!(p(".serial.log.4242.0123456789abcdef.tmp"), Some(4242));
-        assert_eq!(p("serial.log"), None);
-        assert_eq!(p(".serial.log.4242.0123.tmp"), None);
-        assert_eq!(p(".serial.log.x.0123456789abcdef.tmp"), None);
-        assert_eq!(p("..4242.0123456789abcdef.tmp"), None);
-    }
-
     #[test]
     fn only_logs_of_gone_workers_are_removed() {
         let dir = std::env::temp_dir().join(format!("ferry-console-test-{}", std::process::id()));

@@ -577,6 +577,18 @@ impl DirHandle {
     }
 }
 
+/// The PID of the process that made a temporary file of [`DirHandle::create_temp`]
+/// (`.NAME.PID.HEX16.tmp`), or `None` for any other name.
+pub fn temp_creator_pid(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix('.')?.strip_suffix(".tmp")?;
+    let mut parts = rest.rsplitn(3, '.');
+    let rnd = parts.next()?;
+    let pid = parts.next()?;
+    parts.next().filter(|n| !n.is_empty())?;
+    (rnd.len() == 16 && rnd.bytes().all(|b| b.is_ascii_hexdigit())).then_some(())?;
+    pid.parse().ok()
+}
+
 /// A new temporary file beside `path` (same directory, so a rename moves it into place), as
 /// [`DirHandle::create_temp`] makes it; returns the file and its path.
 pub fn create_temp_beside(path: &Path) -> io::Result<(File, PathBuf)> {
@@ -587,6 +599,24 @@ pub fn create_temp_beside(path: &Path) -> io::Result<(File, PathBuf)> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn temp_names_name_their_creator() {
+        let d = DirHandle::of_file(&std::env::temp_dir().join("x"))
+            .unwrap()
+            .0;
+        let (_f, name) = d.create_temp(std::ffi::OsStr::new("serial.log")).unwrap();
+        assert_eq!(
+            super::temp_creator_pid(name.to_str().unwrap()),
+            Some(std::process::id())
+        );
+        let _ = d.remove(&name);
+        use super::temp_creator_pid as p;
+        assert_eq!(p("serial.log"), None);
+        assert_eq!(p(".serial.log.4242.0123.tmp"), None);
+        assert_eq!(p(".serial.log.x.0123456789abcdef.tmp"), None);
+        assert_eq!(p("..4242.0123456789abcdef.tmp"), None);
+    }
+
     use super::*;
     use std::os::unix::fs::symlink;
 

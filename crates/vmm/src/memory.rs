@@ -148,19 +148,29 @@ pub struct GuestRam {
 /// Huge page size of the hugetlb memfds Ferry makes.
 pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
 
-/// Whether guest RAM may use huge pages: `FERRY_HUGEPAGES=never` turns them off (for a
-/// before/after comparison); otherwise they are used whenever the pool allows.
-pub fn huge_pages_allowed() -> bool {
-    !matches!(
-        std::env::var("FERRY_HUGEPAGES").as_deref(),
-        Ok("never" | "off" | "0")
-    )
+/// Which huge pages guest RAM may use, from `FERRY_HUGEPAGES` (for before/after comparisons):
+/// unset, the hugetlb pool while it holds the guest, else transparent huge pages; `thp`, only
+/// transparent huge pages; `never` (`off`, `0`), 4 KiB pages only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HugePages {
+    Any,
+    ThpOnly,
+    Never,
 }
 
-/// Whether the hugetlb pool may be used: not with `FERRY_HUGEPAGES=thp` (transparent huge
-/// pages only, for a comparison) or `never`.
-fn hugetlb_allowed() -> bool {
-    huge_pages_allowed() && std::env::var("FERRY_HUGEPAGES").as_deref() != Ok("thp")
+impl HugePages {
+    pub fn from_env() -> HugePages {
+        match std::env::var("FERRY_HUGEPAGES").as_deref() {
+            Ok("never" | "off" | "0") => HugePages::Never,
+            Ok("thp") => HugePages::ThpOnly,
+            _ => HugePages::Any,
+        }
+    }
+}
+
+/// Whether guest RAM may use huge pages of any kind (`FERRY_HUGEPAGES=never` turns them off).
+pub fn huge_pages_allowed() -> bool {
+    HugePages::from_env() != HugePages::Never
 }
 
 /// Whether this kernel gives shared memory (Ferry's memfd RAM) transparent huge pages where a
@@ -187,7 +197,7 @@ pub fn shmem_thp_available() -> bool {
 /// fresh 4 KiB page on these machines, which is what a migration destination does to all of
 /// its RAM during pass 0.
 fn huge_memfd(layout: &MemoryLayout) -> Option<File> {
-    if !hugetlb_allowed()
+    if HugePages::from_env() != HugePages::Any
         || layout
             .regions
             .iter()
@@ -230,16 +240,6 @@ fn huge_memfd(layout: &MemoryLayout) -> Option<File> {
     Some(file)
 }
 
-/// Whether `file` lives on hugetlbfs (a memfd made with `MFD_HUGETLB`).
-fn is_hugetlb(file: &File) -> bool {
-    const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
-    // SAFETY: fstatfs on a descriptor this File owns, into a zeroed statfs it outlives.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: as above; the result is checked.
-    let r = unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) };
-    r == 0 && st.f_type as i64 == HUGETLBFS_MAGIC
-}
-
 impl std::fmt::Debug for GuestRam {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GuestRam")
@@ -254,9 +254,7 @@ impl GuestRam {
     /// whose mappings ask for transparent huge pages (see [`GuestRam::map`]).
     pub fn new(layout: MemoryLayout) -> Result<GuestRam, MemoryError> {
         if let Some(file) = huge_memfd(&layout) {
-            let mut ram = Self::map(file, layout)?;
-            ram.huge = true;
-            return Ok(ram);
+            return Self::map(file, layout, true);
         }
         let name = c"ferry-guest-ram";
         // SAFETY: `name` is a valid NUL-terminated string; the return value is checked.
@@ -269,10 +267,11 @@ impl GuestRam {
         let size = layout.total_bytes();
         file.set_len(size)
             .map_err(|err| MemoryError::Truncate { size, err })?;
-        Self::map(file, layout)
+        Self::map(file, layout, false)
     }
 
-    /// Maps an existing memfd (e.g. received from another process) with `layout`.
+    /// Maps an existing memfd (e.g. received from another process) with `layout`; `huge`: the
+    /// memfd is on hugetlbfs.
     ///
     /// The mappings of a 4 KiB-page memfd ask for transparent huge pages (`MADV_HUGEPAGE`, as
     /// QEMU does for its guest RAM): where the kernel gives them to shared memory
@@ -280,7 +279,7 @@ impl GuestRam {
     /// destination, which touches all of its RAM during pass 0, takes a fault per 2 MiB
     /// instead of per 4 KiB; elsewhere, or when no 2 MiB block is free, it gets 4 KiB pages as
     /// before. Off with `FERRY_HUGEPAGES=never`.
-    pub fn map(file: File, layout: MemoryLayout) -> Result<GuestRam, MemoryError> {
+    pub fn map(file: File, layout: MemoryLayout, huge: bool) -> Result<GuestRam, MemoryError> {
         let mut ranges = Vec::with_capacity(layout.regions.len());
         for r in &layout.regions {
             let dup = file
@@ -298,9 +297,9 @@ impl GuestRam {
             file,
             mem,
             layout,
-            huge: false,
+            huge,
         };
-        if huge_pages_allowed() && !is_hugetlb(&ram.file) {
+        if !huge && huge_pages_allowed() {
             for i in 0..ram.layout.regions.len() {
                 let (p, len) = ram.region_raw(i);
                 // SAFETY: `p..p+len` is exactly one of this RAM's own mappings; MADV_HUGEPAGE
@@ -524,7 +523,7 @@ mod tests {
         let file = unsafe { File::from_raw_fd(fd) };
         let layout = MemoryLayout::for_size(64 << 20);
         file.set_len(layout.total_bytes()).unwrap();
-        let ram = GuestRam::map(file, layout).unwrap();
+        let ram = GuestRam::map(file, layout, false).unwrap();
         assert!(!ram.huge_pages());
         for off in (0..8u64 << 20).step_by(4096) {
             ram.memory().write_obj(1u8, GuestAddress(off)).unwrap();

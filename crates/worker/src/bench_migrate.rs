@@ -559,12 +559,13 @@ fn guest_ram_note() -> String {
     } else {
         "4 KiB pages (this kernel gives shared memory no transparent huge pages)"
     };
-    match std::env::var("FERRY_HUGEPAGES").as_deref() {
-        _ if !vmm::memory::huge_pages_allowed() => {
-            "Ferry's guest RAM: 4 KiB pages (FERRY_HUGEPAGES=never).".into()
-        }
-        Ok("thp") => format!("Ferry's guest RAM: {thp}; the hugetlb pool is not used (FERRY_HUGEPAGES=thp)."),
-        _ => format!(
+    use vmm::memory::HugePages;
+    match HugePages::from_env() {
+        HugePages::Never => "Ferry's guest RAM: 4 KiB pages (FERRY_HUGEPAGES=never).".into(),
+        HugePages::ThpOnly => format!(
+            "Ferry's guest RAM: {thp}; the hugetlb pool is not used (FERRY_HUGEPAGES=thp)."
+        ),
+        HugePages::Any => format!(
             "Ferry's guest RAM: 2 MiB huge pages while the pool holds a guest ({} MiB free at the start; both sides of a migration draw on it), else {thp}.",
             vmm::host::huge_pages_free_mib()
         ),
